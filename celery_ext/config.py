@@ -1,0 +1,307 @@
+"""Typed configuration: config.yaml loading, ``${ENV}`` interpolation, validation, and watching.
+
+Sections: ``app``, ``broker``, ``scheduler``, ``worker``, ``executors``, ``plugins``, ``storage``,
+``events``, ``metrics``.  Every model is frozen and forbids unknown keys; a validation error names
+the YAML path, e.g. ``worker.capacity: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from celery_ext.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "CELERY_EXT_CONFIG"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def parse_duration(value: Any) -> Any:
+    """``100ms``, ``30s``, ``5m``, ``1h``, ``2d`` or a number of seconds -> float seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s or 5m (got {value!r})")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"expected a duration such as 100ms, 30s or 5m (got {value!r})")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AppConfig(Model):
+    name: str = Field("celery_ext", pattern=r"^[A-Za-z0-9_.-]+$")
+    data_dir: str = ".celery_ext"
+    max_payload_bytes: int = Field(256 * 1024, ge=1)
+    log_level: str = "INFO"
+
+
+class BrokerConfig(Model):
+    url: str | None = None
+    visibility_timeout: PositiveDuration = 3600.0
+    transport_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerConfig(Model):
+    load_balance_strategy: str = "least_task"
+    interval: PositiveDuration = 1.0
+    leader_lease: PositiveDuration = 10.0
+
+
+class WorkerConfig(Model):
+    capacity: int = Field(4, ge=1)
+    weight: int = Field(1, ge=1)
+    supported_types: list[str] = Field(default_factory=list)
+    pool: str = Field("prefork", pattern=r"^(prefork|threads|solo)$")
+    heartbeat_interval: PositiveDuration = 1.0
+    offline_after: PositiveDuration | None = None
+    task_lease: PositiveDuration = 60.0
+    default_max_retries: int = Field(3, ge=0)
+    default_timeout: PositiveDuration | None = None
+    hard_timeout_grace: Duration = 5.0
+    retry_backoff: Duration = 1.0
+    retry_backoff_max: Duration = 300.0
+    retry_jitter: bool = True
+    max_log_lines_per_task: int = Field(1000, ge=0)
+    max_log_line_bytes: int = Field(8192, ge=64)
+
+    @property
+    def offline_threshold(self) -> float:
+        return self.offline_after if self.offline_after is not None else 3 * self.heartbeat_interval
+
+
+class ExecutorEntry(Model):
+    type: str
+    enabled: bool = True
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PluginEntry(Model):
+    name: str
+    enabled: bool = True
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageConfig(Model):
+    type: str = "sqlite"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventsConfig(Model):
+    type: str = "local"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class MetricsConfig(Model):
+    type: str = "null"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_executors() -> list[ExecutorEntry]:
+    return [ExecutorEntry(type="python")]
+
+
+class Config(Model):
+    app: AppConfig = Field(default_factory=AppConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    executors: list[ExecutorEntry] = Field(default_factory=_default_executors)
+    plugins: list[PluginEntry] = Field(default_factory=list)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    source: str | None = Field(None, exclude=True)
+
+    @property
+    def data_dir(self) -> Path:
+        base = Path(self.source).parent if self.source else Path.cwd()
+        return (base / self.app.data_dir).resolve()
+
+
+# --- error rendering -----------------------------------------------------------------------
+
+_MESSAGES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+    "string_pattern_mismatch": "does not match {pattern}",
+}
+
+
+def format_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        template = _MESSAGES.get(err["type"])
+        ctx = err.get("ctx") or {}
+        if template:
+            message = template.format(**ctx)
+        else:
+            message = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
+        if err["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
+            message += f" (got {err.get('input')!r})"
+        lines.append(f"{format_path(tuple(err['loc']), prefix)}: {message}")
+    return lines
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_section(model: type[M], data: Mapping[str, Any], path: str) -> M:
+    """Validate one extension's ``config`` mapping; errors are prefixed with its YAML path."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, path)) from None
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "", missing: list[str] | None = None) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    missing = [] if missing is None else missing
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, format_path((str(k),), path), missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", missing) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            missing.append(f"{path}: environment variable {name} is not set")
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def parse_config(
+    data: Any, *, source: str | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping of sections (got {type(data).__name__})")
+    missing: list[str] = []
+    data = interpolate(data, os.environ if env is None else env, "", missing)
+    if missing:
+        raise ConfigError(missing)
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """``--config``, then ``$CELERY_EXT_CONFIG``, then ``./config.yaml``; None means defaults."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+class ConfigLoader(abc.ABC):
+    """Loads the config and reports valid changes."""
+
+    @abc.abstractmethod
+    def load(self) -> Config: ...
+
+    @abc.abstractmethod
+    def watch(self, callback: Callable[[Config], None]) -> Callable[[], None]:
+        """Call ``callback`` with each new valid config; returns a function that stops watching."""
+
+
+class YamlConfigLoader(ConfigLoader):
+    """YAML file with ``${ENV}`` interpolation; ``watch`` polls the file's mtime."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> None:
+        self.path = find_config_file(path)
+        self.poll_interval = poll_interval
+
+    def load(self) -> Config:
+        if self.path is None:
+            return Config()
+        return parse_config(read_yaml(self.path), source=str(self.path.resolve()))
+
+    def watch(self, callback: Callable[[Config], None]) -> Callable[[], None]:
+        stop = threading.Event()
+        path = self.path
+
+        def mtime() -> float:
+            try:
+                return path.stat().st_mtime if path else 0.0
+            except OSError:
+                return 0.0
+
+        def loop() -> None:
+            seen = mtime()
+            while not stop.wait(self.poll_interval):
+                current = mtime()
+                if current == seen:
+                    continue
+                seen = current
+                try:
+                    config = self.load()
+                except ConfigError as exc:
+                    logger.error("config %s is invalid, keeping the last good config:\n%s", path, exc)
+                    continue
+                callback(config)
+
+        threading.Thread(target=loop, name="celery_ext-config-watch", daemon=True).start()
+        return stop.set
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    return YamlConfigLoader(path).load()

@@ -1,0 +1,66 @@
+"""The ``Executor`` extension point.
+
+An executor owns one or more task types and runs a ``Task`` to a ``TaskResult``.  It knows
+nothing of Celery: ``executors/task.py`` adapts it.  Config keys common to every executor
+(``timeout``, ``max_retries``) live in ``ExecutorSettings``; an executor declares its own keys by
+subclassing it as ``settings_model``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from celery_ext.config import Model, PositiveDuration, validate_section
+from celery_ext.model import Task, TaskResult
+
+
+class ExecutorSettings(Model):
+    """Keys every executor accepts in its ``config``."""
+
+    timeout: PositiveDuration | None = None
+    max_retries: int | None = Field(None, ge=0)
+
+
+class Executor(abc.ABC):
+    """Runs tasks of the types it supports.
+
+    Lifecycle: the constructor takes validated settings and does no I/O; then, once per worker
+    process (after the pool forks): ``initialize(config)``, then any
+    number of ``execute(task)``, then ``close()``.  ``execute`` returns a ``TaskResult`` or
+    raises: ``PermanentError`` fails the task at once, ``TransientError`` and any other exception
+    are retried with backoff while attempts remain.
+    """
+
+    type: ClassVar[str]
+    settings_model: ClassVar[type[ExecutorSettings]] = ExecutorSettings
+
+    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+        # No I/O here: executors are also built in producers, to know their task types.
+        self.settings: ExecutorSettings = settings or self.settings_model()
+
+    @property
+    @abc.abstractmethod
+    def supported_task_types(self) -> list[str]:
+        """Task types this executor runs; each becomes a registered Celery task."""
+
+    @classmethod
+    def parse_settings(cls, config: dict[str, Any], path: str = "config") -> ExecutorSettings:
+        return validate_section(cls.settings_model, config, path)
+
+    def initialize(self, config: ExecutorSettings) -> None:  # noqa: B027 - optional hook
+        """Open clients; called once per worker process before its first task.
+
+        ``config`` is this executor's validated ``settings_model`` (also ``self.settings``).
+        Raising here marks the executor unavailable: its tasks fail with reason
+        ``executor_unavailable`` and the worker keeps running.
+        """
+
+    @abc.abstractmethod
+    def execute(self, task: Task) -> TaskResult:
+        """Run one task."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what ``initialize`` opened."""

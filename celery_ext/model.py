@@ -1,0 +1,194 @@
+"""Task records, results, logs, filters, and the task state machine."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskStatus(str, enum.Enum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD})
+
+# Statuses from which a dispatched message may start the task.  PENDING is accepted because
+# the worker may start a task before the producer has marked it QUEUED after publishing.
+STARTABLE = frozenset(
+    {TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RETRYING}
+)
+
+# Every allowed move; each is applied as a conditional update on the expected status.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.SCHEDULED: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.RUNNING: frozenset(
+        {
+            TaskStatus.SUCCEEDED,
+            TaskStatus.RETRYING,
+            TaskStatus.FAILED,
+            TaskStatus.DEAD,
+            TaskStatus.CANCELLED,
+            TaskStatus.QUEUED,  # released after the worker was lost, to be redelivered
+        }
+    ),
+    TaskStatus.RETRYING: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    # A manual retry re-opens a finished task as PENDING, then publishes it like a new one.
+    TaskStatus.FAILED: frozenset({TaskStatus.PENDING}),
+    TaskStatus.DEAD: frozenset({TaskStatus.PENDING}),
+    TaskStatus.CANCELLED: frozenset({TaskStatus.PENDING}),
+    TaskStatus.SUCCEEDED: frozenset(),
+}
+
+
+def can_transition(src: TaskStatus, dst: TaskStatus) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+def sources_of(dst: TaskStatus) -> frozenset[TaskStatus]:
+    """Every status from which ``dst`` may be reached."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if dst in targets)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskErrorInfo:
+    """Why a task failed: a stable reason code and a human message."""
+
+    reason: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What an executor returns. ``retryable`` only matters when ``success`` is false."""
+
+    success: bool
+    data: Any = None
+    error: TaskErrorInfo | None = None
+    retryable: bool = False
+
+    @classmethod
+    def ok(cls, data: Any = None) -> TaskResult:
+        return cls(True, data)
+
+    @classmethod
+    def fail(cls, reason: str, message: str, *, retryable: bool = False, data: Any = None) -> TaskResult:
+        return cls(False, data, TaskErrorInfo(reason, message), retryable)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """The durable record of one task: the source of truth."""
+
+    task_id: str
+    task_type: str
+    payload: dict[str, Any]
+    status: TaskStatus = TaskStatus.PENDING
+    priority: int = 0
+    attempt: int = 0
+    max_retries: int = 0
+    timeout: float | None = None
+    run_at: datetime | None = None
+    worker_id: str | None = None
+    result: Any = None
+    error: TaskErrorInfo | None = None
+    idempotency_key: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+    dispatch_token: str | None = None
+    lease_until: datetime | None = None
+
+    def replace(self, **changes: Any) -> Task:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: statuses lowercase, times ISO 8601 UTC."""
+        out = asdict(self)
+        out["status"] = self.status.value
+        out["error"] = self.error.to_dict() if self.error else None
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+        del out["dispatch_token"]
+        return out
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLog:
+    task_id: str
+    attempt: int
+    time: datetime
+    level: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "time": self.time.isoformat(),
+            "level": self.level,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Query for ``TaskRepository.list``; newest first.
+
+    Paginate with ``limit``/``offset``, or with ``cursor`` (the ``next_cursor`` of the previous
+    page), which stays stable while records are inserted.
+    """
+
+    status: tuple[TaskStatus, ...] = ()
+    task_type: tuple[str, ...] = ()
+    worker_id: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    limit: int = 100
+    offset: int = 0
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    items: list[Task]
+    next_cursor: str | None

@@ -1,0 +1,1 @@
+"""Routing: which queue a task is published to."""

@@ -1,0 +1,125 @@
+"""The storage extension point: ``TaskRepository``, ``TaskLogRepository`` and ``Storage``.
+
+Every status change is a conditional update: it names the statuses it expects (and, for moves
+driven by a broker message, the dispatch token), so a duplicated or stale message can never
+move a record backwards.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from celery_ext.model import Task, TaskFilter, TaskLog, TaskPage, TaskStatus
+
+
+class TaskRepository(abc.ABC):
+    @abc.abstractmethod
+    def create(self, task: Task) -> tuple[Task, bool]:
+        """Insert ``task``; with an idempotency key already used, return ``(existing, False)``."""
+
+    @abc.abstractmethod
+    def create_many(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """Insert several tasks in one round trip where possible; same contract as ``create``."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    def get_by_idempotency_key(self, key: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    def update(
+        self,
+        task_id: str,
+        expected: Iterable[TaskStatus],
+        *,
+        token: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Set ``fields`` only if the record's status is in ``expected`` (and its dispatch token is
+        ``token`` when given).  Returns whether the record changed."""
+
+    @abc.abstractmethod
+    def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
+        """Conditional update of several records; returns how many changed."""
+
+    @abc.abstractmethod
+    def delete(self, task_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, flt: TaskFilter) -> TaskPage:
+        """Newest first, filtered, paginated by offset or by cursor."""
+
+    @abc.abstractmethod
+    def scan(
+        self,
+        statuses: Iterable[TaskStatus],
+        *,
+        due_before: datetime | None = None,
+        lease_expired_before: datetime | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Records the scheduler must act on: due, lease-expired or stale, oldest first."""
+
+
+class TaskLogRepository(abc.ABC):
+    @abc.abstractmethod
+    def append(self, logs: Sequence[TaskLog]) -> None:
+        """Write a batch of log lines in one round trip."""
+
+    @abc.abstractmethod
+    def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
+        """Log lines of one task in the order they were written."""
+
+
+class Storage(abc.ABC):
+    """A backend: both repositories over one connection pool."""
+
+    tasks: TaskRepository
+    logs: TaskLogRepository
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> Storage:
+        """Build from ``storage.type`` and ``storage.config``; no I/O."""
+
+    @abc.abstractmethod
+    def migrate(self) -> None:
+        """Create or upgrade the schema; safe to call from several processes."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise ``StorageError`` naming the (redacted) location if the store is unreachable."""
+
+    def after_fork(self) -> None:  # noqa: B027 - optional hook
+        """Drop connections inherited from a parent process."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """Where the data lives, password redacted (for banners and errors)."""
+
+
+def encode_cursor(created_at: datetime, task_id: str) -> str:
+    raw = f"{created_at.isoformat()}|{task_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    from celery_ext.errors import CeleryExtError
+
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, task_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), task_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CeleryExtError(f"invalid cursor {cursor!r}") from exc

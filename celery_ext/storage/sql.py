@@ -1,0 +1,412 @@
+"""SQL task store on SQLAlchemy 2 Core: SQLite, PostgreSQL (psycopg 3), MySQL/MariaDB (PyMySQL).
+
+``storage.type``: ``sqlite``, ``postgresql`` or ``mysql``.  ``storage.config`` keys:
+  url                      full SQLAlchemy URL (``postgresql://`` and ``mysql://`` get the right driver)
+  host, port, database, user, password   instead of ``url``
+  path                     SQLite file (default ``<data_dir>/celery_ext.db``)
+  pool_size, max_overflow, pool_recycle, connect_timeout, echo
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from celery_ext.config import Model, validate_section
+from celery_ext.errors import ConfigError, StorageError
+from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.storage.base import (
+    Storage,
+    TaskLogRepository,
+    TaskRepository,
+    decode_cursor,
+    encode_cursor,
+)
+from celery_ext.storage.sql_schema import SCHEMA_VERSION, metadata, schema_version, task_logs, tasks
+
+_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+_EXTRAS = {"postgresql": "postgres", "mysql": "mysql"}
+
+
+class SqlSettings(Model):
+    url: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    database: str | None = None
+    user: str | None = None
+    password: str | None = None
+    path: str | None = None
+    pool_size: int = Field(5, ge=1)
+    max_overflow: int = Field(10, ge=0)
+    pool_recycle: float = Field(1800.0, gt=0)
+    connect_timeout: float = Field(10.0, gt=0)
+    echo: bool = False
+
+
+def build_url(type_name: str, settings: SqlSettings, data_dir: Path) -> URL:
+    if settings.url:
+        url = make_url(settings.url)
+        family = url.get_backend_name()
+        if family == "mariadb":
+            family = "mysql"
+        if family != type_name:
+            raise ConfigError(f"storage.config.url: a {family} URL for storage.type {type_name!r}")
+        if "+" not in url.drivername:
+            url = url.set(drivername=_DRIVERS[type_name])
+        return url
+    if type_name == "sqlite":
+        path = Path(settings.path or settings.database or data_dir / "celery_ext.db")
+        return URL.create("sqlite", database=str(path if path.is_absolute() else data_dir / path))
+    if not settings.database:
+        raise ConfigError("storage.config: give either url or host, port and database")
+    return URL.create(
+        _DRIVERS[type_name],
+        username=settings.user,
+        password=settings.password,
+        host=settings.host or "127.0.0.1",
+        port=settings.port,
+        database=settings.database,
+    )
+
+
+def _engine(type_name: str, url: URL, settings: SqlSettings) -> Engine:
+    if type_name == "sqlite":
+        engine = create_engine(url, echo=settings.echo, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    connect_args: dict[str, Any] = {"connect_timeout": int(settings.connect_timeout)}
+    if type_name == "mysql":
+        connect_args["charset"] = "utf8mb4"
+    try:
+        return create_engine(
+            url,
+            echo=settings.echo,
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_recycle=settings.pool_recycle,
+            pool_pre_ping=True,
+            connect_args=connect_args,
+        )
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"storage.type {type_name!r} needs {exc.name}: pip install celery-ext[{_EXTRAS[type_name]}]"
+        ) from exc
+
+
+class SqlStorage(Storage):
+    def __init__(self, type_name: str, url: URL, settings: SqlSettings) -> None:
+        self.type_name = type_name
+        self.url = url
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._pid = os.getpid()
+        self.tasks = SqlTaskRepository(self)
+        self.logs = SqlTaskLogRepository(self)
+
+    @classmethod
+    def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> SqlStorage:
+        settings = validate_section(SqlSettings, config, "storage.config")
+        return cls(type_name, build_url(type_name, settings, data_dir), settings)
+
+    @property
+    def description(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> Engine:
+        if self._pid != os.getpid():
+            self.after_fork()
+        if self._engine is None:
+            if self.type_name == "sqlite" and self.url.database:
+                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            self._engine = _engine(self.type_name, self.url, self.settings)
+        return self._engine
+
+    def after_fork(self) -> None:
+        # Connections inherited from the parent must not be used (or closed) by the child.
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._engine = None
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StorageError(f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}") from exc
+
+    def migrate(self) -> None:
+        for attempt in range(3):
+            try:
+                with self.begin() as conn:
+                    metadata.create_all(conn, checkfirst=True)
+                    current = conn.execute(select(schema_version.c.version)).scalars().all()
+                    if SCHEMA_VERSION not in current:
+                        conn.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow()))
+                return
+            except (IntegrityError, StorageError):
+                # Another process created the same tables at the same moment; look again.
+                if attempt == 2:
+                    raise
+
+    def ping(self) -> None:
+        with self.begin() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# --- row <-> Task --------------------------------------------------------------------------
+
+
+def _to_row(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "task_type": task.task_type,
+        "payload": task.payload,
+        "status": task.status.value,
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "max_retries": task.max_retries,
+        "timeout": task.timeout,
+        "run_at": task.run_at,
+        "worker_id": task.worker_id,
+        "result": task.result,
+        "error_reason": task.error.reason if task.error else None,
+        "error_message": task.error.message if task.error else None,
+        "idempotency_key": task.idempotency_key,
+        "dispatch_token": task.dispatch_token,
+        "lease_until": task.lease_until,
+        "created_at": task.created_at,
+        "queued_at": task.queued_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "updated_at": task.updated_at or task.created_at,
+    }
+
+
+def _from_row(row: Any) -> Task:
+    m = row._mapping
+    error = TaskErrorInfo(m["error_reason"], m["error_message"] or "") if m["error_reason"] else None
+    return Task(
+        task_id=m["task_id"],
+        task_type=m["task_type"],
+        payload=m["payload"],
+        status=TaskStatus(m["status"]),
+        priority=m["priority"],
+        attempt=m["attempt"],
+        max_retries=m["max_retries"],
+        timeout=m["timeout"],
+        run_at=m["run_at"],
+        worker_id=m["worker_id"],
+        result=m["result"],
+        error=error,
+        idempotency_key=m["idempotency_key"],
+        dispatch_token=m["dispatch_token"],
+        lease_until=m["lease_until"],
+        created_at=m["created_at"],
+        queued_at=m["queued_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        updated_at=m["updated_at"],
+    )
+
+
+def _values(fields: dict[str, Any]) -> dict[str, Any]:
+    values = {}
+    for key, value in fields.items():
+        if key == "error":
+            values["error_reason"] = value.reason if value else None
+            values["error_message"] = value.message if value else None
+        elif key == "status":
+            values["status"] = TaskStatus(value).value
+        elif key in tasks.c:
+            values[key] = value
+        else:
+            raise ValueError(f"tasks has no field {key!r}")
+    values.setdefault("updated_at", utcnow())
+    return values
+
+
+def _statuses(expected: Iterable[TaskStatus]) -> list[str]:
+    return [TaskStatus(s).value for s in expected]
+
+
+class SqlTaskRepository(TaskRepository):
+    def __init__(self, storage: SqlStorage) -> None:
+        self.storage = storage
+
+    def create(self, task: Task) -> tuple[Task, bool]:
+        try:
+            with self.storage.begin() as conn:
+                conn.execute(insert(tasks).values(**_to_row(task)))
+            return task, True
+        except IntegrityError:
+            existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
+            if existing is None:
+                existing = self.get(task.task_id)
+            if existing is None:
+                raise
+            return existing, False
+
+    def create_many(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
+        if not new:
+            return []
+        try:
+            with self.storage.begin() as conn:
+                conn.execute(insert(tasks), [_to_row(t) for t in new])
+            return [(t, True) for t in new]
+        except IntegrityError:
+            # Some idempotency key is taken: fall back to one insert each.
+            return [self.create(t) for t in new]
+
+    def get(self, task_id: str) -> Task | None:
+        with self.storage.begin() as conn:
+            row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+        return _from_row(row) if row else None
+
+    def get_by_idempotency_key(self, key: str) -> Task | None:
+        with self.storage.begin() as conn:
+            row = conn.execute(select(tasks).where(tasks.c.idempotency_key == key)).first()
+        return _from_row(row) if row else None
+
+    def update(
+        self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
+    ) -> bool:
+        cond = [tasks.c.task_id == task_id, tasks.c.status.in_(_statuses(expected))]
+        if token is not None:
+            cond.append(tasks.c.dispatch_token == token)
+        with self.storage.begin() as conn:
+            res = conn.execute(update(tasks).where(*cond).values(**_values(fields)))
+        return res.rowcount == 1
+
+    def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
+        if not task_ids:
+            return 0
+        stmt = (
+            update(tasks)
+            .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(_statuses(expected)))
+            .values(**_values(fields))
+        )
+        with self.storage.begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def delete(self, task_id: str) -> bool:
+        with self.storage.begin() as conn:
+            conn.execute(delete(task_logs).where(task_logs.c.task_id == task_id))
+            return conn.execute(delete(tasks).where(tasks.c.task_id == task_id)).rowcount == 1
+
+    def list(self, flt: TaskFilter) -> TaskPage:
+        stmt = select(tasks)
+        if flt.status:
+            stmt = stmt.where(tasks.c.status.in_(_statuses(flt.status)))
+        if flt.task_type:
+            stmt = stmt.where(tasks.c.task_type.in_(list(flt.task_type)))
+        if flt.worker_id:
+            stmt = stmt.where(tasks.c.worker_id == flt.worker_id)
+        if flt.created_after:
+            stmt = stmt.where(tasks.c.created_at >= flt.created_after)
+        if flt.created_before:
+            stmt = stmt.where(tasks.c.created_at < flt.created_before)
+        if flt.cursor:
+            created, last_id = decode_cursor(flt.cursor)
+            stmt = stmt.where(
+                or_(
+                    tasks.c.created_at < created,
+                    and_(tasks.c.created_at == created, tasks.c.task_id < last_id),
+                )
+            )
+        elif flt.offset:
+            stmt = stmt.offset(flt.offset)
+        stmt = stmt.order_by(tasks.c.created_at.desc(), tasks.c.task_id.desc()).limit(flt.limit + 1)
+        with self.storage.begin() as conn:
+            rows = [_from_row(r) for r in conn.execute(stmt)]
+        more = len(rows) > flt.limit
+        items = rows[: flt.limit]
+        cursor = encode_cursor(items[-1].created_at, items[-1].task_id) if more and items else None
+        return TaskPage(items, cursor)
+
+    def scan(
+        self,
+        statuses: Iterable[TaskStatus],
+        *,
+        due_before: datetime | None = None,
+        lease_expired_before: datetime | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        stmt = select(tasks).where(tasks.c.status.in_(_statuses(statuses)))
+        if due_before is not None:
+            stmt = stmt.where(tasks.c.run_at <= due_before)
+        if lease_expired_before is not None:
+            stmt = stmt.where(tasks.c.lease_until < lease_expired_before)
+        if updated_before is not None:
+            stmt = stmt.where(tasks.c.updated_at < updated_before)
+        stmt = stmt.order_by(tasks.c.created_at).limit(limit)
+        with self.storage.begin() as conn:
+            return [_from_row(r) for r in conn.execute(stmt)]
+
+
+class SqlTaskLogRepository(TaskLogRepository):
+    def __init__(self, storage: SqlStorage) -> None:
+        self.storage = storage
+
+    def append(self, logs: Sequence[TaskLog]) -> None:
+        if not logs:
+            return
+        rows = [
+            {"task_id": l.task_id, "attempt": l.attempt, "time": l.time, "level": l.level, "message": l.message}
+            for l in logs
+        ]
+        with self.storage.begin() as conn:
+            conn.execute(insert(task_logs), rows)
+
+    def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
+        stmt = select(task_logs).where(task_logs.c.task_id == task_id)
+        if attempt is not None:
+            stmt = stmt.where(task_logs.c.attempt == attempt)
+        stmt = stmt.order_by(task_logs.c.id).limit(limit).offset(offset)
+        with self.storage.begin() as conn:
+            return [
+                TaskLog(r.task_id, r.attempt, r.time, r.level, r.message) for r in conn.execute(stmt)
+            ]

@@ -1,0 +1,106 @@
+"""SQL schema of the task store (SQLAlchemy Core tables) and the column types it needs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+
+SCHEMA_VERSION = 1
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Naive UTC in the database (microseconds everywhere), aware UTC in Python."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the task store; use aware UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+JsonDoc = JSON().with_variant(postgresql.JSONB(), "postgresql")
+LogId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("task_type", String(128), nullable=False),
+    Column("payload", JsonDoc, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", SmallInteger, nullable=False, default=0),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("max_retries", Integer, nullable=False, default=0),
+    Column("timeout", Float, nullable=True),
+    Column("run_at", UtcDateTime, nullable=True),
+    Column("worker_id", String(255), nullable=True),
+    Column("result", JsonDoc, nullable=True),
+    Column("error_reason", String(64), nullable=True),
+    Column("error_message", LongText, nullable=True),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("dispatch_token", String(64), nullable=True),
+    Column("lease_until", UtcDateTime, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("queued_at", UtcDateTime, nullable=True),
+    Column("started_at", UtcDateTime, nullable=True),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=True),
+    Index("ix_tasks_created", "created_at", "task_id"),
+    Index("ix_tasks_status_type_created", "status", "task_type", "created_at"),
+    Index("ix_tasks_type_created", "task_type", "created_at"),
+    Index("ix_tasks_worker_created", "worker_id", "created_at"),
+    Index("ix_tasks_status_run_at", "status", "run_at"),
+    Index("ix_tasks_status_lease", "status", "lease_until"),
+)
+
+task_logs = Table(
+    "task_logs",
+    metadata,
+    Column("id", LogId, primary_key=True, autoincrement=True),
+    Column("task_id", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("time", UtcDateTime, nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("message", LongText, nullable=False),
+    Index("ix_task_logs_task", "task_id", "id"),
+)
+
+schema_version = Table(
+    "celery_ext_schema",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", UtcDateTime, nullable=False),
+)

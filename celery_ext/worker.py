@@ -1,0 +1,65 @@
+"""The worker bootstep: prepares storage, log capture and executors in every worker process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from celery_ext import tasklog
+from celery_ext.errors import StorageError
+from celery_ext.executors.task import runtime_of
+
+logger = logging.getLogger("celery_ext.worker")
+
+
+class CeleryExtStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Checks the task store at start-up, installs per-task log capture, says where data lives."""
+
+    label = "celery_ext"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        rt = runtime_of(worker.app)
+        try:
+            rt.storage.migrate()
+        except StorageError as exc:
+            # Refuse to start: a worker that cannot record outcomes would lose them.
+            raise SystemExit(f"celery_ext: cannot start worker: {exc}") from exc
+        level = logging.getLevelName(rt.config.app.log_level.upper())
+        tasklog.install(level if isinstance(level, int) else logging.INFO)
+
+    def start(self, worker: Any) -> None:
+        rt = runtime_of(worker.app)
+        print(
+            f"celery_ext: data in {rt.data_dir} | broker {_redact(rt.broker_url)} | "
+            f"storage {rt.storage.description} | task types: {', '.join(rt.executors.task_types)}",
+            file=sys.stderr, flush=True,
+        )
+
+    def stop(self, worker: Any) -> None:
+        rt = runtime_of(worker.app)
+        rt.executors.close()
+        rt.storage.close()
+
+
+def _redact(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def install_worker_steps(app: Celery) -> None:
+    app.steps["worker"].add(CeleryExtStep)
+
+    def child_init(**_: Any) -> None:
+        runtime_of(app).storage.after_fork()
+
+    def child_shutdown(**_: Any) -> None:
+        runtime_of(app).executors.close()
+
+    worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.child_init.{id(app)}")
+    worker_process_shutdown.connect(child_shutdown, weak=False, dispatch_uid=f"celery_ext.child_shutdown.{id(app)}")
