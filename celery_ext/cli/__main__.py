@@ -1,0 +1,5 @@
+import sys
+
+from celery_ext.cli import main
+
+sys.exit(main())

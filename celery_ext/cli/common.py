@@ -1,0 +1,49 @@
+"""Shared pieces of the CLI: building the runtime from ``--config``, printing JSON or tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def runtime(args: argparse.Namespace) -> Runtime:
+    from celery_ext.factory import create_app
+
+    app = create_app(config_path=args.config)
+    rt: Runtime = app.celery_ext  # type: ignore[attr-defined]
+    return rt
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    # Scripts and pipes get full ids rather than 80-column folding.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

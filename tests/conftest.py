@@ -1,0 +1,112 @@
+"""Fixtures: real Redis, PostgreSQL and MariaDB, and real worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_ext.config import parse_config
+from celery_ext.factory import Runtime, create_app
+from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
+from tests.support.workers import WorkerProcess, write_config
+
+STORAGE_KINDS = ["sqlite", "postgresql", "mysql"]
+
+
+@pytest.fixture(scope="session")
+def database_urls() -> Iterator[dict[str, str]]:
+    """One fresh PostgreSQL and one fresh MariaDB database for the whole session, made lazily."""
+    made: dict[str, str] = {}
+
+    class Lazy(dict[str, str]):
+        def __missing__(self, kind: str) -> str:
+            made[kind] = create_database(kind)
+            self[kind] = made[kind]
+            return made[kind]
+
+    yield Lazy()
+    for kind, url in made.items():
+        drop_database(kind, url)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require("Redis", REDIS_HOST, REDIS_PORT)
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+def storage_section(kind: str, database_urls: dict[str, str]) -> dict[str, Any]:
+    if kind == "sqlite":
+        return {"type": "sqlite", "config": {}}
+    return {"type": kind, "config": {"url": database_urls[kind]}}
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def storage_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Cluster:
+    """A config file in a temp dir, an in-process producer runtime, and worker processes on it."""
+
+    def __init__(self, tmp_path: Path, data: dict[str, Any]) -> None:
+        self.tmp_path = tmp_path
+        self.data = data
+        self.config_path = write_config(tmp_path, data)
+        self.workers: list[WorkerProcess] = []
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            config = parse_config(self.data, source=str(self.config_path))
+            self._runtime = create_app(config).celery_ext  # type: ignore[attr-defined]
+        return self._runtime
+
+    @property
+    def manager(self) -> Any:
+        return self.runtime.manager
+
+    def worker(self, **kwargs: Any) -> WorkerProcess:
+        w = WorkerProcess(self.config_path, **kwargs)
+        self.workers.append(w)
+        return w.start()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self._runtime is not None:
+            self._runtime.storage.close()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, redis_url: str, database_urls: dict[str, str]) -> Iterator[Callable[..., Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(storage: str = "sqlite", **sections: Any) -> Cluster:
+        data: dict[str, Any] = {
+            "app": {"name": unique("ce"), "log_level": "INFO"},
+            "broker": {"url": redis_url},
+            "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_backoff_max": 1, "retry_jitter": False},
+            "storage": storage_section(storage, database_urls),
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        cluster = Cluster(tmp_path, data)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+
+
+@pytest.fixture
+def tests_dir() -> Path:
+    return Path(__file__).parent

@@ -1,0 +1,51 @@
+"""Python task types used by the integration tests (imported by workers via executors config)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+
+from celery_ext import task_type
+from celery_ext.errors import PermanentError
+
+logger = logging.getLogger("tests.tasks")
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=6379, db=0)
+
+
+@task_type("flaky")
+def flaky(key: str, fail_times: int) -> dict[str, Any]:
+    """Fails ``fail_times`` times (counted in Redis), then succeeds; each run is recorded."""
+    r = _redis()
+    n = int(r.incr(key))
+    r.rpush(f"{key}:times", repr(__import__("time").time()))
+    r.expire(key, 600)
+    r.expire(f"{key}:times", 600)
+    logger.info("flaky run %d of key %s", n, key)
+    if n <= fail_times:
+        raise RuntimeError(f"planned failure {n}")
+    return {"runs": n}
+
+
+@task_type("reject")
+def reject(reason: str = "nope") -> None:
+    raise PermanentError("rejected", reason)
+
+
+@task_type("chatty")
+def chatty(lines: int = 3) -> int:
+    for i in range(lines):
+        logger.info("line %d", i)
+    logger.warning("done after %d lines", lines)
+    return lines
+
+
+@task_type("crash")
+def crash() -> None:
+    """Kills its own pool process, as an OOM kill or segfault would."""
+    os._exit(1)

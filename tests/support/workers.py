@@ -1,0 +1,102 @@
+"""Real ``celery -A celery_ext worker`` processes, started and stopped by tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.services import unique
+
+
+def write_config(directory: Path, data: dict[str, Any], name: str = "config.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class WorkerProcess:
+    """One worker process; ``stop()`` sends SIGTERM (warm shutdown), ``kill()`` SIGKILL."""
+
+    def __init__(self, config_path: Path, *, hostname: str | None = None, concurrency: int = 2,
+                 pool: str = "prefork", extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.hostname = hostname or f"{unique('w')}@%h"
+        self.log_path = config_path.parent / f"worker-{self.hostname.split('@')[0]}.log"
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "celery_ext", "worker",
+            "-n", self.hostname, "-c", str(concurrency), "-P", pool,
+            "-l", "INFO", "--without-mingle", "--without-gossip",
+            "--logfile", str(self.log_path), *extra_args,
+        ]
+        root = str(Path(__file__).resolve().parents[2])
+        pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "CELERY_EXT_CONFIG": str(config_path), "PYTHONPATH": pythonpath, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        self.log_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.config_path.parent,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.wait_for_log(" ready.", timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def output(self) -> str:
+        if self.proc is None or self.proc.stdout is None or self.proc.poll() is None:
+            return ""
+        return self.proc.stdout.read().decode(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.output()}\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker log never showed {needle!r}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        # Kill the whole process group of the worker: the main process and its pool children.
+        try:
+            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        except OSError:
+            children = []
+        for pid in [self.proc.pid, *map(int, children)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
