@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from celery_ext.model import (
+    STARTABLE,
+    TERMINAL,
+    TRANSITIONS,
+    Task,
+    TaskErrorInfo,
+    TaskResult,
+    TaskStatus,
+    can_transition,
+    new_id,
+    sources_of,
+)
+
+
+def test_statuses_are_lowercase_strings_in_json() -> None:
+    task = Task(new_id(), "echo", {"a": 1}, status=TaskStatus.RUNNING, error=TaskErrorInfo("timeout", "slow"))
+    data = json.loads(json.dumps(task.to_dict()))
+    assert data["status"] == "running"
+    assert data["error"] == {"reason": "timeout", "message": "slow"}
+    assert "dispatch_token" not in data
+    assert data["created_at"].endswith("+00:00")
+    assert {s.value for s in TaskStatus} == {
+        "pending", "scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead"}
+
+
+def test_terminal_states_never_move_forward_except_manual_retry() -> None:
+    assert TRANSITIONS[TaskStatus.SUCCEEDED] == frozenset()
+    for status in (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED):
+        assert TRANSITIONS[status] == {TaskStatus.PENDING}
+    assert all(s.terminal for s in TERMINAL)
+    assert not TaskStatus.RUNNING.terminal
+
+
+@pytest.mark.parametrize("src,dst,ok", [
+    (TaskStatus.PENDING, TaskStatus.QUEUED, True),
+    (TaskStatus.QUEUED, TaskStatus.RUNNING, True),
+    (TaskStatus.RUNNING, TaskStatus.SUCCEEDED, True),
+    (TaskStatus.RUNNING, TaskStatus.RETRYING, True),
+    (TaskStatus.RETRYING, TaskStatus.QUEUED, True),
+    (TaskStatus.SCHEDULED, TaskStatus.QUEUED, True),
+    (TaskStatus.SUCCEEDED, TaskStatus.RUNNING, False),
+    (TaskStatus.FAILED, TaskStatus.RUNNING, False),
+    (TaskStatus.QUEUED, TaskStatus.PENDING, False),
+    (TaskStatus.RUNNING, TaskStatus.PENDING, False),
+])
+def test_transitions(src: TaskStatus, dst: TaskStatus, ok: bool) -> None:
+    assert can_transition(src, dst) is ok
+
+
+def test_startable_and_cancel_sources() -> None:
+    assert TaskStatus.RUNNING not in STARTABLE
+    assert sources_of(TaskStatus.RUNNING) == STARTABLE
+    assert sources_of(TaskStatus.CANCELLED) == {
+        TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING}
+
+
+def test_task_result_constructors() -> None:
+    assert TaskResult.ok({"x": 1}) == TaskResult(True, {"x": 1})
+    fail = TaskResult.fail("http_500", "boom", retryable=True)
+    assert not fail.success and fail.retryable and fail.error == TaskErrorInfo("http_500", "boom")

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from celery_ext.errors import ConfigError, PermanentError
+from celery_ext.executors.python import PythonExecutor, PythonSettings, task_type
+from celery_ext.model import Task, new_id
+
+
+def run(task_type_name: str, payload: dict) -> object:
+    executor = PythonExecutor(PythonSettings())
+    return executor.execute(Task(new_id(), task_type_name, payload))
+
+
+def test_echo_and_sleep_are_builtin() -> None:
+    executor = PythonExecutor()
+    assert {"echo", "sleep"} <= set(executor.supported_task_types)
+    assert run("echo", {"a": [1, 2]}).data == {"a": [1, 2]}  # type: ignore[attr-defined]
+    assert run("sleep", {"seconds": 0}).data == {"slept": 0.0}  # type: ignore[attr-defined]
+
+
+def test_bad_arguments_are_permanent_errors_naming_the_problem() -> None:
+    with pytest.raises(PermanentError) as info:
+        run("sleep", {"seconds": -1})
+    assert info.value.reason == "invalid_payload" and "seconds" in str(info.value)
+
+    @task_type("unit_two_args")
+    def two(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(PermanentError, match="missing a required argument: 'b'"):
+        run("unit_two_args", {"a": 1})
+    assert run("unit_two_args", {"a": 1, "b": 2}).data == 3  # type: ignore[attr-defined]
+
+
+def test_same_name_from_another_function_is_refused() -> None:
+    @task_type("unit_dupe")
+    def first() -> None: ...
+
+    with pytest.raises(ConfigError, match="already registered"):
+        @task_type("unit_dupe")
+        def second() -> None: ...
+
+
+def test_modules_are_imported_and_bad_module_named() -> None:
+    PythonExecutor(PythonSettings(modules=["tests.support.tasks"]))
+    assert "flaky" in PythonExecutor().supported_task_types
+    with pytest.raises(ConfigError, match="cannot import 'no.such.module'"):
+        PythonExecutor(PythonSettings(modules=["no.such.module"]))
