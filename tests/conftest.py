@@ -82,23 +82,31 @@ class Cluster:
             self._runtime.storage.close()
 
 
+def cluster_data(name: str, redis_url: str, storage: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "app": {"name": name, "log_level": "INFO"},
+        "broker": {"url": redis_url},
+        "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_backoff_max": 1, "retry_jitter": False},
+        "storage": storage,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
 @pytest.fixture
 def make_cluster(tmp_path: Path, redis_url: str, database_urls: dict[str, str]) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(storage="sqlite", **sections)``: a fresh config (unique queue names) in tmp_path."""
     clusters: list[Cluster] = []
 
     def make(storage: str = "sqlite", **sections: Any) -> Cluster:
-        data: dict[str, Any] = {
-            "app": {"name": unique("ce"), "log_level": "INFO"},
-            "broker": {"url": redis_url},
-            "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_backoff_max": 1, "retry_jitter": False},
-            "storage": storage_section(storage, database_urls),
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        cluster = Cluster(tmp_path, data)
+        directory = tmp_path / f"c{len(clusters)}"
+        directory.mkdir()
+        data = cluster_data(unique("ce"), redis_url, storage_section(storage, database_urls), sections)
+        cluster = Cluster(directory, data)
         clusters.append(cluster)
         return cluster
 
@@ -107,6 +115,17 @@ def make_cluster(tmp_path: Path, redis_url: str, database_urls: dict[str, str]) 
         cluster.close()
 
 
-@pytest.fixture
-def tests_dir() -> Path:
-    return Path(__file__).parent
+TEST_TASKS = [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
+    """One SQLite-backed cluster with a running worker, shared by the tests of a module."""
+    require("Redis", REDIS_HOST, REDIS_PORT)
+    directory = tmp_path_factory.mktemp("shared")
+    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
+                        {"executors": TEST_TASKS})
+    cluster = Cluster(directory, data)
+    cluster.worker()
+    yield cluster
+    cluster.close()
