@@ -103,9 +103,21 @@ class PluginEntry(Model):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class RetentionConfig(Model):
+    """How long finished tasks (per terminal status) and log lines are kept; unset keeps forever."""
+
+    succeeded: PositiveDuration | None = None
+    failed: PositiveDuration | None = None
+    cancelled: PositiveDuration | None = None
+    dead: PositiveDuration | None = None
+    logs: PositiveDuration | None = None
+    batch_size: int = Field(1000, ge=1)
+
+
 class StorageConfig(Model):
     type: str = "sqlite"
     config: dict[str, Any] = Field(default_factory=dict)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class EventsConfig(Model):
