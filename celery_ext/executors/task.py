@@ -35,7 +35,7 @@ class ExtRequest(Request):  # type: ignore[misc]
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        exc = exc_info.exception
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap ExceptionWithTraceback
         if isinstance(exc, WorkerLostError) and not isinstance(exc, TimeLimitExceeded):
             self._record(lambda rt, d: rt.runner.worker_lost(self.name, d))
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

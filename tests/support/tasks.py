@@ -49,3 +49,31 @@ def chatty(lines: int = 3) -> int:
 def crash() -> None:
     """Kills its own pool process, as an OOM kill or segfault would."""
     os._exit(1)
+
+
+@task_type("stubborn")
+def stubborn(seconds: float = 30.0) -> None:
+    """Swallows the soft time limit, so only the hard limit can stop it."""
+    import time
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            logger.warning("ignoring the soft time limit")
+
+
+@task_type("mark")
+def mark(key: str) -> int:
+    """Appends to a Redis list, so tests can see which tasks ran and in what order."""
+    return int(_redis().rpush(key, key.rsplit(":", 1)[-1] if ":" in key else key))
+
+
+@task_type("record")
+def record(key: str, value: str) -> None:
+    r = _redis()
+    r.rpush(key, value)
+    r.expire(key, 600)
