@@ -1,0 +1,208 @@
+"""The outbound network guard: address classification, host patterns, and the guarded client
+against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from celery_ext.errors import ConfigError, ExecutorError
+from celery_ext.executors import netguard
+from celery_ext.executors.http import HttpExecutor
+from celery_ext.executors.netguard import DestinationNotAllowedError, HostPattern, NetPolicy, classify
+from celery_ext.executors.rpc import RpcExecutor
+from celery_ext.model import Task
+from tests.support.httpserver import HttpTestServer
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[HttpTestServer]:
+    s = HttpTestServer().start()
+    yield s
+    s.stop()
+
+
+def executor(config: dict[str, Any]) -> HttpExecutor:
+    ex = HttpExecutor(HttpExecutor.parse_settings(config))
+    ex.initialize(ex.settings)
+    return ex
+
+
+def run(ex: HttpExecutor, payload: dict[str, Any], task_type: str = "http_request") -> Any:
+    return ex.execute(Task("t1", task_type, payload)).data
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("8.8.8.8", "public"),
+    ("2606:4700:4700::1111", "public"),
+    ("127.0.0.1", "loopback"),
+    ("127.8.9.10", "loopback"),
+    ("::1", "loopback"),
+    ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("fd00::1", "private"),
+    ("169.254.169.254", "link-local"),
+    ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("100.64.0.1", "shared"),
+    ("240.0.0.1", "reserved"),
+    ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped IPv6 reaches the IPv4 address
+    ("::ffff:169.254.169.254", "link-local"),
+    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 form of 169.254.169.254
+])
+def test_classify(address: str, kind: str) -> None:
+    assert classify(ipaddress.ip_address(address)) == kind
+
+
+def test_allow_networks_admit_listed_non_public_addresses_only() -> None:
+    policy = NetPolicy.build(None, ["127.0.0.1/32", "10.0.0.0/8"])
+    assert policy.check_address(ipaddress.ip_address("127.0.0.1")) is None
+    assert policy.check_address(ipaddress.ip_address("10.9.9.9")) is None
+    assert policy.check_address(ipaddress.ip_address("8.8.8.8")) is None
+    assert "loopback" in (policy.check_address(ipaddress.ip_address("127.0.0.2")) or "")
+    assert "link-local" in (policy.check_address(ipaddress.ip_address("169.254.169.254")) or "")
+
+
+@pytest.mark.parametrize("pattern, host, port, expected", [
+    ("example.com", "example.com", 443, True),
+    ("example.com", "EXAMPLE.com.", 80, True),
+    ("example.com", "api.example.com", 443, False),
+    ("example.com:8443", "example.com", 8443, True),
+    ("example.com:8443", "example.com", 443, False),
+    ("*.example.com", "api.example.com", 443, True),
+    ("*.example.com", "a.b.example.com", 443, True),
+    ("*.example.com", "example.com", 443, False),
+    ("*.example.com", "badexample.com", 443, False),
+    ("*.example.com:443", "api.example.com", 80, False),
+    ("*", "anything.test", 1234, True),
+    ("[::1]:8080", "::1", 8080, True),
+    ("::1", "::1", 9, True),
+    ("127.0.0.1", "127.0.0.1", 5000, True),
+])
+def test_host_patterns(pattern: str, host: str, port: int, expected: bool) -> None:
+    assert HostPattern.parse(pattern).matches(host, port) is expected
+
+
+@pytest.mark.parametrize("bad", ["", "a.*.com", "*example.com", "h:0", "h:http", "user@h", "[::1", "http://h/"])
+def test_bad_host_patterns_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError):
+        HostPattern.parse(bad)
+
+
+def test_check_url_scheme_and_allow_list() -> None:
+    policy = NetPolicy.build(["api.example.com", "*.hooks.test:8443"])
+    policy.check_url("https", "api.example.com", None)
+    policy.check_url("https", "x.hooks.test", 8443)
+    for scheme, host, port in [("ftp", "api.example.com", None), ("https", "evil.test", None),
+                               ("https", "x.hooks.test", None), ("file", "", None)]:
+        with pytest.raises(DestinationNotAllowedError) as info:
+            policy.check_url(scheme, host, port)
+        assert info.value.reason == "destination_not_allowed"
+    NetPolicy.build(None).check_url("http", "anything.test", None)  # unset allow_hosts: any name
+
+
+def test_settings_errors_name_the_key() -> None:
+    cases = [({"allow_hosts": ["a.*.com"]}, "config.allow_hosts"),
+             ({"allow_networks": ["10.0.0.0/33"]}, "config.allow_networks"),
+             ({"endpoints": {"x": "ftp://h/"}}, "config.endpoints"),
+             ({"max_body_bytes": -1}, "config.max_body_bytes"),
+             ({"alow_hosts": []}, "config.alow_hosts")]
+    for config, path in cases:
+        with pytest.raises(ConfigError) as info:
+            HttpExecutor.parse_settings(config)
+        assert path in str(info.value)
+
+
+def test_loopback_is_refused_without_allow_networks(server: HttpTestServer) -> None:
+    ex = executor({})
+    for url in (server.url("/json"), f"http://localhost:{server.port}/json"):
+        with pytest.raises(ExecutorError) as info:
+            run(ex, {"url": url})
+        assert info.value.reason == "destination_not_allowed" and not info.value.retryable
+        assert "127.0.0.1 is loopback" in str(info.value)
+    ex.close()
+
+
+def test_loopback_is_reached_when_allowed(server: HttpTestServer) -> None:
+    ex = executor({"allow_networks": ["127.0.0.1/32"]})
+    data = run(ex, {"url": f"http://localhost:{server.port}/json?a=1", "params": {"b": 2}})
+    assert data["status"] == 200 and data["json"]["query"] == {"a": "1", "b": "2"}
+    ex.close()
+
+
+def test_redirect_is_checked_at_each_hop(server: HttpTestServer) -> None:
+    ex = executor({"allow_networks": ["127.0.0.1/32"], "max_redirects": 2})
+    with pytest.raises(ExecutorError) as info:
+        run(ex, {"url": server.url("/redirect?to=http://169.254.169.254/latest/meta-data/")})
+    assert info.value.reason == "destination_not_allowed" and "link-local" in str(info.value)
+    hop = server.url("/redirect?to=/json")
+    assert run(ex, {"url": hop})["url"] == server.url("/json")
+    with pytest.raises(ExecutorError) as info:
+        run(ex, {"url": server.url("/redirect?to=" + server.url("/redirect?to=" + hop))})
+    assert info.value.reason == "too_many_redirects"
+    ex.close()
+
+
+def test_connects_to_the_checked_address(server: HttpTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The name is resolved once per connection and the socket goes to that checked address:
+    'rebind.invalid' exists in no DNS, so reaching the server proves no second lookup happened."""
+    answers = iter([[ipaddress.ip_address("127.0.0.1")], [ipaddress.ip_address("169.254.169.254")]])
+    calls: list[str] = []
+
+    def fake_resolve(host: str, port: int) -> list[Any]:
+        calls.append(host)
+        return next(answers)
+
+    monkeypatch.setattr(netguard, "resolve", fake_resolve)
+    ex = executor({"allow_networks": ["127.0.0.1/32"]})
+    assert run(ex, {"url": f"http://rebind.invalid:{server.port}/json"})["status"] == 200
+    ex.close()
+    ex = executor({"allow_networks": ["127.0.0.1/32"]})  # a new connection re-resolves: now rebound
+    with pytest.raises(ExecutorError) as info:
+        run(ex, {"url": f"http://rebind.invalid:{server.port}/json"})
+    assert info.value.reason == "destination_not_allowed" and "169.254.169.254" in str(info.value)
+    assert calls == ["rebind.invalid", "rebind.invalid"]
+    ex.close()
+
+
+def test_body_is_capped_and_says_so(server: HttpTestServer) -> None:
+    ex = executor({"allow_networks": ["127.0.0.1/32"], "max_body_bytes": 1000})
+    data = run(ex, {"url": server.url("/big?bytes=200000")})
+    assert data["truncated"] is True and len(data["body"]) == 1000
+    data = run(ex, {"url": server.url("/big?bytes=1000")})
+    assert data["truncated"] is False and len(data["body"]) == 1000
+    ex.close()
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"url": "http://h/", "endpoint": "x"}, "exactly one of url or endpoint"),
+    ({}, "exactly one of url or endpoint"),
+    ({"url": "http://h/", "method": "BREW"}, "payload.method"),
+    ({"url": "http://h/", "timeout": -1}, "payload.timeout"),
+    ({"url": "http://h/", "json": {}, "body": "x"}, "json or body"),
+    ({"url": "http://h/", "headerz": {}}, "payload.headerz"),
+    ({"endpoint": "nope"}, "no endpoint 'nope'"),
+])
+def test_invalid_payload_names_the_field(payload: dict[str, Any], field: str) -> None:
+    ex = executor({})
+    with pytest.raises(ExecutorError) as info:
+        run(ex, payload)
+    assert info.value.reason in ("invalid_payload", "unknown_endpoint") and not info.value.retryable
+    assert field in str(info.value)
+    ex.close()
+
+
+def test_rpc_payload_names_the_field() -> None:
+    ex = RpcExecutor(RpcExecutor.parse_settings({"endpoints": {"main": "http://rpc.test/"}}))
+    ex.initialize(ex.settings)
+    with pytest.raises(ExecutorError) as info:
+        ex.execute(Task("t1", "rpc_call", {"endpoint": "main", "params": 3}))
+    assert info.value.reason == "invalid_payload"
+    assert "payload.method" in str(info.value) and "payload.params" in str(info.value)
+    ex.close()
