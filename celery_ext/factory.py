@@ -44,20 +44,29 @@ class Runtime:
         return self.config.data_dir
 
 
-def broker_url_for(config: Config) -> str:
-    return config.broker.url or ensure_embedded_redis(config.data_dir)
+EMBEDDED_URL = "redis://localhost/0"
 
 
-def celery_settings(config: Config, broker_url: str, task_types: list[str]) -> dict[str, Any]:
+def broker_for(config: Config) -> tuple[str, dict[str, Any]]:
+    """The broker URL and extra transport options (the embedded broker is a unix socket)."""
+    if config.broker.url:
+        return config.broker.url, {}
+    return EMBEDDED_URL, {"unix_socket_path": ensure_embedded_redis(config.data_dir)}
+
+
+def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
     prefix = config.app.name
-    is_redis = broker_url.startswith(("redis", "rediss"))
-    transport: dict[str, Any] = {"visibility_timeout": config.broker.visibility_timeout}
+    broker_url, extra_options = broker_for(config)
+    is_redis = broker_url.startswith(("redis://", "rediss://"))
+    transport: dict[str, Any] = {"visibility_timeout": config.broker.visibility_timeout, **extra_options}
     if is_redis:
         transport.update(priority_steps=list(range(10)), sep=":", queue_order_strategy="priority")
     transport.update(config.broker.transport_options)
     queues = [Queue(queue_name(prefix, t), routing_key=queue_name(prefix, t)) for t in task_types]
     return {
         "broker_url": broker_url,
+        # A Redis transport that drops undecodable queue entries instead of dying on them.
+        "broker_transport": "celery_ext.transport:Transport" if is_redis else None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "task_serializer": "json",
@@ -84,17 +93,18 @@ def celery_settings(config: Config, broker_url: str, task_types: list[str]) -> d
 
 def create_app(config: Config | None = None, *, config_path: str | os.PathLike[str] | None = None) -> Celery:
     """Build a configured Celery app with celery_ext's tasks, router and worker bootstep."""
+    from celery_ext.events.bridge import install as install_events
     from celery_ext.worker import install_worker_steps
 
     config = config or load_config(config_path)
     executors = ExecutorSet.from_config(config)
     storage = open_storage(config.storage, config.data_dir)
-    broker_url = broker_url_for(config)
     app = Celery(config.app.name, set_as_current=False)
-    app.conf.update(celery_settings(config, broker_url, executors.task_types))
+    app.conf.update(celery_settings(config, executors.task_types))
+    broker_url = describe_broker(app)
     register_task_types(app, executors.task_types)
     dispatcher = Dispatcher(app, hard_timeout_grace=config.worker.hard_timeout_grace,
-                            redis_priorities=broker_url.startswith("redis"))
+                            redis_priorities=str(app.conf.broker_url).startswith(("redis://", "rediss://")))
     runtime = Runtime(
         config=config,
         celery=app,
@@ -106,8 +116,15 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
         manager=TaskManager(config, storage, executors, dispatcher),
     )
     app.celery_ext = runtime  # type: ignore[attr-defined]
+    install_events(runtime)
     install_worker_steps(app)
     return app
+
+
+def describe_broker(app: Celery) -> str:
+    """The broker as users should read it (the embedded one by its socket)."""
+    socket = app.conf.broker_transport_options.get("unix_socket_path")
+    return f"redis+socket://{socket}" if socket else str(app.conf.broker_url)
 
 
 _default: Celery | None = None
