@@ -205,7 +205,10 @@ def guarded_transport(policy: NetPolicy, *, verify: bool | str = True, max_conne
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
             else:
-                context = ssl.create_default_context(cafile=verify)
+                try:
+                    context = ssl.create_default_context(cafile=verify)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ValueError(f"verify: cannot load CA bundle {verify!r}: {exc}") from exc
             self._pool = httpcore.ConnectionPool(
                 ssl_context=context, max_connections=max_connections,
                 max_keepalive_connections=max_connections, keepalive_expiry=5.0,
