@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import builtins
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -64,8 +65,18 @@ class TaskRepository(abc.ABC):
         lease_expired_before: datetime | None = None,
         updated_before: datetime | None = None,
         limit: int = 100,
-    ) -> list[Task]:
+    ) -> builtins.list[Task]:
         """Records the scheduler must act on: due, lease-expired or stale, oldest first."""
+
+    def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
+        """Delete up to ``limit`` tasks of the terminal ``status`` that finished before
+        ``finished_before``, with their log lines; returns how many.  Never touches a
+        non-terminal task (``ValueError``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support retention purges")
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many records there are of each status (for ``celery-ext storage status``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count records")
 
 
 class TaskLogRepository(abc.ABC):
@@ -76,6 +87,10 @@ class TaskLogRepository(abc.ABC):
     @abc.abstractmethod
     def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
         """Log lines of one task in the order they were written."""
+
+    def purge(self, before: datetime, limit: int = 1000) -> int:
+        """Delete up to ``limit`` log lines written before ``before``; returns how many."""
+        raise NotImplementedError(f"{type(self).__name__} does not support retention purges")
 
 
 class Storage(abc.ABC):
@@ -90,12 +105,17 @@ class Storage(abc.ABC):
         """Build from ``storage.type`` and ``storage.config``; no I/O."""
 
     @abc.abstractmethod
-    def migrate(self) -> None:
-        """Create or upgrade the schema; safe to call from several processes."""
+    def migrate(self) -> list[str] | None:
+        """Create or upgrade the schema in place (never dropping data); safe to call from several
+        processes.  Returns the steps applied, if the backend tracks them."""
 
     @abc.abstractmethod
     def ping(self) -> None:
         """Raise ``StorageError`` naming the (redacted) location if the store is unreachable."""
+
+    def schema_version(self) -> tuple[int | None, int]:
+        """``(version of the store, version this code writes)``; ``None`` if never migrated."""
+        return None, 0
 
     def after_fork(self) -> None:  # noqa: B027 - optional hook
         """Drop connections inherited from a parent process."""

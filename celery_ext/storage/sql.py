@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     or_,
     select,
@@ -34,7 +36,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_ext.config import Model, validate_section
 from celery_ext.errors import ConfigError, StorageError
-from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.model import TERMINAL, Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.storage import sql_migrations
 from celery_ext.storage.base import (
     Storage,
     TaskLogRepository,
@@ -42,7 +45,7 @@ from celery_ext.storage.base import (
     decode_cursor,
     encode_cursor,
 )
-from celery_ext.storage.sql_schema import SCHEMA_VERSION, metadata, schema_version, task_logs, tasks
+from celery_ext.storage.sql_schema import SCHEMA_VERSION, task_logs, tasks
 
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql"}
@@ -165,21 +168,25 @@ class SqlStorage(Storage):
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
-            raise StorageError(f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}") from exc
+            raise StorageError(
+                f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
+            ) from exc
 
-    def migrate(self) -> None:
+    def migrate(self) -> list[str]:
+        """Create or upgrade the schema in place; returns the descriptions of the steps applied."""
         for attempt in range(3):
             try:
                 with self.begin() as conn:
-                    metadata.create_all(conn, checkfirst=True)
-                    current = conn.execute(select(schema_version.c.version)).scalars().all()
-                    if SCHEMA_VERSION not in current:
-                        conn.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow()))
-                return
+                    return [f"{s.version}: {s.description}" for s in sql_migrations.upgrade(conn)]
             except (IntegrityError, StorageError):
                 # Another process created the same tables at the same moment; look again.
                 if attempt == 2:
                     raise
+        return []
+
+    def schema_version(self) -> tuple[int | None, int]:
+        with self.begin() as conn:
+            return sql_migrations.current_version(conn), SCHEMA_VERSION
 
     def ping(self) -> None:
         with self.begin() as conn:
@@ -374,7 +381,7 @@ class SqlTaskRepository(TaskRepository):
         lease_expired_before: datetime | None = None,
         updated_before: datetime | None = None,
         limit: int = 100,
-    ) -> list[Task]:
+    ) -> builtins.list[Task]:
         stmt = select(tasks).where(tasks.c.status.in_(_statuses(statuses)))
         if due_before is not None:
             stmt = stmt.where(tasks.c.run_at <= due_before)
@@ -385,6 +392,25 @@ class SqlTaskRepository(TaskRepository):
         stmt = stmt.order_by(tasks.c.created_at).limit(limit)
         with self.storage.begin() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
+
+    def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
+        if TaskStatus(status) not in TERMINAL:
+            raise ValueError(f"purge only removes terminal tasks, not {status}")
+        cond = [tasks.c.status == TaskStatus(status).value, tasks.c.finished_at < finished_before]
+        with self.storage.begin() as conn:
+            ids = list(conn.execute(select(tasks.c.task_id).where(*cond).limit(limit)).scalars())
+            if not ids:
+                return 0
+            # The status is checked again: a task re-opened in between is kept, with its logs.
+            deleted = int(conn.execute(delete(tasks).where(tasks.c.task_id.in_(ids), *cond)).rowcount)
+            kept = select(tasks.c.task_id).where(tasks.c.task_id.in_(ids))
+            conn.execute(delete(task_logs).where(task_logs.c.task_id.in_(ids), task_logs.c.task_id.not_in(kept)))
+        return deleted
+
+    def count_by_status(self) -> dict[str, int]:
+        with self.storage.begin() as conn:
+            rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
+            return {status: int(n) for status, n in rows}
 
 
 class SqlTaskLogRepository(TaskLogRepository):
@@ -410,3 +436,10 @@ class SqlTaskLogRepository(TaskLogRepository):
             return [
                 TaskLog(r.task_id, r.attempt, r.time, r.level, r.message) for r in conn.execute(stmt)
             ]
+
+    def purge(self, before: datetime, limit: int = 1000) -> int:
+        with self.storage.begin() as conn:
+            ids = list(conn.execute(select(task_logs.c.id).where(task_logs.c.time < before).limit(limit)).scalars())
+            if not ids:
+                return 0
+            return int(conn.execute(delete(task_logs).where(task_logs.c.id.in_(ids))).rowcount)

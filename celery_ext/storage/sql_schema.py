@@ -23,7 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 
-SCHEMA_VERSION = 1
+# Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
+SCHEMA_VERSION = 2
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -84,6 +85,7 @@ tasks = Table(
     Index("ix_tasks_worker_created", "worker_id", "created_at"),
     Index("ix_tasks_status_run_at", "status", "run_at"),
     Index("ix_tasks_status_lease", "status", "lease_until"),
+    Index("ix_tasks_status_finished", "status", "finished_at"),  # v2: retention purges
 )
 
 task_logs = Table(
@@ -96,6 +98,7 @@ task_logs = Table(
     Column("level", String(16), nullable=False),
     Column("message", LongText, nullable=False),
     Index("ix_task_logs_task", "task_id", "id"),
+    Index("ix_task_logs_time", "time"),  # v2: retention purges
 )
 
 schema_version = Table(

@@ -1,0 +1,77 @@
+"""Retention: delete finished tasks and old log lines in batches, as ``storage.retention`` says.
+
+``storage.retention`` keys: ``succeeded``, ``failed``, ``cancelled``, ``dead`` (how long a task of
+that terminal status is kept after it finished), ``logs`` (how long a log line is kept after it
+was written), each a duration such as ``7d``; unset keeps forever.  ``batch_size`` (default 1000)
+bounds each delete so a purge never holds long locks.  Non-terminal tasks are never touched;
+deleting a task deletes its log lines.  Run by ``celery-ext storage purge`` (and periodically by
+the scheduler).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from celery_ext.config import RetentionConfig
+from celery_ext.model import TaskStatus, utcnow
+from celery_ext.storage.base import Storage
+
+logger = logging.getLogger("celery_ext.storage.retention")
+
+TERMINAL_ORDER = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD)
+
+
+@dataclass
+class PurgeReport:
+    tasks: dict[str, int] = field(default_factory=dict)
+    logs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_tasks(self) -> int:
+        return sum(self.tasks.values())
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tasks": self.tasks, "logs": self.logs, "seconds": round(self.seconds, 3)}
+
+
+def cutoffs(retention: RetentionConfig, now: datetime | None = None) -> dict[str, datetime]:
+    """The ``before`` instant for each configured status (and ``logs``)."""
+    now = now or utcnow()
+    out = {}
+    for key in [s.value for s in TERMINAL_ORDER] + ["logs"]:
+        keep = getattr(retention, key)
+        if keep is not None:
+            out[key] = now - timedelta(seconds=keep)
+    return out
+
+
+def purge(storage: Storage, retention: RetentionConfig, *, now: datetime | None = None,
+          max_batches: int | None = None) -> PurgeReport:
+    """Apply ``retention`` until nothing is left to delete (or ``max_batches`` per kind)."""
+    started = time.monotonic()
+    report = PurgeReport()
+    limit = retention.batch_size
+    for key, before in cutoffs(retention, now).items():
+        total, batches = 0, 0
+        while max_batches is None or batches < max_batches:
+            if key == "logs":
+                n = storage.logs.purge(before, limit)
+            else:
+                n = storage.tasks.purge(TaskStatus(key), before, limit)
+            total += n
+            batches += 1
+            if n < limit:
+                break
+        if key == "logs":
+            report.logs = total
+        else:
+            report.tasks[key] = total
+        if total:
+            logger.info("retention: deleted %d %s older than %s", total,
+                        "log lines" if key == "logs" else f"{key} tasks", before.isoformat())
+    report.seconds = time.monotonic() - started
+    return report

@@ -1,0 +1,103 @@
+"""Schema versions of the SQL task store and the ordered steps that upgrade a database in place.
+
+A fresh database gets the newest schema (``sql_schema.metadata``) and every version is recorded
+in ``celery_ext_schema``.  An existing database runs each step newer than its highest recorded
+version, in order, under a database lock so that workers starting together migrate it once.
+Steps only add (tables, columns, indexes): upgrading never drops data, and code one version
+older keeps working against the upgraded schema (rolling upgrades).
+
+To change the schema: change ``sql_schema`` (tables as they should be now), add a ``Step`` here
+that brings the previous version there, and bump ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, func, insert, inspect, select, text
+
+from celery_ext.model import utcnow
+from celery_ext.storage.sql_schema import SCHEMA_VERSION, metadata, schema_version, task_logs, tasks
+
+logger = logging.getLogger("celery_ext.storage.migrations")
+_LOCK = "celery_ext_migrate"
+
+
+@dataclass(frozen=True)
+class Step:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v2_retention_indexes(conn: Connection) -> None:
+    for table, name in ((tasks, "ix_tasks_status_finished"), (task_logs, "ix_task_logs_time")):
+        next(i for i in table.indexes if i.name == name).create(conn, checkfirst=True)
+
+
+STEPS: list[Step] = [
+    Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
+]
+assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
+
+
+def current_version(conn: Connection) -> int | None:
+    """The database's schema version; ``None`` for an empty database."""
+    insp = inspect(conn)
+    if not insp.has_table(tasks.name):
+        return None
+    if not insp.has_table(schema_version.name):
+        return 1  # made before versions were recorded: that is the first schema
+    return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 1)
+
+
+def pending(version: int | None) -> list[Step]:
+    return [s for s in STEPS if version is not None and s.version > version]
+
+
+@contextlib.contextmanager
+def _lock(conn: Connection) -> Iterator[None]:
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        # Released when the surrounding transaction ends.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(_LOCK.encode())})
+        yield
+    elif dialect in ("mysql", "mariadb"):
+        # A session lock, because MySQL commits implicitly around each DDL statement.
+        conn.execute(text("SELECT GET_LOCK(:k, 120)"), {"k": _LOCK})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": _LOCK})
+    else:
+        yield  # SQLite: one writer at a time already; a lost race is retried by the caller
+
+
+def upgrade(conn: Connection) -> list[Step]:
+    """Bring the database to ``SCHEMA_VERSION``; returns the steps applied."""
+    with _lock(conn):
+        version = current_version(conn)
+        if version is None:
+            metadata.create_all(conn, checkfirst=True)
+            existing = set(conn.execute(select(schema_version.c.version)).scalars())
+            for v in range(1, SCHEMA_VERSION + 1):
+                if v not in existing:
+                    conn.execute(insert(schema_version).values(version=v, applied_at=utcnow()))
+            return []
+        schema_version.create(conn, checkfirst=True)
+        if version == 1 and not conn.execute(select(schema_version.c.version)).first():
+            conn.execute(insert(schema_version).values(version=1, applied_at=utcnow()))
+        if version > SCHEMA_VERSION:
+            logger.warning("task store schema is version %d, newer than this celery_ext (%d)", version,
+                           SCHEMA_VERSION)
+        applied = []
+        for step in pending(version):
+            logger.warning("migrating task store schema to version %d: %s", step.version, step.description)
+            step.apply(conn)
+            conn.execute(insert(schema_version).values(version=step.version, applied_at=utcnow()))
+            applied.append(step)
+        return applied
