@@ -33,6 +33,7 @@ from celery_ext.model import (
     new_id,
     utcnow,
 )
+from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Storage
 
 _SUBMIT_KEYS = frozenset({"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
@@ -47,6 +48,7 @@ class TaskManager:
         self.executors = executors
         self.dispatcher = dispatcher
         self._schema_ready = False
+        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
 
     # --- submitting -----------------------------------------------------------------------
 
@@ -68,6 +70,7 @@ class TaskManager:
         stored, created = self.storage.tasks.create(task)
         if not created:
             return stored
+        self.observer.task_created(task)
         return self._publish([(task, countdown)])[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
@@ -87,6 +90,8 @@ class TaskManager:
         self._ensure_schema()
         results = self.storage.tasks.create_many([t for t, _ in built])
         fresh = [(t, c) for (t, c), (_, created) in zip(built, results, strict=True) if created]
+        for t, _ in fresh:
+            self.observer.task_created(t)
         published = iter(self._publish(fresh)) if fresh else iter(())
         return [next(published) if created else stored for stored, created in results]
 
@@ -158,8 +163,12 @@ class TaskManager:
         pending = [t.task_id for t, _ in batch if t.status is TaskStatus.PENDING]
         if pending:
             self.storage.tasks.update_many(pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=now)
-        return [t.replace(status=TaskStatus.QUEUED, queued_at=now) if t.status is TaskStatus.PENDING else t
-                for t, _ in batch]
+        out = [t.replace(status=TaskStatus.QUEUED, queued_at=now) if t.status is TaskStatus.PENDING else t
+               for t, _ in batch]
+        for t in out:
+            if t.status is TaskStatus.QUEUED:
+                self.observer.task_queued(t)
+        return out
 
     def _ensure_schema(self) -> None:
         if not self._schema_ready:
@@ -221,7 +230,9 @@ class TaskManager:
             self.dispatcher.app.control.revoke(task_id, terminate=terminate and task.status is TaskStatus.RUNNING)
         except Exception:  # noqa: BLE001, S110 - the record is authoritative; revoke only saves work
             pass
-        return self.get(task_id)
+        cancelled = self.get(task_id)
+        self.observer.task_cancelled(cancelled)
+        return cancelled
 
     def retry(self, task_id: str) -> Task:
         """Run a failed, dead or cancelled task again with a fresh attempt budget."""

@@ -110,6 +110,16 @@ BALANCERS = ExtensionPoint(
     "celery_ext.routing.base:LoadBalancer",
 )
 
-EVENT_BUSES = ExtensionPoint("event bus", "celery_ext.eventbus", {}, "celery_ext.events:EventBus")
-PLUGINS = ExtensionPoint("plugin", "celery_ext.plugins", {}, "celery_ext.plugins.base:Plugin")
-METRICS = ExtensionPoint("metrics collector", "celery_ext.metrics", {}, "celery_ext.metrics:MetricsCollector")
+EVENT_BUSES = ExtensionPoint("event bus", "celery_ext.eventbus", {
+    "local": "celery_ext.events.local:LocalEventBus",
+    "kombu": "celery_ext.events.kombu:KombuEventBus",
+    "redis": "celery_ext.events.redis:RedisEventBus",
+}, "celery_ext.events:EventBus")
+PLUGINS = ExtensionPoint("plugin", "celery_ext.plugins", {
+    "alert": "celery_ext.plugins.alert:AlertPlugin",
+    "metrics": "celery_ext.plugins.metrics:MetricsPlugin",
+}, "celery_ext.plugins.base:Plugin")
+METRICS = ExtensionPoint("metrics collector", "celery_ext.metrics", {
+    "prometheus": "celery_ext.metrics.prometheus:PrometheusMetrics",
+    "null": "celery_ext.metrics:NullMetrics",
+}, "celery_ext.metrics:MetricsCollector")

@@ -24,6 +24,7 @@ from celery_ext.dispatch import Dispatch, Dispatcher
 from celery_ext.errors import ExecutorError, StorageError
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, new_id, utcnow
+from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Storage
 from celery_ext.tasklog import TaskLogBuffer, capture
 
@@ -71,6 +72,7 @@ class TaskRunner:
         self.config = config
         # Outcome writes are retried this long when storage is away, before giving up to recovery.
         self.write_patience = 30.0
+        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
 
     # --- the happy path -------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class TaskRunner:
         task = Task(task_id=d.task_id, task_type=task_type, payload=d.payload, status=TaskStatus.RUNNING,
                     attempt=d.attempt, max_retries=d.max_retries, timeout=d.timeout, worker_id=worker_id,
                     started_at=now, dispatch_token=d.token)
+        self.observer.task_started(task)
         buffer = TaskLogBuffer(d.task_id, d.attempt, self._write_logs,
                                max_lines=self.config.max_log_lines_per_task,
                                max_bytes=self.config.max_log_line_bytes)
@@ -142,6 +145,12 @@ class TaskRunner:
                 status=TaskStatus.FAILED, result=result.data, error=result.error, finished_at=now, lease_until=None))
         if not changed:
             logger.warning("task %s changed while it ran (cancelled?); outcome not recorded", task.task_id)
+        elif result.success or not (result.retryable and task.attempt <= task.max_retries):
+            duration = (now - task.started_at).total_seconds() if task.started_at else None
+            if result.success:
+                self.observer.task_completed(task, duration)
+            else:
+                self.observer.task_failed(task, result.error, duration)
 
     def retry_later(self, task: Task, error: TaskErrorInfo | None, *, data: Any = None) -> bool:
         delay = self.backoff(task.attempt)
@@ -153,6 +162,7 @@ class TaskRunner:
             status=TaskStatus.RETRYING, dispatch_token=token, error=error, result=data,
             run_at=utcnow() + timedelta(seconds=delay), lease_until=None))
         if changed:
+            self.observer.task_retrying(task, error, delay)
             # If this publish fails the record stays RETRYING with its run_at: the scheduler's
             # recovery publishes it.  Nothing is lost.
             try:
@@ -167,9 +177,14 @@ class TaskRunner:
 
     def fail_running(self, task_id: str, token: str, reason: str, message: str) -> bool:
         """Record a failure decided outside the task (hard time limit)."""
-        return self._write(lambda: self.storage.tasks.update(
+        error = TaskErrorInfo(reason, message)
+        changed = self._write(lambda: self.storage.tasks.update(
             task_id, RUNNING, token=token, status=TaskStatus.FAILED,
-            error=TaskErrorInfo(reason, message), finished_at=utcnow(), lease_until=None))
+            error=error, finished_at=utcnow(), lease_until=None))
+        record = self.storage.tasks.get(task_id) if changed and self.observer is not NULL_OBSERVER else None
+        if record is not None:
+            self.observer.task_failed(record, error, record.duration)
+        return changed
 
     def worker_lost(self, task_type: str, d: Delivery) -> None:
         """The pool process running ``d`` died: retry it under a new token, or declare it dead."""
@@ -179,9 +194,10 @@ class TaskRunner:
         if d.attempt <= d.max_retries:
             self.retry_later(task, error)
         else:
-            self._write(lambda: self.storage.tasks.update(
-                d.task_id, RUNNING, token=d.token, status=TaskStatus.DEAD, error=error,
-                finished_at=utcnow(), lease_until=None))
+            if self._write(lambda: self.storage.tasks.update(
+                    d.task_id, RUNNING, token=d.token, status=TaskStatus.DEAD, error=error,
+                    finished_at=utcnow(), lease_until=None)):
+                self.observer.task_failed(task, error, None)
 
     # --- helpers --------------------------------------------------------------------------
 

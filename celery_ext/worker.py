@@ -12,6 +12,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from celery_ext import tasklog
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import runtime_of
+from celery_ext.plugins.host import install_plugin_host
 
 logger = logging.getLogger("celery_ext.worker")
 
@@ -54,6 +55,7 @@ def _redact(url: str) -> str:
 
 def install_worker_steps(app: Celery) -> None:
     app.steps["worker"].add(CeleryExtStep)
+    install_plugin_host(app)
 
     def child_init(**_: Any) -> None:
         runtime_of(app).storage.after_fork()

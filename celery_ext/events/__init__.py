@@ -1,0 +1,43 @@
+"""Events: ``Event``, the ``EventBus`` ABC, and ``build_event_bus(config)``.
+
+Built-in buses (``events.type``): ``local`` (in process), ``kombu`` (fanout exchange on the
+broker), ``redis`` (Redis Streams with consumer groups).  Third parties register a bus under the
+``celery_ext.eventbus`` entry-point group or are named as ``module:Class``.
+"""
+
+from __future__ import annotations
+
+from celery_ext.config import Config
+from celery_ext.events.base import (
+    ALL,
+    CONFIG_RELOADED,
+    EVENT_TYPES,
+    SCHEDULER_LEADER_CHANGED,
+    TASK_CANCELLED,
+    TASK_COMPLETED,
+    TASK_CREATED,
+    TASK_FAILED,
+    TASK_QUEUED,
+    TASK_RETRYING,
+    TASK_STARTED,
+    WORKER_OFFLINE,
+    WORKER_ONLINE,
+    Event,
+    EventBus,
+    Handler,
+)
+
+__all__ = [
+    "ALL", "CONFIG_RELOADED", "EVENT_TYPES", "SCHEDULER_LEADER_CHANGED", "TASK_CANCELLED", "TASK_COMPLETED",
+    "TASK_CREATED", "TASK_FAILED", "TASK_QUEUED", "TASK_RETRYING", "TASK_STARTED", "WORKER_OFFLINE",
+    "WORKER_ONLINE", "Event", "EventBus", "Handler", "build_event_bus",
+]
+
+
+def build_event_bus(config: Config, broker_url: str) -> EventBus:
+    """The bus named by ``events.type``; builds no connection (they open on first use)."""
+    from celery_ext.registry import EVENT_BUSES
+
+    cls = EVENT_BUSES.resolve(config.events.type, "events.type")
+    bus: EventBus = cls(config.events.config, app_name=config.app.name, broker_url=broker_url)
+    return bus

@@ -1,0 +1,303 @@
+"""``Event`` and the ``EventBus`` ABC: publish off the hot path, handlers on a background thread.
+
+A bus does three things per process:
+  * ``publish(event)`` only enqueues; a sender thread hands batches to the transport (``_send``),
+    so a slow or absent broker never slows a task down (a full outbox drops and counts).
+  * handlers subscribed in this process get this process's own events (``local``) and, unless
+    ``local_only``, events from other processes via the transport's listener thread (``_listen``).
+  * a failing handler is logged and counted in ``stats``; it never reaches the publisher.
+
+Threads and connections are per process: after a fork they are rebuilt on first use.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("celery_ext.events")
+
+TASK_CREATED = "task_created"
+TASK_QUEUED = "task_queued"
+TASK_STARTED = "task_started"
+TASK_RETRYING = "task_retrying"
+TASK_COMPLETED = "task_completed"
+TASK_FAILED = "task_failed"
+TASK_CANCELLED = "task_cancelled"
+WORKER_ONLINE = "worker_online"
+WORKER_OFFLINE = "worker_offline"
+SCHEDULER_LEADER_CHANGED = "scheduler_leader_changed"
+CONFIG_RELOADED = "config_reloaded"
+EVENT_TYPES = frozenset({
+    TASK_CREATED, TASK_QUEUED, TASK_STARTED, TASK_RETRYING, TASK_COMPLETED, TASK_FAILED, TASK_CANCELLED,
+    WORKER_ONLINE, WORKER_OFFLINE, SCHEDULER_LEADER_CHANGED, CONFIG_RELOADED,
+})
+ALL = "*"  # subscribe to every event type
+
+Handler = Callable[["Event"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    task_id: str | None = None
+    worker_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "task_id": self.task_id, "worker_id": self.worker_id,
+                "data": self.data, "timestamp": self.timestamp, "id": self.id}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+        if not isinstance(d.get("type"), str):
+            raise ValueError(f"not an event: {dict(d)!r:.200}")
+        return cls(d["type"], d.get("task_id"), d.get("worker_id"), dict(d.get("data") or {}),
+                   float(d.get("timestamp") or time.time()), str(d.get("id") or uuid.uuid4().hex))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Event:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class BusStats:
+    published: int = 0
+    sent: int = 0
+    dropped: int = 0
+    send_errors: int = 0
+    delivered: int = 0
+    handler_errors: int = 0
+
+
+_STOP = object()
+
+
+class EventBus(abc.ABC):
+    """Base of every bus.  Subclasses implement ``_send`` and, to receive remote events, ``_listen``."""
+
+    name = "abstract"
+    transports = True  # False: events stay in this process (the local bus)
+    max_outbox = 10000
+
+    def __init__(self, config: Mapping[str, Any] | None = None, *, app_name: str = "celery_ext",
+                 broker_url: str = "") -> None:
+        self.config = dict(config or {})
+        self.app_name = app_name
+        self.broker_url = broker_url
+        self.stats = BusStats()
+        self.origin = uuid.uuid4().hex  # tells this bus's own events apart when they come back
+        self._handlers: dict[str, list[tuple[Handler, bool]]] = {}
+        self._lock = threading.Lock()
+        self._forward: Callable[[Event], None] | None = None
+        self._pid: int | None = None
+        self._closed = False
+        # A fork while one of our threads holds the lock would leave the child's copy locked.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reinit_lock(ref))
+
+    # --- public API -----------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """Enqueue ``event`` for local handlers and the transport; never blocks, never raises."""
+        if self._closed:
+            self.stats.dropped += 1
+            return
+        self._ensure_threads()
+        self.stats.published += 1
+        try:
+            if self.transports or self._forward is not None:
+                self._outbox.put_nowait(event)
+            if self._handlers:
+                self._inbox.put_nowait((event, None, False))
+        except queue.Full:
+            self.stats.dropped += 1
+
+    def subscribe(self, event_type: str, handler: Handler, *, local_only: bool = False) -> None:
+        """Call ``handler(event)`` for every event of ``event_type`` (``"*"``: all types)."""
+        with self._lock:
+            self._handlers.setdefault(event_type, []).append((handler, local_only))
+        self._ensure_threads()
+        if not local_only:
+            self._ensure_listener()
+
+    def unsubscribe(self, event_type: str, handler: Handler) -> None:
+        with self._lock:
+            entries = self._handlers.get(event_type, [])
+            entries[:] = [(h, lo) for h, lo in entries if h != handler]
+            if not entries:
+                self._handlers.pop(event_type, None)
+
+    def forward_to(self, forward: Callable[[Event], None] | None) -> None:
+        """Hand published events to ``forward`` instead of the transport (a pool child -> parent)."""
+        self._forward = forward
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything published so far was sent and handled; False on timeout."""
+        if self._pid != os.getpid():
+            return True
+        deadline = time.monotonic() + timeout
+        while self._outbox.unfinished_tasks or self._inbox.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._pid != os.getpid():
+            return
+        self.flush(timeout)
+        self._stop.set()
+        self._outbox.put(_STOP)  # type: ignore[arg-type]
+        self._inbox.put((_STOP, None, False))
+        self._close_transport()
+        self._closed = True
+
+    # --- transport hooks --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _send(self, events: list[Event]) -> None:
+        """Put ``events`` on the transport (called on the sender thread)."""
+
+    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+        """Receive remote events until ``stop``; call ``self._received`` for each; set ``ready``."""
+        ready.set()
+
+    def _close_transport(self) -> None:
+        """Release connections (called on close)."""
+
+    def _received(self, event: Event, origin: str | None, ack: Callable[[], None] | None = None) -> None:
+        if origin == self.origin:
+            # Our own event came back over the transport: local handlers already had it.
+            if ack:
+                ack()
+            return
+        # Blocking here slows the listener down instead of losing events it already took.
+        self._inbox.put((event, ack, True), block=True)
+
+    # --- threads ----------------------------------------------------------------------------
+
+    def _ensure_threads(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._outbox: queue.Queue[Event] = queue.Queue(self.max_outbox)
+            self._inbox: queue.Queue[tuple[Any, Callable[[], None] | None, bool]] = queue.Queue(self.max_outbox)
+            self._stop = threading.Event()
+            self._listener: threading.Thread | None = None
+            self._after_fork()
+            threading.Thread(target=self._send_loop, name=f"celery_ext-events-{self.name}-send",
+                             daemon=True).start()
+            threading.Thread(target=self._handle_loop, name=f"celery_ext-events-{self.name}-handle",
+                             daemon=True).start()
+            self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """Drop connections inherited from a parent process (their sockets are shared)."""
+
+    def _ensure_listener(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            ready = threading.Event()
+            self._listener = threading.Thread(target=self._listen_forever, args=(ready,),
+                                              name=f"celery_ext-events-{self.name}-listen", daemon=True)
+            self._listener.start()
+        # Subscribing returns once the transport delivers: events published after this are seen.
+        if not ready.wait(10.0):
+            logger.warning("event bus %s: listener not ready after 10s; continuing", self.name)
+
+    def _listen_forever(self, ready: threading.Event) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self._listen(self._stop, ready)
+                return
+            except Exception as exc:  # noqa: BLE001 - a broker outage must not end the listener
+                logger.warning("event bus %s: listener error, reconnecting in %.1fs: %s", self.name, delay, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _send_loop(self) -> None:
+        outbox = self._outbox
+        while True:
+            batch = [outbox.get()]
+            while len(batch) < 200:
+                try:
+                    batch.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(e is _STOP for e in batch)
+            events = [e for e in batch if e is not _STOP]
+            try:
+                if events:
+                    self._deliver_out(events)
+            finally:
+                for _ in batch:
+                    outbox.task_done()
+            if stop:
+                return
+
+    def _deliver_out(self, events: list[Event]) -> None:
+        try:
+            if self._forward is not None:
+                for event in events:
+                    self._forward(event)
+            else:
+                self._send(events)
+            self.stats.sent += len(events)
+        except Exception as exc:  # noqa: BLE001 - events are best effort; tasks go on
+            self.stats.send_errors += 1
+            self.stats.dropped += len(events)
+            logger.warning("event bus %s: %d events not sent: %s", self.name, len(events), exc)
+
+    def _handle_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            event, ack, remote = inbox.get()
+            try:
+                if event is _STOP:
+                    return
+                self._dispatch(event, remote)
+                if ack:
+                    ack()
+            except Exception:  # noqa: BLE001
+                logger.exception("event bus %s: acknowledging %s failed", self.name, event)
+            finally:
+                inbox.task_done()
+
+    def _dispatch(self, event: Event, remote: bool) -> None:
+        with self._lock:
+            entries = list(self._handlers.get(event.type, ())) + list(self._handlers.get(ALL, ()))
+        for handler, local_only in entries:
+            if remote and local_only:
+                continue
+            try:
+                handler(event)
+                self.stats.delivered += 1
+            except Exception:  # noqa: BLE001 - a broken subscriber never fails a task or a worker
+                self.stats.handler_errors += 1
+                logger.exception("event handler %r failed on %s", handler, event.type)
+
+
+def _reinit_lock(ref: weakref.ref[EventBus]) -> None:
+    bus = ref()
+    if bus is not None:
+        bus._lock = threading.Lock()

@@ -1,0 +1,107 @@
+"""``EventBridge``: turns state-machine transitions into events and metrics; ``install(runtime)``.
+
+``install`` is called by ``create_app``: it builds the event bus (``events``) and the metrics
+collector (``metrics``) and hands the bridge to ``TaskManager`` and ``TaskRunner`` as their
+observer.  Both are reachable as ``runtime.extras["events"]`` and ``runtime.extras["metrics"]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery_ext.events import build_event_bus
+from celery_ext.events.base import (
+    TASK_CANCELLED,
+    TASK_COMPLETED,
+    TASK_CREATED,
+    TASK_FAILED,
+    TASK_QUEUED,
+    TASK_RETRYING,
+    TASK_STARTED,
+    Event,
+    EventBus,
+)
+from celery_ext.metrics import MetricsCollector, build_metrics
+from celery_ext.model import Task, TaskErrorInfo
+from celery_ext.observer import TaskObserver
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
+
+logger = logging.getLogger("celery_ext.events")
+
+F = TypeVar("F", bound=Callable[..., None])
+MAX_MESSAGE = 500
+
+
+def _safe(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - observing a task must never fail it
+            logger.exception("event/metrics hook %s failed", fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class EventBridge(TaskObserver):
+    def __init__(self, bus: EventBus, metrics: MetricsCollector) -> None:
+        self.bus = bus
+        self.metrics = metrics
+
+    def _emit(self, kind: str, task: Task, **data: Any) -> None:
+        self.bus.publish(Event(kind, task.task_id, task.worker_id,
+                               {"task_type": task.task_type, "attempt": task.attempt, **data}))
+
+    @_safe
+    def task_created(self, task: Task) -> None:
+        self.metrics.task_created(task.task_type)
+        self._emit(TASK_CREATED, task, status=task.status.value, priority=task.priority)
+
+    @_safe
+    def task_queued(self, task: Task) -> None:
+        self._emit(TASK_QUEUED, task)
+
+    @_safe
+    def task_cancelled(self, task: Task) -> None:
+        self._emit(TASK_CANCELLED, task)
+
+    @_safe
+    def task_started(self, task: Task) -> None:
+        self._emit(TASK_STARTED, task)
+
+    @_safe
+    def task_retrying(self, task: Task, error: TaskErrorInfo | None, delay: float) -> None:
+        self._emit(TASK_RETRYING, task, delay=round(delay, 3), **_error(error))
+
+    @_safe
+    def task_completed(self, task: Task, duration: float | None) -> None:
+        self.metrics.task_completed(task.task_type, "succeeded", duration)
+        self._emit(TASK_COMPLETED, task, duration=duration)
+
+    @_safe
+    def task_failed(self, task: Task, error: TaskErrorInfo | None, duration: float | None) -> None:
+        reason = error.reason if error else "unknown"
+        self.metrics.task_completed(task.task_type, "failed", duration)
+        self.metrics.task_failed(task.task_type, reason)
+        self._emit(TASK_FAILED, task, duration=duration, **_error(error))
+
+
+def _error(error: TaskErrorInfo | None) -> dict[str, Any]:
+    if error is None:
+        return {"reason": "unknown", "message": ""}
+    return {"reason": error.reason, "message": error.message[:MAX_MESSAGE]}
+
+
+def install(runtime: Runtime) -> EventBridge:
+    bus = build_event_bus(runtime.config, runtime.broker_url)
+    metrics = build_metrics(runtime.config)
+    bridge = EventBridge(bus, metrics)
+    runtime.extras.update(events=bus, metrics=metrics, observer=bridge)
+    runtime.manager.observer = bridge  # type: ignore[attr-defined]
+    runtime.runner.observer = bridge  # type: ignore[attr-defined]
+    return bridge

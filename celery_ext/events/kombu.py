@@ -1,0 +1,92 @@
+"""The ``kombu`` event bus: a fanout exchange on the configured broker (Redis or RabbitMQ).
+
+Every subscriber gets every event published after it subscribed.  On RabbitMQ a named ``queue``
+keeps events for a subscriber that is away; on Redis, fanout is pub/sub and an absent subscriber
+misses events (use the ``redis`` bus for catch-up).
+
+Config keys (``events.config``):
+  url:      broker URL (default: ``broker.url``)
+  exchange: fanout exchange name (default ``<app.name>.events``)
+  queue:    durable queue name for this subscriber (default: a private auto-deleted queue)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from kombu import Connection, Exchange, Producer, Queue
+from pydantic import BaseModel, ConfigDict
+
+from celery_ext.config import validate_section
+from celery_ext.events.base import Event, EventBus
+
+
+class KombuBusSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str | None = None
+    exchange: str | None = None
+    queue: str | None = None
+
+
+class KombuEventBus(EventBus):
+    name = "kombu"
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.settings = validate_section(KombuBusSettings, self.config, "events.config")
+        self.url = self.settings.url or self.broker_url
+        self.exchange = Exchange(self.settings.exchange or f"{self.app_name}.events", type="fanout",
+                                 durable=False, auto_delete=False)
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
+
+    def _after_fork(self) -> None:
+        self._conn = self._producer = None
+
+    def _send(self, events: list[Event]) -> None:
+        if self._producer is None:
+            self._conn = Connection(self.url, transport_options={"confirm_publish": False})
+            self._producer = Producer(self._conn.default_channel, exchange=self.exchange, serializer="json")
+            self.exchange(self._producer.channel).declare()
+        try:
+            for event in events:
+                self._producer.publish({"origin": self.origin, "event": event.to_dict()}, retry=True,
+                                       retry_policy={"max_retries": 2, "interval_start": 0.2})
+        except Exception:
+            self._close_transport()  # reconnect on the next batch
+            raise
+
+    def _close_transport(self) -> None:
+        conn, self._conn, self._producer = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # noqa: BLE001, S110 - closing a broken connection
+                pass
+
+    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+        name = self.settings.queue or f"{self.exchange.name}.{uuid.uuid4().hex[:12]}"
+        private = self.settings.queue is None
+        queue = Queue(name, exchange=self.exchange, durable=not private, exclusive=private, auto_delete=private)
+
+        def on_message(body: Any, message: Any) -> None:
+            try:
+                event = Event.from_dict(body["event"])
+                self._received(event, body.get("origin"))
+            except (KeyError, TypeError, ValueError) as exc:
+                from celery_ext.events.base import logger
+
+                logger.warning("event bus kombu: malformed message dropped: %s", exc)
+            message.ack()
+
+        with Connection(self.url) as conn, conn.Consumer(queue, callbacks=[on_message], accept=["json"]):
+            while not stop.is_set():
+                try:
+                    conn.drain_events(timeout=0.2)
+                except (TimeoutError, socket.timeout):
+                    conn.heartbeat_check()
+                ready.set()  # after the first poll: the binding (or Redis SUBSCRIBE) is in place

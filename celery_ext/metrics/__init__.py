@@ -1,0 +1,92 @@
+"""Metrics: the ``MetricsCollector`` ABC, the ``null`` collector, and ``build_metrics(config)``.
+
+Built-ins (``metrics.type``): ``prometheus`` (prometheus_client, multiprocess-aware) and ``null``.
+Third parties register under the ``celery_ext.metrics`` entry-point group or as ``module:Class``.
+When ``metrics.type`` is ``null`` but the ``metrics`` plugin is enabled, ``prometheus`` is used.
+Labels are bounded by design: task type, status, failure reason, worker, queue; never task ids.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+from celery_ext.config import Config
+
+
+class MetricsCollector(abc.ABC):
+    """Receives counts from the state machine, the worker and the scheduler.  Must not raise."""
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.config = dict(config or {})
+
+    @abc.abstractmethod
+    def task_created(self, task_type: str) -> None: ...
+
+    @abc.abstractmethod
+    def task_completed(self, task_type: str, status: str, duration: float | None) -> None:
+        """A task finished with ``status`` (succeeded, failed, dead) after ``duration`` seconds."""
+
+    @abc.abstractmethod
+    def task_failed(self, task_type: str, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def worker_registered(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def worker_offline(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def worker_load(self, worker_id: str, in_flight: int) -> None: ...
+
+    @abc.abstractmethod
+    def queue_length(self, queue: str, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def scheduler_election(self, is_leader: bool) -> None: ...
+
+    def startup(self) -> None:
+        """Called once in a worker's main process before its pool starts."""
+
+    def shutdown(self) -> None:
+        """Called when the worker stops."""
+
+
+class NullMetrics(MetricsCollector):
+    """Counts nothing."""
+
+    def task_created(self, task_type: str) -> None:
+        pass
+
+    def task_completed(self, task_type: str, status: str, duration: float | None) -> None:
+        pass
+
+    def task_failed(self, task_type: str, reason: str) -> None:
+        pass
+
+    def worker_registered(self, worker_id: str) -> None:
+        pass
+
+    def worker_offline(self, worker_id: str) -> None:
+        pass
+
+    def worker_load(self, worker_id: str, in_flight: int) -> None:
+        pass
+
+    def queue_length(self, queue: str, length: int) -> None:
+        pass
+
+    def scheduler_election(self, is_leader: bool) -> None:
+        pass
+
+
+def build_metrics(config: Config) -> MetricsCollector:
+    from celery_ext.registry import METRICS
+
+    name = config.metrics.type
+    if name == "null" and any(p.name == "metrics" and p.enabled for p in config.plugins):
+        name = "prometheus"
+    cls = METRICS.resolve(name, "metrics.type")
+    collector: MetricsCollector = cls(config.metrics.config)
+    return collector

@@ -1,0 +1,74 @@
+"""``PluginHostStep``: the worker bootstep that hosts plugins, the event hub and worker events.
+
+Before the pool forks (``__init__``): the metrics collector prepares its multiprocess directory,
+the pipe that carries pool children's events to this process is made, and plugins are loaded
+and initialized.  On start: plugins start with a ``PluginContext`` and ``worker_online`` is
+published; on stop: ``worker_offline``, plugins stop in reverse order, the bus is flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.signals import worker_process_init
+
+from celery_ext.events.base import WORKER_OFFLINE, WORKER_ONLINE, Event
+from celery_ext.events.hub import ProcessHub
+from celery_ext.executors.task import runtime_of
+from celery_ext.plugins.base import PluginContext
+from celery_ext.plugins.manager import PluginManager
+
+logger = logging.getLogger("celery_ext.plugins")
+
+
+class PluginHostStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    label = "celery_ext plugins"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        rt = runtime_of(worker.app)
+        self.bus, self.metrics = rt.extras["events"], rt.extras["metrics"]
+        self.metrics.startup()
+        self.hub: ProcessHub | None = None
+        if getattr(worker, "pool_cls", None) is None or "prefork" in str(worker.pool_cls).lower():
+            self.hub = ProcessHub()
+            rt.extras["event_hub"] = self.hub
+        self.plugins = PluginManager()
+        self.plugins.load(rt.config.plugins)
+        rt.extras["plugins"] = self.plugins
+        self.ctx = PluginContext(events=self.bus, metrics=self.metrics, storage=rt.storage, config=rt.config,
+                                 worker_id=worker.hostname, app=worker.app, extras={"worker": worker})
+
+    def start(self, worker: Any) -> None:
+        if self.hub is not None:
+            self.hub.start(self.bus)
+        self.plugins.start_all(self.ctx)
+        self.metrics.worker_registered(worker.hostname)
+        self.bus.publish(Event(WORKER_ONLINE, worker_id=worker.hostname,
+                               data={"plugins": self.plugins.running, "failed_plugins": self.plugins.failures}))
+
+    def stop(self, worker: Any) -> None:
+        self.metrics.worker_offline(worker.hostname)
+        self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker.hostname, data={"reason": "shutdown"}))
+        # Let plugins see the last events (worker_offline included) before they stop.
+        self.bus.flush(5.0)
+        self.plugins.stop_all(self.ctx)
+        self.bus.close(5.0)
+        self.metrics.shutdown()
+        if self.hub is not None:
+            self.hub.close()
+
+
+def install_plugin_host(app: Celery) -> None:
+    """Add the step, and make each pool child forward its events to the main process."""
+    app.steps["worker"].add(PluginHostStep)
+
+    def child_init(**_: Any) -> None:
+        rt = runtime_of(app)
+        hub = rt.extras.get("event_hub")
+        if hub is not None:
+            hub.attach_child(rt.extras["events"])
+
+    worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.events_child.{id(app)}")
