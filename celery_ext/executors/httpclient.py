@@ -155,9 +155,11 @@ class HttpClient:
                 return HttpResponse(resp.status_code, _flat_headers(resp.headers), body, truncated,
                                     time.monotonic() - start, str(resp.url), resp.encoding)
         except httpx.TimeoutException as exc:
-            raise TransientError("timeout", f"{method} {url}: no answer within {timeout:g}s ({exc.__class__.__name__})") from exc
+            raise TransientError(
+                "timeout", f"{method} {url}: no answer within {timeout:g}s ({exc.__class__.__name__})") from exc
         except httpx.TooManyRedirects as exc:
-            raise PermanentError("too_many_redirects", f"{method} {url}: more than {self.settings.max_redirects} redirects") from exc
+            raise PermanentError(
+                "too_many_redirects", f"{method} {url}: more than {self.settings.max_redirects} redirects") from exc
         except httpx.ConnectError as exc:
             raise TransientError("connect_error", f"{method} {url}: {exc}") from exc
         except httpx.DecodingError as exc:
