@@ -1,0 +1,97 @@
+"""MongoDB backend specifics on a real wire-protocol server (nx-27017): config forms, collection
+names, indexes, fork safety, unreachable servers."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from celery_ext.config import StorageConfig
+from celery_ext.errors import ConfigError, StorageError
+from celery_ext.model import Task, TaskLog, TaskStatus, utcnow
+from celery_ext.storage import open_storage
+from celery_ext.storage.mongo import MongoStorage
+from tests.support.mongo import MongoServer, mongo_server  # noqa: F401 - fixture
+from tests.support.services import unique
+
+
+def test_host_port_database_and_custom_collection_names(mongo_server: MongoServer, tmp_path: Path) -> None:  # noqa: F811
+    db = unique("ce_")
+    storage = open_storage(StorageConfig(type="mongodb", config={
+        "host": "127.0.0.1", "port": mongo_server.port, "database": db,
+        "tasks_collection": "jobs", "logs_collection": "job_lines"}), tmp_path)
+    storage.migrate()
+    storage.tasks.create(Task(task_id="x1", task_type="echo", payload={"a": 1}, idempotency_key="k"))
+    storage.logs.append([TaskLog("x1", 1, utcnow(), "INFO", "hello")])
+
+    client = pymongo.MongoClient(f"{mongo_server.url}/{db}")
+    try:
+        raw = client[db]
+        assert raw["jobs"].find_one({"task_id": "x1"})["payload"] == {"a": 1}
+        assert raw["job_lines"].find_one({"task_id": "x1"})["message"] == "hello"
+        # By keys: wire-compatible servers may name indexes their own way.
+        indexes = {tuple(i["key"]): i for i in raw["jobs"].list_indexes()}
+        assert indexes[("task_id",)].get("unique") and indexes[("idempotency_key",)].get("unique")
+        assert {("status", "task_type", "created_at"), ("worker_id", "created_at"), ("created_at", "task_id"),
+                ("status", "finished_at"), ("status", "run_at"), ("status", "lease_until")} <= set(indexes)
+        assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == 1
+    finally:
+        client.close()
+    assert storage.schema_version() == (1, 1)
+    storage.close()
+
+
+def test_uri_names_the_database_and_description_hides_the_password(tmp_path: Path) -> None:
+    s = MongoStorage.from_config("mongodb", {"uri": "mongodb://app:hunter2@db.example:27017/tm?authSource=admin"},
+                                 tmp_path)
+    assert s.database == "tm"
+    assert "hunter2" not in s.description and "app:***@db.example:27017/tm" in s.description
+    s = MongoStorage.from_config("mongodb", {"host": "db", "user": "u", "password": "p@ss"}, tmp_path)
+    assert s.database == "task_manager" and "p@ss" not in s.description and "p%40ss" not in s.description
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ({"uri": "http://x/y"}, "storage.config.uri"),
+    ({"tasks_collection": "my-tasks"}, "storage.config.tasks_collection"),
+    ({"port": 0}, "storage.config.port"),
+    ({"colour": "x"}, "storage.config.colour"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, config: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        MongoStorage.from_config("mongodb", config, tmp_path)
+
+
+def test_unreachable_server_is_a_storage_error_naming_it(tmp_path: Path) -> None:
+    s = MongoStorage.from_config("mongodb", {"uri": "mongodb://bob:s3cret@127.0.0.1:1/tm",
+                                             "server_selection_timeout": 0.3}, tmp_path)
+    with pytest.raises(StorageError) as info:
+        s.ping()
+    assert "127.0.0.1:1/tm" in str(info.value) and "s3cret" not in str(info.value)
+    with pytest.raises(StorageError):
+        s.migrate()
+
+
+def _child_writes(storage: MongoStorage, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    storage.tasks.create(Task(task_id="from-child", task_type="echo", payload={}))
+    out.put(storage.tasks.update("from-parent", [TaskStatus.PENDING], status=TaskStatus.QUEUED))
+
+
+def test_client_is_rebuilt_after_fork(mongo_server: MongoServer, tmp_path: Path) -> None:  # noqa: F811
+    storage = MongoStorage.from_config("mongodb", {"uri": f"{mongo_server.url}/{unique('ce_')}"}, tmp_path)
+    storage.migrate()
+    storage.tasks.create(Task(task_id="from-parent", task_type="echo", payload={}))
+    parent_client = storage._client
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_writes, args=(storage, out))
+    child.start()
+    assert out.get(timeout=30) is True
+    child.join(10)
+    assert child.exitcode == 0
+    assert storage._client is parent_client  # the parent's client was left alone
+    assert storage.tasks.get("from-child") is not None
+    assert storage.tasks.get("from-parent").status == TaskStatus.QUEUED  # type: ignore[union-attr]
+    storage.close()
