@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, create_engine, inspect, insert, text
+from sqlalchemy import MetaData, create_engine, insert, inspect, text
 
 from celery_ext.cli import main
 from celery_ext.config import StorageConfig
