@@ -212,8 +212,13 @@ class DatabaseExecutor(Executor):
         cap = self.config.max_rows if spec.max_rows is None else spec.max_rows
         timeout = self._timeout(spec.statement_timeout, task_timeout)
 
+        stmt = text(spec.sql)
+        if spec.sql.lstrip()[:6].upper() == "SELECT":
+            # A server-side cursor, so a huge result is cut at max_rows, not loaded whole.
+            stmt = stmt.execution_options(stream_results=True, max_row_buffer=min(cap + 1, 1000))
+
         def run(conn: Any) -> dict[str, Any]:
-            result = conn.execute(text(spec.sql), params)
+            result = conn.execute(stmt, params)
             if not result.returns_rows:
                 return {"rows_affected": max(result.rowcount, 0)}
             columns = list(result.keys())

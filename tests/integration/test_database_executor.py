@@ -170,6 +170,19 @@ def test_payload_errors_name_the_field(executor: DatabaseExecutor) -> None:
     assert err.reason == "unknown_database"
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret@127.0.0.1:1/none", "mysql://u:s3cret@127.0.0.1:1/none"])
+def test_unreachable_database_is_a_retried_failure(url: str) -> None:
+    ex = DatabaseExecutor(DatabaseExecutor.parse_settings(
+        {"databases": {"main": url}, "statements": {"one": {"database": "main", "sql": "SELECT 1"}}}))
+    ex.initialize(ex.settings)  # engines connect lazily: a server that is down now may be up later
+    try:
+        err = refused(ex, {"statement": "one"})
+        assert isinstance(err, TransientError) and err.reason == "database_unavailable"
+        assert "refused" in str(err) and "s3cret" not in str(err)
+    finally:
+        ex.close()
+
+
 def test_settings_are_validated_with_paths() -> None:
     with pytest.raises(ConfigError) as err:
         DatabaseExecutor.parse_settings({
