@@ -1,0 +1,105 @@
+"""Events of real tasks on real workers, received by a subscriber in this (another) process."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from celery_ext.config import parse_config
+from celery_ext.events import ALL, Event, EventBus, build_event_bus
+from celery_ext.model import TaskStatus
+from tests.support.scrape import poll
+from tests.support.services import RABBIT_URL, require, unique
+
+TASKS = [{"type": "python", "config": {"modules": ["tests.support.event_tasks"]}}]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def types_of(self, task_id: str) -> list[str]:
+        """In the order they happened: events from different processes may arrive out of order."""
+        with self.lock:
+            return [e.type for e in sorted(self.events, key=lambda e: e.timestamp) if e.task_id == task_id]
+
+    def of_type(self, kind: str) -> list[Event]:
+        with self.lock:
+            return [e for e in self.events if e.type == kind]
+
+
+def subscriber(cluster: Any, **config: Any) -> EventBus:
+    """A bus of its own, as a separate subscriber process would build from the same config."""
+    data = {**cluster.data, "events": {**cluster.data["events"], "config": {
+        **cluster.data["events"].get("config", {}), **config}}}
+    cfg = parse_config(data)
+    return build_event_bus(cfg, cfg.broker.url or "")
+
+
+def run_and_check(cluster: Any, bus: EventBus) -> None:
+    seen = Collector()
+    bus.subscribe(ALL, seen)
+    worker = cluster.worker()
+    ok = cluster.manager.submit("whoami")
+    bad = cluster.manager.submit("doomed", {"reason": "nope"})
+    assert cluster.manager.wait(ok.task_id, 30).status is TaskStatus.SUCCEEDED
+    assert cluster.manager.wait(bad.task_id, 30).status is TaskStatus.FAILED
+    poll(lambda: "task_completed" in seen.types_of(ok.task_id) and "task_failed" in seen.types_of(bad.task_id),
+         20, "task events")
+    # task_queued is recorded after the publish, so the worker may start the task before it.
+    for task, last in ((ok, "task_completed"), (bad, "task_failed")):
+        types = seen.types_of(task.task_id)
+        assert sorted(types) == sorted(["task_created", "task_queued", "task_started", last]), types
+        assert types[0] == "task_created" and types.index("task_started") < types.index(last), types
+    failed = seen.of_type("task_failed")[0]
+    assert failed.data["reason"] == "nope" and failed.data["task_type"] == "doomed"
+    assert failed.worker_id and failed.worker_id.startswith(worker.hostname.split("@")[0])
+    assert seen.of_type("worker_online")
+    worker.stop()
+    poll(lambda: bool(seen.of_type("worker_offline")), 20, "worker_offline")
+    assert seen.of_type("worker_offline")[0].worker_id == failed.worker_id
+    assert bus.stats.handler_errors == 0
+    bus.close()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_kombu_bus_carries_task_and_worker_events(make_cluster, redis_url, broker) -> None:
+    url = redis_url
+    if broker == "rabbitmq":
+        require("RabbitMQ", "127.0.0.1", 5672)
+        url = RABBIT_URL
+    c = make_cluster(executors=TASKS, broker={"url": url}, events={"type": "kombu"})
+    run_and_check(c, subscriber(c))
+
+
+def test_redis_bus_carries_task_and_worker_events(make_cluster) -> None:
+    c = make_cluster(executors=TASKS, events={"type": "redis"})
+    run_and_check(c, subscriber(c))
+
+
+def test_redis_bus_subscriber_gets_what_it_missed_while_down(make_cluster) -> None:
+    c = make_cluster(executors=TASKS, events={"type": "redis", "config": {"maxlen": 1000}})
+    c.worker()
+    group = unique("g")
+    first, seen = subscriber(c, group=group, consumer="c1"), Collector()
+    first.subscribe("task_completed", seen)
+    t1 = c.manager.submit("whoami")
+    poll(lambda: seen.types_of(t1.task_id) == ["task_completed"], 20, "first event")
+    first.close()  # the subscriber goes down
+
+    missed = [c.manager.submit("whoami") for _ in range(3)]
+    for t in missed:
+        c.manager.wait(t.task_id, 30)
+
+    again, later = subscriber(c, group=group, consumer="c1"), Collector()
+    again.subscribe("task_completed", later)
+    poll(lambda: all(later.types_of(t.task_id) == ["task_completed"] for t in missed), 20, "missed events")
+    assert later.types_of(t1.task_id) == []  # already acknowledged before going down
+    again.close()
