@@ -206,3 +206,22 @@ def test_rpc_payload_names_the_field() -> None:
     assert info.value.reason == "invalid_payload"
     assert "payload.method" in str(info.value) and "payload.params" in str(info.value)
     ex.close()
+
+
+def test_endpoint_hosts_are_allowed_even_with_allow_hosts(server: HttpTestServer) -> None:
+    ex = executor({"allow_hosts": ["api.example.com"], "allow_networks": ["127.0.0.1/32"],
+                   "endpoints": {"local": server.url("/")}})
+    assert run(ex, {"endpoint": "local", "path": "json"})["json"]["path"] == "/json"
+    with pytest.raises(ExecutorError) as info:
+        run(ex, {"url": f"http://localhost:{server.port}/json"})
+    assert info.value.reason == "destination_not_allowed" and "not in allow_hosts" in str(info.value)
+    ex.close()
+
+
+def test_redirects_not_followed_when_max_redirects_is_zero(server: HttpTestServer) -> None:
+    ex = executor({"allow_networks": ["127.0.0.1/32"], "max_redirects": 0})
+    with pytest.raises(ExecutorError) as info:
+        run(ex, {"url": server.url("/redirect?to=/json")})
+    assert info.value.reason == "http_status" and info.value.data["status"] == 302  # type: ignore[index]
+    assert run(ex, {"url": server.url("/redirect?to=/json"), "expected_status": 302})["status"] == 302
+    ex.close()
