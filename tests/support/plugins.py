@@ -1,0 +1,24 @@
+"""Plugins that misbehave on purpose, named in config as ``tests.support.plugins:<Class>``."""
+
+from __future__ import annotations
+
+from celery_ext.plugins import Plugin, PluginContext
+
+
+class BoomOnStartPlugin(Plugin):
+    name = "boom"
+
+    def start(self, ctx: PluginContext) -> None:
+        raise RuntimeError("boom in start")
+
+
+class BoomOnEventPlugin(Plugin):
+    """Its handler raises on every event: the bus counts it, the task is unaffected."""
+
+    name = "boom_handler"
+
+    def start(self, ctx: PluginContext) -> None:
+        ctx.events.subscribe("*", self.on_event, local_only=True)
+
+    def on_event(self, event: object) -> None:
+        raise ValueError("handler exploded")
