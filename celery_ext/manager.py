@@ -226,10 +226,14 @@ class TaskManager:
                 break
         else:
             raise InvalidTransitionError(task_id, self.get(task_id).status.value, "cancel")
-        try:
-            self.dispatcher.app.control.revoke(task_id, terminate=terminate and task.status is TaskStatus.RUNNING)
-        except Exception:  # noqa: BLE001, S110 - the record is authoritative; revoke only saves work
-            pass
+        if terminate and task.status is TaskStatus.RUNNING:
+            # Only on request: a revoked id stays in the workers' revoked set for hours, which
+            # would also discard a later manual retry of this task.  The record alone already
+            # stops a queued message from running (its claim fails).
+            try:
+                self.dispatcher.app.control.revoke(task_id, terminate=True)
+            except Exception:  # noqa: BLE001, S110 - the record is authoritative; revoke only saves work
+                pass
         cancelled = self.get(task_id)
         self.observer.task_cancelled(cancelled)
         return cancelled
@@ -246,4 +250,5 @@ class TaskManager:
         if not reopened:
             raise InvalidTransitionError(task_id, self.get(task_id).status.value, "retry")
         fresh = task.replace(status=TaskStatus.PENDING, dispatch_token=token, attempt=0, error=None, result=None)
-        return self._publish([(fresh, None)])[0]
+        self._publish([(fresh, None)])
+        return self.get(task_id)

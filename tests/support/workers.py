@@ -22,6 +22,13 @@ def write_config(directory: Path, data: dict[str, Any], name: str = "config.yaml
     return path
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that must import this repository's tests package."""
+    root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, **extra}
+
+
 class WorkerProcess:
     """One worker process; ``stop()`` sends SIGTERM (warm shutdown), ``kill()`` SIGKILL."""
 
@@ -36,9 +43,7 @@ class WorkerProcess:
             "-l", "INFO", "--without-mingle", "--without-gossip",
             "--logfile", str(self.log_path), *extra_args,
         ]
-        root = str(Path(__file__).resolve().parents[2])
-        pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        self.env = {**os.environ, "CELERY_EXT_CONFIG": str(config_path), "PYTHONPATH": pythonpath, **(env or {})}
+        self.env = subprocess_env(CELERY_EXT_CONFIG=str(config_path), **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
