@@ -26,6 +26,7 @@ from celery_ext.executors.pool import ExecutorSet
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, new_id, utcnow
 from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Storage
+from celery_ext.storage.spool import LogSpool
 from celery_ext.tasklog import TaskLogBuffer, capture
 
 logger = logging.getLogger("celery_ext.runner")
@@ -72,6 +73,7 @@ class TaskRunner:
         self.config = config
         # Outcome writes are retried this long when storage is away, before giving up to recovery.
         self.write_patience = 30.0
+        self.log_spool = LogSpool(storage.logs.append)
         self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
 
     # --- the happy path -------------------------------------------------------------------
@@ -211,10 +213,8 @@ class TaskRunner:
             logger.warning("task %s is %s; message dropped", d.task_id, record.status)
 
     def _write_logs(self, lines: Any) -> None:
-        try:
-            self._write(lambda: self.storage.logs.append(lines))
-        except StorageError:
-            logger.error("lost %d log lines of task %s: storage unavailable", len(lines), lines[0].task_id)
+        # Never blocks the task on an outage: the spool keeps the lines in order and retries.
+        self.log_spool.submit(lines)
 
     def _write(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.write_patience

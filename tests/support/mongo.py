@@ -42,7 +42,8 @@ class MongoServer:
     def url(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> MongoServer:
+    def start(self, timeout: float = 20.0, port: int | None = None) -> MongoServer:
+        """Start on a free port, or on ``port`` (to come back where clients expect it)."""
         binary = _binary()
         if binary is None:
             message = "nx-27017 is not installed (pip install nx-27017)"
@@ -50,7 +51,7 @@ class MongoServer:
                 pytest.fail(message)
             pytest.skip(message)
         for _ in range(3):  # a port taken between probe and bind: pick another
-            self.port = _free_port()
+            self.port = port or _free_port()
             self.proc = subprocess.Popen(
                 [binary, "--db", "memory", "--host", "127.0.0.1", "-p", str(self.port),
                  "--log-file", str(self.directory / "nx.log"), "--pid-file", str(self.directory / "nx.pid")],

@@ -1,0 +1,19 @@
+"""Task types for the storage outage tests (imported by workers via the python executor config)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery_ext import task_type
+
+logger = logging.getLogger("tests.storage_tasks")
+
+
+@task_type("drip")
+def drip(lines: int = 10, interval: float = 0.5) -> int:
+    """Logs ``lines`` numbered lines, ``interval`` seconds apart: a task that spans an outage."""
+    for i in range(lines):
+        logger.info("drip %d", i)
+        time.sleep(interval)
+    return lines
