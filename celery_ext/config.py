@@ -65,6 +65,9 @@ class BrokerConfig(Model):
 
 class SchedulerConfig(Model):
     load_balance_strategy: str = "least_task"
+    load_balance_config: dict[str, Any] = Field(default_factory=dict)
+    registry_url: str | None = None
+    routing_cache: Duration = 0.2
     interval: PositiveDuration = 1.0
     leader_lease: PositiveDuration = 10.0
 

@@ -37,6 +37,8 @@ def message_kwargs(d: Dispatch) -> dict[str, Any]:
         "payload": t.payload,
         "max_retries": t.max_retries,
         "timeout": t.timeout,
+        # For the router (consistent_hash); the worker ignores it.
+        **({"idempotency_key": t.idempotency_key} if t.idempotency_key else {}),
     }
 
 

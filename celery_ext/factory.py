@@ -83,7 +83,7 @@ def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
         "task_default_queue": queue_name(prefix, "default"),
         "task_queues": queues + [Queue(queue_name(prefix, "default"))],
         "task_queue_max_priority": None if is_redis else 10,
-        "task_routes": (TaskRouter(prefix, task_types),),
+        "task_routes": (TaskRouter.from_config(config, broker_url, task_types, transport),),
         "worker_concurrency": config.worker.capacity,
         "worker_pool": config.worker.pool,
         "timezone": "UTC",

@@ -106,7 +106,14 @@ STORAGE = ExtensionPoint(
 BALANCERS = ExtensionPoint(
     "load balancer",
     "celery_ext.balancers",
-    {},
+    {
+        "least_task": "celery_ext.routing.least_task:LeastTaskBalancer",
+        "weighted_round_robin": "celery_ext.routing.weighted:WeightedRoundRobinBalancer",
+        "affinity": "celery_ext.routing.affinity:AffinityBalancer",
+        "round_robin": "celery_ext.routing.simple:RoundRobinBalancer",
+        "random": "celery_ext.routing.simple:RandomBalancer",
+        "consistent_hash": "celery_ext.routing.hashing:ConsistentHashBalancer",
+    },
     "celery_ext.routing.base:LoadBalancer",
 )
 

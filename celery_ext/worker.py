@@ -13,6 +13,7 @@ from celery_ext import tasklog
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import runtime_of
 from celery_ext.plugins.host import install_plugin_host
+from celery_ext.routing.heartbeat import install_routing
 
 logger = logging.getLogger("celery_ext.worker")
 
@@ -55,6 +56,7 @@ def _redact(url: str) -> str:
 
 def install_worker_steps(app: Celery) -> None:
     app.steps["worker"].add(CeleryExtStep)
+    install_routing(app)
     install_plugin_host(app)
 
     def child_init(**_: Any) -> None:

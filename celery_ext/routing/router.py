@@ -1,24 +1,179 @@
-"""The Celery router, installed as an instance in ``task_routes``.
+"""The Celery router, installed as an instance in ``task_routes``: load-aware placement.
 
-It only ever returns queues it knows: the shared queue of a known task type.
+For a celery_ext task it takes the online workers that support the type and have a free slot
+(from the worker registry, cached for ``scheduler.routing_cache``), asks the ``LoadBalancer``
+(``scheduler.load_balance_strategy``) to choose, reserves a slot on the chosen worker in one
+Redis round trip, and returns that worker's direct queue.  With no candidate, a delayed task, no
+registry, or a registry that cannot be reached, it returns the type's shared queue, where every
+supporting worker consumes: a task always has somewhere to wait.  It only ever returns the
+direct queue of a registered worker or the shared queue of a known type.
+
+Config: ``scheduler.load_balance_strategy`` (``least_task``), ``scheduler.load_balance_config``,
+``scheduler.routing_cache`` (200ms), ``scheduler.registry_url`` (default: a Redis broker).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
+from celery_ext.routing.base import LoadBalancer, RoutedTask
+from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
+
+if TYPE_CHECKING:
+    from celery_ext.config import Config
+
+logger = logging.getLogger("celery_ext.routing")
+
+
+def registry_url_for(config: Config, broker_url: str, transport_options: Mapping[str, Any] | None = None) -> str | None:
+    """``scheduler.registry_url``, else the broker when it is Redis, else None (no registry)."""
+    if config.scheduler.registry_url:
+        return config.scheduler.registry_url
+    socket = (transport_options or {}).get("unix_socket_path")
+    if socket:
+        # The embedded broker: the same Redis, over its unix socket.
+        return f"unix://{socket}?db=0"
+    return broker_url if broker_url.startswith(("redis", "rediss")) else None
+
+
+def build_balancer(config: Config) -> LoadBalancer:
+    """The configured strategy; an unknown name is a ``ConfigError`` listing the known ones."""
+    from celery_ext.registry import BALANCERS
+
+    cls = BALANCERS.resolve(config.scheduler.load_balance_strategy, "scheduler.load_balance_strategy")
+    balancer: LoadBalancer = cls.from_config(config.scheduler.load_balance_config)
+    return balancer
 
 
 class TaskRouter:
-    """Routes each celery_ext task type to its shared queue."""
+    """Routes each celery_ext task to the worker that should run it (see the module doc)."""
 
-    def __init__(self, prefix: str, task_types: Iterable[str]) -> None:
+    def __init__(self, prefix: str, task_types: Iterable[str], registry: WorkerRegistry | None = None,
+                 balancer: LoadBalancer | None = None, cache_ttl: float = 0.2) -> None:
+        from celery_ext.routing.least_task import LeastTaskBalancer
+
         self.prefix = prefix
         self.task_types = frozenset(task_types)
+        self.shared = {t: queue_name(prefix, t) for t in self.task_types}
+        self.registry = registry
+        self.balancer = balancer or LeastTaskBalancer()
+        self.cache_ttl = cache_ttl
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._by_type: dict[str, list[WorkerInfo]] = {}
+        self._fresh_until = 0.0
+        self._warned_at = 0.0
+        self._down_until = 0.0
+        self.retry_after = 2.0
 
-    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, Any] | None:
+    @classmethod
+    def from_config(cls, config: Config, broker_url: str, task_types: Iterable[str],
+                    transport_options: Mapping[str, Any] | None = None) -> TaskRouter:
+        url = registry_url_for(config, broker_url, transport_options)
+        registry = WorkerRegistry.from_url(url, config.app.name) if url else None
+        return cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache)
+
+    def set_balancer(self, balancer: LoadBalancer) -> None:
+        """Swap the strategy (config reload); the next decision uses the new one."""
+        balancer.startup()
+        with self._lock:
+            old, self.balancer = self.balancer, balancer
+        old.shutdown()
+
+    # --- Celery's router protocol ---------------------------------------------------------
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+                 **kw: Any) -> dict[str, Any] | None:
         if name not in self.task_types:
             return None
-        return {"queue": queue_name(self.prefix, name)}
+        # A fresh dict every time: Celery pops "queue" out of what a router returns.
+        if self.registry is None or options.get("countdown") or options.get("eta"):
+            # A delayed task must not hold a slot while it waits for its time.
+            return {"queue": self.shared[name]}
+        if time.monotonic() < self._down_until:
+            return {"queue": self.shared[name]}
+        try:
+            worker = self.route(name, kwargs if isinstance(kwargs, Mapping) else {}, options.get("priority"))
+        except Exception as exc:  # noqa: BLE001 - routing must never stop a publish
+            # Back off, so a registry outage costs one timeout, not one per publish.
+            self._down_until = time.monotonic() + self.retry_after
+            self._warn(f"worker registry unavailable, routing to the shared queues for "
+                       f"{self.retry_after:g}s: {exc}")
+            worker = None
+        return {"queue": worker.queue if worker else self.shared[name]}
+
+    # --- the decision ---------------------------------------------------------------------
+
+    def route(self, task_type: str, kwargs: Mapping[str, Any], priority: int | None = None) -> WorkerInfo | None:
+        """Choose a worker and reserve a slot on it; None means the shared queue."""
+        assert self.registry is not None
+        routed = RoutedTask(task_type, kwargs.get("task_id"), kwargs.get("payload") or {},
+                            kwargs.get("idempotency_key"), priority)
+        rejected: set[str] = set()
+        for _ in range(3):
+            worker = self.choose(routed, rejected)
+            if worker is None:
+                return None
+            count = self.registry.reserve(worker.id, worker.capacity)
+            if count >= 0:
+                worker.in_flight = count  # the server's count: it includes releases since the snapshot
+                return worker
+            # Full by the server's count (another producer took the slot): try another.
+            worker.in_flight = worker.capacity
+            rejected.add(worker.id)
+        return None
+
+    def choose(self, routed: RoutedTask, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerInfo | None:
+        """The balancer's pick among the candidates, without reserving (no I/O on a warm cache)."""
+        pool = self.snapshot().get(routed.task_type)
+        if not pool:
+            return None
+        candidates = [w for w in pool if w.in_flight < w.capacity and w.id not in exclude]
+        if not candidates:
+            return None
+        with self._lock:
+            return self.balancer.select(candidates, routed)
+
+    def snapshot(self) -> dict[str, list[WorkerInfo]]:
+        """Online workers by supported type, read at most once per ``cache_ttl``."""
+        if time.monotonic() < self._fresh_until:
+            return self._by_type
+        with self._refresh_lock:
+            if time.monotonic() >= self._fresh_until:
+                assert self.registry is not None
+                self._by_type = self._index(self.registry.online())
+                self._fresh_until = time.monotonic() + self.cache_ttl
+        return self._by_type
+
+    def invalidate(self) -> None:
+        self._fresh_until = 0.0
+
+    def _index(self, workers: list[WorkerInfo]) -> dict[str, list[WorkerInfo]]:
+        by_type: dict[str, list[WorkerInfo]] = {t: [] for t in self.task_types}
+        for w in workers:
+            if w.queue != direct_queue_name(self.prefix, w.id):
+                self._warn(f"ignoring worker {w.id!r}: queue {w.queue!r} is not its direct queue")
+                continue
+            for t in w.supported_types:
+                if t in by_type:
+                    by_type[t].append(w)
+        return by_type
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > 10:
+            self._warned_at = now
+            logger.warning(message)
+
+
+def router_of(app: Any) -> TaskRouter:
+    """The ``TaskRouter`` a celery_ext app was built with."""
+    for route in app.conf.task_routes or ():
+        if isinstance(route, TaskRouter):
+            return route
+    raise LookupError("this app has no celery_ext TaskRouter in task_routes")

@@ -1,0 +1,73 @@
+"""Recovering work from workers that died: stranded queues and expired leases.
+
+``recover_offline_workers`` sweeps the worker registry for workers that stopped heartbeating
+and moves the messages left in their direct queues back to the shared queues.
+``recover_expired_leases`` re-dispatches RUNNING records whose lease expired (their worker was
+killed outright, so nothing recorded the loss): a new dispatch token, RETRYING, and a publish,
+as the runner does for a failed attempt; past the attempt cap the record becomes DEAD.  A stale
+message of the old attempt is then dropped by the token check.  The scheduler calls both on its
+interval; they are safe to call from several processes at once (conditional updates, atomic
+sweeps).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from celery_ext.model import TaskErrorInfo, TaskStatus, utcnow
+from celery_ext.routing.router import router_of
+from celery_ext.routing.stranded import move_stranded
+from celery_ext.routing.workers import WorkerInfo
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
+
+logger = logging.getLogger("celery_ext.recovery")
+
+
+def recover_offline_workers(rt: Runtime) -> list[WorkerInfo]:
+    """Sweep offline workers (firing ``worker_offline`` handlers) and hand back their queues."""
+    registry = router_of(rt.celery).registry
+    if registry is None:
+        return []
+    gone = registry.sweep_offline()
+    for worker in gone:
+        moved = move_stranded(registry.client, worker.queue, rt.config.app.name,
+                              rt.celery.conf.broker_transport_options, rt.executors.task_types)
+        logger.warning("worker %s is offline; moved %d queued task(s) to the shared queues", worker.id, moved)
+    return gone
+
+
+def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> list[str]:
+    """Re-dispatch (or declare DEAD) RUNNING tasks whose lease expired; returns their ids.
+
+    A task whose worker is still online in the registry is left alone: its worker is alive and
+    merely late, and re-running it would run it twice at once.
+    """
+    now = now or utcnow()
+    online: set[str] = set()
+    registry = router_of(rt.celery).registry
+    if registry is not None:
+        try:
+            online = {w.id for w in registry.online()}
+        except Exception as exc:  # noqa: BLE001 - without the registry, trust the lease alone
+            logger.warning("worker registry unavailable, judging leases alone: %s", exc)
+    recovered = []
+    for task in rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit):
+        if task.worker_id in online:
+            continue
+        error = TaskErrorInfo("worker_lost", f"worker {task.worker_id} stopped renewing its lease "
+                                             f"during attempt {task.attempt}")
+        if task.attempt <= task.max_retries:
+            changed = rt.runner.retry_later(task, error)
+        else:
+            changed = rt.storage.tasks.update(
+                task.task_id, (TaskStatus.RUNNING,), token=task.dispatch_token, status=TaskStatus.DEAD,
+                error=error, finished_at=now, lease_until=None)
+        if changed:
+            recovered.append(task.task_id)
+    if recovered:
+        logger.warning("recovered %d task(s) whose worker was lost", len(recovered))
+    return recovered

@@ -1,0 +1,196 @@
+"""The worker side of routing: which queues it consumes, its registry entry, and its heartbeat.
+
+Each worker consumes its own direct queue (``<app.name>.worker.<hostname>``) and the shared queue
+of each type it supports (``worker.supported_types``; empty means every registered type), then
+registers ``{id, queue, weight, capacity, supported_types, in_flight, config_version,
+heartbeat_at}`` and refreshes it every ``worker.heartbeat_interval``; an entry not refreshed for
+``worker.offline_after`` (3 intervals) is offline.  A warm shutdown marks the worker offline at
+once and hands its direct queue back to the shared queues.
+
+Worker options (override config): ``--capacity N`` (also the pool size), ``--weight N``,
+``--supported-types a,b``.  Config: ``worker.capacity``, ``worker.weight``,
+``worker.supported_types``, ``worker.heartbeat_interval``, ``worker.offline_after``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+from celery import Celery, bootsteps
+from celery.signals import task_postrun, task_received
+from celery.worker import state
+
+from celery_ext.dispatch import queue_name
+from celery_ext.executors.task import runtime_of
+from celery_ext.routing.router import registry_url_for
+from celery_ext.routing.stranded import move_stranded, queue_keys
+from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
+
+logger = logging.getLogger("celery_ext.routing")
+SEAT = "routing.seat"
+
+
+@dataclass
+class Seat:
+    """This worker's place in the registry (set before the pool forks, so children share it)."""
+
+    registry: WorkerRegistry
+    info: WorkerInfo
+    ttl: float
+    interval: float
+    keys: list[str]
+    types: frozenset[str]
+    stop: threading.Event = field(default_factory=threading.Event)
+    warned_at: float = 0.0
+
+    def beat(self) -> None:
+        try:
+            self.registry.heartbeat(self.info, self.ttl, len(state.reserved_requests), self.keys)
+        except Exception as exc:  # noqa: BLE001 - a registry outage must not stop the worker
+            if time.monotonic() - self.warned_at > 10:
+                self.warned_at = time.monotonic()
+                logger.warning("worker registry heartbeat failed (will retry): %s", exc)
+
+    def adjust(self, delta: int) -> None:
+        try:
+            self.registry.adjust(self.info.id, delta)
+        except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
+            logger.debug("in-flight update failed: %s", exc)
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.beat()
+
+
+def _types(value: Any) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [t.strip() for t in items if t.strip()]
+
+
+class CapacityStep(bootsteps.Step):  # type: ignore[misc]
+    """``--capacity`` sets the pool size before the pool is created (every step's ``__init__``
+    runs before any step creates its service)."""
+
+    label = "celery_ext.capacity"
+
+    def __init__(self, w: Any, capacity: int | None = None, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        if capacity:
+            w.concurrency = capacity
+            if getattr(w, "min_concurrency", None) is not None:
+                w.min_concurrency = capacity
+
+
+class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: picks the queues, registers the worker, heartbeats, deregisters."""
+
+    label = "celery_ext.registry"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, capacity: int | None = None, weight: int | None = None,
+                 supported_types: Any = None, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.seat: Seat | None = None
+        self.thread: threading.Thread | None = None
+        rt = runtime_of(c.app)
+        conf, prefix = rt.config.worker, rt.config.app.name
+        known = rt.executors.task_types
+        types = _types(supported_types) or list(conf.supported_types) or known
+        unknown = sorted(set(types) - set(known))
+        if unknown:
+            raise SystemExit(f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
+                             f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}")
+        direct = direct_queue_name(prefix, c.hostname)
+        # Only the shared queues of supported types, plus the direct queue (and the default queue
+        # for plain Celery tasks): a worker never takes a task it cannot run.
+        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), queue_name(prefix, "default")])
+        url = registry_url_for(rt.config, c.app.conf.broker_url, c.app.conf.broker_transport_options)
+        if url is None:
+            logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
+            return
+        info = WorkerInfo(
+            id=c.hostname, queue=direct, hostname=c.hostname, weight=weight or conf.weight,
+            capacity=capacity or c.controller.concurrency or conf.capacity, supported_types=tuple(sorted(types)),
+            config_version=hashlib.sha1(rt.config.model_dump_json().encode()).hexdigest()[:12],  # noqa: S324
+            pid=os.getpid(),
+        )
+        redis_broker = c.app.conf.broker_url.startswith(("redis", "rediss"))
+        keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
+        self.seat = Seat(WorkerRegistry.from_url(url, prefix), info, conf.offline_threshold,
+                         conf.heartbeat_interval, keys, frozenset(types))
+        rt.extras[SEAT] = self.seat
+
+    def start(self, c: Any) -> None:
+        if self.seat is None:
+            return
+        self.seat.stop.clear()
+        self.seat.beat()  # registered before the worker reports ready
+        self.thread = threading.Thread(target=self.seat.loop, name="celery_ext-heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self, c: Any) -> None:
+        if self.seat is not None:
+            self.seat.stop.set()
+
+    def shutdown(self, c: Any) -> None:
+        seat = self.seat
+        if seat is None:
+            return
+        seat.stop.set()
+        try:
+            seat.registry.mark_offline(seat.info.id)
+            moved = move_stranded(seat.registry.client, seat.info.queue, runtime_of(c.app).config.app.name,
+                                  c.app.conf.broker_transport_options)
+            if moved:
+                logger.info("handed %d queued task(s) back to the shared queues", moved)
+        except Exception as exc:  # noqa: BLE001 - the scheduler's sweep does this later
+            logger.warning("could not deregister cleanly (the scheduler will): %s", exc)
+
+
+def _seat(app: Any) -> Seat | None:
+    try:
+        seat: Seat | None = runtime_of(app).extras.get(SEAT)
+    except AttributeError:
+        return None
+    return seat
+
+
+def install_routing(app: Celery) -> None:
+    """Worker options, the two bootsteps, and the in-flight accounting signals."""
+    app.user_options["worker"].add(click.Option(
+        ["--capacity"], type=click.IntRange(min=1), default=None,
+        help="celery_ext: tasks this worker runs at once (pool size; overrides worker.capacity)"))
+    app.user_options["worker"].add(click.Option(
+        ["--weight"], type=click.IntRange(min=1), default=None,
+        help="celery_ext: weight for weighted_round_robin (overrides worker.weight)"))
+    app.user_options["worker"].add(click.Option(
+        ["--supported-types"], default=None,
+        help="celery_ext: comma-separated task types this worker runs (overrides worker.supported_types)"))
+    app.steps["worker"].add(CapacityStep)
+    app.steps["consumer"].add(RegistrationStep)
+
+    def received(request: Any = None, **_: Any) -> None:
+        # Main process.  A task from a shared queue was not reserved by a router: count it now.
+        seat = _seat(app)
+        if seat is None or request is None or request.name not in seat.types or request.app is not app:
+            return
+        if (request.delivery_info or {}).get("routing_key") != seat.info.queue:
+            seat.adjust(+1)
+
+    def finished(sender: Any = None, **_: Any) -> None:
+        # Pool process (or thread): the slot is free again.
+        seat = _seat(app)
+        if seat is not None and getattr(sender, "name", None) in seat.types and sender.app is app:
+            seat.adjust(-1)
+
+    task_received.connect(received, weak=False, dispatch_uid=f"celery_ext.routing.received.{id(app)}")
+    task_postrun.connect(finished, weak=False, dispatch_uid=f"celery_ext.routing.finished.{id(app)}")

@@ -1,0 +1,238 @@
+"""The worker registry in Redis: who is online, what each worker runs, and how loaded it is.
+
+Keys (``<app.name>`` prefix, so two apps on one Redis never mix):
+
+* ``<p>.workers`` hash: worker id -> JSON ``WorkerInfo`` (queue, weight, capacity, types, ...)
+* ``<p>.workers.expiry`` sorted set: worker id -> when its entry expires (Redis server time,
+  ms).  Each heartbeat pushes it ``worker.offline_after`` ahead: that is the entry's TTL.  An id
+  whose score is in the past is offline; ``sweep_offline`` removes it exactly once and calls the
+  ``OFFLINE_HANDLERS`` (the events issue publishes ``worker_offline`` there).
+* ``<p>.workers.inflight`` hash: worker id -> tasks routed to it or held by it and not finished.
+  The router reserves a slot (``reserve``), the worker releases it when a task ends, and every
+  heartbeat overwrites it with the truth (held by the worker + waiting in its direct queue), so
+  a crash can leak a reservation for one heartbeat at most.
+
+Server time is used for every freshness decision, so clock skew between hosts does not matter.
+Config: ``scheduler.registry_url`` (default: the broker when it is Redis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger("celery_ext.routing")
+
+#: Called with each worker ``sweep_offline`` finds offline (after it was removed).
+OFFLINE_HANDLERS: list[Callable[[WorkerInfo], None]] = []
+
+KEEP_KEYS_MS = 24 * 3600 * 1000  # an app that stops entirely leaves no keys behind after a day
+
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+# KEYS: workers, expiry, inflight, direct sub-queues...  ARGV: id, info, ttl_ms, held, keep_ms
+_HEARTBEAT = _NOW + """
+local queued = 0
+for i = 4, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], tonumber(ARGV[4]) + queued)
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return tonumber(ARGV[4]) + queued
+"""
+
+# KEYS: workers, expiry, inflight -> {ids, infos, loads} of the online workers
+_ONLINE = _NOW + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+local infos, loads = {}, {}
+for i = 1, #ids, 500 do
+  local chunk = {unpack(ids, i, math.min(i + 499, #ids))}
+  local a = redis.call('HMGET', KEYS[1], unpack(chunk))
+  local b = redis.call('HMGET', KEYS[3], unpack(chunk))
+  for j = 1, #chunk do infos[#infos + 1] = a[j] loads[#loads + 1] = b[j] end
+end
+return {ids, infos, loads}
+"""
+
+# KEYS: inflight  ARGV: id, capacity -> new in-flight, or -1 when the worker is full
+_RESERVE = """
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n >= tonumber(ARGV[2]) then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
+# KEYS: inflight  ARGV: id, delta -> new in-flight, never below zero
+_ADJUST = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) return 0 end
+return n
+"""
+
+# KEYS: workers, expiry, inflight  ARGV: limit -> infos of the workers removed as offline
+_SWEEP = _NOW + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[2], id)
+  out[#out + 1] = redis.call('HGET', KEYS[1], id) or cjson.encode({id = id})
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
+end
+return out
+"""
+
+
+def direct_queue_name(prefix: str, worker_id: str) -> str:
+    """The queue only one worker consumes."""
+    return f"{prefix}.worker.{worker_id}"
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """One registry entry.  ``in_flight`` comes from the in-flight hash, not from the JSON."""
+
+    id: str
+    queue: str
+    hostname: str = ""
+    weight: int = 1
+    capacity: int = 1
+    supported_types: tuple[str, ...] = ()
+    in_flight: int = 0
+    config_version: str = ""
+    heartbeat_at: float = 0.0
+    pid: int = 0
+    online: bool = True
+    _types: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.supported_types = tuple(self.supported_types)
+        self._types = frozenset(self.supported_types)
+
+    def supports(self, task_type: str) -> bool:
+        return task_type in self._types
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.in_flight
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key in ("in_flight", "online", "_types"):
+            data.pop(key)
+        return json.dumps(data, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("_types")
+        data["supported_types"] = list(self.supported_types)
+        return data
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, in_flight: Any = 0, online: bool = True) -> WorkerInfo:
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in _FIELDS}
+        known.setdefault("queue", "")
+        return cls(**known, in_flight=int(in_flight or 0), online=online)
+
+
+_FIELDS = frozenset(f for f in WorkerInfo.__dataclass_fields__ if f not in ("in_flight", "online", "_types"))
+
+
+class WorkerRegistry:
+    """Reads and writes the registry; every operation is one Redis round trip."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.keys = (f"{prefix}.workers", f"{prefix}.workers.expiry", f"{prefix}.workers.inflight")
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._online = client.register_script(_ONLINE)
+        self._reserve = client.register_script(_RESERVE)
+        self._adjust = client.register_script(_ADJUST)
+        self._sweep = client.register_script(_SWEEP)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str) -> WorkerRegistry:
+        import redis
+
+        # kombu spells the unix-socket scheme redis+socket://; redis-py spells it unix://
+        if url.startswith("redis+socket://"):
+            url = "unix://" + url.removeprefix("redis+socket://")
+        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1), prefix)
+
+    # --- the worker side ------------------------------------------------------------------
+
+    def heartbeat(self, info: WorkerInfo, ttl: float, held: int, queue_keys: Sequence[str] = ()) -> int:
+        """Register or refresh ``info`` for ``ttl`` seconds; in-flight := held + queued."""
+        info.heartbeat_at = time.time()
+        return int(self._heartbeat(keys=[*self.keys, *queue_keys],
+                                   args=[info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS]))
+
+    def mark_offline(self, worker_id: str) -> None:
+        """A worker that leaves expires at once, so the next sweep hands back its queue."""
+        self.client.zadd(self.keys[1], {worker_id: 0}, xx=True)
+
+    def adjust(self, worker_id: str, delta: int) -> int:
+        return int(self._adjust(keys=[self.keys[2]], args=[worker_id, delta]))
+
+    # --- the producer side ----------------------------------------------------------------
+
+    def online(self) -> list[WorkerInfo]:
+        ids, infos, loads = self._online(keys=list(self.keys))
+        out = []
+        for wid, raw, load in zip(ids, infos, loads, strict=True):
+            if raw is None:
+                continue
+            try:
+                out.append(WorkerInfo.from_json(raw, load))
+            except (ValueError, TypeError) as exc:
+                logger.warning("ignoring malformed registry entry %r: %s", wid, exc)
+        return out
+
+    def reserve(self, worker_id: str, capacity: int) -> int:
+        """Take one slot on a worker; returns its new in-flight count, or -1 if it is full."""
+        return int(self._reserve(keys=[self.keys[2]], args=[worker_id, capacity]))
+
+    # --- inspection and the scheduler -----------------------------------------------------
+
+    def all(self) -> list[WorkerInfo]:
+        """Every entry, online or not yet swept, with ``online`` set."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time().hgetall(self.keys[0]).zrange(self.keys[1], 0, -1, withscores=True).hgetall(self.keys[2])
+        (sec, usec), infos, expiry, loads = pipe.execute()
+        now_ms = sec * 1000 + usec // 1000
+        expires = {_s(k): v for k, v in expiry}
+        loads = {_s(k): v for k, v in loads.items()}
+        out = []
+        for wid, raw in infos.items():
+            wid = _s(wid)
+            online = expires.get(wid, 0) >= now_ms
+            out.append(WorkerInfo.from_json(raw, loads.get(wid, 0), online=online))
+        return sorted(out, key=lambda w: w.id)
+
+    def sweep_offline(self, limit: int = 100) -> list[WorkerInfo]:
+        """Remove workers whose entry expired; each is returned (and handed to the
+        ``OFFLINE_HANDLERS``) by exactly one caller, however many schedulers sweep."""
+        gone = [WorkerInfo.from_json(raw, 0, online=False) for raw in self._sweep(keys=list(self.keys), args=[limit])]
+        for info in gone:
+            for handler in list(OFFLINE_HANDLERS):
+                try:
+                    handler(info)
+                except Exception:  # noqa: BLE001 - one failing subscriber must not stop the others
+                    logger.exception("worker_offline handler %r failed for %s", handler, info.id)
+        return gone
+
+    def remove(self, worker_ids: Iterable[str]) -> None:
+        ids = list(worker_ids)
+        if ids:
+            pipe = self.client.pipeline()
+            pipe.hdel(self.keys[0], *ids).zrem(self.keys[1], *ids).hdel(self.keys[2], *ids)
+            pipe.execute()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
