@@ -112,6 +112,8 @@ class KafkaExecutor(Executor):
         return {
             # Reconnect soon after a broker comes back (librdkafka's default backs off up to 10s).
             "reconnect.backoff.max.ms": 1000,
+            # Each task waits for its own delivery report: a batching delay is pure latency.
+            "linger.ms": 0,
             **self.config.producer,
             "bootstrap.servers": ",".join(self.config.brokers),
             "message.timeout.ms": max(1, int(self.config.delivery_timeout * 1000)),
