@@ -102,6 +102,8 @@ def _engine(type_name: str, url: URL, settings: SqlSettings) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Index pages of a large store stay in memory (the default 2 MB thrashes past ~50k tasks).
+            cur.execute("PRAGMA cache_size=-32768")
             cur.close()
 
         return engine
@@ -115,7 +117,8 @@ def _engine(type_name: str, url: URL, settings: SqlSettings) -> Engine:
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
             pool_recycle=settings.pool_recycle,
-            pool_pre_ping=True,
+            # No pre-ping: it costs a round trip per checkout on the per-task hot path.  A dropped
+            # connection fails one statement, SQLAlchemy invalidates the pool, and callers retry.
             connect_args=connect_args,
         )
     except ModuleNotFoundError as exc:
@@ -162,9 +165,28 @@ class SqlStorage(Storage):
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
-        try:
+        """A transaction: everything inside commits together."""
+        with self._translated():
             with self.engine.begin() as conn:
                 yield conn
+
+    @contextlib.contextmanager
+    def single(self) -> Iterator[Connection]:
+        """One statement that needs no transaction around it.  On PostgreSQL and SQLite it runs in
+        autocommit: one round trip instead of BEGIN, statement, COMMIT.  (PyMySQL would spend
+        round trips toggling autocommit, so MySQL keeps the implicit transaction.)"""
+        if self.type_name == "mysql":
+            with self.begin() as conn:
+                yield conn
+            return
+        with self._translated():
+            with self.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+                yield conn
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
@@ -285,7 +307,7 @@ class SqlTaskRepository(TaskRepository):
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
-            with self.storage.begin() as conn:
+            with self.storage.single() as conn:
                 conn.execute(insert(tasks).values(**_to_row(task)))
             return task, True
         except IntegrityError:
@@ -308,12 +330,12 @@ class SqlTaskRepository(TaskRepository):
             return [self.create(t) for t in new]
 
     def get(self, task_id: str) -> Task | None:
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
         return _from_row(row) if row else None
 
     def get_by_idempotency_key(self, key: str) -> Task | None:
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             row = conn.execute(select(tasks).where(tasks.c.idempotency_key == key)).first()
         return _from_row(row) if row else None
 
@@ -323,7 +345,7 @@ class SqlTaskRepository(TaskRepository):
         cond = [tasks.c.task_id == task_id, tasks.c.status.in_(_statuses(expected))]
         if token is not None:
             cond.append(tasks.c.dispatch_token == token)
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             res = conn.execute(update(tasks).where(*cond).values(**_values(fields)))
         return res.rowcount == 1
 
@@ -335,7 +357,7 @@ class SqlTaskRepository(TaskRepository):
             .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(_statuses(expected)))
             .values(**_values(fields))
         )
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             return int(conn.execute(stmt).rowcount)
 
     def delete(self, task_id: str) -> bool:
@@ -366,7 +388,7 @@ class SqlTaskRepository(TaskRepository):
         elif flt.offset:
             stmt = stmt.offset(flt.offset)
         stmt = stmt.order_by(tasks.c.created_at.desc(), tasks.c.task_id.desc()).limit(flt.limit + 1)
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             rows = [_from_row(r) for r in conn.execute(stmt)]
         more = len(rows) > flt.limit
         items = rows[: flt.limit]
@@ -390,7 +412,7 @@ class SqlTaskRepository(TaskRepository):
         if updated_before is not None:
             stmt = stmt.where(tasks.c.updated_at < updated_before)
         stmt = stmt.order_by(tasks.c.created_at).limit(limit)
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
 
     def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
@@ -408,7 +430,7 @@ class SqlTaskRepository(TaskRepository):
         return deleted
 
     def count_by_status(self) -> dict[str, int]:
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
             return {status: int(n) for status, n in rows}
 
@@ -432,7 +454,7 @@ class SqlTaskLogRepository(TaskLogRepository):
         if attempt is not None:
             stmt = stmt.where(task_logs.c.attempt == attempt)
         stmt = stmt.order_by(task_logs.c.id).limit(limit).offset(offset)
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             return [
                 TaskLog(r.task_id, r.attempt, r.time, r.level, r.message) for r in conn.execute(stmt)
             ]
