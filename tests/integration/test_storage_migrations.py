@@ -150,3 +150,37 @@ def test_cli_reports_an_unreachable_store_with_exit_3(tmp_path: Path, capsys: py
     assert main(["--config", str(config), "storage", "status"]) == 3
     err = capsys.readouterr().err
     assert "127.0.0.1:1/nowhere" in err and "s3cret" not in err
+
+
+def _migrate(config: dict[str, Any], data_dir: str, start: Any, out: Any) -> None:
+    storage = open_storage(StorageConfig.model_validate(config), Path(data_dir))
+    start.wait(30)
+    try:
+        storage.migrate()
+        out.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        out.put(f"{type(exc).__name__}: {exc}")
+    finally:
+        storage.close()
+
+
+def test_workers_starting_together_migrate_once(sql_config: StorageConfig, tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_migrate, args=(sql_config.model_dump(), str(tmp_path), start, out))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert results == ["ok"] * 3
+    storage = open_storage(sql_config, tmp_path)
+    assert isinstance(storage, SqlStorage)
+    with storage.begin() as conn:
+        versions = sorted(conn.execute(text("SELECT version FROM celery_ext_schema")).scalars())
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    storage.close()
