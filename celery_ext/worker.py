@@ -64,6 +64,7 @@ def install_worker_steps(app: Celery) -> None:
 
     def child_shutdown(**_: Any) -> None:
         runtime_of(app).executors.close()
+        runtime_of(app).runner.log_spool.flush(10.0)  # log lines spooled during a storage outage
 
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.child_init.{id(app)}")
     worker_process_shutdown.connect(child_shutdown, weak=False, dispatch_uid=f"celery_ext.child_shutdown.{id(app)}")
