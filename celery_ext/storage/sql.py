@@ -171,19 +171,6 @@ class SqlStorage(Storage):
                 yield conn
 
     @contextlib.contextmanager
-    def single(self) -> Iterator[Connection]:
-        """One statement that needs no transaction around it.  On PostgreSQL and SQLite it runs in
-        autocommit: one round trip instead of BEGIN, statement, COMMIT.  (PyMySQL would spend
-        round trips toggling autocommit, so MySQL keeps the implicit transaction.)"""
-        if self.type_name == "mysql":
-            with self.begin() as conn:
-                yield conn
-            return
-        with self._translated():
-            with self.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-                yield conn
-
-    @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         try:
             yield
@@ -307,7 +294,7 @@ class SqlTaskRepository(TaskRepository):
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
-            with self.storage.single() as conn:
+            with self.storage.begin() as conn:
                 conn.execute(insert(tasks).values(**_to_row(task)))
             return task, True
         except IntegrityError:
@@ -330,12 +317,12 @@ class SqlTaskRepository(TaskRepository):
             return [self.create(t) for t in new]
 
     def get(self, task_id: str) -> Task | None:
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
         return _from_row(row) if row else None
 
     def get_by_idempotency_key(self, key: str) -> Task | None:
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             row = conn.execute(select(tasks).where(tasks.c.idempotency_key == key)).first()
         return _from_row(row) if row else None
 
@@ -345,7 +332,7 @@ class SqlTaskRepository(TaskRepository):
         cond = [tasks.c.task_id == task_id, tasks.c.status.in_(_statuses(expected))]
         if token is not None:
             cond.append(tasks.c.dispatch_token == token)
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             res = conn.execute(update(tasks).where(*cond).values(**_values(fields)))
         return res.rowcount == 1
 
@@ -357,7 +344,7 @@ class SqlTaskRepository(TaskRepository):
             .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(_statuses(expected)))
             .values(**_values(fields))
         )
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             return int(conn.execute(stmt).rowcount)
 
     def delete(self, task_id: str) -> bool:
@@ -388,7 +375,7 @@ class SqlTaskRepository(TaskRepository):
         elif flt.offset:
             stmt = stmt.offset(flt.offset)
         stmt = stmt.order_by(tasks.c.created_at.desc(), tasks.c.task_id.desc()).limit(flt.limit + 1)
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             rows = [_from_row(r) for r in conn.execute(stmt)]
         more = len(rows) > flt.limit
         items = rows[: flt.limit]
@@ -412,7 +399,7 @@ class SqlTaskRepository(TaskRepository):
         if updated_before is not None:
             stmt = stmt.where(tasks.c.updated_at < updated_before)
         stmt = stmt.order_by(tasks.c.created_at).limit(limit)
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
 
     def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
@@ -430,7 +417,7 @@ class SqlTaskRepository(TaskRepository):
         return deleted
 
     def count_by_status(self) -> dict[str, int]:
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
             return {status: int(n) for status, n in rows}
 
@@ -454,7 +441,7 @@ class SqlTaskLogRepository(TaskLogRepository):
         if attempt is not None:
             stmt = stmt.where(task_logs.c.attempt == attempt)
         stmt = stmt.order_by(task_logs.c.id).limit(limit).offset(offset)
-        with self.storage.single() as conn:
+        with self.storage.begin() as conn:
             return [
                 TaskLog(r.task_id, r.attempt, r.time, r.level, r.message) for r in conn.execute(stmt)
             ]
