@@ -133,3 +133,9 @@ def test_watch_reports_valid_changes_and_keeps_last_good(tmp_path: Path) -> None
     finally:
         stop()
     assert seen and seen[-1] == 6 and 0 not in seen
+
+
+def test_production_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_PASSWORD", "x")
+    config = load_config(Path(__file__).parents[2] / "deploy" / "config.production.yaml")
+    assert config.storage.type == "postgresql" and config.storage.config["password"] == "x"

@@ -1,0 +1,151 @@
+"""Core benchmark: N no-op tasks end to end through bare Celery and through celery_ext.
+
+Same Redis broker, same pool (prefork -c 2), same reliability settings (acks_late,
+reject_on_worker_lost, prefetch 1, JSON, task events on), interleaved round by round in one run:
+  bare  ``bench.noop`` on bench/bare_app.py with a Redis result backend; done = every result stored.
+  ext   celery_ext ``echo`` with task records in PostgreSQL (a fresh database); done = every record
+        succeeded.  Submitted with ``submit_many`` (one insert, one producer).
+Also the submit rate of ``submit``, ``submit_many`` and bare ``apply_async`` (no worker running).
+
+    .venv/bin/python bench/bench_core.py [--n 2000] [--rounds 3] [--storage postgresql|sqlite|mysql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.services import create_database, drop_database, unique  # noqa: E402
+from tests.support.workers import WorkerProcess, write_config  # noqa: E402
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def wait_until(predicate: Any, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark tasks did not finish in time")
+        time.sleep(0.01)
+
+
+def run_bare(app: Any, rds: Any, n: int) -> float:
+    start = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        ids = [app.tasks["bench.noop"].apply_async(producer=producer).id for _ in range(n)]
+    keys = [f"celery-task-meta-{i}" for i in ids]
+
+    def done() -> bool:
+        return sum(int(rds.exists(*keys[i:i + 500])) for i in range(0, n, 500)) >= n
+
+    wait_until(done)
+    return n / (time.perf_counter() - start)
+
+
+def run_ext(manager: Any, storage: Any, n: int, before: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, n, 500):
+        manager.submit_many([{"task_type": "echo", "payload": {}, "max_retries": 0}] * min(500, n - i))
+    wait_until(lambda: storage.tasks.count_by_status().get("succeeded", 0) >= before + n)
+    return n / (time.perf_counter() - start)
+
+
+def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
+    rates = {}
+    start = time.perf_counter()
+    for _ in range(n):
+        manager.submit("echo", {}, max_retries=0)
+    rates["submit"] = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(0, n, 100):
+        manager.submit_many([{"task_type": "echo", "payload": {}, "max_retries": 0}] * min(100, n - i))
+    rates["submit_many(100)"] = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(n):
+        app.tasks["bench.noop"].apply_async()
+    rates["bare apply_async"] = n / (time.perf_counter() - start)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--storage", default="postgresql", choices=["postgresql", "mysql", "sqlite"])
+    args = parser.parse_args()
+
+    import os
+
+    import redis
+
+    from celery_ext.config import parse_config
+    from celery_ext.factory import create_app
+
+    name = unique("bench")
+    os.environ["BENCH_REDIS_URL"] = REDIS
+    os.environ["BENCH_BARE_QUEUE"] = f"{name}.bare"
+    from bench.bare_app import app as bare
+
+    db_url = create_database(args.storage) if args.storage != "sqlite" else None
+    workdir = Path(tempfile.mkdtemp(prefix="bench-core-"))
+    data = {
+        "app": {"name": name, "log_level": "WARNING"},
+        "broker": {"url": REDIS},
+        "worker": {"capacity": 2},
+        "storage": {"type": args.storage, "config": {"url": db_url} if db_url else {}},
+    }
+    config_path = write_config(workdir, data)
+    rt = create_app(parse_config(data, source=str(config_path))).celery_ext
+    rt.storage.migrate()
+    rds = redis.Redis.from_url(REDIS)
+
+    # Submit rates first, with no worker consuming (queues are purged afterwards).
+    rates = submit_rates(rt.manager, bare, max(200, args.n // 4))
+    for key in rds.scan_iter(f"{name}.*"):
+        rds.delete(key)
+    rt.storage.tasks.purge_all() if hasattr(rt.storage.tasks, "purge_all") else None
+
+    bare_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
+    bare_worker.args[bare_worker.args.index("celery_ext")] = "bench.bare_app"
+    bare_worker.args += ["-Q", f"{name}.bare"]
+    bare_worker.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{bare_worker.env.get('PYTHONPATH', '')}"
+    ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
+    results: dict[str, list[float]] = {"bare": [], "ext": []}
+    try:
+        bare_worker.start()
+        ext_worker.start()
+        run_bare(bare, rds, 100)  # warm up both
+        run_ext(rt.manager, rt.storage, 100, rt.storage.tasks.count_by_status().get("succeeded", 0))
+        for r in range(args.rounds):
+            results["bare"].append(run_bare(bare, rds, args.n))
+            before = rt.storage.tasks.count_by_status().get("succeeded", 0)
+            results["ext"].append(run_ext(rt.manager, rt.storage, args.n, before))
+            print(f"round {r + 1}: bare {results['bare'][-1]:.0f}/s  celery_ext {results['ext'][-1]:.0f}/s",
+                  flush=True)
+    finally:
+        bare_worker.stop()
+        ext_worker.stop()
+        rt.storage.close()
+        if db_url:
+            drop_database(args.storage, db_url)
+
+    bare_med, ext_med = statistics.median(results["bare"]), statistics.median(results["ext"])
+    print(f"\nend to end, N={args.n}, median of {args.rounds} interleaved rounds, prefork -c 2, events on:")
+    print(f"  bare Celery + Redis result backend : {bare_med:8.0f} tasks/s")
+    print(f"  celery_ext + {args.storage:<10} records   : {ext_med:8.0f} tasks/s")
+    print(f"  ratio celery_ext / bare            : {ext_med / bare_med:8.2f}  (target >= 0.70)")
+    print("\nsubmit rate (no worker running):")
+    for key, value in rates.items():
+        print(f"  {key:<20}: {value:8.0f} /s")
+
+
+if __name__ == "__main__":
+    main()
