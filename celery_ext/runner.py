@@ -100,6 +100,8 @@ class TaskRunner:
         try:
             with capture(buffer):
                 result = self._execute(task)
+                # Lines first: whoever sees the final status can read every line of the attempt.
+                buffer.flush()
                 self.finish(task, result)
         finally:
             buffer.flush()

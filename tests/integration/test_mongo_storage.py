@@ -95,3 +95,35 @@ def test_client_is_rebuilt_after_fork(mongo_server: MongoServer, tmp_path: Path)
     assert storage.tasks.get("from-child") is not None
     assert storage.tasks.get("from-parent").status == TaskStatus.QUEUED  # type: ignore[union-attr]
     storage.close()
+
+
+def test_real_worker_records_tasks_and_logs_in_mongodb(mongo_server: MongoServer, tmp_path: Path,  # noqa: F811
+                                                        redis_url: str) -> None:
+    from celery_ext.config import parse_config
+    from celery_ext.factory import create_app
+    from tests.support.workers import WorkerProcess, write_config
+
+    data = {"app": {"name": unique("ce")}, "broker": {"url": redis_url},
+            "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_jitter": False},
+            "storage": {"type": "mongodb", "config": {"uri": f"{mongo_server.url}/{unique('ce_')}"}},
+            "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]}
+    config_path = write_config(tmp_path, data)
+    runtime = create_app(parse_config(data, source=str(config_path))).celery_ext  # type: ignore[attr-defined]
+    worker = WorkerProcess(config_path, concurrency=2).start()  # prefork: each child builds its own client
+    try:
+        m = runtime.manager
+        tasks = [m.submit("chatty", {"lines": 3}) for _ in range(4)]
+        flaky = m.submit("flaky", {"key": unique("flaky:"), "fail_times": 1}, max_retries=2)
+        for t in tasks:
+            done = m.wait(t.task_id, 30)
+            assert done.status is TaskStatus.SUCCEEDED and done.result == 3 and done.worker_id
+            assert [ln.message for ln in m.logs(t.task_id)][-4:] == [
+                "tests.tasks: line 0", "tests.tasks: line 1", "tests.tasks: line 2", "tests.tasks: done after 3 lines"]
+        done = m.wait(flaky.task_id, 30)
+        assert done.status is TaskStatus.SUCCEEDED and done.attempt == 2
+        assert [ln.attempt for ln in m.logs(flaky.task_id) if "flaky run" in ln.message] == [1, 2]
+        page = m.list(status=(TaskStatus.SUCCEEDED,), limit=10)
+        assert {t.task_id for t in page.items} == {t.task_id for t in tasks} | {flaky.task_id}
+    finally:
+        worker.stop()
+        runtime.storage.close()
