@@ -24,7 +24,7 @@ def socket_path(data_dir: Path) -> Path:
     sock = data_dir / "redis.sock"
     if len(str(sock)) <= _MAX_SOCKET_PATH:
         return sock
-    digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"celery_ext-{digest}.sock"
 
 

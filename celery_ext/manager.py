@@ -6,6 +6,7 @@ broker outage between the two leaves a PENDING record for the scheduler to publi
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,8 @@ from celery_ext.model import (
 from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Storage
 
-_SUBMIT_KEYS = frozenset({"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
+_SUBMIT_KEYS = frozenset(
+    {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
 
 
 class TaskManager:
@@ -65,7 +67,8 @@ class TaskManager:
         idempotency_key: str | None = None,
     ) -> Task:
         """Record and publish one task; with a known ``idempotency_key``, return the first task."""
-        task, countdown = self._build(task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key)
+        task, countdown = self._build(
+            task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key)
         self._ensure_schema()
         stored, created = self.storage.tasks.create(task)
         if not created:
@@ -194,7 +197,7 @@ class TaskManager:
             flt = TaskFilter(**filters)
         return self.storage.tasks.list(flt)
 
-    def logs(self, task_id: str, *, attempt: int | None = None, limit: int = 1000) -> list[TaskLog]:
+    def logs(self, task_id: str, *, attempt: int | None = None, limit: int = 1000) -> builtins.list[TaskLog]:
         self.get(task_id)
         return self.storage.logs.list(task_id, attempt=attempt, limit=limit)
 

@@ -17,7 +17,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     PENDING = "pending"
     SCHEDULED = "scheduled"
     QUEUED = "queued"

@@ -54,7 +54,8 @@ def register(sub: Any) -> None:
     add_json(p)
     p.set_defaults(func=cmd_logs)
 
-    for name, func, text in (("cancel", cmd_cancel, "cancel a task"), ("retry", cmd_retry, "run a finished task again")):
+    for name, func, text in (
+        ("cancel", cmd_cancel, "cancel a task"), ("retry", cmd_retry, "run a finished task again")):
         p = sub.add_parser(name, help=text)
         p.add_argument("task_id", metavar="ID")
         add_json(p)
@@ -97,7 +98,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.json:
         print_json(task.to_dict())
     elif args.wait:
-        print(f"{task.task_id} {task.status.value}" + (f" {task.error.reason}: {task.error.message}" if task.error else ""))
+        reason = f" {task.error.reason}: {task.error.message}" if task.error else ""
+        print(f"{task.task_id} {task.status.value}{reason}")
     else:
         print(task.task_id)
     return _exit_for(task) if args.wait else EXIT_OK

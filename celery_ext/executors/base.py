@@ -9,6 +9,7 @@ subclassing it as ``settings_model``.
 from __future__ import annotations
 
 import abc
+import builtins
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -35,7 +36,7 @@ class Executor(abc.ABC):
     """
 
     type: ClassVar[str]
-    settings_model: ClassVar[type[ExecutorSettings]] = ExecutorSettings
+    settings_model: ClassVar[builtins.type[ExecutorSettings]] = ExecutorSettings
 
     def __init__(self, settings: ExecutorSettings | None = None) -> None:
         # No I/O here: executors are also built in producers, to know their task types.

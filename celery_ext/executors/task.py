@@ -48,10 +48,10 @@ class ExtRequest(Request):  # type: ignore[misc]
             logger.exception("could not record the fate of task %s", self.id)
 
 
-class ExecutorTask(Task):  # type: ignore[misc]
+class ExecutorTask(Task):  # type: ignore[misc,type-arg]
     """Base of every celery_ext task type; ``name`` is the task type."""
 
-    Request = ExtRequest
+    Request = ExtRequest  # type: ignore[assignment]
     typing = False
     ignore_result = True
     acks_late = True

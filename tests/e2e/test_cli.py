@@ -65,10 +65,12 @@ def test_get_list_logs_wait_cancel_retry(running: Path) -> None:
     assert got["task_id"] == task_id and got["idempotency_key"] == key
 
     logs = json.loads(cli(running, "logs", task_id, "--json").stdout)
-    assert [ln["message"] for ln in logs] == ["tests.tasks: line 0", "tests.tasks: line 1", "tests.tasks: done after 2 lines"]
+    assert [ln["message"] for ln in logs] == [
+        "tests.tasks: line 0", "tests.tasks: line 1", "tests.tasks: done after 2 lines"]
     assert cli(running, "logs", task_id).stdout.count("line") >= 2
 
-    listed = json.loads(cli(running, "list", "--type", "chatty", "--status", "succeeded", "--limit", "500", "--json").stdout)
+    listed = json.loads(
+        cli(running, "list", "--type", "chatty", "--status", "succeeded", "--limit", "500", "--json").stdout)
     assert task_id in [t["task_id"] for t in listed["items"]]
     assert all(t["status"] == "succeeded" and t["task_type"] == "chatty" for t in listed["items"])
     table = cli(running, "list", "--limit", "5")

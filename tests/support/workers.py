@@ -96,7 +96,8 @@ class WorkerProcess:
             return
         # Kill the whole process group of the worker: the main process and its pool children.
         try:
-            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+            children = found.stdout.split()
         except OSError:
             children = []
         for pid in [self.proc.pid, *map(int, children)]:
