@@ -178,7 +178,7 @@ class EventBus(abc.ABC):
         """Receive remote events until ``stop``; call ``self._received`` for each; set ``ready``."""
         ready.set()
 
-    def _close_transport(self) -> None:
+    def _close_transport(self) -> None:  # noqa: B027 - optional hook
         """Release connections (called on close)."""
 
     def _received(self, event: Event, origin: str | None, ack: Callable[[], None] | None = None) -> None:
@@ -209,7 +209,7 @@ class EventBus(abc.ABC):
                              daemon=True).start()
             self._pid = os.getpid()
 
-    def _after_fork(self) -> None:
+    def _after_fork(self) -> None:  # noqa: B027 - optional hook
         """Drop connections inherited from a parent process (their sockets are shared)."""
 
     def _ensure_listener(self) -> None:

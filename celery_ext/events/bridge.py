@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +22,7 @@ from celery_ext.events.base import (
     TASK_QUEUED,
     TASK_RETRYING,
     TASK_STARTED,
+    WORKER_OFFLINE,
     Event,
     EventBus,
 )
@@ -91,6 +93,12 @@ class EventBridge(TaskObserver):
         self._emit(TASK_FAILED, task, duration=duration, **_error(error))
 
 
+    @_safe
+    def worker_offline(self, worker_id: str, reason: str) -> None:
+        self.metrics.worker_offline(worker_id)
+        self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker_id, data={"reason": reason}))
+
+
 def _error(error: TaskErrorInfo | None) -> dict[str, Any]:
     if error is None:
         return {"reason": "unknown", "message": ""}
@@ -104,4 +112,24 @@ def install(runtime: Runtime) -> EventBridge:
     runtime.extras.update(events=bus, metrics=metrics, observer=bridge)
     runtime.manager.observer = bridge  # type: ignore[attr-defined]
     runtime.runner.observer = bridge  # type: ignore[attr-defined]
+    connect_worker_registry(bridge, runtime.config.app.name)
     return bridge
+
+
+def connect_worker_registry(bridge: EventBridge, app_name: str) -> None:
+    """Publish ``worker_offline`` for each worker the registry's sweep finds gone (scheduler side)."""
+    try:
+        from celery_ext.routing import workers
+    except ImportError:  # the worker registry is optional
+        return
+    ref = weakref.ref(bridge)
+    prefix = f"{app_name}."
+
+    def on_offline(info: Any) -> None:
+        target = ref()
+        if target is None:
+            workers.OFFLINE_HANDLERS.remove(on_offline)  # its app is gone
+        elif str(getattr(info, "queue", "")).startswith(prefix):
+            target.worker_offline(info.id, "heartbeat_expired")
+
+    workers.OFFLINE_HANDLERS.append(on_offline)

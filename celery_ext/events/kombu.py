@@ -12,7 +12,6 @@ Config keys (``events.config``):
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 from collections.abc import Mapping
@@ -51,7 +50,7 @@ class KombuEventBus(EventBus):
         if self._producer is None:
             self._conn = Connection(self.url, transport_options={"confirm_publish": False})
             self._producer = Producer(self._conn.default_channel, exchange=self.exchange, serializer="json")
-            self.exchange(self._producer.channel).declare()
+            self.exchange(self._conn.default_channel).declare()
         try:
             for event in events:
                 self._producer.publish({"origin": self.origin, "event": event.to_dict()}, retry=True,
@@ -87,6 +86,6 @@ class KombuEventBus(EventBus):
             while not stop.is_set():
                 try:
                     conn.drain_events(timeout=0.2)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     conn.heartbeat_check()
                 ready.set()  # after the first poll: the binding (or Redis SUBSCRIBE) is in place

@@ -46,10 +46,10 @@ class MetricsCollector(abc.ABC):
     @abc.abstractmethod
     def scheduler_election(self, is_leader: bool) -> None: ...
 
-    def startup(self) -> None:
+    def startup(self) -> None:  # noqa: B027 - optional hook
         """Called once in a worker's main process before its pool starts."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Called when the worker stops."""
 
 

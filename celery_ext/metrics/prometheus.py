@@ -59,7 +59,7 @@ class PrometheusMetrics(MetricsCollector):
         if "prometheus_client.values" in sys.modules:
             # prometheus_client picks its value class at import; re-pick it now that the dir is set.
             values = sys.modules["prometheus_client.values"]
-            values.ValueClass = values.get_value_class()
+            values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
         self._m = None
 
     def shutdown(self) -> None:
@@ -133,7 +133,7 @@ class PrometheusMetrics(MetricsCollector):
             from prometheus_client import multiprocess
 
             registry = pc.CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=path)
+            multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
         else:
             registry = self.registry
         return pc.generate_latest(registry), pc.CONTENT_TYPE_LATEST
@@ -157,6 +157,6 @@ def reap_dead(path: str) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, path)
+            multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass

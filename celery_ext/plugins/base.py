@@ -62,5 +62,5 @@ class Plugin(abc.ABC):
     def start(self, ctx: PluginContext) -> None:
         """Begin work: subscribe to events, open servers, start threads.  Must return promptly."""
 
-    def stop(self, ctx: PluginContext) -> None:
+    def stop(self, ctx: PluginContext) -> None:  # noqa: B027 - optional hook
         """Undo ``start``."""

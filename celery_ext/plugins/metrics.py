@@ -82,7 +82,9 @@ class MetricsPlugin(Plugin):
         if ctx.app is None:
             return
         prefix = f"{ctx.config.app.name}."
-        names = sorted(n for n in ctx.app.amqp.queues if n.startswith(prefix))
+        # Configured queues (``-Q`` may deselect some in this worker) and the ones it consumes.
+        configured = [q.name for q in ctx.app.conf.task_queues or ()]
+        names = sorted({n for n in [*configured, *ctx.app.amqp.queues] if n.startswith(prefix)})
         with ctx.app.connection_for_read() as conn:
             for name in names:
                 ctx.metrics.queue_length(name, _length(conn, name))

@@ -42,10 +42,10 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
 
 def test_queue_length_reflects_waiting_messages(make_cluster) -> None:
     port = free_port()
-    c = make_cluster(executors=TASKS, plugins=[
+    c = make_cluster(executors=TASKS, worker={"supported_types": ["doomed"]}, plugins=[
         {"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}])
     app = c.data["app"]["name"]
-    # Consume only "doomed": whoami messages wait in their queue.
+    # The only worker runs "doomed" alone: whoami messages wait in their shared queue.
     c.worker(concurrency=2, extra_args=["-Q", f"{app}.doomed"])
     for _ in range(4):
         c.manager.submit("whoami")

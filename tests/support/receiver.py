@@ -41,7 +41,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.attempts += 1
             failing = self.server.attempts <= self.server.fail_first
             if not failing:
-                self.server.calls.append({"body": body, "json": json.loads(body), "headers": {k.lower(): v for k, v in self.headers.items()}})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                self.server.calls.append({"body": body, "json": json.loads(body), "headers": headers})
         self.send_response(500 if failing else 204)
         self.end_headers()
 

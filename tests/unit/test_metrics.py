@@ -1,0 +1,48 @@
+"""Metric names and labels of the prometheus collector, and collector selection."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from celery_ext.config import Config, parse_config
+from celery_ext.errors import ConfigError
+from celery_ext.metrics import NullMetrics, build_metrics
+from celery_ext.metrics.prometheus import PrometheusMetrics
+
+
+def test_collector_selection() -> None:
+    assert isinstance(build_metrics(Config()), NullMetrics)
+    with_plugin = parse_config({"plugins": [{"name": "metrics"}]})
+    assert isinstance(build_metrics(with_plugin), PrometheusMetrics)
+    with pytest.raises(ConfigError, match="metrics.type: no metrics collector 'prom'"):
+        build_metrics(parse_config({"metrics": {"type": "prom"}}))
+    with pytest.raises(ConfigError, match="metrics.config.buckets"):
+        PrometheusMetrics({"buckets": "fast"})
+
+
+def test_names_and_bounded_labels(monkeypatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    m = PrometheusMetrics()
+    m.task_created("echo")
+    m.task_completed("echo", "succeeded", 0.2)
+    m.task_completed("echo", "failed", 0.1)
+    m.task_failed("echo", "bad reason/with spaces" + "x" * 100)
+    m.worker_registered("w1")
+    m.worker_load("w1", 3)
+    m.queue_length("app.echo", 7)
+    m.scheduler_election(True)
+    body, content_type = m.exposition()
+    assert content_type.startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    assert samples[("celery_ext_task_created_total", (("task_type", "echo"),))] == 1
+    assert samples[("celery_ext_task_duration_seconds_count", (("status", "succeeded"), ("task_type", "echo")))] == 1
+    reason = "bad_reason_with_spaces" + "x" * 42
+    assert samples[("celery_ext_task_failed_total", (("reason", reason), ("task_type", "echo")))] == 1
+    assert samples[("celery_ext_worker_online", (("worker", "w1"),))] == 1
+    assert samples[("celery_ext_worker_load", (("worker", "w1"),))] == 3
+    assert samples[("celery_ext_queue_length", (("queue", "app.echo"),))] == 7
+    assert samples[("celery_ext_scheduler_is_leader", ())] == 1
+    m.worker_offline("w1")
+    assert b'celery_ext_worker_online{worker="w1"} 0.0' in m.exposition()[0]

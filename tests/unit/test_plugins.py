@@ -1,0 +1,105 @@
+"""PluginManager order and isolation; the alert plugin's dedupe, rate limit, signature and retries."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import pytest
+
+from celery_ext.config import Config, PluginEntry
+from celery_ext.errors import ConfigError
+from celery_ext.events import Event
+from celery_ext.events.local import LocalEventBus
+from celery_ext.metrics import NullMetrics
+from celery_ext.plugins import Plugin, PluginContext, PluginManager
+from celery_ext.plugins.alert import AlertPlugin, sign
+from tests.support.receiver import WebhookReceiver
+
+
+class Recorder(Plugin):
+    def __init__(self, name: str, log: list[str], fail: str = "") -> None:
+        super().__init__()
+        self.name, self.log, self.fail = name, log, fail  # type: ignore[misc]
+
+    def start(self, ctx: PluginContext) -> None:
+        if self.fail == "start":
+            raise RuntimeError("no")
+        self.log.append(f"start {self.name}")
+
+    def stop(self, ctx: PluginContext) -> None:
+        self.log.append(f"stop {self.name}")
+        if self.fail == "stop":
+            raise RuntimeError("no")
+
+
+def ctx() -> PluginContext:
+    return PluginContext(events=LocalEventBus(), metrics=NullMetrics(), storage=None, config=Config(),  # type: ignore[arg-type]
+                         worker_id="w1")
+
+
+def test_start_in_order_stop_in_reverse_and_failures_are_isolated() -> None:
+    log: list[str] = []
+    pm = PluginManager()
+    for name, fail in (("a", ""), ("b", "start"), ("c", "stop"), ("d", "")):
+        pm.register(Recorder(name, log, fail))
+    with pytest.raises(ConfigError, match="plugin named 'a' is already registered"):
+        pm.register(Recorder("a", log))
+    c = ctx()
+    pm.start_all(c)
+    assert pm.running == ["a", "c", "d"]
+    assert pm.failures == {"b": "start: RuntimeError: no"}
+    pm.stop_all(c)
+    # b failed to start: it is stopped at once (to release what it opened), never again
+    assert log == ["start a", "stop b", "start c", "start d", "stop d", "stop c", "stop a"]
+    assert pm.failures["c"] == "stop: RuntimeError: no"
+    assert pm.get("d") is not None and pm.get("zz") is None
+
+
+def test_load_reports_unknown_and_invalid_plugins_without_raising() -> None:
+    pm = PluginManager()
+    pm.load([PluginEntry(name="alrt"), PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
+             PluginEntry(name="metrics", enabled=False), PluginEntry(name="metrics", config={"bind": "0.0.0.0"})])
+    assert "did you mean 'alert'" in pm.failures["alrt"]
+    assert "plugins[1].config.webhook_url" in pm.failures["alert"]
+    assert pm.names == ["metrics"] and pm.get("metrics").settings.bind == "0.0.0.0"
+
+
+def make_alert(url: str, **config: Any) -> tuple[AlertPlugin, PluginContext]:
+    plugin = AlertPlugin()
+    plugin.initialize({"webhook_url": url, "backoff": 0.01, **config})
+    c = ctx()
+    plugin.start(c)
+    return plugin, c
+
+
+def test_alert_dedupes_and_rate_limits_a_failure_storm() -> None:
+    plugin, c = make_alert("http://127.0.0.1:9/never", max_per_window=3, window="1h")
+    sent: list[dict[str, Any]] = []
+    plugin._enqueue = lambda body: sent.append(body)  # type: ignore[method-assign]
+    for i in range(10):
+        plugin.on_event(Event("task_failed", f"t{i}"))
+        plugin.on_event(Event("task_failed", f"t{i}"))  # the same task again: deduped
+    assert [b["event"]["task_id"] for b in sent] == ["t0", "t1", "t2"]
+    assert plugin.suppressed == 7
+    plugin.stop(c)
+
+
+def test_alert_retries_5xx_with_backoff_and_signs_the_body() -> None:
+    receiver = WebhookReceiver(fail_first=2)
+    try:
+        plugin, c = make_alert(receiver.url, secret="k", max_retries=3)
+        assert plugin.post({"event": Event("task_failed", "t1").to_dict()})
+        assert receiver.attempts == 3 and len(receiver.calls) == 1
+        call = receiver.calls[0]
+        assert call["headers"]["x-celeryext-signature"] == sign("k", call["body"])
+        assert sign("k", b"x") == "sha256=" + hmac.new(b"k", b"x", hashlib.sha256).hexdigest()
+        plugin.stop(c)
+    finally:
+        receiver.close()
+
+
+def test_alert_rejects_unknown_event_types() -> None:
+    with pytest.raises(ConfigError, match="unknown event types"):
+        AlertPlugin().initialize({"webhook_url": "http://x", "events": ["task_exploded"]})
