@@ -27,17 +27,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_ext.recovery")
 
 
-def recover_offline_workers(rt: Runtime) -> list[WorkerInfo]:
-    """Sweep offline workers (firing ``worker_offline`` handlers) and hand back their queues."""
+def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
+    """Sweep offline workers (firing ``worker_offline`` handlers) and hand back their queues;
+    returns each worker found offline with the number of messages moved."""
     registry = router_of(rt.celery).registry
     if registry is None:
         return []
-    gone = registry.sweep_offline()
-    for worker in gone:
+    out = []
+    for worker in registry.sweep_offline():
         moved = move_stranded(registry.client, worker.queue, rt.config.app.name,
                               rt.celery.conf.broker_transport_options, rt.executors.task_types)
         logger.warning("worker %s is offline; moved %d queued task(s) to the shared queues", worker.id, moved)
-    return gone
+        out.append((worker, moved))
+    return out
 
 
 def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> list[str]:

@@ -49,10 +49,12 @@ class Seat:
     types: frozenset[str]
     stop: threading.Event = field(default_factory=threading.Event)
     warned_at: float = 0.0
+    delta: int = 0
 
     def beat(self) -> None:
         try:
-            self.registry.heartbeat(self.info, self.ttl, len(state.reserved_requests), self.keys)
+            _, self.delta = self.registry.heartbeat(self.info, self.ttl, len(state.reserved_requests), self.keys,
+                                                    self.delta)
         except Exception as exc:  # noqa: BLE001 - a registry outage must not stop the worker
             if time.monotonic() - self.warned_at > 10:
                 self.warned_at = time.monotonic()

@@ -5,7 +5,8 @@ For a celery_ext task it takes the online workers that support the type and have
 (``scheduler.load_balance_strategy``) to choose, reserves a slot on the chosen worker in one
 Redis round trip, and returns that worker's direct queue.  With no candidate, a delayed task, no
 registry, or a registry that cannot be reached, it returns the type's shared queue, where every
-supporting worker consumes: a task always has somewhere to wait.  It only ever returns the
+supporting worker consumes: a task always has somewhere to wait.  While work already waits in the
+shared queue (the registry is the broker), new tasks queue behind it there rather than overtake it.  It only ever returns the
 direct queue of a registered worker or the shared queue of a known type.
 
 Config: ``scheduler.load_balance_strategy`` (``least_task``), ``scheduler.load_balance_config``,
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
 from celery_ext.routing.base import LoadBalancer, RoutedTask
+from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class TaskRouter:
         self.task_types = frozenset(task_types)
         self.shared = {t: queue_name(prefix, t) for t in self.task_types}
         self.registry = registry
+        self.backlog_keys: dict[str, list[str]] = {}
         self.balancer = balancer or LeastTaskBalancer()
         self.cache_ttl = cache_ttl
         self._lock = threading.Lock()
@@ -76,7 +79,11 @@ class TaskRouter:
                     transport_options: Mapping[str, Any] | None = None) -> TaskRouter:
         url = registry_url_for(config, broker_url, transport_options)
         registry = WorkerRegistry.from_url(url, config.app.name) if url else None
-        return cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache)
+        router = cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache)
+        if (url is not None and url == broker_url) or (transport_options or {}).get("unix_socket_path"):
+            # The registry is the broker: the reservation can see each type's shared-queue backlog.
+            router.backlog_keys = {t: queue_keys(q, transport_options) for t, q in router.shared.items()}
+        return router
 
     def set_balancer(self, balancer: LoadBalancer) -> None:
         """Swap the strategy (config reload); the next decision uses the new one."""
@@ -119,7 +126,9 @@ class TaskRouter:
             worker = self.choose(routed, rejected)
             if worker is None:
                 return None
-            count = self.registry.reserve(worker.id, worker.capacity)
+            count = self.registry.reserve(worker.id, worker.capacity, self.backlog_keys.get(task_type, ()))
+            if count == -2:
+                return None  # work already waits in the shared queue: queue behind it
             if count >= 0:
                 worker.in_flight = count  # the server's count: it includes releases since the snapshot
                 return worker

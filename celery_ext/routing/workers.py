@@ -8,9 +8,9 @@ Keys (``<app.name>`` prefix, so two apps on one Redis never mix):
   whose score is in the past is offline; ``sweep_offline`` removes it exactly once and calls the
   ``OFFLINE_HANDLERS`` (the events issue publishes ``worker_offline`` there).
 * ``<p>.workers.inflight`` hash: worker id -> tasks routed to it or held by it and not finished.
-  The router reserves a slot (``reserve``), the worker releases it when a task ends, and every
-  heartbeat overwrites it with the truth (held by the worker + waiting in its direct queue), so
-  a crash can leak a reservation for one heartbeat at most.
+  The router reserves a slot (``reserve``), the worker releases it when a task ends, and the
+  heartbeat checks it against the truth (held by the worker + waiting in its direct queue) and
+  corrects a difference that persists for two beats, so a crash leaks a reservation briefly.
 
 Server time is used for every freshness decision, so clock skew between hosts does not matter.
 Config: ``scheduler.registry_url`` (default: the broker when it is Redis).
@@ -34,15 +34,25 @@ KEEP_KEYS_MS = 24 * 3600 * 1000  # an app that stops entirely leaves no keys beh
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
-# KEYS: workers, expiry, inflight, direct sub-queues...  ARGV: id, info, ttl_ms, held, keep_ms
+# KEYS: workers, expiry, inflight, direct sub-queues...
+# ARGV: id, info, ttl_ms, held, keep_ms, previous delta -> {in-flight, delta}
+# The truth is held + queued.  The count is reset to it only when it differs by the same amount
+# at two beats in a row: a one-off difference is a task between two steps (popped but not yet
+# held, finished but not yet released), while a leak (a crashed child) persists.
 _HEARTBEAT = _NOW + """
 local queued = 0
 for i = 4, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], tonumber(ARGV[4]) + queued)
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
-return tonumber(ARGV[4]) + queued
+local truth = tonumber(ARGV[4]) + queued
+local current = redis.call('HGET', KEYS[3], ARGV[1])
+local delta = truth - tonumber(current or truth)
+if not current or (delta ~= 0 and delta == tonumber(ARGV[6])) then
+  redis.call('HSET', KEYS[3], ARGV[1], truth)
+  return {truth, 0}
+end
+return {truth - delta, delta}
 """
 
 # KEYS: workers, expiry, inflight -> {ids, infos, loads} of the online workers
@@ -58,8 +68,14 @@ end
 return {ids, infos, loads}
 """
 
-# KEYS: inflight  ARGV: id, capacity -> new in-flight, or -1 when the worker is full
+# KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity
+# -> new in-flight; -1 when the worker is full; -2 when work already waits in the shared queue
+# (routing around a backlog would let new tasks overtake it, and a worker that frees a slot
+# takes from the backlog anyway)
 _RESERVE = """
+for i = 2, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return -2 end
+end
 local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if n >= tonumber(ARGV[2]) then return -1 end
 return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
@@ -166,11 +182,15 @@ class WorkerRegistry:
 
     # --- the worker side ------------------------------------------------------------------
 
-    def heartbeat(self, info: WorkerInfo, ttl: float, held: int, queue_keys: Sequence[str] = ()) -> int:
-        """Register or refresh ``info`` for ``ttl`` seconds; in-flight := held + queued."""
+    def heartbeat(self, info: WorkerInfo, ttl: float, held: int, queue_keys: Sequence[str] = (),
+                  last_delta: int = 0) -> tuple[int, int]:
+        """Register or refresh ``info`` for ``ttl`` seconds and check its in-flight count against
+        the truth (``held`` + queued in ``queue_keys``).  Returns ``(in_flight, delta)``: pass
+        ``delta`` back as ``last_delta`` next time; a delta seen twice in a row is corrected."""
         info.heartbeat_at = time.time()
-        return int(self._heartbeat(keys=[*self.keys, *queue_keys],
-                                   args=[info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS]))
+        count, delta = self._heartbeat(keys=[*self.keys, *queue_keys], args=[
+            info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS, last_delta])
+        return int(count), int(delta)
 
     def mark_offline(self, worker_id: str) -> None:
         """A worker that leaves expires at once, so the next sweep hands back its queue."""
@@ -193,9 +213,10 @@ class WorkerRegistry:
                 logger.warning("ignoring malformed registry entry %r: %s", wid, exc)
         return out
 
-    def reserve(self, worker_id: str, capacity: int) -> int:
-        """Take one slot on a worker; returns its new in-flight count, or -1 if it is full."""
-        return int(self._reserve(keys=[self.keys[2]], args=[worker_id, capacity]))
+    def reserve(self, worker_id: str, capacity: int, backlog_keys: Sequence[str] = ()) -> int:
+        """Take one slot on a worker; returns its new in-flight count, -1 if it is full, or -2
+        if any of ``backlog_keys`` (the type's shared queue) holds waiting work."""
+        return int(self._reserve(keys=[self.keys[2], *backlog_keys], args=[worker_id, capacity]))
 
     # --- inspection and the scheduler -----------------------------------------------------
 
