@@ -1,0 +1,52 @@
+"""``recover_expired_leases``: RUNNING records whose worker vanished, against real Redis and SQLite."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import redis
+
+from celery_ext.model import TaskStatus, utcnow
+from celery_ext.recovery import recover_expired_leases
+from celery_ext.routing.router import router_of
+from celery_ext.routing.stranded import queue_keys
+from celery_ext.routing.workers import WorkerInfo, direct_queue_name
+
+ROUTING_TASKS = [{"type": "python", "config": {"modules": ["tests.support.routing_tasks"]}}]
+
+
+def running(rt, *, worker: str, lease_in: float, max_retries: int = 3) -> str:
+    """A record as a worker leaves it when it is SIGKILLed mid-task."""
+    task = rt.manager.submit("rt_slow", {"key": "x"}, max_retries=max_retries)
+    now = utcnow()
+    assert rt.storage.tasks.update(task.task_id, (TaskStatus.QUEUED,), status=TaskStatus.RUNNING, attempt=1,
+                                   worker_id=worker, started_at=now, lease_until=now + timedelta(seconds=lease_in))
+    return task.task_id
+
+
+def test_expired_leases_are_redispatched_or_declared_dead(make_cluster) -> None:
+    rt = make_cluster(executors=ROUTING_TASKS).runtime
+    router = router_of(rt.celery)
+    router.registry.heartbeat(WorkerInfo(id="alive", queue=direct_queue_name(router.prefix, "alive"),
+                                         supported_types=("rt_slow",)), 60, 0)
+    lost = running(rt, worker="ghost", lease_in=-1)
+    last = running(rt, worker="ghost", lease_in=-1, max_retries=0)
+    fresh = running(rt, worker="ghost", lease_in=60)
+    slow = running(rt, worker="alive", lease_in=-1)  # its worker still heartbeats: only late
+    tokens = {i: rt.manager.get(i).dispatch_token for i in (lost, last, fresh, slow)}
+    shared = queue_keys(f"{router.prefix}.rt_slow", rt.celery.conf.broker_transport_options)
+    r = redis.Redis(host="127.0.0.1", port=6379)
+    queued_before = sum(r.llen(k) for k in shared)
+
+    assert sorted(recover_expired_leases(rt)) == sorted([lost, last])
+    again = rt.manager.get(lost)
+    assert again.status is TaskStatus.RETRYING and again.dispatch_token != tokens[lost]
+    assert again.error.reason == "worker_lost" and "ghost" in again.error.message
+    assert sum(r.llen(k) for k in shared) == queued_before + 1  # the new attempt was published
+    dead = rt.manager.get(last)
+    assert dead.status is TaskStatus.DEAD and dead.error.reason == "worker_lost"
+    for task_id in (fresh, slow):
+        record = rt.manager.get(task_id)
+        assert record.status is TaskStatus.RUNNING and record.dispatch_token == tokens[task_id]
+    # A second pass (another scheduler) finds nothing left to do.
+    assert recover_expired_leases(rt) == []
