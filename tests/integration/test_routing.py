@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -86,24 +87,51 @@ def test_workers_register_with_their_capacity_weight_types_and_queue(three: Clus
 
 
 def test_least_task_burst_keeps_every_slot_busy_while_work_waits(three: Cluster, closing: list[Runtime]) -> None:
-    rt = producer(three, "least_task", closing)
+    burst(three, producer(three, "least_task", closing), n=30, seconds=0.4)
+
+
+@pytest.mark.slow
+def test_least_task_burst_of_300(three: Cluster, closing: list[Runtime]) -> None:
+    burst(three, producer(three, "least_task", closing), n=300, seconds=0.2)
+
+
+def burst(three: Cluster, rt: Runtime, n: int, seconds: float) -> None:
+    """Submit ``n`` slow tasks at once; check balance, in-flight bounds and idle slots."""
     key = unique("burst:")
-    n, seconds = 30, 0.4
+    capacity = {three.ids[name]: spec[0] for name, spec in WORKERS.items()}
+    registry = router_of(rt.celery).registry
+    peaks: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for w in registry.all():
+                peaks[w.id] = max(peaks[w.id], w.in_flight)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     submitted = time.time()
-    tasks = rt.manager.submit_many([{"task_type": "rt_slow", "payload": {"key": key, "seconds": seconds}}] * n)
-    done = wait_all(rt, [t.task_id for t in tasks])
+    try:
+        tasks = rt.manager.submit_many([{"task_type": "rt_slow", "payload": {"key": key, "seconds": seconds}}] * n)
+        done = wait_all(rt, [t.task_id for t in tasks], timeout=60 + n * seconds)
+    finally:
+        stop.set()
+        sampler.join()
     assert {t.status for t in done} == {TaskStatus.SUCCEEDED}
     timeline = runs(key)
     assert len(timeline) == n
-    capacity = {three.ids[name]: spec[0] for name, spec in WORKERS.items()}
     counts = Counter(r["w"] for r in timeline)
     total_capacity = sum(capacity.values())
     for wid, cap in capacity.items():
         # Every worker carried work roughly in proportion to its slots.
         assert counts[wid] >= 0.5 * n * cap / total_capacity, counts
         assert max_concurrency([r for r in timeline if r["w"] == wid]) <= cap
+        # The registry's in-flight (held + waiting in the direct queue) never ran past capacity
+        # by more than one task caught between two steps.
+        assert peaks[wid] <= cap + 1, peaks
     gap = longest_idle_slot_while_waiting(timeline, capacity, submitted)
-    print(f"least_task burst: {dict(counts)}; longest idle slot while work waited: {gap * 1000:.0f} ms")
+    print(f"least_task burst of {n}: runs {dict(counts)}, peak in-flight {dict(peaks)}, "
+          f"longest idle slot while work waited {gap * 1000:.0f} ms")
     assert gap <= HEARTBEAT, f"a slot stayed idle {gap:.2f}s while tasks waited"
 
 
