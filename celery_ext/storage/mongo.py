@@ -66,6 +66,18 @@ def redact(uri: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
+def _check_uri(uri: str) -> None:
+    """Reject a malformed URI at configuration time (``mongodb+srv`` would need DNS: left to use)."""
+    if not uri.startswith("mongodb://"):
+        return
+    from pymongo import uri_parser
+
+    try:
+        uri_parser.parse_uri(uri)
+    except (ValueError, _pymongo().errors.ConfigurationError) as exc:
+        raise ConfigError(f"storage.config.uri: {str(exc).split('. Hint')[0]} (in {redact(uri)})") from None
+
+
 class MongoStorage(Storage):
     def __init__(self, settings: MongoSettings) -> None:
         self.settings = settings
@@ -75,6 +87,7 @@ class MongoStorage(Storage):
             self.uri = settings.uri
             path = settings.uri.split("://", 1)[1].partition("/")[2].partition("?")[0]
             self.database = path or settings.database or "task_manager"
+            _check_uri(self.uri)
         else:
             auth = f"{quote_plus(settings.user)}:{quote_plus(settings.password or '')}@" if settings.user else ""
             self.database = settings.database or "task_manager"

@@ -55,6 +55,8 @@ def test_uri_names_the_database_and_description_hides_the_password(tmp_path: Pat
 
 @pytest.mark.parametrize(("config", "needle"), [
     ({"uri": "http://x/y"}, "storage.config.uri"),
+    ({"uri": "mongodb://h:notaport/db"}, "storage.config.uri: Port contains non-digit"),
+    ({"uri": "mongodb://h/db?bogusOption=1"}, "storage.config.uri: Unknown option"),
     ({"tasks_collection": "my-tasks"}, "storage.config.tasks_collection"),
     ({"port": 0}, "storage.config.port"),
     ({"colour": "x"}, "storage.config.colour"),
