@@ -6,8 +6,9 @@ For a celery_ext task it takes the online workers that support the type and have
 Redis round trip, and returns that worker's direct queue.  With no candidate, a delayed task, no
 registry, or a registry that cannot be reached, it returns the type's shared queue, where every
 supporting worker consumes: a task always has somewhere to wait.  While work already waits in the
-shared queue (the registry is the broker), new tasks queue behind it there rather than overtake it.  It only ever returns the
-direct queue of a registered worker or the shared queue of a known type.
+shared queue (the registry is the broker), new tasks queue behind it there rather than overtake
+it.  It only ever returns the direct queue of a registered worker or the shared queue of a known
+type.
 
 Config: ``scheduler.load_balance_strategy`` (``least_task``), ``scheduler.load_balance_config``,
 ``scheduler.routing_cache`` (200ms), ``scheduler.registry_url`` (default: a Redis broker).
