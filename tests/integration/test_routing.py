@@ -40,10 +40,13 @@ def three(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str
                         {"executors": ROUTING_TASKS, "worker": {"heartbeat_interval": HEARTBEAT}})
     cluster = Cluster(directory, data)
     cluster.ids = {}  # type: ignore[attr-defined]
+    cluster.procs = {}  # type: ignore[attr-defined]
     for name, (size, weight, types) in WORKERS.items():
-        w = cluster.worker(hostname=f"{name}@%h", concurrency=size,
+        # -c 1 everywhere: --capacity must set the pool size.
+        w = cluster.worker(hostname=f"{name}@%h", concurrency=1,
                            extra_args=["--capacity", str(size), "--weight", str(weight), "--supported-types", types])
         cluster.ids[name] = w.hostname.replace("%h", _host())  # type: ignore[attr-defined]
+        cluster.procs[name] = w  # type: ignore[attr-defined]
     yield cluster
     cluster.close()
 
@@ -84,6 +87,13 @@ def test_workers_register_with_their_capacity_weight_types_and_queue(three: Clus
         assert (w["capacity"], w["weight"], w["supported_types"]) == (size, weight, sorted(types.split(",")))
         assert w["queue"] == f"{three.data['app']['name']}.worker.{three.ids[name]}" and w["online"]
         assert 0 <= w["in_flight"] <= size
+        children = subprocess.run(["pgrep", "-P", str(three.procs[name].pid)], capture_output=True, text=True)
+        assert len(children.stdout.split()) == size  # pool processes
+    # A worker refuses to start with a type it cannot run, naming it.
+    bad = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "worker", "--supported-types",
+                          "rt_slow,nope"], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "CELERY_EXT_CONFIG": str(three.config_path)})
+    assert bad.returncode != 0 and "worker.supported_types: unknown task type(s) 'nope'" in bad.stdout + bad.stderr
 
 
 def test_least_task_burst_keeps_every_slot_busy_while_work_waits(three: Cluster, closing: list[Runtime]) -> None:
