@@ -36,6 +36,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 config.storage.type, config.storage.config, config.data_dir)
         except ConfigError as exc:
             errors.extend(exc.errors)
+        try:
+            from celery_ext.routing.router import build_balancer
+
+            build_balancer(config)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
         if errors:
             raise ConfigError(errors)
     except ConfigError as exc:

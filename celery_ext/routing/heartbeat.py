@@ -66,8 +66,8 @@ class Seat:
         except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
             logger.debug("in-flight update failed: %s", exc)
 
-    def loop(self) -> None:
-        while not self.stop.wait(self.interval):
+    def loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
             self.beat()
 
 
@@ -134,9 +134,11 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         if self.seat is None:
             return
-        self.seat.stop.clear()
+        # A fresh event per start: a consumer restart must not revive the previous thread.
+        self.seat.stop = threading.Event()
         self.seat.beat()  # registered before the worker reports ready
-        self.thread = threading.Thread(target=self.seat.loop, name="celery_ext-heartbeat", daemon=True)
+        self.thread = threading.Thread(target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat",
+                                       daemon=True)
         self.thread.start()
 
     def stop(self, c: Any) -> None:

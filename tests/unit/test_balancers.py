@@ -136,3 +136,13 @@ def test_consistent_hash_falls_back_to_idempotency_key_then_task_id() -> None:
     assert len(by_key) == 1
     by_id = {b.select(workers, RoutedTask("t", f"id{i}", {})).id for i in range(40)}
     assert len(by_id) > 1
+
+
+def test_config_validate_reports_an_unknown_strategy(tmp_path, capsys) -> None:
+    from celery_ext.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text("scheduler: {load_balance_strategy: weighted}\n")
+    assert main(["config", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "scheduler.load_balance_strategy: no load balancer 'weighted'" in err and "least_task" in err
