@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +51,13 @@ class Seat:
     stop: threading.Event = field(default_factory=threading.Event)
     warned_at: float = 0.0
     delta: int = 0
+    # Non-Redis brokers: how many messages wait in the direct queue (Redis: LLEN in the script).
+    queued: Callable[[], int] | None = None
 
     def beat(self) -> None:
         try:
-            _, self.delta = self.registry.heartbeat(self.info, self.ttl, len(state.reserved_requests), self.keys,
-                                                    self.delta)
+            held = len(state.reserved_requests) + (self.queued() if self.queued else 0)
+            _, self.delta = self.registry.heartbeat(self.info, self.ttl, held, self.keys, self.delta)
         except Exception as exc:  # noqa: BLE001 - a registry outage must not stop the worker
             if time.monotonic() - self.warned_at > 10:
                 self.warned_at = time.monotonic()
@@ -129,6 +132,8 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
         keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
         self.seat = Seat(WorkerRegistry.from_url(url, prefix), info, conf.offline_threshold,
                          conf.heartbeat_interval, keys, frozenset(types))
+        if not redis_broker:
+            self.seat.queued = _queue_depth(c.app, direct)
         rt.extras[SEAT] = self.seat
 
     def start(self, c: Any) -> None:
@@ -158,6 +163,25 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.info("handed %d queued task(s) back to the shared queues", moved)
         except Exception as exc:  # noqa: BLE001 - the scheduler's sweep does this later
             logger.warning("could not deregister cleanly (the scheduler will): %s", exc)
+
+
+def _queue_depth(app: Any, queue: str) -> Callable[[], int]:
+    """Message count of ``queue`` by a passive declare, on a connection of the heartbeat thread."""
+    conn: Any = None
+
+    def depth() -> int:
+        nonlocal conn
+        try:
+            if conn is None:
+                conn = app.connection_for_write()
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except Exception:
+            if conn is not None:
+                conn.release()
+            conn = None
+            raise
+
+    return depth
 
 
 def _seat(app: Any) -> Seat | None:
