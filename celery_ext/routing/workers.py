@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,17 +33,21 @@ KEEP_KEYS_MS = 24 * 3600 * 1000  # an app that stops entirely leaves no keys beh
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
-# KEYS: workers, expiry, inflight, direct sub-queues...
+# KEYS: workers, expiry, inflight, generation, direct sub-queues...
 # ARGV: id, info, ttl_ms, held, keep_ms, previous delta -> {in-flight, delta}
 # The truth is held + queued.  The count is reset to it only when it differs by the same amount
 # at two beats in a row: a one-off difference is a task between two steps (popped but not yet
 # held, finished but not yet released), while a leak (a crashed child) persists.
 _HEARTBEAT = _NOW + """
 local queued = 0
-for i = 4, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 5, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  -- The static part changed (or is new): readers holding a cached copy must reload it.
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('INCR', KEYS[4])
+end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
 local truth = tonumber(ARGV[4]) + queued
 local current = redis.call('HGET', KEYS[3], ARGV[1])
 local delta = truth - tonumber(current or truth)
@@ -55,17 +58,23 @@ end
 return {truth - delta, delta}
 """
 
-# KEYS: workers, expiry, inflight -> {ids, infos, loads} of the online workers
+# KEYS: workers, expiry, inflight, generation  ARGV: the caller's generation
+# -> {generation, ids, loads, infos} of the online workers; infos only when the generation moved
 _ONLINE = _NOW + """
+local gen = redis.call('GET', KEYS[4]) or '0'
+local fetch = gen ~= ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
 local infos, loads = {}, {}
 for i = 1, #ids, 500 do
   local chunk = {unpack(ids, i, math.min(i + 499, #ids))}
-  local a = redis.call('HMGET', KEYS[1], unpack(chunk))
   local b = redis.call('HMGET', KEYS[3], unpack(chunk))
-  for j = 1, #chunk do infos[#infos + 1] = a[j] loads[#loads + 1] = b[j] end
+  for j = 1, #chunk do loads[#loads + 1] = b[j] end
+  if fetch then
+    local a = redis.call('HMGET', KEYS[1], unpack(chunk))
+    for j = 1, #chunk do infos[#infos + 1] = a[j] end
+  end
 end
-return {ids, infos, loads}
+return {gen, ids, loads, infos}
 """
 
 # KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity
@@ -119,7 +128,8 @@ class WorkerInfo:
     supported_types: tuple[str, ...] = ()
     in_flight: int = 0
     config_version: str = ""
-    heartbeat_at: float = 0.0
+    heartbeat_at: float = 0.0  # from the expiry score: Redis time of the last heartbeat
+    ttl: float = 0.0
     pid: int = 0
     online: bool = True
     _types: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -136,8 +146,9 @@ class WorkerInfo:
         return self.capacity - self.in_flight
 
     def to_json(self) -> str:
+        """The static part (what the registry hash stores; load and liveness live apart)."""
         data = asdict(self)
-        for key in ("in_flight", "online", "_types"):
+        for key in ("in_flight", "online", "_types", "heartbeat_at"):
             data.pop(key)
         return json.dumps(data, separators=(",", ":"))
 
@@ -155,7 +166,8 @@ class WorkerInfo:
         return cls(**known, in_flight=int(in_flight or 0), online=online)
 
 
-_FIELDS = frozenset(f for f in WorkerInfo.__dataclass_fields__ if f not in ("in_flight", "online", "_types"))
+_FIELDS = frozenset(f for f in WorkerInfo.__dataclass_fields__
+                    if f not in ("in_flight", "online", "_types", "heartbeat_at"))
 
 
 class WorkerRegistry:
@@ -164,7 +176,11 @@ class WorkerRegistry:
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self.keys = (f"{prefix}.workers", f"{prefix}.workers.expiry", f"{prefix}.workers.inflight")
+        self.keys = (f"{prefix}.workers", f"{prefix}.workers.expiry", f"{prefix}.workers.inflight",
+                     f"{prefix}.workers.generation")
+        # The static entries as of ``_generation``: a refresh re-reads only ids and loads.
+        self._static: dict[str, WorkerInfo] = {}
+        self._generation = ""
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._online = client.register_script(_ONLINE)
         self._reserve = client.register_script(_RESERVE)
@@ -187,7 +203,7 @@ class WorkerRegistry:
         """Register or refresh ``info`` for ``ttl`` seconds and check its in-flight count against
         the truth (``held`` + queued in ``queue_keys``).  Returns ``(in_flight, delta)``: pass
         ``delta`` back as ``last_delta`` next time; a delta seen twice in a row is corrected."""
-        info.heartbeat_at = time.time()
+        info.ttl = ttl
         count, delta = self._heartbeat(keys=[*self.keys, *queue_keys], args=[
             info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS, last_delta])
         return int(count), int(delta)
@@ -202,15 +218,23 @@ class WorkerRegistry:
     # --- the producer side ----------------------------------------------------------------
 
     def online(self) -> list[WorkerInfo]:
-        ids, infos, loads = self._online(keys=list(self.keys))
+        """The online workers with their current loads.  The objects are reused from call to
+        call (only ``in_flight`` changes) while no worker's static entry changed."""
+        gen, ids, loads, infos = self._online(keys=list(self.keys), args=[self._generation])
+        if infos:
+            static = {}
+            for wid, raw in zip(ids, infos, strict=True):
+                try:
+                    static[_s(wid)] = WorkerInfo.from_json(raw)
+                except (ValueError, TypeError) as exc:
+                    logger.warning("ignoring malformed registry entry %r: %s", wid, exc)
+            self._static, self._generation = static, _s(gen)
         out = []
-        for wid, raw, load in zip(ids, infos, loads, strict=True):
-            if raw is None:
-                continue
-            try:
-                out.append(WorkerInfo.from_json(raw, load))
-            except (ValueError, TypeError) as exc:
-                logger.warning("ignoring malformed registry entry %r: %s", wid, exc)
+        for wid, load in zip(ids, loads, strict=True):
+            base = self._static.get(_s(wid))
+            if base is not None:
+                base.in_flight = int(load or 0)
+                out.append(base)
         return out
 
     def reserve(self, worker_id: str, capacity: int, backlog_keys: Sequence[str] = ()) -> int:
@@ -232,7 +256,10 @@ class WorkerRegistry:
         for wid, raw in infos.items():
             wid = _s(wid)
             online = expires.get(wid, 0) >= now_ms
-            out.append(WorkerInfo.from_json(raw, loads.get(wid, 0), online=online))
+            info = WorkerInfo.from_json(raw, loads.get(wid, 0), online=online)
+            if expires.get(wid):
+                info.heartbeat_at = expires[wid] / 1000 - info.ttl
+            out.append(info)
         return sorted(out, key=lambda w: w.id)
 
     def sweep_offline(self, limit: int = 100) -> list[WorkerInfo]:

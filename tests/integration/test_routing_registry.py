@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 import redis
 
 from celery_ext.routing.router import router_of
@@ -228,3 +229,19 @@ def test_unacked_messages_of_a_dead_worker_are_returned(make_cluster) -> None:
     finally:
         r().hdel("unacked", tag, tag2)
         r().zrem("unacked_index", tag)
+
+
+def test_readers_see_changed_entries_and_cheap_refreshes_keep_loads_current(make_cluster) -> None:
+    rt, router = producer(make_cluster)
+    reg = router.registry
+    info = fake(router, "a", capacity=4, weight=1)
+    assert [(w.id, w.weight, w.in_flight) for w in reg.online()] == [("a", 1, 0)]
+    reg.reserve("a", 4)
+    assert reg.online()[0].in_flight == 1  # loads are read on every refresh
+    info.weight = 5  # e.g. a config reload on the worker: the next heartbeat publishes it
+    reg.heartbeat(info, 30, 1)
+    assert reg.online()[0].weight == 5
+    fake(router, "b")
+    assert sorted(w.id for w in reg.online()) == ["a", "b"]
+    listed = {w.id: w for w in reg.all()}
+    assert listed["a"].heartbeat_at == pytest.approx(time.time(), abs=5) and listed["a"].online
