@@ -73,6 +73,7 @@ class TaskRouter:
         self._fresh_until = 0.0
         self._warned_at = 0.0
         self._down_until = 0.0
+        self._backlog_until: dict[str, float] = {}
         self.retry_after = 2.0
 
     @classmethod
@@ -122,6 +123,8 @@ class TaskRouter:
         assert self.registry is not None
         routed = RoutedTask(task_type, kwargs.get("task_id"), kwargs.get("payload") or {},
                             kwargs.get("idempotency_key"), priority)
+        if time.monotonic() < self._backlog_until.get(task_type, 0.0):
+            return None  # a backlog was seen lately: join it without asking Redis again
         rejected: set[str] = set()
         for _ in range(3):
             worker = self.choose(routed, rejected)
@@ -129,7 +132,10 @@ class TaskRouter:
                 return None
             count = self.registry.reserve(worker.id, worker.capacity, self.backlog_keys.get(task_type, ()))
             if count == -2:
-                return None  # work already waits in the shared queue: queue behind it
+                # Work already waits in the shared queue: queue behind it, and keep doing so
+                # until the next snapshot (a burst then costs no round trip per task).
+                self._backlog_until[task_type] = time.monotonic() + self.cache_ttl
+                return None
             if count >= 0:
                 worker.in_flight = count  # the server's count: it includes releases since the snapshot
                 return worker
@@ -162,6 +168,7 @@ class TaskRouter:
 
     def invalidate(self) -> None:
         self._fresh_until = 0.0
+        self._backlog_until.clear()
 
     def _index(self, workers: list[WorkerInfo]) -> dict[str, list[WorkerInfo]]:
         by_type: dict[str, list[WorkerInfo]] = {t: [] for t in self.task_types}

@@ -83,6 +83,7 @@ def test_new_work_queues_behind_a_shared_queue_backlog(make_cluster) -> None:
     r().rpush(shared[9], "waiting")
     assert {route(router) for _ in range(5)} == {f"{router.prefix}.rt_slow"}
     r().delete(shared[9])
+    router.invalidate()  # the backlog is remembered until the next snapshot (routing_cache)
     assert route(router) == direct_queue_name(router.prefix, "a")
 
 
