@@ -184,7 +184,9 @@ def _queue_depth(app: Any, queue: str) -> Callable[[], int]:
     return depth
 
 
-def _seat(app: Any) -> Seat | None:
+def seat_of(app: Any) -> Seat | None:
+    """This worker's registry seat, or None outside a worker.  A config reload changes
+    ``seat.info.capacity`` / ``weight``; the next heartbeat publishes them."""
     try:
         seat: Seat | None = runtime_of(app).extras.get(SEAT)
     except AttributeError:
@@ -208,7 +210,7 @@ def install_routing(app: Celery) -> None:
 
     def received(request: Any = None, **_: Any) -> None:
         # Main process.  A task from a shared queue was not reserved by a router: count it now.
-        seat = _seat(app)
+        seat = seat_of(app)
         if seat is None or request is None or request.name not in seat.types or request.app is not app:
             return
         if (request.delivery_info or {}).get("routing_key") != seat.info.queue:
@@ -216,7 +218,7 @@ def install_routing(app: Celery) -> None:
 
     def finished(sender: Any = None, **_: Any) -> None:
         # Pool process (or thread): the slot is free again.
-        seat = _seat(app)
+        seat = seat_of(app)
         if seat is not None and getattr(sender, "name", None) in seat.types and sender.app is app:
             seat.adjust(-1)
 
