@@ -130,9 +130,9 @@ class EventBus(abc.ABC):
 
     def subscribe(self, event_type: str, handler: Handler, *, local_only: bool = False) -> None:
         """Call ``handler(event)`` for every event of ``event_type`` (``"*"``: all types)."""
+        self._ensure_threads()
         with self._lock:
             self._handlers.setdefault(event_type, []).append((handler, local_only))
-        self._ensure_threads()
         if not local_only:
             self._ensure_listener()
 
@@ -202,6 +202,9 @@ class EventBus(abc.ABC):
             self._inbox: queue.Queue[tuple[Any, Callable[[], None] | None, bool]] = queue.Queue(self.max_outbox)
             self._stop = threading.Event()
             self._listener: threading.Thread | None = None
+            # Handlers subscribed in a parent process belong to it (a pool child must not run the
+            # main process's plugins a second time).
+            self._handlers = {}
             self._after_fork()
             threading.Thread(target=self._send_loop, name=f"celery_ext-events-{self.name}-send",
                              daemon=True).start()

@@ -80,3 +80,5 @@ def test_third_party_plugin_installed_by_entry_point_starts_from_config(make_clu
     assert out.read_text().startswith("started ") and "greeting=bonjour" in out.read_text()
     w.stop()
     assert out.read_text().rstrip().endswith("stopped")
+    # Seen once, by the main process: pool children do not run the main process's handlers.
+    assert out.read_text().count(f"task_completed {t.task_id}") == 1
