@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery_ext.events import build_event_bus
 from celery_ext.events.base import (
+    CONFIG_RELOADED,
+    SCHEDULER_LEADER_CHANGED,
     TASK_CANCELLED,
     TASK_COMPLETED,
     TASK_CREATED,
@@ -97,6 +99,18 @@ class EventBridge(TaskObserver):
     def worker_offline(self, worker_id: str, reason: str) -> None:
         self.metrics.worker_offline(worker_id)
         self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker_id, data={"reason": reason}))
+
+
+    @_safe
+    def leader_changed(self, node: str, is_leader: bool, **data: Any) -> None:
+        """For the scheduler: this node gained or lost leadership."""
+        self.metrics.scheduler_election(is_leader)
+        self.bus.publish(Event(SCHEDULER_LEADER_CHANGED, worker_id=node, data={"is_leader": is_leader, **data}))
+
+    @_safe
+    def config_reloaded(self, node: str, **data: Any) -> None:
+        """For the config watcher: a new valid config was swapped in."""
+        self.bus.publish(Event(CONFIG_RELOADED, worker_id=node, data=data))
 
 
 def _error(error: TaskErrorInfo | None) -> dict[str, Any]:
