@@ -183,7 +183,9 @@ def test_tasks_only_run_on_workers_that_support_their_type(three: Cluster, closi
 def test_weighted_round_robin_end_to_end_follows_weights(three: Cluster, closing: list[Runtime]) -> None:
     rt = producer(three, "weighted_round_robin", closing)
     # echo runs on wa (weight 3) and wb (weight 1); one at a time, so capacity never binds.
-    workers = Counter(rt.manager.wait(rt.manager.submit("echo", {"i": i}).task_id, 30).worker_id for i in range(40))
+    from tests.integration.test_routing_failover import one_at_a_time
+
+    workers = Counter(one_at_a_time(rt, rt.manager.submit("echo", {"i": i})).worker_id for i in range(40))
     assert workers[three.ids["wa"]] == pytest.approx(30, abs=3), workers
     assert workers[three.ids["wb"]] == pytest.approx(10, abs=3), workers
 
