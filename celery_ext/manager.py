@@ -155,6 +155,8 @@ class TaskManager:
 
     def _publish(self, batch: list[tuple[Task, float | None]]) -> list[Task]:
         dispatches = [Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c) for t, c in batch]
+        # Taken before publishing, so queued_at never comes after a fast worker's started_at.
+        now = utcnow()
         try:
             if len(dispatches) == 1:
                 self.dispatcher.publish(dispatches[0])
@@ -162,7 +164,6 @@ class TaskManager:
                 self.dispatcher.publish_many(dispatches)
         except Exception as exc:
             raise PublishError(batch[0][0].task_id, exc) from exc
-        now = utcnow()
         pending = [t.task_id for t, _ in batch if t.status is TaskStatus.PENDING]
         if pending:
             self.storage.tasks.update_many(pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=now)
