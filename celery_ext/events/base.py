@@ -105,6 +105,8 @@ class EventBus(abc.ABC):
         self._handlers: dict[str, list[tuple[Handler, bool]]] = {}
         self._lock = threading.Lock()
         self._forward: Callable[[Event], None] | None = None
+        self._wants: Callable[[str], bool] = lambda _type: True
+        self._on_subscriptions: Callable[[set[str]], None] | None = None
         self._pid: int | None = None
         self._closed = False
         # A fork while one of our threads holds the lock would leave the child's copy locked.
@@ -123,7 +125,7 @@ class EventBus(abc.ABC):
         try:
             if self.transports or self._forward is not None:
                 self._outbox.put_nowait(event)
-            if self._handlers:
+            if event.type in self._handlers or ALL in self._handlers:
                 self._inbox.put_nowait((event, None, False))
         except queue.Full:
             self.stats.dropped += 1
@@ -133,6 +135,7 @@ class EventBus(abc.ABC):
         self._ensure_threads()
         with self._lock:
             self._handlers.setdefault(event_type, []).append((handler, local_only))
+        self._subscriptions_changed()
         if not local_only:
             self._ensure_listener()
 
@@ -142,10 +145,32 @@ class EventBus(abc.ABC):
             entries[:] = [(h, lo) for h, lo in entries if h != handler]
             if not entries:
                 self._handlers.pop(event_type, None)
+        self._subscriptions_changed()
 
-    def forward_to(self, forward: Callable[[Event], None] | None) -> None:
-        """Hand published events to ``forward`` instead of the transport (a pool child -> parent)."""
+    def forward_to(self, forward: Callable[[Event], None] | None,
+                   wants: Callable[[str], bool] | None = None) -> None:
+        """Also hand published events that ``wants(type)`` to ``forward`` (a pool child -> its
+        parent's handlers).  The transport still gets every event, from this process."""
         self._forward = forward
+        self._wants = wants or (lambda _type: True)
+
+    def watch_subscriptions(self, callback: Callable[[set[str]], None]) -> None:
+        """Call ``callback(types)`` with the subscribed event types whenever they change."""
+        self._on_subscriptions = callback
+        self._subscriptions_changed()
+
+    def deliver_local(self, event: Event) -> None:
+        """Give ``event`` to this process's handlers only (it was sent elsewhere already)."""
+        if not self._closed and (event.type in self._handlers or ALL in self._handlers):
+            self._ensure_threads()
+            try:
+                self._inbox.put_nowait((event, None, False))
+            except queue.Full:
+                self.stats.dropped += 1
+
+    def _subscriptions_changed(self) -> None:
+        if self._on_subscriptions is not None:
+            self._on_subscriptions(set(self._handlers))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything published so far was sent and handled; False on timeout."""
@@ -262,8 +287,9 @@ class EventBus(abc.ABC):
         try:
             if self._forward is not None:
                 for event in events:
-                    self._forward(event)
-            else:
+                    if self._wants(event.type):
+                        self._forward(event)
+            if self.transports:
                 self._send(events)
             self.stats.sent += len(events)
         except Exception as exc:  # noqa: BLE001 - events are best effort; tasks go on

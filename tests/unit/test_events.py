@@ -98,3 +98,17 @@ def test_hub_lines_stay_atomic_and_reach_the_parent_bus() -> None:
     assert [e.task_id for e in got] == ["t2", "t1"]
     hub.close()
     parent.close()
+
+
+def test_hub_forwards_only_what_the_parent_subscribed_to() -> None:
+    hub, parent = ProcessHub(), LocalEventBus()
+    hub.start(parent)
+    assert not hub.wants("task_failed")
+    parent.subscribe("task_failed", lambda e: None, local_only=True)
+    assert hub.wants("task_failed") and not hub.wants("task_started") and not hub.wants("custom")
+    parent.subscribe("custom", lambda e: None)
+    assert hub.wants("custom") and hub.wants("other_custom")
+    parent.subscribe(ALL, lambda e: None)
+    assert hub.wants("task_started")
+    hub.close()
+    parent.close()
