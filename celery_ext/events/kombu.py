@@ -8,6 +8,7 @@ Config keys (``events.config``):
   url:      broker URL (default: ``broker.url``)
   exchange: fanout exchange name (default ``<app.name>.events``)
   queue:    durable queue name for this subscriber (default: a private auto-deleted queue)
+  linger:   how long a sender waits to batch events into one message (default 50ms)
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 from kombu import Connection, Exchange, Producer, Queue
 from pydantic import BaseModel, ConfigDict
 
-from celery_ext.config import validate_section
+from celery_ext.config import Duration, validate_section
 from celery_ext.events.base import Event, EventBus
 
 
 class KombuBusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    linger: Duration = 0.05
     url: str | None = None
     exchange: str | None = None
     queue: str | None = None
@@ -37,6 +39,7 @@ class KombuEventBus(EventBus):
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.settings = validate_section(KombuBusSettings, self.config, "events.config")
+        self.linger = self.settings.linger
         self.url = self.settings.url or self.broker_url
         self.exchange = Exchange(self.settings.exchange or f"{self.app_name}.events", type="fanout",
                                  durable=False, auto_delete=False)

@@ -11,6 +11,7 @@ Config keys (``events.config``):
   maxlen:   approximate bound on the stream length (default 100000)
   group:    consumer group of this subscriber (default: none, live events only)
   consumer: consumer name within the group (default: host name)
+  linger:   how long a sender waits to batch events into one pipeline (default 50ms)
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from celery_ext.config import validate_section
+from celery_ext.config import Duration, validate_section
 from celery_ext.errors import ConfigError
 from celery_ext.events.base import Event, EventBus, logger
 
 
 class RedisBusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    linger: Duration = 0.05
     url: str | None = None
     stream: str | None = None
     maxlen: int = Field(100_000, ge=1)
@@ -42,6 +44,7 @@ class RedisEventBus(EventBus):
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.settings = validate_section(RedisBusSettings, self.config, "events.config")
+        self.linger = self.settings.linger
         url = self.settings.url or self.broker_url
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"events.config.url: the redis event bus needs a Redis URL (got {url!r})")
