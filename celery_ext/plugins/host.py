@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from celery_ext.events.base import WORKER_OFFLINE, WORKER_ONLINE, Event
 from celery_ext.events.hub import ProcessHub
@@ -71,4 +71,9 @@ def install_plugin_host(app: Celery) -> None:
         if hub is not None:
             hub.attach_child(rt.extras["events"])
 
+    def child_exit(**_: Any) -> None:
+        # A child replaced after --max-tasks-per-child still holds its last events (batched).
+        runtime_of(app).extras["events"].flush(2.0)
+
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.events_child.{id(app)}")
+    worker_process_shutdown.connect(child_exit, weak=False, dispatch_uid=f"celery_ext.events_exit.{id(app)}")

@@ -102,3 +102,15 @@ def test_redis_bus_subscriber_gets_what_it_missed_while_down(make_cluster) -> No
     poll(lambda: all(later.types_of(t.task_id) == ["task_completed"] for t in missed), 20, "missed events")
     assert later.types_of(t1.task_id) == []  # already acknowledged before going down
     again.close()
+
+
+def test_events_of_replaced_pool_children_are_not_lost(make_cluster) -> None:
+    c = make_cluster(executors=TASKS, events={"type": "redis"})
+    bus, seen = subscriber(c), Collector()
+    bus.subscribe("task_completed", seen)
+    c.worker(extra_args=["--max-tasks-per-child=1"])  # each child exits right after its task
+    tasks = [c.manager.submit("whoami") for _ in range(4)]
+    pids = {c.manager.wait(t.task_id, 30).result["pid"] for t in tasks}
+    assert len(pids) == 4
+    poll(lambda: all(seen.types_of(t.task_id) == ["task_completed"] for t in tasks), 20, "every completion")
+    bus.close()
