@@ -46,6 +46,8 @@ class RedisEventBus(EventBus):
         self.settings = validate_section(RedisBusSettings, self.config, "events.config")
         self.linger = self.settings.linger
         url = self.settings.url or self.broker_url
+        if url.startswith("redis+socket://"):  # kombu's spelling, used by the embedded broker
+            url = "unix://" + url.removeprefix("redis+socket://")
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"events.config.url: the redis event bus needs a Redis URL (got {url!r})")
         self.url = url
