@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -171,6 +173,20 @@ class SqlStorage(Storage):
                 yield conn
 
     @contextlib.contextmanager
+    def single(self) -> Iterator[Connection]:
+        """One statement that needs no transaction around it.  PostgreSQL and SQLite run it in
+        autocommit: one round trip instead of BEGIN, statement, COMMIT (on the per-task path,
+        ~0.3 ms saved per statement).  PyMySQL would spend round trips toggling autocommit, so
+        MySQL keeps its implicit transaction."""
+        if self.type_name == "mysql":
+            with self.begin() as conn:
+                yield conn
+            return
+        with self._translated():
+            with self.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+                yield conn
+
+    @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         try:
             yield
@@ -284,6 +300,16 @@ def _values(fields: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+@functools.cache
+def _update_statement(columns: tuple[str, ...], with_token: bool) -> Any:
+    """The conditional UPDATE for one set of columns, built once: the state machine's moves are
+    a handful of shapes, run for every task, so statement construction is kept off that path."""
+    cond = [tasks.c.task_id == bindparam("p_id"), tasks.c.status.in_(bindparam("p_status", expanding=True))]
+    if with_token:
+        cond.append(tasks.c.dispatch_token == bindparam("p_token"))
+    return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
+
+
 def _statuses(expected: Iterable[TaskStatus]) -> list[str]:
     return [TaskStatus(s).value for s in expected]
 
@@ -317,7 +343,7 @@ class SqlTaskRepository(TaskRepository):
             return [self.create(t) for t in new]
 
     def get(self, task_id: str) -> Task | None:
-        with self.storage.begin() as conn:
+        with self.storage.single() as conn:
             row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
         return _from_row(row) if row else None
 
@@ -329,11 +355,12 @@ class SqlTaskRepository(TaskRepository):
     def update(
         self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
     ) -> bool:
-        cond = [tasks.c.task_id == task_id, tasks.c.status.in_(_statuses(expected))]
+        values = _values(fields)
+        params = {"p_id": task_id, "p_status": _statuses(expected), **{f"v_{k}": v for k, v in values.items()}}
         if token is not None:
-            cond.append(tasks.c.dispatch_token == token)
-        with self.storage.begin() as conn:
-            res = conn.execute(update(tasks).where(*cond).values(**_values(fields)))
+            params["p_token"] = token
+        with self.storage.single() as conn:
+            res = conn.execute(_update_statement(tuple(values), token is not None), params)
         return res.rowcount == 1
 
     def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
