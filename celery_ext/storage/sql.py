@@ -135,6 +135,7 @@ class SqlStorage(Storage):
         self.url = url
         self.settings = settings
         self._engine: Engine | None = None
+        self._autocommit: Engine | None = None
         self._pid = os.getpid()
         self.tasks = SqlTaskRepository(self)
         self.logs = SqlTaskLogRepository(self)
@@ -182,8 +183,11 @@ class SqlStorage(Storage):
             with self.begin() as conn:
                 yield conn
             return
+        engine = self.engine
+        if self._autocommit is None or self._autocommit._proxied is not engine:  # type: ignore[attr-defined]
+            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         with self._translated():
-            with self.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            with self._autocommit.connect() as conn:
                 yield conn
 
     @contextlib.contextmanager
