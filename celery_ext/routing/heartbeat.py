@@ -53,7 +53,6 @@ class Seat:
     delta: int = 0
     # Non-Redis brokers: how many messages wait in the direct queue (Redis: LLEN in the script).
     queued: Callable[[], int] | None = None
-    _flusher: _DeltaFlusher | None = field(default=None, repr=False)
 
     def beat(self) -> None:
         try:
@@ -65,53 +64,14 @@ class Seat:
                 logger.warning("worker registry heartbeat failed (will retry): %s", exc)
 
     def adjust(self, delta: int) -> None:
-        """Count a slot taken (+1) or freed (-1).  Never a round trip on the caller's path: the
-        main process would block its event loop and a pool process its next task.  A flusher
-        thread of this process sends the summed delta a few milliseconds later (the router caches
-        the registry for longer than that anyway)."""
-        self._deltas().add(delta)
-
-    def _deltas(self) -> _DeltaFlusher:
-        flusher = self._flusher
-        if flusher is None or flusher.pid != os.getpid():  # a pool child builds its own
-            flusher = self._flusher = _DeltaFlusher(self)
-        return flusher
+        try:
+            self.registry.adjust(self.info.id, delta)
+        except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
+            logger.debug("in-flight update failed: %s", exc)
 
     def loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             self.beat()
-
-
-class _DeltaFlusher:
-    """Sums in-flight deltas of one process and sends them in one call per short window."""
-
-    window = 0.005
-
-    def __init__(self, seat: Seat) -> None:
-        self.seat = seat
-        self.pid = os.getpid()
-        self.pending = 0
-        self.wake = threading.Condition()
-        threading.Thread(target=self._run, name="celery_ext-inflight", daemon=True).start()
-
-    def add(self, delta: int) -> None:
-        with self.wake:
-            self.pending += delta
-            self.wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self.wake:
-                while not self.pending:
-                    self.wake.wait()
-            time.sleep(self.window)  # let a burst of deltas coalesce into one call
-            with self.wake:
-                delta, self.pending = self.pending, 0
-            if delta:
-                try:
-                    self.seat.registry.adjust(self.seat.info.id, delta)
-                except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
-                    logger.debug("in-flight update failed: %s", exc)
 
 
 def _types(value: Any) -> list[str] | None:
