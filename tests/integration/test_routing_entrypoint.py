@@ -40,7 +40,9 @@ def test_entry_point_balancer_is_selected_from_config_and_routes_real_work(make_
     c = make_cluster(executors=ROUTING_TASKS, scheduler={"load_balance_strategy": "lowest_id"})
     router = router_of(c.runtime.celery)
     assert type(router.balancer).__name__ == "LowestIdBalancer"
-    w = c.worker()  # the worker builds the same router: it must find the entry point too
+    # The worker builds the same router: it must find the entry point too.  Room for 8 keeps the
+    # real worker the lowest-id candidate even when slot releases lag on a loaded machine.
+    w = c.worker(pool="threads", concurrency=8)
     # A registered worker that never consumes: any task routed there would never finish.
     decoy = WorkerInfo(id="~decoy", queue=direct_queue_name(router.prefix, "~decoy"), capacity=100,
                        supported_types=("rt_slow",))
