@@ -324,10 +324,13 @@ def _values(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def _update_statement(columns: tuple[str, ...], with_token: bool) -> Any:
+def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int) -> Any:
     """The conditional UPDATE for one set of columns, built once: the state machine's moves are
-    a handful of shapes, run for every task, so statement construction is kept off that path."""
-    cond = [tasks.c.task_id == bindparam("p_id"), tasks.c.status.in_(bindparam("p_status", expanding=True))]
+    a handful of shapes, run for every task, so statement construction is kept off that path.
+    The expected statuses are ``n_status`` plain parameters, not one expanding IN parameter,
+    which SQLAlchemy would re-render on every execution (a third of a claim's client CPU)."""
+    statuses = [bindparam(f"p_status{i}") for i in range(n_status)]
+    cond = [tasks.c.task_id == bindparam("p_id"), tasks.c.status.in_(statuses)]
     if with_token:
         cond.append(tasks.c.dispatch_token == bindparam("p_token"))
     return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
@@ -379,11 +382,13 @@ class SqlTaskRepository(TaskRepository):
         self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
     ) -> bool:
         values = _values(fields)
-        params = {"p_id": task_id, "p_status": _statuses(expected), **{f"v_{k}": v for k, v in values.items()}}
+        statuses = _statuses(expected)
+        params = {"p_id": task_id, **{f"p_status{i}": s for i, s in enumerate(statuses)},
+                  **{f"v_{k}": v for k, v in values.items()}}
         if token is not None:
             params["p_token"] = token
         with self.storage.single() as conn:
-            res = conn.execute(_update_statement(tuple(values), token is not None), params)
+            res = conn.execute(_update_statement(tuple(values), token is not None, len(statuses)), params)
         return res.rowcount == 1
 
     def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
