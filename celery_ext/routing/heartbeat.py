@@ -65,7 +65,7 @@ class Seat:
 
     def adjust(self, delta: int) -> None:
         try:
-            self.registry.adjust(self.info.id, delta)
+            self.registry.adjust_nowait(self.info.id, delta)
         except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
             logger.debug("in-flight update failed: %s", exc)
 

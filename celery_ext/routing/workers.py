@@ -186,6 +186,7 @@ class WorkerRegistry:
         self._reserve = client.register_script(_RESERVE)
         self._adjust = client.register_script(_ADJUST)
         self._sweep = client.register_script(_SWEEP)
+        self._nowait: Any = None
 
     @classmethod
     def from_url(cls, url: str, prefix: str) -> WorkerRegistry:
@@ -214,6 +215,17 @@ class WorkerRegistry:
 
     def adjust(self, worker_id: str, delta: int) -> int:
         return int(self._adjust(keys=[self.keys[2]], args=[worker_id, delta]))
+
+    def adjust_nowait(self, worker_id: str, delta: int) -> None:
+        """``adjust`` without waiting for Redis (the per-task path; see routing/nowait.py)."""
+        if self._nowait is None:
+            from celery_ext.routing.nowait import NoReplyWriter
+
+            self._nowait = NoReplyWriter(self.client)
+        if delta >= 0:  # only a decrement can cross zero
+            self._nowait.send("HINCRBY", self.keys[2], worker_id, delta)
+        else:
+            self._nowait.send("EVAL", _ADJUST, 1, self.keys[2], worker_id, delta)
 
     # --- the producer side ----------------------------------------------------------------
 
