@@ -10,12 +10,12 @@ from __future__ import annotations
 import abc
 import base64
 import builtins
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from celery_ext.model import Task, TaskFilter, TaskLog, TaskPage, TaskStatus
+from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus
 
 
 class TaskRepository(abc.ABC):
@@ -143,3 +143,69 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created), task_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise CeleryExtError(f"invalid cursor {cursor!r}") from exc
+
+
+# --- the flat record every backend stores ---------------------------------------------------
+
+TIME_FIELDS = ("run_at", "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at")
+
+
+def to_record(task: Task) -> dict[str, Any]:
+    """A task as a flat record: status as its string, the error split into reason and message,
+    ``updated_at`` defaulting to ``created_at``.  Backends encode the time fields as they need."""
+    return {
+        "task_id": task.task_id,
+        "task_type": task.task_type,
+        "payload": task.payload,
+        "status": task.status.value,
+        "priority": task.priority,
+        "attempt": task.attempt,
+        "max_retries": task.max_retries,
+        "timeout": task.timeout,
+        "run_at": task.run_at,
+        "worker_id": task.worker_id,
+        "result": task.result,
+        "error_reason": task.error.reason if task.error else None,
+        "error_message": task.error.message if task.error else None,
+        "idempotency_key": task.idempotency_key,
+        "dispatch_token": task.dispatch_token,
+        "lease_until": task.lease_until,
+        "created_at": task.created_at,
+        "queued_at": task.queued_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "updated_at": task.updated_at or task.created_at,
+    }
+
+
+def from_record(record: Mapping[str, Any], time: Callable[[Any], datetime | None] = lambda v: v) -> Task:
+    """The inverse of ``to_record``; ``time`` decodes a stored time field (absent means None)."""
+    reason = record.get("error_reason")
+    created = time(record["created_at"])
+    assert created is not None
+    return Task(
+        task_id=record["task_id"],
+        task_type=record["task_type"],
+        payload=record["payload"],
+        status=TaskStatus(record["status"]),
+        priority=record.get("priority") or 0,
+        attempt=record.get("attempt") or 0,
+        max_retries=record.get("max_retries") or 0,
+        timeout=record.get("timeout"),
+        run_at=time(record.get("run_at")),
+        worker_id=record.get("worker_id"),
+        result=record.get("result"),
+        error=TaskErrorInfo(reason, record.get("error_message") or "") if reason else None,
+        idempotency_key=record.get("idempotency_key"),
+        dispatch_token=record.get("dispatch_token"),
+        lease_until=time(record.get("lease_until")),
+        created_at=created,
+        queued_at=time(record.get("queued_at")),
+        started_at=time(record.get("started_at")),
+        finished_at=time(record.get("finished_at")),
+        updated_at=time(record.get("updated_at")),
+    )
+
+
+def status_values(expected: Iterable[TaskStatus]) -> list[str]:
+    return [TaskStatus(s).value for s in expected]

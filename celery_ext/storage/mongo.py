@@ -34,8 +34,8 @@ from celery_ext.config import Model, PositiveDuration, validate_section
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 from celery_ext.storage.base import Storage, TaskLogRepository, TaskRepository, decode_cursor, encode_cursor
+from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc
-from celery_ext.storage.mongo_doc import statuses as values_of
 
 SCHEMA_VERSION = 1
 _NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # portable across MongoDB and wire-compatible servers

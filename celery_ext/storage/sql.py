@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_ext.config import Model, validate_section
 from celery_ext.errors import ConfigError, StorageError
-from celery_ext.model import TERMINAL, Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 from celery_ext.storage import sql_migrations
 from celery_ext.storage.base import (
     Storage,
@@ -47,6 +47,9 @@ from celery_ext.storage.base import (
     TaskRepository,
     decode_cursor,
     encode_cursor,
+    from_record,
+    status_values,
+    to_record,
 )
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, task_logs, tasks
 
@@ -254,57 +257,8 @@ def _short(exc: BaseException) -> str:
 # --- row <-> Task --------------------------------------------------------------------------
 
 
-def _to_row(task: Task) -> dict[str, Any]:
-    return {
-        "task_id": task.task_id,
-        "task_type": task.task_type,
-        "payload": task.payload,
-        "status": task.status.value,
-        "priority": task.priority,
-        "attempt": task.attempt,
-        "max_retries": task.max_retries,
-        "timeout": task.timeout,
-        "run_at": task.run_at,
-        "worker_id": task.worker_id,
-        "result": task.result,
-        "error_reason": task.error.reason if task.error else None,
-        "error_message": task.error.message if task.error else None,
-        "idempotency_key": task.idempotency_key,
-        "dispatch_token": task.dispatch_token,
-        "lease_until": task.lease_until,
-        "created_at": task.created_at,
-        "queued_at": task.queued_at,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
-        "updated_at": task.updated_at or task.created_at,
-    }
-
-
 def _from_row(row: Any) -> Task:
-    m = row._mapping
-    error = TaskErrorInfo(m["error_reason"], m["error_message"] or "") if m["error_reason"] else None
-    return Task(
-        task_id=m["task_id"],
-        task_type=m["task_type"],
-        payload=m["payload"],
-        status=TaskStatus(m["status"]),
-        priority=m["priority"],
-        attempt=m["attempt"],
-        max_retries=m["max_retries"],
-        timeout=m["timeout"],
-        run_at=m["run_at"],
-        worker_id=m["worker_id"],
-        result=m["result"],
-        error=error,
-        idempotency_key=m["idempotency_key"],
-        dispatch_token=m["dispatch_token"],
-        lease_until=m["lease_until"],
-        created_at=m["created_at"],
-        queued_at=m["queued_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        updated_at=m["updated_at"],
-    )
+    return from_record(row._mapping)
 
 
 def _values(fields: dict[str, Any]) -> dict[str, Any]:
@@ -329,15 +283,11 @@ def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int)
     a handful of shapes, run for every task, so statement construction is kept off that path.
     The expected statuses are ``n_status`` plain parameters, not one expanding IN parameter,
     which SQLAlchemy would re-render on every execution (a third of a claim's client CPU)."""
-    statuses = [bindparam(f"p_status{i}") for i in range(n_status)]
+    statuses: list[Any] = [bindparam(f"p_status{i}") for i in range(n_status)]
     cond = [tasks.c.task_id == bindparam("p_id"), tasks.c.status.in_(statuses)]
     if with_token:
         cond.append(tasks.c.dispatch_token == bindparam("p_token"))
     return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
-
-
-def _statuses(expected: Iterable[TaskStatus]) -> list[str]:
-    return [TaskStatus(s).value for s in expected]
 
 
 class SqlTaskRepository(TaskRepository):
@@ -347,7 +297,7 @@ class SqlTaskRepository(TaskRepository):
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
             with self.storage.begin() as conn:
-                conn.execute(insert(tasks).values(**_to_row(task)))
+                conn.execute(insert(tasks).values(**to_record(task)))
             return task, True
         except IntegrityError:
             existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
@@ -362,7 +312,7 @@ class SqlTaskRepository(TaskRepository):
             return []
         try:
             with self.storage.begin() as conn:
-                conn.execute(insert(tasks), [_to_row(t) for t in new])
+                conn.execute(insert(tasks), [to_record(t) for t in new])
             return [(t, True) for t in new]
         except IntegrityError:
             # Some idempotency key is taken: fall back to one insert each.
@@ -382,7 +332,7 @@ class SqlTaskRepository(TaskRepository):
         self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
     ) -> bool:
         values = _values(fields)
-        statuses = _statuses(expected)
+        statuses = status_values(expected)
         params = {"p_id": task_id, **{f"p_status{i}": s for i, s in enumerate(statuses)},
                   **{f"v_{k}": v for k, v in values.items()}}
         if token is not None:
@@ -396,7 +346,7 @@ class SqlTaskRepository(TaskRepository):
             return 0
         stmt = (
             update(tasks)
-            .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(_statuses(expected)))
+            .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected)))
             .values(**_values(fields))
         )
         with self.storage.begin() as conn:
@@ -410,7 +360,7 @@ class SqlTaskRepository(TaskRepository):
     def list(self, flt: TaskFilter) -> TaskPage:
         stmt = select(tasks)
         if flt.status:
-            stmt = stmt.where(tasks.c.status.in_(_statuses(flt.status)))
+            stmt = stmt.where(tasks.c.status.in_(status_values(flt.status)))
         if flt.task_type:
             stmt = stmt.where(tasks.c.task_type.in_(list(flt.task_type)))
         if flt.worker_id:
@@ -446,7 +396,7 @@ class SqlTaskRepository(TaskRepository):
         updated_before: datetime | None = None,
         limit: int = 100,
     ) -> builtins.list[Task]:
-        stmt = select(tasks).where(tasks.c.status.in_(_statuses(statuses)))
+        stmt = select(tasks).where(tasks.c.status.in_(status_values(statuses)))
         if due_before is not None:
             stmt = stmt.where(tasks.c.run_at <= due_before)
         if lease_expired_before is not None:
