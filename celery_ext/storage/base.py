@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus
+from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 
 
 class TaskRepository(abc.ABC):
@@ -147,6 +147,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # --- the flat record every backend stores ---------------------------------------------------
 
+_RECORD_FIELDS = frozenset(
+    {"task_id", "task_type", "payload", "priority", "attempt", "max_retries", "timeout", "run_at", "worker_id",
+     "result", "idempotency_key", "dispatch_token", "lease_until", "created_at", "queued_at", "started_at",
+     "finished_at", "updated_at"})
 TIME_FIELDS = ("run_at", "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at")
 
 
@@ -205,6 +209,24 @@ def from_record(record: Mapping[str, Any], time: Callable[[Any], datetime | None
         finished_at=time(record.get("finished_at")),
         updated_at=time(record.get("updated_at")),
     )
+
+
+def record_changes(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Changes named as in ``Task`` (``error``, ``status``, ...) -> the record's fields, with
+    ``updated_at`` set to now unless given.  Backends encode the values as they need."""
+    changes: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key == "error":
+            changes["error_reason"] = value.reason if value else None
+            changes["error_message"] = value.message if value else None
+        elif key == "status":
+            changes["status"] = TaskStatus(value).value
+        elif key in _RECORD_FIELDS:
+            changes[key] = value
+        else:
+            raise ValueError(f"tasks has no field {key!r}")
+    changes.setdefault("updated_at", utcnow())
+    return changes
 
 
 def status_values(expected: Iterable[TaskStatus]) -> list[str]:

@@ -10,15 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery_ext.model import Task, TaskStatus, utcnow
-from celery_ext.storage.base import TIME_FIELDS, from_record, to_record
-
-FIELDS = (
-    "task_id", "task_type", "payload", "status", "priority", "attempt", "max_retries", "timeout", "run_at",
-    "worker_id", "result", "error_reason", "error_message", "idempotency_key", "dispatch_token",
-    "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at",
-)
-
+from celery_ext.model import Task
+from celery_ext.storage.base import TIME_FIELDS, from_record, record_changes, to_record
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -54,21 +47,11 @@ def set_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """An update document for ``fields`` (names as in ``Task``); unknown names are an error."""
     values: dict[str, Any] = {}
     unset: dict[str, str] = {}
-    for key, value in fields.items():
-        if key == "error":
-            values["error_reason"] = value.reason if value else None
-            values["error_message"] = value.message if value else None
-        elif key == "status":
-            values["status"] = TaskStatus(value).value
-        elif key == "idempotency_key" and value is None:
+    for key, value in record_changes(fields).items():
+        if key == "idempotency_key" and value is None:
             unset["idempotency_key"] = ""
-        elif key in TIME_FIELDS:
-            values[key] = enc(value)
-        elif key in FIELDS:
-            values[key] = value
         else:
-            raise ValueError(f"tasks has no field {key!r}")
-    values.setdefault("updated_at", enc(utcnow()))
+            values[key] = enc(value) if key in TIME_FIELDS else value
     update: dict[str, Any] = {"$set": values}
     if unset:
         update["$unset"] = unset

@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_ext.config import Model, validate_section
 from celery_ext.errors import ConfigError, StorageError
-from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus
 from celery_ext.storage import sql_migrations
 from celery_ext.storage.base import (
     Storage,
@@ -48,6 +48,7 @@ from celery_ext.storage.base import (
     decode_cursor,
     encode_cursor,
     from_record,
+    record_changes,
     status_values,
     to_record,
 )
@@ -261,22 +262,6 @@ def _from_row(row: Any) -> Task:
     return from_record(row._mapping)
 
 
-def _values(fields: dict[str, Any]) -> dict[str, Any]:
-    values = {}
-    for key, value in fields.items():
-        if key == "error":
-            values["error_reason"] = value.reason if value else None
-            values["error_message"] = value.message if value else None
-        elif key == "status":
-            values["status"] = TaskStatus(value).value
-        elif key in tasks.c:
-            values[key] = value
-        else:
-            raise ValueError(f"tasks has no field {key!r}")
-    values.setdefault("updated_at", utcnow())
-    return values
-
-
 @functools.cache
 def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int) -> Any:
     """The conditional UPDATE for one set of columns, built once: the state machine's moves are
@@ -331,7 +316,7 @@ class SqlTaskRepository(TaskRepository):
     def update(
         self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
     ) -> bool:
-        values = _values(fields)
+        values = record_changes(fields)
         statuses = status_values(expected)
         params = {"p_id": task_id, **{f"p_status{i}": s for i, s in enumerate(statuses)},
                   **{f"v_{k}": v for k, v in values.items()}}
@@ -347,7 +332,7 @@ class SqlTaskRepository(TaskRepository):
         stmt = (
             update(tasks)
             .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected)))
-            .values(**_values(fields))
+            .values(**record_changes(fields))
         )
         with self.storage.begin() as conn:
             return int(conn.execute(stmt).rowcount)
