@@ -14,10 +14,10 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field
 from sqlalchemy import (
@@ -209,6 +209,19 @@ class SqlStorage(Storage):
             raise
 
     @contextlib.contextmanager
+    def single_dbapi(self) -> Iterator[Any]:
+        """The DBAPI connection under ``single()``, for the per-task statements run without
+        SQLAlchemy's per-execution machinery (see ``SqlTaskRepository.update``); its driver
+        errors become ``StorageError`` and drop the connection like any other failure."""
+        with self.single() as conn:
+            try:
+                yield conn.connection.dbapi_connection
+            except self.engine.dialect.loaded_dbapi.Error as exc:
+                raise StorageError(
+                    f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
+                ) from exc
+
+    @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
         try:
             yield
@@ -275,9 +288,34 @@ def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int)
     return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
 
 
+class _Compiled(NamedTuple):
+    """A statement rendered once for one dialect, to run on the DBAPI cursor directly."""
+
+    sql: str
+    order: tuple[str, ...] | None  # parameter names in order for positional paramstyles
+    processors: tuple[tuple[str, Callable[[Any], Any]], ...]  # the column types' bind processing
+
+    @classmethod
+    def of(cls, stmt: Any, dialect: Any) -> _Compiled:
+        compiled = stmt.compile(dialect=dialect)
+        processors = []
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                processors.append((name, process))
+        order = tuple(compiled.positiontup) if compiled.positional else None
+        return cls(compiled.string, order, tuple(processors))
+
+    def args(self, params: dict[str, Any]) -> Any:
+        for name, process in self.processors:
+            params[name] = process(params[name])
+        return params if self.order is None else [params[name] for name in self.order]
+
+
 class SqlTaskRepository(TaskRepository):
     def __init__(self, storage: SqlStorage) -> None:
         self.storage = storage
+        self._compiled: dict[tuple[Any, ...], _Compiled] = {}
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
@@ -322,9 +360,22 @@ class SqlTaskRepository(TaskRepository):
                   **{f"v_{k}": v for k, v in values.items()}}
         if token is not None:
             params["p_token"] = token
-        with self.storage.single() as conn:
-            res = conn.execute(_update_statement(tuple(values), token is not None, len(statuses)), params)
-        return res.rowcount == 1
+        shape = (tuple(values), token is not None, len(statuses))
+        if self.storage.type_name == "mysql":  # no kept connection there (see SqlStorage.single)
+            with self.storage.single() as conn:
+                return conn.execute(_update_statement(*shape), params).rowcount == 1
+        # Every task runs this twice (claim, outcome): straight on the DBAPI cursor with the
+        # statement rendered once, which halves the client CPU of SQLAlchemy's execute().
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            compiled = self._compiled[shape] = _Compiled.of(_update_statement(*shape), self.storage.engine.dialect)
+        with self.storage.single_dbapi() as dbapi_conn:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute(compiled.sql, compiled.args(params))
+                return bool(cursor.rowcount == 1)
+            finally:
+                cursor.close()
 
     def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
         if not task_ids:
