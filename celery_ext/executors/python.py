@@ -92,7 +92,13 @@ class PythonExecutor(Executor):
         if fn is None:
             raise PermanentError("unknown_task_type", f"no python function for {task.task_type!r}")
         try:
-            inspect.signature(fn).bind(**task.payload)
-        except TypeError as exc:
-            raise PermanentError("invalid_payload", f"{task.task_type}: {exc}") from exc
-        return TaskResult.ok(fn(**task.payload))
+            return TaskResult.ok(fn(**task.payload))
+        except TypeError:
+            # Python checks the arguments before the body runs, so a payload that does not fit
+            # the signature fails here with nothing done: a permanent error, not an exception
+            # to retry.  A TypeError raised inside the function is the function's own.
+            try:
+                inspect.signature(fn).bind(**task.payload)
+            except TypeError as exc:
+                raise PermanentError("invalid_payload", f"{task.task_type}: {exc}") from exc
+            raise

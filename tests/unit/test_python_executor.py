@@ -33,6 +33,22 @@ def test_bad_arguments_are_permanent_errors_naming_the_problem() -> None:
     assert run("unit_two_args", {"a": 1, "b": 2}).data == 3  # type: ignore[attr-defined]
 
 
+def test_a_type_error_inside_the_function_is_not_blamed_on_the_payload() -> None:
+    calls = []
+
+    @task_type("unit_inner_type_error")
+    def inner(a: int) -> int:
+        calls.append(a)
+        return a + "x"  # type: ignore[operator]
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        run("unit_inner_type_error", {"a": 1})
+    assert calls == [1]
+    with pytest.raises(PermanentError, match="unexpected keyword argument 'z'"):
+        run("unit_inner_type_error", {"a": 1, "z": 2})
+    assert calls == [1]  # a payload that does not fit never reaches the body
+
+
 def test_same_name_from_another_function_is_refused() -> None:
     @task_type("unit_dupe")
     def first() -> None: ...
