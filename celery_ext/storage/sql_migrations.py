@@ -74,7 +74,11 @@ def _lock(conn: Connection) -> Iterator[None]:
         finally:
             conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": _LOCK})
     else:
-        yield  # SQLite: one writer at a time already; a lost race is retried by the caller
+        # SQLite: take the write lock before reading the version.  pysqlite only begins a
+        # transaction at the first INSERT, so without this two processes can both see an empty
+        # database and both create it; the loser failed on a duplicate version row.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
 
 
 def upgrade(conn: Connection) -> list[Step]:
