@@ -97,8 +97,32 @@ def cluster_data(name: str, redis_url: str, storage: dict[str, Any], sections: d
     return data
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+def print_worker_stacks(request: pytest.FixtureRequest, clusters: list[Cluster]) -> None:
+    """After a failed test, what every live worker process was doing (see tests/support/sitehook)."""
+    if not request.node.stash.get(CALL_FAILED, False):
+        return
+    for cluster in clusters:
+        for w in cluster.workers:
+            pids = w.process_ids()
+            stacks = w.stacks()
+            if stacks:
+                print(f"--- stacks of worker {w.hostname} (pids {pids}) ---\n{stacks[-20000:]}")
+
+
 @pytest.fixture
-def make_cluster(tmp_path: Path, redis_url: str, database_urls: dict[str, str]) -> Iterator[Callable[..., Cluster]]:
+def make_cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
+                 database_urls: dict[str, str]) -> Iterator[Callable[..., Cluster]]:
     """``make_cluster(storage="sqlite", **sections)``: a fresh config (unique queue names) in tmp_path."""
     clusters: list[Cluster] = []
 
@@ -111,6 +135,7 @@ def make_cluster(tmp_path: Path, redis_url: str, database_urls: dict[str, str]) 
         return cluster
 
     yield make
+    print_worker_stacks(request, clusters)
     for cluster in clusters:
         cluster.close()
 

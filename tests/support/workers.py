@@ -25,7 +25,8 @@ def write_config(directory: Path, data: dict[str, Any], name: str = "config.yaml
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child process that must import this repository's tests package."""
     root = str(Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    hook = str(Path(__file__).resolve().parent / "sitehook")  # SIGUSR2 dumps stacks (see there)
+    pythonpath = os.pathsep.join(p for p in (hook, root, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": pythonpath, **extra}
 
 
@@ -91,16 +92,37 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
 
+    def process_ids(self) -> list[int]:
+        """The main process and its pool children."""
+        if self.proc is None:
+            return []
+        try:
+            found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+            children = [int(pid) for pid in found.stdout.split()]
+        except OSError:
+            children = []
+        return [self.proc.pid, *children]
+
+    def stacks(self) -> str:
+        """Every thread's stack of every process of this worker, after which it is killed."""
+        if not self.alive():
+            return ""
+        for pid in self.process_ids():
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)
+        self.kill()
+        assert self.proc is not None
+        self.proc.wait(10)
+        return self.output()
+
     def kill(self) -> None:
         if self.proc is None:
             return
         # Kill the whole process group of the worker: the main process and its pool children.
-        try:
-            found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-            children = found.stdout.split()
-        except OSError:
-            children = []
-        for pid in [self.proc.pid, *map(int, children)]:
+        for pid in self.process_ids():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
