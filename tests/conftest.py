@@ -108,12 +108,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 CALL_FAILED = pytest.StashKey[bool]()
 
 
-def print_worker_stacks(request: pytest.FixtureRequest, clusters: list[Cluster]) -> None:
-    """After a failed test, what every live worker process was doing (see tests/support/sitehook)."""
+def print_worker_state(request: pytest.FixtureRequest, clusters: list[Cluster]) -> None:
+    """After a failed test: each worker's log tail, and what every live worker process was doing
+    (see tests/support/sitehook)."""
     if not request.node.stash.get(CALL_FAILED, False):
         return
     for cluster in clusters:
         for w in cluster.workers:
+            print(f"--- log of worker {w.hostname} (last lines) ---\n{w.log()[-6000:]}")
             pids = w.process_ids()
             stacks = w.stacks()
             if stacks:
@@ -135,7 +137,7 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
         return cluster
 
     yield make
-    print_worker_stacks(request, clusters)
+    print_worker_state(request, clusters)
     for cluster in clusters:
         cluster.close()
 
