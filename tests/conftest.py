@@ -10,6 +10,7 @@ import pytest
 
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
+from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
 from tests.support.workers import WorkerProcess, write_config
 
@@ -145,14 +146,19 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
 TEST_TASKS = [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]
 
 
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
-    """One SQLite-backed cluster with a running worker, shared by the tests of a module."""
+def module_cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str], name: str,
+                   executors: list[dict[str, Any]]) -> Iterator[Cluster]:
+    """For a module-scoped fixture: one SQLite-backed cluster with one running worker."""
     require("Redis", REDIS_HOST, REDIS_PORT)
-    directory = tmp_path_factory.mktemp("shared")
     data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"executors": TEST_TASKS})
-    cluster = Cluster(directory, data)
+                        {"executors": executors})
+    cluster = Cluster(tmp_path_factory.mktemp(name), data)
     cluster.worker()
     yield cluster
     cluster.close()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
+    """One SQLite-backed cluster with a running worker, shared by the tests of a module."""
+    yield from module_cluster(tmp_path_factory, database_urls, "shared", TEST_TASKS)

@@ -8,18 +8,11 @@ from typing import Any
 import pytest
 
 from celery_ext.model import Task, TaskStatus
-from tests.conftest import Cluster, cluster_data, storage_section
+from tests.conftest import Cluster, module_cluster
 from tests.support.httpserver import HttpTestServer
-from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
+from tests.support.services import unique
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HttpTestServer]:
-    s = HttpTestServer().start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +20,13 @@ def cluster(server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
             database_urls: dict[str, str]) -> Iterator[Cluster]:
     """One worker for the module.  The test server is on loopback, hence allow_networks; the
     metadata address is allowed *by name* so that the address check is what refuses it."""
-    require("Redis", REDIS_HOST, REDIS_PORT)
     http = {"type": "http", "config": {
         "allow_networks": ["127.0.0.1/32"],
         "allow_hosts": ["127.0.0.1", "169.254.169.254"],
         "endpoints": {"local": server.url("/")},
         "max_redirects": 3,
     }}
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
-                        storage_section("sqlite", database_urls), {"executors": [http]})
-    c = Cluster(tmp_path_factory.mktemp("http"), data)
-    c.worker()
-    yield c
-    c.close()
+    yield from module_cluster(tmp_path_factory, database_urls, "http", [http])
 
 
 def run(c: Cluster, payload: dict[str, Any], task_type: str = "http_request", **kw: Any) -> Task:

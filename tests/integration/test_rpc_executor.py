@@ -8,35 +8,22 @@ from typing import Any
 import pytest
 
 from celery_ext.model import Task, TaskStatus
-from tests.conftest import Cluster, cluster_data, storage_section
+from tests.conftest import Cluster, module_cluster
 from tests.support.httpserver import HttpTestServer
-from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
+from tests.support.services import unique
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[HttpTestServer]:
-    s = HttpTestServer().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
             database_urls: dict[str, str]) -> Iterator[Cluster]:
-    require("Redis", REDIS_HOST, REDIS_PORT)
     rpc = {"type": "rpc", "config": {
         "allow_networks": ["127.0.0.1/32"],  # the test server is on loopback
         "endpoints": {"main": server.url("/rpc"), "broken": server.url("/status/503"),
                       "html": server.url("/json")},
     }}
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
-                        storage_section("sqlite", database_urls), {"executors": [rpc]})
-    c = Cluster(tmp_path_factory.mktemp("rpc"), data)
-    c.worker()
-    yield c
-    c.close()
+    yield from module_cluster(tmp_path_factory, database_urls, "rpc", [rpc])
 
 
 def call(c: Cluster, payload: dict[str, Any], **kw: Any) -> Task:

@@ -19,9 +19,12 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import pytest
 
 
 class HttpTestServer(ThreadingHTTPServer):
@@ -149,3 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"jsonrpc": "2.0", "id": rid, "result": "late"})
         else:
             self._json(200, {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "Method not found"}})
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[HttpTestServer]:
+    """A test server on 127.0.0.1 for the tests of a module."""
+    s = HttpTestServer().start()
+    yield s
+    s.stop()

@@ -4,7 +4,6 @@ against a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,6 @@ from celery_ext.executors.netguard import DestinationNotAllowedError, HostPatter
 from celery_ext.executors.rpc import RpcExecutor
 from celery_ext.model import Task
 from tests.support.httpserver import HttpTestServer
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HttpTestServer]:
-    s = HttpTestServer().start()
-    yield s
-    s.stop()
 
 
 def executor(config: dict[str, Any]) -> HttpExecutor:
