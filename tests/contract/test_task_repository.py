@@ -10,6 +10,7 @@ import pytest
 from celery_ext.errors import CeleryExtError
 from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskStatus
 from celery_ext.storage import Storage
+from tests.support.storage import Backend
 
 S = TaskStatus
 # Millisecond-aligned times: what every backend (BSON dates included) stores exactly.
@@ -83,6 +84,22 @@ def test_update_is_conditional_on_status_and_token(storage: Storage) -> None:
     assert got is not None and got.error is None and got.worker_id is None
     with pytest.raises(ValueError, match="no field"):
         storage.tasks.update("t00001", [S.RUNNING], colour="blue")
+
+
+def test_an_update_is_committed_at_once(backend: Backend, storage: Storage) -> None:
+    """What a worker records is what every other process reads next: no transaction left open
+    on the writer's kept connection."""
+    other = backend.open()
+    try:
+        storage.tasks.create(make(1, status=S.QUEUED, dispatch_token="a"))
+        assert storage.tasks.update("t00001", [S.QUEUED], token="a", status=S.RUNNING, worker_id="w")
+        got = other.tasks.get("t00001")
+        assert got is not None and (got.status, got.worker_id) == (S.RUNNING, "w")
+        assert storage.tasks.update("t00001", [S.RUNNING], token="a", status=S.SUCCEEDED, result=[1, "x"])
+        got = other.tasks.get("t00001")
+        assert got is not None and (got.status, got.result) == (S.SUCCEEDED, [1, "x"])
+    finally:
+        other.close()
 
 
 def test_update_many_changes_only_expected_statuses(storage: Storage) -> None:
