@@ -20,6 +20,8 @@ from typing import Any
 
 from kombu.transport import redis
 
+from celery_ext.forksafe import fork_safe_pool
+
 logger = logging.getLogger("celery_ext.transport")
 
 
@@ -45,6 +47,10 @@ class Channel(redis.Channel):  # type: ignore[misc]
             # The entry was already popped: it is dropped, with a line saying why.
             logger.error("dropped a malformed message from the broker (not a kombu JSON envelope): %r", exc)
             return True
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        # The worker forks pool processes; its pools must not hand them a held lock (forksafe).
+        return fork_safe_pool(super()._get_pool(asynchronous))
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         path = self.connection.client.transport_options.get("unix_socket_path")

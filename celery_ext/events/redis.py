@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from celery_ext.config import Duration, validate_section
 from celery_ext.errors import ConfigError
 from celery_ext.events.base import Event, EventBus, logger
+from celery_ext.forksafe import fork_safe
 
 
 class RedisBusSettings(BaseModel):
@@ -57,7 +58,8 @@ class RedisEventBus(EventBus):
     def _redis(self) -> Any:
         import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=5)
+        # fork_safe: the sender thread may be inside the pool when the worker forks a pool process.
+        return fork_safe(redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=5))
 
     def _after_fork(self) -> None:
         self._client = None

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from celery_ext.forksafe import fork_safe
+
 logger = logging.getLogger("celery_ext.routing")
 
 #: Called with each worker ``sweep_offline`` finds offline (after it was removed).
@@ -195,7 +197,8 @@ class WorkerRegistry:
         # kombu spells the unix-socket scheme redis+socket://; redis-py spells it unix://
         if url.startswith("redis+socket://"):
             url = "unix://" + url.removeprefix("redis+socket://")
-        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1), prefix)
+        # fork_safe: the heartbeat thread may be inside the pool when the worker forks a pool process.
+        return cls(fork_safe(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)), prefix)
 
     # --- the worker side ------------------------------------------------------------------
 
