@@ -70,6 +70,8 @@ class SchedulerConfig(Model):
     routing_cache: Duration = 0.2
     interval: PositiveDuration = 1.0
     leader_lease: PositiveDuration = 10.0
+    publish_grace: PositiveDuration = 30.0
+    retention_interval: PositiveDuration = 300.0
 
 
 class WorkerConfig(Model):

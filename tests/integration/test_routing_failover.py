@@ -1,7 +1,7 @@
 """Killing workers under routed load: affinity moves, stranded queues, expired leases.
 
-The scheduler will run ``recover_offline_workers`` and ``recover_expired_leases`` on its
-interval; here the test calls them in a loop, as the scheduler would.
+The scheduler runs ``recover_offline_workers`` and ``recover_expired_leases`` on its interval
+(test_scheduler.py runs it as a process); here the test calls them in a loop, as it does.
 """
 
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""``celery -A celery_ext scheduler``: a Celery sub-command (entry point group ``celery.commands``).
+
+Runs ``celery_ext.scheduler.Scheduler`` until SIGTERM or SIGINT, then gives the leader lease up so
+that another scheduler takes over at once.  ``--once`` does one round and prints its report as
+JSON (for cron, or to look at what the scheduler would do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import click
+from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
+
+
+@click.command(cls=CeleryCommand)
+@click.option("--once", cls=CeleryOption, is_flag=True, default=False, help_group="Scheduler Options",
+              help="Do one round, print its report as JSON and exit (1 if it was not the leader).")
+@click.option("-l", "--loglevel", cls=CeleryOption, default="INFO", help_group="Scheduler Options",
+              help="Logging level.")
+@click.pass_context
+@handle_preload_options
+def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
+    """Run the celery_ext scheduler: leader election, recovery, unpublished tasks, retention."""
+    from celery_ext.executors.task import runtime_of
+    from celery_ext.scheduler import Scheduler
+
+    logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
+                        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    rt = runtime_of(ctx.obj.app)
+    rt.storage.migrate()
+    sched = Scheduler(rt)
+    if once:
+        report = sched.tick()
+        if sched.lease is not None and report.leader:
+            sched.lease.release()
+        click.echo(json.dumps(asdict(report), default=str))
+        ctx.exit(0 if report.leader else 1)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("celery_ext.scheduler").info("got %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        sched.run(stop)
+    finally:
+        rt.storage.close()

@@ -1,0 +1,203 @@
+"""The scheduler: ``celery -A celery_ext scheduler``.  Several may run; one leads at a time.
+
+Leadership is a lease in Redis (``<app>.scheduler.leader``, ``scheduler.leader_lease`` long),
+taken with ``SET NX`` and renewed by its holder on every tick; each new leader gets a fencing
+token from a counter that only grows.  If the leader dies, another takes over once the lease
+runs out.  Every action below is a conditional update on the task record (expected status and
+dispatch token), so a deposed leader that acts late can not run a task twice.
+
+Each tick (``scheduler.interval``), the leader:
+  - sweeps the worker registry for workers that stopped heartbeating (``worker_offline``) and
+    moves the messages stranded in their direct queues back to the shared queues;
+  - re-dispatches RUNNING tasks whose lease expired, their worker gone (a new attempt, or
+    ``dead`` past the attempt cap);
+  - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
+    record and died (or lost the broker) before its publish, the outbox case;
+  - applies ``storage.retention`` every ``scheduler.retention_interval``.
+Without a Redis registry (a RabbitMQ broker and no ``scheduler.registry_url``) there is nothing
+to elect with: the scheduler then leads alone and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery_ext.dispatch import Dispatch
+from celery_ext.model import TaskStatus, new_id, utcnow
+from celery_ext.recovery import recover_expired_leases, recover_offline_workers
+from celery_ext.routing.router import router_of
+from celery_ext.storage import retention
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
+
+logger = logging.getLogger("celery_ext.scheduler")
+
+# KEYS: lease, fence counter  ARGV: holder, ttl ms  ->  the fencing token, or 0 if another holds it
+_TAKE_OR_RENEW = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local sep = string.find(held, '|', 1, true)
+  if string.sub(held, 1, sep - 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(string.sub(held, sep + 1))
+  end
+  return 0
+end
+local fence = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
+return fence
+"""
+
+# KEYS: lease  ARGV: holder  ->  1 if it was ours and is gone
+_RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, string.find(held, '|', 1, true) - 1) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class LeaderLease:
+    """One holder's view of the leader lease in Redis."""
+
+    def __init__(self, client: Any, prefix: str, ttl: float, holder: str) -> None:
+        if "|" in holder:
+            raise ValueError(f"holder id must not contain '|' (got {holder!r})")
+        self.client = client
+        self.key, self.fence_key = f"{prefix}.scheduler.leader", f"{prefix}.scheduler.fence"
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self.holder = holder
+        self._take = client.register_script(_TAKE_OR_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self) -> int:
+        """Take the lease or renew ours; the fencing token while we lead, else 0."""
+        return int(self._take(keys=[self.key, self.fence_key], args=[self.holder, self.ttl_ms]))
+
+    def release(self) -> bool:
+        return bool(self._release(keys=[self.key], args=[self.holder]))
+
+    def leader(self) -> str | None:
+        """Who holds the lease now (``holder|fence``), if anyone."""
+        held = self.client.get(self.key)
+        return held.decode() if isinstance(held, bytes) else held
+
+
+@dataclass
+class TickReport:
+    leader: bool
+    fence: int = 0
+    offline_workers: list[str] = field(default_factory=list)
+    moved_messages: int = 0
+    recovered: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+    purged: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, rt: Runtime, *, holder: str | None = None) -> None:
+        self.rt = rt
+        self.config = rt.config.scheduler
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        registry = router_of(rt.celery).registry
+        self.lease = (LeaderLease(registry.client, rt.config.app.name, self.config.leader_lease, self.holder)
+                      if registry is not None else None)
+        if self.lease is None:
+            logger.warning("no Redis worker registry: this scheduler leads alone (run only one)")
+        self.fence = 0
+        self._last_purge: float | None = None
+
+    def tick(self) -> TickReport:
+        """One round: renew or take the lease; as leader, do every duty once."""
+        fence = self._elect()
+        report = TickReport(leader=fence > 0, fence=fence)
+        if not report.leader:
+            return report
+        for name, duty in (("offline workers", self._offline), ("expired leases", self._leases),
+                           ("unpublished tasks", self._unpublished), ("retention", self._retention)):
+            try:
+                duty(report)
+            except Exception as exc:  # noqa: BLE001 - one failing duty (a server away) must not stop the others
+                logger.warning("scheduler: %s failed: %s: %s", name, exc.__class__.__name__, exc)
+                report.errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
+        return report
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every ``scheduler.interval`` until ``stop`` is set; then give the lease up."""
+        logger.info("scheduler %s started (interval %ss, lease %ss)", self.holder, self.config.interval,
+                    self.config.leader_lease)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                self.tick()
+                stop.wait(max(0.0, self.config.interval - (time.monotonic() - started)))
+        finally:
+            if self.lease is not None and self.fence:
+                try:
+                    self.lease.release()
+                except Exception as exc:  # noqa: BLE001 - it runs out by itself
+                    logger.warning("scheduler: could not release the lease: %s", exc)
+            logger.info("scheduler %s stopped", self.holder)
+
+    # --- duties ---------------------------------------------------------------------------
+
+    def _elect(self) -> int:
+        if self.lease is None:
+            fence = 1
+        else:
+            try:
+                fence = self.lease.acquire()
+            except Exception as exc:  # noqa: BLE001 - Redis away: nobody can be sure to lead
+                logger.warning("scheduler: leader lease unavailable, standing by: %s", exc)
+                fence = 0
+        if fence and not self.fence:
+            logger.warning("scheduler %s is the leader (fencing token %d)", self.holder, fence)
+        elif self.fence and not fence:
+            logger.warning("scheduler %s is no longer the leader", self.holder)
+        self.fence = fence
+        return fence
+
+    def _offline(self, report: TickReport) -> None:
+        for worker, moved in recover_offline_workers(self.rt):
+            report.offline_workers.append(worker.id)
+            report.moved_messages += moved
+
+    def _leases(self, report: TickReport) -> None:
+        report.recovered = recover_expired_leases(self.rt)
+
+    def _unpublished(self, report: TickReport) -> None:
+        """The outbox case: a PENDING record nobody published.  A fresh dispatch token first, so
+        that a message of the first publish, if it exists after all, is dropped as stale."""
+        tasks = self.rt.storage.tasks
+        cutoff = utcnow() - timedelta(seconds=self.config.publish_grace)
+        for task in tasks.scan((TaskStatus.PENDING,), updated_before=cutoff, limit=100):
+            token = new_id()
+            if not tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token,
+                                dispatch_token=token):
+                continue  # published, started or cancelled meanwhile
+            now = utcnow()
+            self.rt.dispatcher.publish(Dispatch(task, token, task.attempt + 1))
+            tasks.update(task.task_id, (TaskStatus.PENDING,), token=token, status=TaskStatus.QUEUED, queued_at=now)
+            report.published.append(task.task_id)
+        if report.published:
+            logger.warning("published %d task(s) whose producer never did", len(report.published))
+
+    def _retention(self, report: TickReport) -> None:
+        policy = self.rt.config.storage.retention
+        if not retention.cutoffs(policy):
+            return
+        now = time.monotonic()
+        if self._last_purge is not None and now - self._last_purge < self.config.retention_interval:
+            return
+        self._last_purge = now
+        report.purged = retention.purge(self.rt.storage, policy, max_batches=10).to_dict()
