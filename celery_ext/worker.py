@@ -55,7 +55,10 @@ def _redact(url: str) -> str:
 
 
 def install_worker_steps(app: Celery) -> None:
+    from celery_ext.reload import ConfigWatchStep
+
     app.steps["worker"].add(CeleryExtStep)
+    app.steps["worker"].add(ConfigWatchStep)
     install_routing(app)
     install_plugin_host(app)
 
