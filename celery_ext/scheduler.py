@@ -160,10 +160,14 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - Redis away: nobody can be sure to lead
                 logger.warning("scheduler: leader lease unavailable, standing by: %s", exc)
                 fence = 0
-        if fence and not self.fence:
-            logger.warning("scheduler %s is the leader (fencing token %d)", self.holder, fence)
-        elif self.fence and not fence:
-            logger.warning("scheduler %s is no longer the leader", self.holder)
+        if bool(fence) != bool(self.fence):
+            if fence:
+                logger.warning("scheduler %s is the leader (fencing token %d)", self.holder, fence)
+            else:
+                logger.warning("scheduler %s is no longer the leader", self.holder)
+            notify = getattr(self.rt.extras.get("observer"), "leader_changed", None)
+            if notify is not None:  # the scheduler_leader_changed event and the election metric
+                notify(self.holder, bool(fence), fence=fence)
         self.fence = fence
         return fence
 

@@ -53,4 +53,7 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     try:
         sched.run(stop)
     finally:
+        bus = rt.extras.get("events")
+        if bus is not None:
+            bus.close(5.0)  # the last leader_changed event goes out
         rt.storage.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from celery_ext.events.base import SCHEDULER_LEADER_CHANGED, Event
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.scheduler import LeaderLease, Scheduler
 from tests.conftest import TEST_TASKS, Cluster
@@ -89,6 +90,8 @@ def test_tick_publishes_what_no_producer_did_and_only_the_leader_acts(make_clust
     c = make_cluster(executors=TEST_TASKS, scheduler={"publish_grace": 5})
     c.worker()
     old, fresh = orphan(c, age=60), orphan(c, age=0)
+    elections: list[Event] = []
+    c.runtime.extras["events"].subscribe(SCHEDULER_LEADER_CHANGED, elections.append)
     follower = Scheduler(c.runtime, holder="follower")
     leader = Scheduler(c.runtime, holder="leader")
     assert leader.tick().leader
@@ -101,6 +104,8 @@ def test_tick_publishes_what_no_producer_did_and_only_the_leader_acts(make_clust
     assert c.manager.get(fresh.task_id).status is TaskStatus.PENDING  # still within its grace
     assert report.errors == []
     assert leader.lease is not None and leader.lease.release()
+    c.runtime.extras["events"].flush(5)
+    assert [(e.worker_id, e.data["is_leader"]) for e in elections] == [("leader", True)]
 
 
 def test_scheduler_processes_elect_one_leader_and_recover_a_killed_workers_task(make_cluster) -> None:
