@@ -1,7 +1,7 @@
 """Typed configuration: config.yaml loading, ``${ENV}`` interpolation, validation, and watching.
 
 Sections: ``app``, ``broker``, ``scheduler``, ``worker``, ``executors``, ``plugins``, ``storage``,
-``events``, ``metrics``.  Every model is frozen and forbids unknown keys; a validation error names
+``events``, ``metrics``, ``api``.  Every model is frozen and forbids unknown keys; a validation error names
 the YAML path, e.g. ``worker.capacity: must be >= 1 (got 0)``.
 """
 
@@ -139,6 +139,15 @@ def _default_executors() -> list[ExecutorEntry]:
     return [ExecutorEntry(type="python")]
 
 
+class ApiConfig(Model):
+    """``celery-ext api`` (the REST API)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8808, ge=1, le=65535)
+    token: str | None = None
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+
 class Config(Model):
     app: AppConfig = Field(default_factory=AppConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -149,6 +158,7 @@ class Config(Model):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     source: str | None = Field(None, exclude=True)
 
     @property

@@ -1,0 +1,140 @@
+"""The REST API: a real ``celery-ext api`` process on 127.0.0.1, a real worker, real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_TASKS, Cluster
+from tests.support.workers import subprocess_env
+
+pytestmark = pytest.mark.timeout(180)
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ApiProcess:
+    def __init__(self, cluster: Cluster) -> None:
+        self.port = free_port()
+        self.log_path = cluster.tmp_path / "api.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery_ext.cli", "api", "--port", str(self.port)],
+                env=subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path)), cwd=cluster.tmp_path,
+                stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, self.log_path.read_text()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+@pytest.fixture
+def api(make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Cluster, httpx.Client]]:
+    monkeypatch.setenv("API_TOKEN", TOKEN)  # the secret comes from the environment of every process
+    c = make_cluster(executors=TEST_TASKS, api={"token": "${API_TOKEN}"})
+    c.worker()
+    server = ApiProcess(c)
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+        yield c, client
+    server.stop()
+
+
+def wait_done(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        record: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
+        if record["status"] in ("succeeded", "failed", "cancelled", "dead"):
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+
+
+def test_submit_follow_list_and_read_logs(api: tuple[Cluster, httpx.Client]) -> None:
+    c, client = api
+    r = client.post("/tasks", json={"task_type": "chatty", "payload": {"lines": 3}, "max_retries": 0})
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["status"] == "queued" and created["task_type"] == "chatty"
+    done = wait_done(client, created["task_id"])
+    assert done["status"] == "succeeded" and done["worker_id"]
+    assert done == c.manager.get(created["task_id"]).to_dict()  # the same record the CLI prints
+
+    logs = client.get(f"/tasks/{created['task_id']}/logs").json()["items"]
+    assert len(logs) >= 3 and all(line["attempt"] == 1 for line in logs)
+
+    page = client.get("/tasks", params={"status": "succeeded", "type": "chatty", "limit": 10}).json()
+    assert [t["task_id"] for t in page["items"]] == [created["task_id"]] and page["next_cursor"] is None
+    assert client.get("/tasks", params={"status": "bogus"}).json()["error"]["code"] == "invalid_payload"
+
+    again = client.post("/tasks", json={"task_type": "echo", "idempotency_key": "k1"})
+    same = client.post("/tasks", json={"task_type": "echo", "idempotency_key": "k1"})
+    assert (again.status_code, same.status_code) == (201, 200)
+    assert same.json()["task_id"] == again.json()["task_id"]
+    workers = client.get("/workers").json()["items"]
+    assert len(workers) == 1 and workers[0]["capacity"] >= 1
+
+
+def test_cancel_retry_and_conflicts(api: tuple[Cluster, httpx.Client]) -> None:
+    _, client = api
+    later = client.post("/tasks", json={"task_type": "echo", "delay": 60}).json()
+    cancelled = client.post(f"/tasks/{later['task_id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/tasks/{later['task_id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["status"] == "cancelled"
+    retried = client.post(f"/tasks/{later['task_id']}/retry")
+    assert retried.status_code == 200 and retried.json()["status"] in ("queued", "running", "succeeded")
+    assert wait_done(client, later["task_id"])["status"] == "succeeded"
+
+
+def test_bad_input_gets_clear_errors_and_nothing_is_written(api: tuple[Cluster, httpx.Client]) -> None:
+    c, client = api
+    before = c.manager.list(limit=1000).items
+    cases = [
+        ({"task_type": "nope"}, 400, "unknown_task_type"),
+        ({"task_type": "echo", "payload": [1, 2]}, 400, "invalid_payload"),
+        ({"task_type": "echo", "delay": "soon"}, 400, "invalid_payload"),
+        ({"task_type": "echo", "colour": "blue"}, 400, "invalid_payload"),
+        ({"payload": {}}, 400, "invalid_payload"),
+    ]
+    for body, status, code in cases:
+        r = client.post("/tasks", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+    unknown = client.post("/tasks", json={"task_type": "nope"}).json()["error"]
+    assert "echo" in unknown["known_types"] and "nope" in unknown["message"]
+    assert client.post("/tasks", content=b"{not json", headers={"Content-Type": "application/json"}).json()[
+        "error"]["code"] == "invalid_json"
+    big = client.post("/tasks", json={"task_type": "echo", "payload": {"x": "y" * 2_000_000}})
+    assert big.status_code == 413
+    assert client.get("/tasks/does-not-exist").status_code == 404
+    assert c.manager.list(limit=1000).items == before  # nothing written
+
+
+def test_the_token_is_required_and_health_is_public(api: tuple[Cluster, httpx.Client]) -> None:
+    _, client = api
+    base = str(client.base_url)
+    assert httpx.get(f"{base}/tasks").status_code == 401
+    assert httpx.get(f"{base}/tasks", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
