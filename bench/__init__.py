@@ -1,0 +1,17 @@
+"""Benchmarks against bare Celery in the same run (see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 600.0) -> None:
+    """Poll ``predicate`` every 10 ms (cheap for both sides of a benchmark) until it is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark tasks did not finish in time")
+        time.sleep(0.01)

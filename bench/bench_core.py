@@ -23,19 +23,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import REDIS, wait_until  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
-
-REDIS = "redis://127.0.0.1:6379/0"
-
-
-def wait_until(predicate: Any, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark tasks did not finish in time")
-        time.sleep(0.02)
-
 
 # Waiting must cost both sides alike and little: poll one cheap thing (the last task of the
 # batch) until it is done, then check the whole batch once.  A full count every poll would

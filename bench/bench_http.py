@@ -50,15 +50,8 @@ def _redis_url_from_env() -> str:
     return os.environ["BENCH_REDIS_URL"]
 
 
-def wait_until(predicate: Any, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark tasks did not finish in time")
-        time.sleep(0.01)
-
-
 def run_ext(manager: Any, storage: Any, url: str, n: int, done_before: int) -> float:
+    from bench import wait_until
     from celery_ext.model import TERMINAL
 
     start = time.perf_counter()
@@ -80,6 +73,8 @@ def run_ext(manager: Any, storage: Any, url: str, n: int, done_before: int) -> f
 
 
 def run_bare(app: Any, rds: Any, queue: str, url: str, n: int) -> float:
+    from bench import wait_until
+
     counter = f"bench:{uuid.uuid4().hex}"
     start = time.perf_counter()
     with app.producer_or_acquire() as producer:

@@ -291,7 +291,7 @@ class ConfigLoader(abc.ABC):
 
 
 class YamlConfigLoader(ConfigLoader):
-    """YAML file with ``${ENV}`` interpolation; ``watch`` polls the file's mtime."""
+    """YAML file with ``${ENV}`` interpolation; ``watch`` polls the file's content."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> None:
         self.path = find_config_file(path)
@@ -306,17 +306,19 @@ class YamlConfigLoader(ConfigLoader):
         stop = threading.Event()
         path = self.path
 
-        def mtime() -> float:
+        def content() -> bytes | None:
             try:
-                return path.stat().st_mtime if path else 0.0
+                return path.read_bytes() if path else None
             except OSError:
-                return 0.0
+                return None
 
         def loop() -> None:
-            seen = mtime()
+            # By content, not mtime: two edits within a filesystem's mtime granularity (a second
+            # on some) would look like one.  The file is small; one read per interval is nothing.
+            seen = content()
             while not stop.wait(self.poll_interval):
-                current = mtime()
-                if current == seen:
+                current = content()
+                if current is None or current == seen:
                     continue
                 seen = current
                 try:

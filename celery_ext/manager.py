@@ -153,6 +153,11 @@ class TaskManager:
         result: dict[str, Any] = json.loads(encoded)
         return result
 
+    def publish_pending(self, task: Task) -> Task:
+        """Publish a PENDING record under its dispatch token and mark it queued (the scheduler's
+        recovery of a record whose producer never published it)."""
+        return self._publish([(task, None)])[0]
+
     def _publish(self, batch: list[tuple[Task, float | None]]) -> list[Task]:
         dispatches = [Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c) for t, c in batch]
         # Taken before publishing, so queued_at never comes after a fast worker's started_at.

@@ -78,8 +78,7 @@ class WorkerReloader:
         restart = sorted(p for p in paths if _live(p) is None)
         applied = []
         for key in live:
-            section, name = key.split(".", 1)
-            value = getattr(getattr(new, section), name)
+            value = _value(new, key)
             try:
                 self._APPLY[key](self, new, value)
             except Exception as exc:  # noqa: BLE001 - a reload must never stop the worker

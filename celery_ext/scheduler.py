@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from celery_ext.dispatch import Dispatch
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.router import router_of
@@ -189,9 +188,7 @@ class Scheduler:
             if not tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token,
                                 dispatch_token=token):
                 continue  # published, started or cancelled meanwhile
-            now = utcnow()
-            self.rt.dispatcher.publish(Dispatch(task, token, task.attempt + 1))
-            tasks.update(task.task_id, (TaskStatus.PENDING,), token=token, status=TaskStatus.QUEUED, queued_at=now)
+            self.rt.manager.publish_pending(task.replace(dispatch_token=token))
             report.published.append(task.task_id)
         if report.published:
             logger.warning("published %d task(s) whose producer never did", len(report.published))

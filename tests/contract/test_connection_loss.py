@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from celery_ext.errors import StorageError
 from celery_ext.model import Task, TaskStatus
 from celery_ext.storage import Storage, open_storage
+from celery_ext.storage.sql import SqlSettings, build_url
 from tests.support.storage import storage_config
 
 S = TaskStatus
@@ -36,7 +37,7 @@ def server_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
 
 def kill_other_sessions(kind: str, url: str) -> int:
     """Terminate every other session on the test database, from an admin connection."""
-    admin = create_engine(url.replace("postgresql://", "postgresql+psycopg://").replace("mysql://", "mysql+pymysql://"))
+    admin = create_engine(build_url(kind, SqlSettings(url=url), Path(".")))
     try:
         with admin.connect() as conn:
             if kind == "postgresql":

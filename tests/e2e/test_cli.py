@@ -86,15 +86,17 @@ def test_get_list_logs_wait_cancel_retry(running: Path) -> None:
     assert json.loads(cli(running, "wait", delayed, "--timeout", "30", "--json").stdout)["status"] == "succeeded"
 
 
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return cli(path, "config", "validate", str(path))
+
+
 def test_config_validate(tmp_path: Path) -> None:
     good = write_config(tmp_path, {"worker": {"capacity": 2}}, "good.yaml")
-    ok = subprocess.run([sys.executable, "-m", "celery_ext.cli", "config", "validate", str(good)],
-                        capture_output=True, text=True)
+    ok = validate(good)
     assert ok.returncode == 0 and "valid" in ok.stdout
     bad = write_config(tmp_path, {"worker": {"capacity": 0, "colour": "red"},
                                   "executors": [{"type": "pyhton"}], "storage": {"type": "mysql"}}, "bad.yaml")
-    res = subprocess.run([sys.executable, "-m", "celery_ext.cli", "config", "validate", str(bad)],
-                         capture_output=True, text=True)
+    res = validate(bad)
     assert res.returncode == 2
     assert "worker.capacity: must be >= 1 (got 0)" in res.stderr
     assert "worker.colour: unknown key" in res.stderr
@@ -102,8 +104,7 @@ def test_config_validate(tmp_path: Path) -> None:
 
 def test_config_validate_checks_extensions(tmp_path: Path) -> None:
     bad = write_config(tmp_path, {"executors": [{"type": "pyhton"}, {"type": "python", "config": {"modulez": []}}]})
-    res = subprocess.run([sys.executable, "-m", "celery_ext.cli", "config", "validate", str(bad)],
-                         capture_output=True, text=True)
+    res = validate(bad)
     assert res.returncode == 2
     assert "executors[0].type: no executor 'pyhton'; did you mean 'python'?" in res.stderr
     assert "executors[1].config.modulez: unknown key" in res.stderr

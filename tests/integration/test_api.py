@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,16 +11,11 @@ import httpx
 import pytest
 
 from tests.conftest import TEST_TASKS, Cluster
+from tests.support.scrape import free_port, poll
 from tests.support.workers import subprocess_env
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN = "s3cret-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ApiProcess:
@@ -35,16 +28,14 @@ class ApiProcess:
                 env=subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path)), cwd=cluster.tmp_path,
                 stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, self.log_path.read_text()
-            assert time.monotonic() < deadline, self.log_path.read_text()
-            time.sleep(0.1)
+        poll(self.ready, 30, f"the api on port {self.port}")
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -63,13 +54,11 @@ def api(make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Cl
 
 
 def wait_done(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while True:
-        record: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-        if record["status"] in ("succeeded", "failed", "cancelled", "dead"):
-            return record
-        assert time.monotonic() < deadline, record
-        time.sleep(0.05)
+    def record() -> dict[str, Any]:
+        return client.get(f"/tasks/{task_id}").json()  # type: ignore[no-any-return]
+
+    poll(lambda: record()["status"] in ("succeeded", "failed", "cancelled", "dead"), 30, f"task {task_id}")
+    return record()
 
 
 def test_submit_follow_list_and_read_logs(api: tuple[Cluster, httpx.Client]) -> None:

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from celery_ext.events.base import SCHEDULER_LEADER_CHANGED, Event
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.scheduler import LeaderLease, Scheduler
 from tests.conftest import TEST_TASKS, Cluster
+from tests.support.scrape import poll
 from tests.support.services import unique
 from tests.support.workers import subprocess_env
 
@@ -45,11 +45,11 @@ class SchedulerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.log():
+        def shown() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"scheduler exited:\n{self.log()}"
-            assert time.monotonic() < deadline, f"scheduler log never showed {needle!r}:\n{self.log()}"
-            time.sleep(0.05)
+            return needle in self.log()
+
+        poll(shown, timeout, f"{needle!r} in the scheduler log")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -69,7 +69,7 @@ def test_one_holder_leads_renews_hands_over_and_fences(redis_url: str) -> None:
     assert not b.release() and a.release()
     second = b.acquire()
     assert second == first + 1 and a.acquire() == 0
-    time.sleep(0.8)  # b stops renewing: its lease runs out
+    poll(lambda: a.leader() is None, 5, "b's unrenewed lease to run out")
     assert a.acquire() == second + 1
     with pytest.raises(ValueError, match="must not contain"):
         LeaderLease(client, prefix, 1, "x|y")
@@ -112,29 +112,19 @@ def test_scheduler_processes_elect_one_leader_and_recover_a_killed_workers_task(
     c = make_cluster(executors=TEST_TASKS, worker=FAST, scheduler=FAST_SCHEDULER)
     first, second = SchedulerProcess(c).start(), SchedulerProcess(c).start()
     try:
-        deadline = time.monotonic() + 30
-        while ("is the leader" in first.log()) == ("is the leader" in second.log()):
-            assert time.monotonic() < deadline, f"{first.log()}\n---\n{second.log()}"
-            time.sleep(0.05)
+        poll(lambda: ("is the leader" in first.log()) != ("is the leader" in second.log()), 30, "one leader")
         leader, standby = (first, second) if "is the leader" in first.log() else (second, first)
 
         doomed = c.worker()
         task = c.manager.submit("sleep", {"seconds": 30}, max_retries=1)
-        deadline = time.monotonic() + 30
-        while c.manager.get(task.task_id).status is not TaskStatus.RUNNING:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        poll(lambda: c.manager.get(task.task_id).status is TaskStatus.RUNNING, 30, "the task to start")
         doomed.kill()
         leader.stop(signal.SIGKILL)  # the leader dies too: the standby must take over
         standby.wait_for_log("is the leader", 30)
 
         c.worker()  # somewhere for the recovered attempt to run
+        poll(lambda: c.manager.get(task.task_id).attempt >= 2, 60, "the recovered attempt")
         retried = c.manager.get(task.task_id)
-        deadline = time.monotonic() + 60
-        while retried.attempt < 2:
-            assert time.monotonic() < deadline, retried
-            time.sleep(0.1)
-            retried = c.manager.get(task.task_id)
         assert retried.error is not None and retried.error.reason == "worker_lost"
         assert retried.status in (TaskStatus.RETRYING, TaskStatus.QUEUED, TaskStatus.RUNNING)
         assert standby.stop() == 0
