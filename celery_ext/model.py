@@ -130,6 +130,14 @@ class Task:
     updated_at: datetime | None = None
     dispatch_token: str | None = None
     lease_until: datetime | None = None
+    # A manual retry starts a new run (``run`` + 1) whose attempts count again from 1.
+    run: int = 1
+    # Positional args of the Celery message (a chain passes the previous step's result as args[0]).
+    args: list[Any] | None = None
+    # Celery's canvas ids: the task that sent this one, the first task of its workflow, its group.
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
 
     def replace(self, **changes: Any) -> Task:
         return replace(self, **changes)
@@ -159,6 +167,7 @@ class TaskLog:
     time: datetime
     level: str
     message: str
+    run: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,12 +176,13 @@ class TaskLog:
             "time": self.time.isoformat(),
             "level": self.level,
             "message": self.message,
+            "run": self.run,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class TaskFilter:
-    """Query for ``TaskRepository.list``; newest first.
+    """Query for ``TaskRepository.list``; newest first.  Every filter given must match.
 
     Paginate with ``limit``/``offset``, or with ``cursor`` (the ``next_cursor`` of the previous
     page), which stays stable while records are inserted.
@@ -186,6 +196,10 @@ class TaskFilter:
     limit: int = 100
     offset: int = 0
     cursor: str | None = None
+    # Celery canvas ids, each an equality filter.
+    root_id: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

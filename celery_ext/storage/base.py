@@ -85,8 +85,11 @@ class TaskLogRepository(abc.ABC):
         """Write a batch of log lines in one round trip."""
 
     @abc.abstractmethod
-    def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
-        """Log lines of one task in the order they were written."""
+    def list(
+        self, task_id: str, *, attempt: int | None = None, run: int | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[TaskLog]:
+        """Log lines of one task in the order they were written, optionally of one ``run`` and/or
+        ``attempt`` only (an attempt number alone matches that attempt of every run)."""
 
     def purge(self, before: datetime, limit: int = 1000) -> int:
         """Delete up to ``limit`` log lines written before ``before``; returns how many."""
@@ -150,7 +153,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 _RECORD_FIELDS = frozenset(
     {"task_id", "task_type", "payload", "priority", "attempt", "max_retries", "timeout", "run_at", "worker_id",
      "result", "idempotency_key", "dispatch_token", "lease_until", "created_at", "queued_at", "started_at",
-     "finished_at", "updated_at"})
+     "finished_at", "updated_at", "run", "args", "parent_id", "root_id", "group_id"})
 TIME_FIELDS = ("run_at", "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at")
 
 
@@ -179,11 +182,17 @@ def to_record(task: Task) -> dict[str, Any]:
         "started_at": task.started_at,
         "finished_at": task.finished_at,
         "updated_at": task.updated_at or task.created_at,
+        "run": task.run,
+        "args": task.args,
+        "parent_id": task.parent_id,
+        "root_id": task.root_id,
+        "group_id": task.group_id,
     }
 
 
 def from_record(record: Mapping[str, Any], time: Callable[[Any], datetime | None] = lambda v: v) -> Task:
-    """The inverse of ``to_record``; ``time`` decodes a stored time field (absent means None)."""
+    """The inverse of ``to_record``; ``time`` decodes a stored time field (absent means None).
+    A record written before a field existed reads as that field's default (``run`` 1, else None)."""
     reason = record.get("error_reason")
     created = time(record["created_at"])
     assert created is not None
@@ -208,6 +217,11 @@ def from_record(record: Mapping[str, Any], time: Callable[[Any], datetime | None
         started_at=time(record.get("started_at")),
         finished_at=time(record.get("finished_at")),
         updated_at=time(record.get("updated_at")),
+        run=record.get("run") or 1,
+        args=record.get("args"),
+        parent_id=record.get("parent_id"),
+        root_id=record.get("root_id"),
+        group_id=record.get("group_id"),
     )
 
 

@@ -37,7 +37,9 @@ from celery_ext.storage.base import Storage, TaskLogRepository, TaskRepository, 
 from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc
 
-SCHEMA_VERSION = 1
+# 1: collections and indexes; 2: indexes on root_id and group_id.  Documents are never rewritten:
+# one lacking a later field (run, args, parent_id, root_id, group_id) reads as its default.
+SCHEMA_VERSION = 2
 _NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # portable across MongoDB and wire-compatible servers
 
 
@@ -157,6 +159,8 @@ class MongoStorage(Storage):
                 ("ix_status_run_at", [("status", asc), ("run_at", asc)]),
                 ("ix_status_lease", [("status", asc), ("lease_until", asc)]),
                 ("ix_status_finished", [("status", asc), ("finished_at", asc)]),
+                ("ix_root_created", [("root_id", asc), ("created_at", desc)]),  # v2
+                ("ix_group_created", [("group_id", asc), ("created_at", desc)]),  # v2
             ):
                 tasks.create_index(keys, name=name)
             logs.create_index([("task_id", asc), ("seq", asc)], name="ix_task_seq")
@@ -260,6 +264,10 @@ class MongoTaskRepository(TaskRepository):
             query["task_type"] = {"$in": list(flt.task_type)}
         if flt.worker_id:
             query["worker_id"] = flt.worker_id
+        for name in ("root_id", "parent_id", "group_id"):
+            value = getattr(flt, name)
+            if value is not None:
+                query[name] = value
         created: dict[str, Any] = {}
         if flt.created_after:
             created["$gte"] = enc(flt.created_after)
@@ -337,18 +345,24 @@ class MongoTaskLogRepository(TaskLogRepository):
     def append(self, logs: Sequence[TaskLog]) -> None:
         if not logs:
             return
-        docs = [{"task_id": l.task_id, "attempt": l.attempt, "seq": self._next_seq(), "time": enc(l.time),
-                 "level": l.level, "message": l.message} for l in logs]
+        docs = [{"task_id": l.task_id, "attempt": l.attempt, "run": l.run, "seq": self._next_seq(),
+                 "time": enc(l.time), "level": l.level, "message": l.message} for l in logs]
         with self.storage.guard():
             self.col.insert_many(docs, ordered=True)
 
-    def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
+    def list(
+        self, task_id: str, *, attempt: int | None = None, run: int | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[TaskLog]:
         query: dict[str, Any] = {"task_id": task_id}
         if attempt is not None:
             query["attempt"] = attempt
+        if run is not None:
+            # Lines written before runs were recorded carry no ``run``: they belong to run 1.
+            query["run"] = {"$in": [run, None]} if run == 1 else run
         cur = self.col.find(query).sort([("seq", 1)]).skip(offset).limit(limit)
         with self.storage.guard():
-            return [TaskLog(d["task_id"], d["attempt"], dec(d["time"]), d["level"], d["message"])  # type: ignore[arg-type]
+            return [TaskLog(d["task_id"], d["attempt"], dec(d["time"]), d["level"], d["message"],  # type: ignore[arg-type]
+                            run=d.get("run") or 1)
                     for d in cur]
 
     def purge(self, before: datetime, limit: int = 1000) -> int:

@@ -401,6 +401,10 @@ class SqlTaskRepository(TaskRepository):
             stmt = stmt.where(tasks.c.task_type.in_(list(flt.task_type)))
         if flt.worker_id:
             stmt = stmt.where(tasks.c.worker_id == flt.worker_id)
+        for name in ("root_id", "parent_id", "group_id"):
+            value = getattr(flt, name)
+            if value is not None:
+                stmt = stmt.where(tasks.c[name] == value)
         if flt.created_after:
             stmt = stmt.where(tasks.c.created_at >= flt.created_after)
         if flt.created_before:
@@ -471,20 +475,25 @@ class SqlTaskLogRepository(TaskLogRepository):
         if not logs:
             return
         rows = [
-            {"task_id": l.task_id, "attempt": l.attempt, "time": l.time, "level": l.level, "message": l.message}
+            {"task_id": l.task_id, "attempt": l.attempt, "run": l.run, "time": l.time, "level": l.level,
+             "message": l.message}
             for l in logs
         ]
         with self.storage.begin() as conn:
             conn.execute(insert(task_logs), rows)
 
-    def list(self, task_id: str, *, attempt: int | None = None, limit: int = 1000, offset: int = 0) -> list[TaskLog]:
+    def list(
+        self, task_id: str, *, attempt: int | None = None, run: int | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[TaskLog]:
         stmt = select(task_logs).where(task_logs.c.task_id == task_id)
         if attempt is not None:
             stmt = stmt.where(task_logs.c.attempt == attempt)
+        if run is not None:
+            stmt = stmt.where(task_logs.c.run == run)
         stmt = stmt.order_by(task_logs.c.id).limit(limit).offset(offset)
         with self.storage.begin() as conn:
             return [
-                TaskLog(r.task_id, r.attempt, r.time, r.level, r.message) for r in conn.execute(stmt)
+                TaskLog(r.task_id, r.attempt, r.time, r.level, r.message, run=r.run) for r in conn.execute(stmt)
             ]
 
     def purge(self, before: datetime, limit: int = 1000) -> int:

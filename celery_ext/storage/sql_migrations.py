@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, inspect, select, text
+from sqlalchemy import Connection, Table, func, insert, inspect, select, text
+from sqlalchemy.schema import CreateColumn
 
 from celery_ext.model import utcnow
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, metadata, schema_version, task_logs, tasks
@@ -34,13 +35,40 @@ class Step:
     apply: Callable[[Connection], None]
 
 
-def _v2_retention_indexes(conn: Connection) -> None:
-    for table, name in ((tasks, "ix_tasks_status_finished"), (task_logs, "ix_task_logs_time")):
+def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each of ``names`` the table lacks, as ``sql_schema``
+    declares it (type, nullability, server default).  Skipping present columns makes a step safe
+    to run again: MySQL commits each DDL statement, so a step that failed half-way is re-run."""
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    prep = conn.dialect.identifier_preparer
+    for name in names:
+        if name in have:
+            continue
+        spec = CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {spec}")
+
+
+def _create_indexes(conn: Connection, table: Table, names: Sequence[str]) -> None:
+    for name in names:
         next(i for i in table.indexes if i.name == name).create(conn, checkfirst=True)
+
+
+def _v2_retention_indexes(conn: Connection) -> None:
+    _create_indexes(conn, tasks, ["ix_tasks_status_finished"])
+    _create_indexes(conn, task_logs, ["ix_task_logs_time"])
+
+
+def _v3_runs_and_canvas(conn: Connection) -> None:
+    # Every new column is nullable or has a server default, so v2 code keeps inserting.
+    _add_columns(conn, tasks, ["run", "args", "parent_id", "root_id", "group_id"])
+    _add_columns(conn, task_logs, ["run"])
+    _create_indexes(conn, tasks, ["ix_tasks_root", "ix_tasks_group"])
 
 
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
+    Step(3, "runs and Celery canvas ids: tasks(run, args, parent_id, root_id, group_id), task_logs(run), "
+            "indexes tasks(root_id, created_at), tasks(group_id, created_at)", _v3_runs_and_canvas),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

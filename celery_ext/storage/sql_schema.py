@@ -19,12 +19,13 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 
 # Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -51,6 +52,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 JsonDoc = JSON().with_variant(postgresql.JSONB(), "postgresql")
+# None stored as SQL NULL (not JSON ``null``), as in rows that predate the column.
+NullableJsonDoc = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 LogId = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData()
@@ -79,6 +82,12 @@ tasks = Table(
     Column("started_at", UtcDateTime, nullable=True),
     Column("finished_at", UtcDateTime, nullable=True),
     Column("updated_at", UtcDateTime, nullable=True),
+    # v3: runs and Celery canvas ids (nullable or with a server default: v2 code keeps inserting)
+    Column("run", Integer, nullable=False, default=1, server_default=text("1")),
+    Column("args", NullableJsonDoc, nullable=True),
+    Column("parent_id", String(64), nullable=True),
+    Column("root_id", String(64), nullable=True),
+    Column("group_id", String(64), nullable=True),
     Index("ix_tasks_created", "created_at", "task_id"),
     Index("ix_tasks_status_type_created", "status", "task_type", "created_at"),
     Index("ix_tasks_type_created", "task_type", "created_at"),
@@ -86,6 +95,8 @@ tasks = Table(
     Index("ix_tasks_status_run_at", "status", "run_at"),
     Index("ix_tasks_status_lease", "status", "lease_until"),
     Index("ix_tasks_status_finished", "status", "finished_at"),  # v2: retention purges
+    Index("ix_tasks_root", "root_id", "created_at"),  # v3: a workflow's tasks
+    Index("ix_tasks_group", "group_id", "created_at"),  # v3: a group's tasks
 )
 
 task_logs = Table(
@@ -97,6 +108,7 @@ task_logs = Table(
     Column("time", UtcDateTime, nullable=False),
     Column("level", String(16), nullable=False),
     Column("message", LongText, nullable=False),
+    Column("run", Integer, nullable=False, default=1, server_default=text("1")),  # v3
     Index("ix_task_logs_task", "task_id", "id"),
     Index("ix_task_logs_time", "time"),  # v2: retention purges
 )

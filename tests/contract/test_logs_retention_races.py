@@ -39,6 +39,26 @@ def test_logs_keep_write_order_across_batches(storage: Storage) -> None:
     assert storage.logs.list("nobody") == []
 
 
+def test_logs_filter_by_run_and_attempt(storage: Storage) -> None:
+    """A manual retry starts run 2, whose attempts count from 1 again."""
+    storage.logs.append([line("r", 0), line("r", 1, attempt=2)])  # run 1 (the default)
+    storage.logs.append([TaskLog("r", 1, T0, "INFO", "run 2 a1", run=2),
+                         TaskLog("r", 2, T0, "ERROR", "run 2 a2", run=2)])
+    storage.logs.append([TaskLog("r", 1, T0, "INFO", "run 3 a1", run=3)])
+    got = storage.logs.list("r")
+    assert [(l.run, l.attempt, l.message) for l in got] == [
+        (1, 1, "line 0"), (1, 2, "line 1"), (2, 1, "run 2 a1"), (2, 2, "run 2 a2"), (3, 1, "run 3 a1")]
+    assert got[2] == TaskLog("r", 1, T0, "INFO", "run 2 a1", run=2)
+    assert got[2].to_dict() == {"task_id": "r", "attempt": 1, "time": T0.isoformat(), "level": "INFO",
+                                "message": "run 2 a1", "run": 2}
+    assert [l.message for l in storage.logs.list("r", run=1)] == ["line 0", "line 1"]
+    assert [l.message for l in storage.logs.list("r", run=2)] == ["run 2 a1", "run 2 a2"]
+    assert [l.message for l in storage.logs.list("r", run=2, attempt=2)] == ["run 2 a2"]
+    assert [l.message for l in storage.logs.list("r", attempt=1)] == ["line 0", "run 2 a1", "run 3 a1"]
+    assert [l.message for l in storage.logs.list("r", run=2, limit=1, offset=1)] == ["run 2 a2"]
+    assert storage.logs.list("r", run=4) == []
+
+
 def test_log_messages_keep_unicode_and_size(storage: Storage) -> None:
     text = "é ✓ 日本 " + "x" * 70_000
     storage.logs.append([TaskLog("u", 1, T0, "WARNING", text)])

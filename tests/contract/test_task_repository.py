@@ -34,7 +34,8 @@ def test_create_and_get_round_trip_every_field(storage: Storage) -> None:
         status=S.RUNNING, priority=7, attempt=2, max_retries=5, timeout=12.5, run_at=at(1), worker_id="w1@h",
         result=[1, "two", None], error=TaskErrorInfo("boom", "it broke: é ✓"), idempotency_key="idem-1",
         created_at=at(0), queued_at=at(2), started_at=at(3), finished_at=at(4), updated_at=at(5),
-        dispatch_token="tok", lease_until=at(60),
+        dispatch_token="tok", lease_until=at(60), run=3, args=[{"prev": [1, 2]}, "é", 2.5, None, True],
+        parent_id="parent-1", root_id="root-1", group_id="group-1",
     )
     stored, created = storage.tasks.create(task)
     assert created and stored == task
@@ -42,6 +43,42 @@ def test_create_and_get_round_trip_every_field(storage: Storage) -> None:
     assert storage.tasks.get_by_idempotency_key("idem-1") == task
     assert storage.tasks.get("missing") is None
     assert storage.tasks.get_by_idempotency_key("missing") is None
+
+
+def test_new_fields_default_and_round_trip_through_create_many_and_update(storage: Storage) -> None:
+    plain = make(1)
+    assert (plain.run, plain.args, plain.parent_id, plain.root_id, plain.group_id) == (1, None, None, None, None)
+    canvas = make(2, run=2, args=[[1, 2], {"a": "b"}], parent_id="t00001", root_id="t00001", group_id="g")
+    empty_args = make(3, args=[])
+    out = storage.tasks.create_many([plain, canvas, empty_args])
+    assert [c for _, c in out] == [True, True, True]
+    assert storage.tasks.get("t00001") == plain.replace(updated_at=plain.created_at)
+    assert storage.tasks.get("t00002") == canvas.replace(updated_at=canvas.created_at)
+    got = storage.tasks.get("t00003")
+    assert got is not None and got.args == []
+    assert got.to_dict()["args"] == [] and got.to_dict()["run"] == 1 and got.to_dict()["root_id"] is None
+    as_json = canvas.to_dict()
+    assert {k: as_json[k] for k in ("run", "args", "parent_id", "root_id", "group_id")} == {
+        "run": 2, "args": [[1, 2], {"a": "b"}], "parent_id": "t00001", "root_id": "t00001", "group_id": "g"}
+
+    # A manual retry: a new run whose attempts restart; the update path writes every new field.
+    assert storage.tasks.update("t00001", [S.PENDING], status=S.QUEUED, run=2, attempt=0, args=["x", {"y": 1}],
+                                parent_id="p", root_id="r", group_id="g2")
+    got = storage.tasks.get("t00001")
+    assert got is not None
+    assert (got.status, got.run, got.attempt, got.args, got.parent_id, got.root_id, got.group_id) == (
+        S.QUEUED, 2, 0, ["x", {"y": 1}], "p", "r", "g2")
+    assert storage.tasks.update("t00001", [S.QUEUED], token=None, args=None, parent_id=None, group_id=None)
+    got = storage.tasks.get("t00001")
+    assert got is not None and (got.args, got.parent_id, got.root_id, got.group_id) == (None, None, "r", None)
+    # The token-checked update (the worker's claim) writes them too.
+    storage.tasks.create(make(4, status=S.QUEUED, dispatch_token="tok"))
+    assert storage.tasks.update("t00004", [S.QUEUED], token="tok", status=S.RUNNING, run=5, args=[7])
+    got = storage.tasks.get("t00004")
+    assert got is not None and (got.status, got.run, got.args) == (S.RUNNING, 5, [7])
+    assert storage.tasks.update_many(["t00002", "t00004"], [S.PENDING, S.RUNNING], run=9, root_id="rr") == 2
+    assert [(t.run, t.root_id) for t in (storage.tasks.get("t00002"), storage.tasks.get("t00004"))] == [  # type: ignore[union-attr]
+        (9, "rr"), (9, "rr")]
 
 
 def test_idempotency_key_is_unique_and_absent_keys_do_not_collide(storage: Storage) -> None:
@@ -127,6 +164,9 @@ def test_delete_removes_the_task_and_its_logs(storage: Storage) -> None:
 STATUSES = [S.PENDING, S.QUEUED, S.RUNNING, S.SUCCEEDED, S.FAILED]
 TYPES = ["a", "b", "c"]
 WORKERS = [None, "w1", "w2"]
+ROOTS = [None, "r1", "r2", "r1"]
+GROUPS = [None, "g1", "g2"]
+PARENTS = [None, "p1", "p2", "p3", "p1"]
 
 
 def dataset() -> list[Task]:
@@ -134,7 +174,8 @@ def dataset() -> list[Task]:
     for i in range(60):
         # Pairs share a created_at, so ordering must fall back to task_id.
         tasks.append(make(i, task_type=TYPES[i % 3], status=STATUSES[i % 5], worker_id=WORKERS[(i // 2) % 3],
-                          created_at=at(i // 2)))
+                          created_at=at(i // 2), root_id=ROOTS[i % 4], group_id=GROUPS[(i // 3) % 3],
+                          parent_id=PARENTS[(i // 4) % 5]))
     return tasks
 
 
@@ -144,6 +185,9 @@ def expected(tasks: list[Task], flt: TaskFilter) -> list[str]:
         if (not flt.status or t.status in flt.status)
         and (not flt.task_type or t.task_type in flt.task_type)
         and (flt.worker_id is None or t.worker_id == flt.worker_id)
+        and (flt.root_id is None or t.root_id == flt.root_id)
+        and (flt.parent_id is None or t.parent_id == flt.parent_id)
+        and (flt.group_id is None or t.group_id == flt.group_id)
         and (flt.created_after is None or t.created_at >= flt.created_after)
         and (flt.created_before is None or t.created_at < flt.created_before)
     ]
@@ -151,7 +195,7 @@ def expected(tasks: list[Task], flt: TaskFilter) -> list[str]:
     return [t.task_id for t in keep]
 
 
-FILTERS = {
+FILTERS: dict[str, dict[str, object]] = {
     "status": {"status": (S.RUNNING, S.FAILED)},
     "type": {"task_type": ("b",)},
     "types": {"task_type": ("a", "c")},
@@ -162,17 +206,54 @@ FILTERS = {
 COMBOS = [()] + [(k,) for k in FILTERS] + list(itertools.combinations(FILTERS, 2)) + [tuple(FILTERS)]
 
 
-@pytest.mark.parametrize("keys", COMBOS, ids=lambda k: "+".join(k) or "none")
-def test_list_filters_and_combinations(storage: Storage, keys: tuple[str, ...]) -> None:
+CANVAS_FILTERS: dict[str, dict[str, object]] = {
+    "root": {"root_id": "r1"},
+    "parent": {"parent_id": "p1"},
+    "group": {"group_id": "g2"},
+}
+# Each canvas filter alone, together, and with the other filters (kept short: every backend runs them).
+CANVAS_COMBOS = [(k,) for k in CANVAS_FILTERS] + list(itertools.combinations(CANVAS_FILTERS, 2)) + [
+    tuple(CANVAS_FILTERS), ("root", "status"), ("group", "type"), ("parent", "worker"), ("root", "after", "before")]
+
+
+def _check_filter(storage: Storage, keys: tuple[str, ...]) -> list[str]:
     tasks = dataset()
     storage.tasks.create_many(tasks)
     kwargs: dict[str, object] = {}
     for key in keys:
-        kwargs.update(FILTERS[key])
+        kwargs.update(FILTERS[key] if key in FILTERS else CANVAS_FILTERS[key])
     flt = TaskFilter(limit=1000, **kwargs)  # type: ignore[arg-type]
     page = storage.tasks.list(flt)
-    assert [t.task_id for t in page.items] == expected(tasks, flt)
+    want = expected(tasks, flt)
+    assert [t.task_id for t in page.items] == want
     assert page.next_cursor is None
+    return want
+
+
+@pytest.mark.parametrize("keys", COMBOS, ids=lambda k: "+".join(k) or "none")
+def test_list_filters_and_combinations(storage: Storage, keys: tuple[str, ...]) -> None:
+    _check_filter(storage, keys)
+
+
+@pytest.mark.parametrize("keys", CANVAS_COMBOS, ids=lambda k: "+".join(k))
+def test_list_filters_by_root_parent_and_group(storage: Storage, keys: tuple[str, ...]) -> None:
+    assert _check_filter(storage, keys)  # the data set has matches for each of these, and non-matches
+
+
+def test_list_by_root_pages_with_a_cursor(storage: Storage) -> None:
+    tasks = dataset()
+    storage.tasks.create_many(tasks)
+    want = expected(tasks, TaskFilter(root_id="r1"))
+    got, cursor = [], None
+    while True:
+        page = storage.tasks.list(TaskFilter(root_id="r1", limit=4, cursor=cursor))
+        assert all(t.root_id == "r1" for t in page.items)
+        got += [t.task_id for t in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert got == want and len(want) == 30
+    assert storage.tasks.list(TaskFilter(root_id="nope")).items == []
 
 
 def test_offset_and_cursor_pages_cover_everything_once(storage: Storage) -> None:

@@ -1,5 +1,5 @@
 """MongoDB backend specifics on a real wire-protocol server (nx-27017): config forms, collection
-names, indexes, fork safety, unreachable servers."""
+names, indexes, documents of older versions, fork safety, unreachable servers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from celery_ext.config import StorageConfig
 from celery_ext.errors import ConfigError, StorageError
-from celery_ext.model import Task, TaskLog, TaskStatus, utcnow
+from celery_ext.model import Task, TaskFilter, TaskLog, TaskStatus, utcnow
 from celery_ext.storage import open_storage
 from celery_ext.storage.mongo import MongoStorage
 from tests.support.mongo import MongoServer, mongo_server  # noqa: F401 - fixture
@@ -36,12 +36,50 @@ def test_host_port_database_and_custom_collection_names(mongo_server: MongoServe
         indexes = {tuple(i["key"]): i for i in raw["jobs"].list_indexes()}
         assert indexes[("task_id",)].get("unique") and indexes[("idempotency_key",)].get("unique")
         assert {("status", "task_type", "created_at"), ("worker_id", "created_at"), ("created_at", "task_id"),
-                ("status", "finished_at"), ("status", "run_at"), ("status", "lease_until")} <= set(indexes)
-        assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == 1
+                ("status", "finished_at"), ("status", "run_at"), ("status", "lease_until"),
+                ("root_id", "created_at"), ("group_id", "created_at")} <= set(indexes)
+        assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == 2
     finally:
         client.close()
-    assert storage.schema_version() == (1, 1)
+    assert storage.schema_version() == (2, 2)
     storage.close()
+
+
+def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
+    mongo_server: MongoServer, tmp_path: Path  # noqa: F811
+) -> None:
+    """An upgrade rewrites no document: fields a document lacks read as their defaults, and a
+    version-1 store is brought to version 2 by ``migrate``."""
+    db = unique("ce_")
+    storage = open_storage(StorageConfig(type="mongodb", config={"uri": f"{mongo_server.url}/{db}"}), tmp_path)
+    client = pymongo.MongoClient(f"{mongo_server.url}/{db}")
+    try:
+        raw = client[db]
+        raw["celery_ext_schema"].insert_one({"_id": "schema", "version": 1, "applied_at": 0})
+        assert storage.schema_version() == (1, 2)
+        # As version-1 code wrote them: no run, args, parent_id, root_id, group_id.
+        raw["tasks"].insert_one({"task_id": "old", "task_type": "echo", "payload": {"a": 1}, "status": "failed",
+                                 "attempt": 3, "created_at": 1_700_000_000_000_000,
+                                 "updated_at": 1_700_000_000_000_000})
+        raw["task_logs"].insert_one({"task_id": "old", "attempt": 3, "seq": 1, "time": 1_700_000_000_000_000,
+                                     "level": "INFO", "message": "before runs"})
+        storage.migrate()
+        assert storage.schema_version() == (2, 2)
+        got = storage.tasks.get("old")
+        assert got is not None and (got.attempt, got.run, got.args, got.parent_id, got.root_id, got.group_id) == (
+            3, 1, None, None, None, None)
+        storage.logs.append([TaskLog("old", 1, utcnow(), "INFO", "run 2", run=2)])
+        assert [(ln.message, ln.run) for ln in storage.logs.list("old")] == [("before runs", 1), ("run 2", 2)]
+        assert [ln.message for ln in storage.logs.list("old", run=1)] == ["before runs"]
+        assert [ln.message for ln in storage.logs.list("old", run=2)] == ["run 2"]
+        # A manual retry on the old document writes the new fields.
+        assert storage.tasks.update("old", [TaskStatus.FAILED], status=TaskStatus.PENDING, run=2, attempt=0,
+                                    root_id="r")
+        assert raw["tasks"].find_one({"task_id": "old"})["run"] == 2
+        assert [t.task_id for t in storage.tasks.list(TaskFilter(root_id="r")).items] == ["old"]
+    finally:
+        client.close()
+        storage.close()
 
 
 def test_uri_names_the_database_and_description_hides_the_password(tmp_path: Path) -> None:
