@@ -70,11 +70,35 @@ def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
     return rates
 
 
+def latencies(manager: Any, ext_app: Any, bare: Any, n: int) -> dict[str, list[float]]:
+    """Submit-to-result time of one task at a time, the three ways interleaved, workers idle."""
+    out: dict[str, list[float]] = {"celery_ext manager.wait": [], "celery_ext AsyncResult.get": [],
+                                   "bare Celery AsyncResult.get": []}
+    noop = bare.tasks["bench.noop"]
+    for _ in range(n):
+        start = time.perf_counter()
+        manager.wait(manager.submit("echo", {}, max_retries=0).task_id, 10)
+        out["celery_ext manager.wait"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ext_app.AsyncResult(manager.submit("echo", {}, max_retries=0).task_id).get(timeout=10)
+        out["celery_ext AsyncResult.get"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        noop.apply_async().get(timeout=10)
+        out["bare Celery AsyncResult.get"].append(time.perf_counter() - start)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", default="postgresql", choices=["postgresql", "mysql", "sqlite"])
+    parser.add_argument("--latency-n", type=int, default=300, help="tasks per side for submit-to-result latency")
     args = parser.parse_args()
 
     import os
@@ -132,6 +156,7 @@ def main() -> None:
             ratios.append(results["ext"][-1] / results["bare"][-1])
             print(f"round {r + 1}: bare {results['bare'][-1]:.0f}/s  celery_ext {results['ext'][-1]:.0f}/s  "
                   f"ratio {ratios[-1]:.2f}", flush=True)
+        latency = latencies(rt.manager, rt.celery, bare, args.latency_n)
     finally:
         bare_worker.stop()
         ext_worker.stop()
@@ -145,6 +170,9 @@ def main() -> None:
     print(f"  celery_ext + {args.storage:<10} records   : {ext_med:8.0f} tasks/s")
     print(f"  ratio celery_ext / bare            : {statistics.median(ratios):8.2f}  (median of the rounds' "
           f"ratios {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.70)")
+    print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
+    for key, values in latency.items():
+        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
     print("\nsubmit rate (no worker running):")
     for key, value in rates.items():
         print(f"  {key:<20}: {value:8.0f} /s")

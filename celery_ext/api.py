@@ -9,7 +9,7 @@ Binds ``api.host`` (default 127.0.0.1) and ``api.port`` (8808).  With ``api.toke
   GET  /tasks/{id}                 the record
   GET  /tasks?status=&type=&worker=&limit=&cursor=
                                    {"items": [...], "next_cursor": ...}, newest first
-  GET  /tasks/{id}/logs?attempt=   {"items": [...]}
+  GET  /tasks/{id}/logs?run=&attempt=   {"items": [...]}
   POST /tasks/{id}/cancel          the record (409 when it already finished)
   POST /tasks/{id}/retry           the record (409 unless it failed, was cancelled or is dead)
   GET  /workers                    the worker registry
@@ -167,8 +167,10 @@ class TaskApi:
 
     def logs(self, request: Request, _: Any) -> tuple[int, Any]:
         attempt = request.query_params.get("attempt")
+        run = request.query_params.get("run")
         lines = self.manager.logs(request.path_params["task_id"],
-                                  attempt=_int(attempt, "attempt", 0, None) if attempt is not None else None)
+                                  attempt=_int(attempt, "attempt", 0, None) if attempt is not None else None,
+                                  run=_int(run, "run", 1, None) if run is not None else None)
         return 200, {"items": [line.to_dict() for line in lines]}
 
     def cancel(self, request: Request, _: Any) -> tuple[int, Any]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
+from celery_ext.message import ExtHeader
 from celery_ext.model import Task
 
 MAX_PRIORITY = 9
@@ -21,6 +23,7 @@ class Dispatch:
     token: str
     attempt: int
     countdown: float | None = None
+    queued_at: datetime | None = None
 
 
 def queue_name(prefix: str, task_type: str) -> str:
@@ -28,22 +31,17 @@ def queue_name(prefix: str, task_type: str) -> str:
     return f"{prefix}.{task_type}"
 
 
-def message_kwargs(d: Dispatch) -> dict[str, Any]:
-    t = d.task
-    return {
-        "task_id": t.task_id,
-        "token": d.token,
-        "attempt": d.attempt,
-        "payload": t.payload,
-        "max_retries": t.max_retries,
-        "timeout": t.timeout,
-        # For the router (consistent_hash); the worker ignores it.
-        **({"idempotency_key": t.idempotency_key} if t.idempotency_key else {}),
-    }
+def ext_header(d: Dispatch) -> ExtHeader:
+    return ExtHeader(d.token, d.attempt, d.task.run, d.task.max_retries, d.queued_at, d.task.idempotency_key)
 
 
 class Dispatcher:
-    """Publishes messages over the app's producer pool; routing is the app's ``task_routes``."""
+    """Publishes messages over the app's producer pool; routing is the app's ``task_routes``.
+
+    A message is a plain Celery message (``message.py``): the payload is its kwargs, the
+    celery_ext header carries the dispatch token and attempt, and ``retries`` is the attempt's
+    number within the run, so Celery's tools count retries as the record does.
+    """
 
     def __init__(self, app: Celery, *, hard_timeout_grace: float, redis_priorities: bool) -> None:
         self.app = app
@@ -56,10 +54,18 @@ class Dispatcher:
         priority = max(0, min(MAX_PRIORITY, t.priority))
         opts: dict[str, Any] = {
             "task_id": t.task_id,
-            "kwargs": message_kwargs(d),
+            "args": t.args or (),
+            "kwargs": t.payload,
+            "headers": ext_header(d).to_header(),
             "priority": MAX_PRIORITY - priority if self.redis_priorities else priority,
-            "ignore_result": True,
+            "retries": max(0, d.attempt - 1),
         }
+        if t.parent_id:
+            opts["parent_id"] = t.parent_id
+        if t.root_id:
+            opts["root_id"] = t.root_id
+        if t.group_id:
+            opts["group_id"] = t.group_id
         if d.countdown:
             opts["countdown"] = d.countdown
         if t.timeout:

@@ -2,7 +2,9 @@
 
 Used when ``broker.url`` is not configured, so a worker and the CLI work on a fresh machine with
 nothing but pip.  The first process starts the server (daemonized, append-only file in the data
-folder); every later process finds it by its socket and reuses it.
+folder); every later process finds it by its socket and reuses it.  Its broker URL is
+``redis+socket://<socket path>`` (``factory.broker_for``), which kombu, Flower and redis-py (as
+``unix://<socket path>``) all read.
 """
 
 from __future__ import annotations

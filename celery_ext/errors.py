@@ -13,6 +13,9 @@
     └── ExecutorError               raised by executors; carries a reason code
         ├── PermanentError          never retried (4xx, guard refusal, bad payload)
         └── TransientError          retried with backoff (timeouts, 5xx, connection refused)
+
+    TaskFailed                      how a failed task ends in Celery (FAILURE), and what
+                                    ``AsyncResult.get()`` raises: "reason: message"
 """
 
 from __future__ import annotations
@@ -99,3 +102,20 @@ class PermanentError(ExecutorError):
 
 class TransientError(ExecutorError):
     retryable = True
+
+
+class TaskFailed(Exception):  # noqa: N818 - named for what Celery users read in Flower
+    """A celery_ext task ended failed or dead; ``str()`` is ``"<reason>: <message>"``.
+
+    Its only argument is that string, so Celery's JSON exception encoding carries it whole.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        reason, sep, message = text.partition(": ")
+        self.reason = reason if sep else "exception"
+        self.message = message if sep else text
+
+    @classmethod
+    def of(cls, reason: str, message: str) -> TaskFailed:
+        return cls(f"{reason}: {message}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,23 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from celery_ext.completion import Completion
 from celery_ext.config import Config, load_config
 from celery_ext.dispatch import Dispatcher, queue_name
 from celery_ext.embedded import ensure_embedded_redis
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.executors.task import register_task_types
+from celery_ext.lifecycle import Lifecycle
 from celery_ext.manager import TaskManager
-from celery_ext.routing.router import TaskRouter
+from celery_ext.routing.router import TaskRouter, registry_url_for
 from celery_ext.runner import TaskRunner
 from celery_ext.storage import Storage, open_storage
+from celery_ext.transport import install as install_transport
+from celery_ext.transport import is_redis_url
+
+# Celery's own default queue name: every worker consumes it, so that a plain Celery producer's
+# send_task by name needs no routing knowledge.
+DEFAULT_QUEUE = "celery"
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Runtime:
     storage: Storage
     executors: ExecutorSet
     dispatcher: Dispatcher
+    lifecycle: Lifecycle
     runner: TaskRunner
     manager: TaskManager
     extras: dict[str, Any] = field(default_factory=dict)
@@ -44,20 +54,20 @@ class Runtime:
         return self.config.data_dir
 
 
-EMBEDDED_URL = "redis://localhost/0"
-
-
 def broker_for(config: Config) -> tuple[str, dict[str, Any]]:
-    """The broker URL and extra transport options (the embedded broker is a unix socket)."""
+    """The broker URL and extra transport options: ``broker.url``, else the embedded broker as
+    ``redis+socket://<socket path>``.  Installs celery_ext's Redis transport under kombu's Redis
+    schemes (``celery_ext.transport.install``), so the URL keeps its standard scheme."""
+    install_transport()
     if config.broker.url:
         return config.broker.url, {}
-    return EMBEDDED_URL, {"unix_socket_path": ensure_embedded_redis(config.data_dir)}
+    return f"redis+socket://{ensure_embedded_redis(config.data_dir)}", {}
 
 
 def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
     prefix = config.app.name
     broker_url, extra_options = broker_for(config)
-    is_redis = broker_url.startswith(("redis://", "rediss://"))
+    is_redis = is_redis_url(broker_url)
     transport: dict[str, Any] = {"visibility_timeout": config.broker.visibility_timeout, **extra_options}
     if is_redis:
         transport.update(priority_steps=list(range(10)), sep=":", queue_order_strategy="priority")
@@ -65,8 +75,6 @@ def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
     queues = [Queue(queue_name(prefix, t), routing_key=queue_name(prefix, t)) for t in task_types]
     return {
         "broker_url": broker_url,
-        # A Redis transport that drops undecodable queue entries instead of dying on them.
-        "broker_transport": "celery_ext.transport:Transport" if is_redis else None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "task_serializer": "json",
@@ -79,9 +87,13 @@ def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_ignore_result": True,
-        "task_default_queue": queue_name(prefix, "default"),
-        "task_queues": queues + [Queue(queue_name(prefix, "default"))],
+        # Results are the task records (celery_ext.backend): AsyncResult and Flower read them.
+        "result_backend": "celery_ext://",
+        "task_ignore_result": False,
+        "result_extended": True,
+        # Celery's own default queue: a plain producer's send_task("echo", ...) lands there.
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_queues": queues + [Queue(DEFAULT_QUEUE)],
         "task_queue_max_priority": None if is_redis else 10,
         "task_routes": (TaskRouter.from_config(config, broker_url, task_types, transport),),
         "worker_concurrency": config.worker.capacity,
@@ -103,8 +115,11 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
     app.conf.update(celery_settings(config, executors.task_types))
     broker_url = describe_broker(app)
     register_task_types(app, executors.task_types)
+    app.loader.override_backends["celery_ext"] = "celery_ext.backend:RecordBackend"
     dispatcher = Dispatcher(app, hard_timeout_grace=config.worker.hard_timeout_grace,
-                            redis_priorities=str(app.conf.broker_url).startswith(("redis://", "rediss://")))
+                            redis_priorities=is_redis_url(app.conf.broker_url))
+    lifecycle = Lifecycle(storage, completion_for(config, str(app.conf.broker_url),
+                                                  app.conf.broker_transport_options))
     runtime = Runtime(
         config=config,
         celery=app,
@@ -112,22 +127,33 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
         storage=storage,
         executors=executors,
         dispatcher=dispatcher,
-        runner=TaskRunner(storage, executors, dispatcher, config.worker),
-        manager=TaskManager(config, storage, executors, dispatcher),
+        lifecycle=lifecycle,
+        runner=TaskRunner(lifecycle, executors, dispatcher, config.worker,
+                          default_max_retries=config.worker.default_max_retries,
+                          default_timeout=config.worker.default_timeout),
+        manager=TaskManager(config, lifecycle, executors, dispatcher),
     )
     app.celery_ext = runtime  # type: ignore[attr-defined]
     install_events(runtime)
     install_worker_steps(app)
+    global _latest
+    _latest = weakref.ref(app)
     return app
 
 
+def completion_for(config: Config, broker_url: str, transport_options: dict[str, Any] | None = None) -> Completion:
+    """Where terminal records are announced (the worker registry's Redis; none: waiters poll)."""
+    return Completion(registry_url_for(config, broker_url, transport_options), config.app.name)
+
+
 def describe_broker(app: Celery) -> str:
-    """The broker as users should read it (the embedded one by its socket)."""
-    socket = app.conf.broker_transport_options.get("unix_socket_path")
-    return f"redis+socket://{socket}" if socket else str(app.conf.broker_url)
+    """The broker URL, with its password (redact it for display): the embedded broker reads
+    ``redis+socket:///<data dir>/redis.sock``."""
+    return str(app.conf.broker_url)
 
 
 _default: Celery | None = None
+_latest: weakref.ref[Celery] | None = None  # the app create_app built last in this process
 
 
 def default_app() -> Celery:
@@ -136,3 +162,21 @@ def default_app() -> Celery:
     if _default is None:
         _default = create_app()
     return _default
+
+
+def current_app() -> Celery:
+    """The celery_ext app in use in this process (what ``@task_type`` functions send with):
+
+    1. in a worker, inside a task: the app of the task being run (the worker's app);
+    2. Celery's current app, when it is a celery_ext app (``app.set_current()`` chooses one);
+    3. the app ``create_app`` built last (a producer's app; in ``celery -A celery_ext worker``
+       the worker's app, which is ``celery_ext.app``);
+    4. ``celery_ext.app``, built from ``$CELERY_EXT_CONFIG`` or ``./config.yaml``.
+    """
+    from celery._state import get_current_app, get_current_task
+
+    task = get_current_task()
+    for app in (getattr(task, "app", None), get_current_app(), _latest() if _latest is not None else None):
+        if app is not None and getattr(app, "celery_ext", None) is not None:
+            return app  # type: ignore[no-any-return]
+    return default_app()

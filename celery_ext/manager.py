@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import builtins
 import json
-import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery_ext import canvas
 from celery_ext.config import Config
 from celery_ext.dispatch import MAX_PRIORITY, Dispatch, Dispatcher
 from celery_ext.errors import (
@@ -23,7 +23,9 @@ from celery_ext.errors import (
     TaskWaitTimeoutError,
     UnknownTaskTypeError,
 )
+from celery_ext.executors.base import ExecutorSettings
 from celery_ext.executors.pool import ExecutorSet
+from celery_ext.lifecycle import Lifecycle
 from celery_ext.model import (
     TERMINAL,
     Task,
@@ -34,8 +36,6 @@ from celery_ext.model import (
     new_id,
     utcnow,
 )
-from celery_ext.observer import NULL_OBSERVER, TaskObserver
-from celery_ext.storage.base import Storage
 
 _SUBMIT_KEYS = frozenset(
     {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
@@ -44,13 +44,13 @@ _SUBMIT_KEYS = frozenset(
 class TaskManager:
     """The public front door of celery_ext."""
 
-    def __init__(self, config: Config, storage: Storage, executors: ExecutorSet, dispatcher: Dispatcher) -> None:
+    def __init__(self, config: Config, lifecycle: Lifecycle, executors: ExecutorSet, dispatcher: Dispatcher) -> None:
         self.config = config
-        self.storage = storage
+        self.lifecycle = lifecycle
+        self.storage = lifecycle.storage
         self.executors = executors
         self.dispatcher = dispatcher
         self._schema_ready = False
-        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
 
     # --- submitting -----------------------------------------------------------------------
 
@@ -69,18 +69,38 @@ class TaskManager:
         """Record and publish one task; with a known ``idempotency_key``, return the first task."""
         task, countdown = self._build(
             task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key)
-        self._ensure_schema()
+        self.ensure_schema()
         stored, created = self.storage.tasks.create(task)
         if not created:
             return stored
-        self.observer.task_created(task)
+        self.lifecycle.created([task])
         return self._publish([(task, countdown)])[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
         """Submit several tasks with one insert and one producer; each spec holds ``submit``'s
         arguments (``task_type`` required).  All are validated before anything is written."""
+        return self.submit_built(self.build_specs(specs))
+
+    def submit_built(self, built: builtins.list[tuple[Task, float | None]]) -> builtins.list[Task]:
+        """Record and publish tasks made by ``build_specs`` (one insert, one producer)."""
+        if not built:
+            return []
+        self.ensure_schema()
+        results = self.storage.tasks.create_many([t for t, _ in built])
+        fresh = [(t, c) for (t, c), (_, created) in zip(built, results, strict=True) if created]
+        self.lifecycle.created([t for t, _ in fresh])
+        published = iter(self._publish(fresh)) if fresh else iter(())
+        return [next(published) if created else stored for stored, created in results]
+
+    def build_specs(self, specs: Iterable[Mapping[str, Any]], *,
+                    forbid: frozenset[str] = frozenset()) -> list[tuple[Task, float | None]]:
+        """Validate ``submit`` arguments given as dicts (``task_type`` required); nothing written."""
         built = []
         for i, spec in enumerate(specs):
+            refused = sorted(set(spec) & forbid)
+            if refused:
+                raise InvalidPayloadError(f"{', '.join(refused)} cannot be given inside a chain or chord",
+                                          field=f"[{i}]")
             unknown = set(spec) - _SUBMIT_KEYS
             if unknown or "task_type" not in spec:
                 raise InvalidPayloadError(f"unknown keys {sorted(unknown)}" if unknown else "task_type is required",
@@ -88,15 +108,23 @@ class TaskManager:
             built.append(self._build(
                 spec["task_type"], spec.get("payload"), spec.get("priority", 0), spec.get("delay"),
                 spec.get("run_at"), spec.get("max_retries"), spec.get("timeout"), spec.get("idempotency_key")))
-        if not built:
-            return []
-        self._ensure_schema()
-        results = self.storage.tasks.create_many([t for t, _ in built])
-        fresh = [(t, c) for (t, c), (_, created) in zip(built, results, strict=True) if created]
-        for t, _ in fresh:
-            self.observer.task_created(t)
-        published = iter(self._publish(fresh)) if fresh else iter(())
-        return [next(published) if created else stored for stored, created in results]
+        return built
+
+    # --- canvas (celery_ext/canvas.py) ------------------------------------------------------
+
+    def submit_group(self, specs: Iterable[Mapping[str, Any]]) -> builtins.list[Task]:
+        """Tasks that run in parallel under one ``group_id`` (Celery's ``group``)."""
+        return canvas.submit_group(self, specs)
+
+    def submit_chain(self, specs: Iterable[Mapping[str, Any]]) -> builtins.list[Task]:
+        """Tasks that run one after another, each given the previous one's result (Celery's
+        ``chain``); every step is recorded now, the later ones ``scheduled`` until their turn."""
+        return canvas.submit_chain(self, specs)
+
+    def submit_chord(self, header: Iterable[Mapping[str, Any]], body: Mapping[str, Any]) -> builtins.list[Task]:
+        """A group whose results, as a list, are given to ``body`` (Celery's ``chord``); returns
+        the header's records, then the body's."""
+        return canvas.submit_chord(self, header, body)
 
     def _build(
         self, task_type: str, payload: Any, priority: int, delay: float | None, run_at: datetime | None,
@@ -104,7 +132,11 @@ class TaskManager:
     ) -> tuple[Task, float | None]:
         executor = self.executors.get(task_type)
         if executor is None:
-            raise UnknownTaskTypeError(task_type, self.executors.task_types)
+            # Not run here, but maybe by a live worker: this process need not import the users'
+            # task modules.  That worker validates the payload against the function.
+            advertised = self._advertised_types()
+            if task_type not in advertised:
+                raise UnknownTaskTypeError(task_type, sorted({*self.executors.task_types, *advertised}))
         payload = self._check_payload({} if payload is None else payload)
         if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
             raise InvalidPayloadError(f"must be an integer 0..{MAX_PRIORITY} (got {priority!r})", field="priority")
@@ -123,7 +155,8 @@ class TaskManager:
             delay = max(0.0, (run_at - now).total_seconds())
         elif delay:
             run_at = now + timedelta(seconds=delay)
-        settings = executor.settings
+        # A type this process has no executor for gets the defaults of the worker section.
+        settings = executor.settings if executor is not None else ExecutorSettings()
         task = Task(
             task_id=new_id(),
             task_type=task_type,
@@ -139,6 +172,16 @@ class TaskManager:
             dispatch_token=new_id(),
         )
         return task, delay or None
+
+    def _advertised_types(self) -> frozenset[str]:
+        """The task types live workers advertise in the registry (the router's snapshot, read at
+        most once per ``scheduler.routing_cache``); empty without a registry."""
+        from celery_ext.routing.router import router_of
+
+        try:
+            return router_of(self.dispatcher.app).advertised()
+        except LookupError:
+            return frozenset()
 
     def _check_payload(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, Mapping):
@@ -159,9 +202,10 @@ class TaskManager:
         return self._publish([(task, None)])[0]
 
     def _publish(self, batch: list[tuple[Task, float | None]]) -> list[Task]:
-        dispatches = [Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c) for t, c in batch]
-        # Taken before publishing, so queued_at never comes after a fast worker's started_at.
+        # Taken before publishing, so queued_at never comes after a fast worker's started_at;
+        # the message carries it, so a worker that claims first records it too.
         now = utcnow()
+        dispatches = [Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c, queued_at=now) for t, c in batch]
         try:
             if len(dispatches) == 1:
                 self.dispatcher.publish(dispatches[0])
@@ -169,17 +213,9 @@ class TaskManager:
                 self.dispatcher.publish_many(dispatches)
         except Exception as exc:
             raise PublishError(batch[0][0].task_id, exc) from exc
-        pending = [t.task_id for t, _ in batch if t.status is TaskStatus.PENDING]
-        if pending:
-            self.storage.tasks.update_many(pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=now)
-        out = [t.replace(status=TaskStatus.QUEUED, queued_at=now) if t.status is TaskStatus.PENDING else t
-               for t, _ in batch]
-        for t in out:
-            if t.status is TaskStatus.QUEUED:
-                self.observer.task_queued(t)
-        return out
+        return self.lifecycle.mark_queued([t for t, _ in batch], now)
 
-    def _ensure_schema(self) -> None:
+    def ensure_schema(self) -> None:
         if not self._schema_ready:
             self.storage.migrate()
             self._schema_ready = True
@@ -203,23 +239,21 @@ class TaskManager:
             flt = TaskFilter(**filters)
         return self.storage.tasks.list(flt)
 
-    def logs(self, task_id: str, *, attempt: int | None = None, limit: int = 1000) -> builtins.list[TaskLog]:
+    def logs(self, task_id: str, *, attempt: int | None = None, run: int | None = None,
+             limit: int = 1000) -> builtins.list[TaskLog]:
+        """Log lines in the order written; each carries its ``run`` (manual retries) and
+        ``attempt`` (automatic retries within a run)."""
         self.get(task_id)
-        return self.storage.logs.list(task_id, attempt=attempt, limit=limit)
+        return self.storage.logs.list(task_id, attempt=attempt, run=run, limit=limit)
 
-    def wait(self, task_id: str, timeout: float | None = None, *, poll: float = 0.02) -> Task:
-        """Block until the task reaches a terminal status."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll
-        while True:
-            task = self.get(task_id)
-            if task.status in TERMINAL:
-                return task
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TaskWaitTimeoutError(task_id, timeout or 0.0, task.status.value)
-            sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            time.sleep(sleep)
-            delay = min(delay * 1.5, 0.5)
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """Block until the task reaches a terminal status (woken by its worker, see
+        ``completion``; no polling of the store while Redis is there)."""
+        task = self.lifecycle.completion.wait(task_id, lambda: self.get(task_id), lambda t: t.status in TERMINAL,
+                                              timeout)
+        if task.status not in TERMINAL:
+            raise TaskWaitTimeoutError(task_id, timeout or 0.0, task.status.value)
+        return task
 
     # --- changing -------------------------------------------------------------------------
 
@@ -230,8 +264,7 @@ class TaskManager:
             task = self.get(task_id)
             if task.status in TERMINAL:
                 raise InvalidTransitionError(task_id, task.status.value, "cancel")
-            if self.storage.tasks.update(task_id, (task.status,), status=TaskStatus.CANCELLED,
-                                         finished_at=utcnow(), lease_until=None):
+            if self.lifecycle.cancel(task):
                 break
         else:
             raise InvalidTransitionError(task_id, self.get(task_id).status.value, "cancel")
@@ -243,21 +276,18 @@ class TaskManager:
                 self.dispatcher.app.control.revoke(task_id, terminate=True)
             except Exception:  # noqa: BLE001, S110 - the record is authoritative; revoke only saves work
                 pass
-        cancelled = self.get(task_id)
-        self.observer.task_cancelled(cancelled)
-        return cancelled
+        return self.get(task_id)
 
     def retry(self, task_id: str) -> Task:
-        """Run a failed, dead or cancelled task again with a fresh attempt budget."""
+        """Run a failed, dead or cancelled task again: a new run (``run`` + 1) with a fresh
+        attempt budget.  If the task was cancelled while running and that run has not ended
+        yet, the new run is published when it ends, never alongside it."""
         task = self.get(task_id)
         if task.status not in (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED):
             raise InvalidTransitionError(task_id, task.status.value, "retry")
-        token = new_id()
-        reopened = self.storage.tasks.update(
-            task_id, (task.status,), status=TaskStatus.PENDING, dispatch_token=token, attempt=0,
-            error=None, result=None, started_at=None, finished_at=None, run_at=None, worker_id=None)
-        if not reopened:
+        fresh = self.lifecycle.reopen(task)
+        if fresh is None:
             raise InvalidTransitionError(task_id, self.get(task_id).status.value, "retry")
-        fresh = task.replace(status=TaskStatus.PENDING, dispatch_token=token, attempt=0, error=None, result=None)
-        self._publish([(fresh, None)])
+        if fresh.lease_until is None:
+            self._publish([(fresh, None)])
         return self.get(task_id)

@@ -62,12 +62,9 @@ def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: i
             continue
         error = TaskErrorInfo("worker_lost", f"worker {task.worker_id} stopped renewing its lease "
                                              f"during attempt {task.attempt}")
-        if task.attempt <= task.max_retries:
-            changed = rt.runner.retry_later(task, error)
-        else:
-            changed = rt.storage.tasks.update(
-                task.task_id, (TaskStatus.RUNNING,), token=task.dispatch_token, status=TaskStatus.DEAD,
-                error=error, finished_at=now, lease_until=None)
+        changed, token = rt.lifecycle.lost(task, error, 0.0)
+        if token is not None:
+            rt.runner.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1)
         if changed:
             recovered.append(task.task_id)
     if recovered:

@@ -1,7 +1,8 @@
-"""Running one delivered message: claim the record, execute, record the outcome, retry or finish.
+"""Running one delivered message: claim (or create) the record, execute, decide the outcome.
 
-This is the worker-side half of the state machine.  It is independent of Celery's Task class
-(``executors/task.py`` adapts it) and every move is a conditional update on status and dispatch
+This is the worker-side half of the state machine, independent of Celery's Task class
+(``executors/task.py`` turns each ``Outcome`` into Celery's own: a result, a FAILURE, a RETRY, or
+REVOKED).  Every move goes through ``Lifecycle``, a conditional update on status and dispatch
 token, so a duplicated, stale or cancelled message does nothing.
 """
 
@@ -10,102 +11,123 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_ext.config import WorkerConfig
 from celery_ext.dispatch import Dispatch, Dispatcher
-from celery_ext.errors import ExecutorError, StorageError
+from celery_ext.errors import ExecutorError
+from celery_ext.executors.base import payload_of
 from celery_ext.executors.pool import ExecutorSet
-from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, new_id, utcnow
-from celery_ext.observer import NULL_OBSERVER, TaskObserver
-from celery_ext.storage.base import Storage
+from celery_ext.lifecycle import Lifecycle
+from celery_ext.message import ExtHeader
+from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, utcnow
 from celery_ext.storage.spool import LogSpool
 from celery_ext.tasklog import TaskLogBuffer, capture
 
 logger = logging.getLogger("celery_ext.runner")
 
-T = TypeVar("T")
-RUNNING = (TaskStatus.RUNNING,)
-
-
-class MalformedMessageError(ValueError):
-    """A message on a celery_ext queue that does not carry what a celery_ext task needs."""
-
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """The fields a celery_ext message carries (see ``dispatch.message_kwargs``)."""
+    """One Celery message as celery_ext reads it (``message.py`` defines the header)."""
 
     task_id: str
-    token: str
-    attempt: int
-    payload: dict[str, Any]
-    max_retries: int
-    timeout: float | None
+    task_type: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    header: ExtHeader | None
+    retries: int = 0
+    timeout: float | None = None
+    priority: int = 0
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
 
-    @classmethod
-    def parse(cls, kwargs: dict[str, Any]) -> Delivery:
-        problems = []
-        for key, kind in (("task_id", str), ("token", str), ("attempt", int), ("payload", dict), ("max_retries", int)):
-            if not isinstance(kwargs.get(key), kind) or isinstance(kwargs.get(key), bool):
-                problems.append(f"{key}: expected {kind.__name__} (got {type(kwargs.get(key)).__name__})")
-        timeout = kwargs.get("timeout")
-        if timeout is not None and not isinstance(timeout, int | float):
-            problems.append(f"timeout: expected a number (got {type(timeout).__name__})")
-        if problems:
-            raise MalformedMessageError("; ".join(problems))
-        return cls(kwargs["task_id"], kwargs["token"], kwargs["attempt"], kwargs["payload"],
-                   kwargs["max_retries"], float(timeout) if timeout is not None else None)
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a delivery: ``kind`` is one of
+
+    - ``succeeded`` (``data`` is the result), ``failed`` (``error``),
+    - ``retry`` (``token``, ``delay``: the next attempt must be published),
+    - ``revoked`` (the task was cancelled; nothing of this run is recorded),
+    - ``dropped`` (a stale or duplicate message; ``why`` says which).
+    """
+
+    kind: str
+    task: Task | None = None
+    data: Any = None
+    error: TaskErrorInfo | None = None
+    token: str | None = None
+    delay: float = 0.0
+    why: str = ""
 
 
 class TaskRunner:
-    def __init__(self, storage: Storage, executors: ExecutorSet, dispatcher: Dispatcher, config: WorkerConfig) -> None:
-        self.storage = storage
+    def __init__(self, lifecycle: Lifecycle, executors: ExecutorSet, dispatcher: Dispatcher,
+                 config: WorkerConfig, *, default_max_retries: int, default_timeout: float | None) -> None:
+        self.lifecycle = lifecycle
+        self.storage = lifecycle.storage
         self.executors = executors
         self.dispatcher = dispatcher
         self.config = config
-        # Outcome writes are retried this long when storage is away, before giving up to recovery.
-        self.write_patience = 30.0
-        self.log_spool = LogSpool(storage.logs.append)
-        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
+        self.default_max_retries = default_max_retries
+        self.default_timeout = default_timeout
+        self.log_spool = LogSpool(self.storage.logs.append)
 
     # --- the happy path -------------------------------------------------------------------
 
-    def run(self, task_type: str, d: Delivery, worker_id: str) -> TaskResult | None:
-        """Returns the recorded result, or None when the message was stale and dropped."""
-        now = utcnow()
-        lease = max(self.config.task_lease, (d.timeout or 0) + self.config.hard_timeout_grace)
-        claimed = self.storage.tasks.update(
-            d.task_id, STARTABLE, token=d.token,
-            status=TaskStatus.RUNNING, attempt=d.attempt, worker_id=worker_id,
-            started_at=now, finished_at=None, lease_until=now + timedelta(seconds=lease),
-        )
-        if not claimed:
-            self._explain_drop(d)
-            return None
-        task = Task(task_id=d.task_id, task_type=task_type, payload=d.payload, status=TaskStatus.RUNNING,
-                    attempt=d.attempt, max_retries=d.max_retries, timeout=d.timeout, worker_id=worker_id,
-                    started_at=now, dispatch_token=d.token)
-        self.observer.task_started(task)
-        buffer = TaskLogBuffer(d.task_id, d.attempt, self._write_logs,
+    def run(self, d: Delivery, worker_id: str) -> Outcome:
+        task = self.start(d, worker_id)
+        if task is None:
+            return self._dropped(d)
+        buffer = TaskLogBuffer(task.task_id, task.attempt, self._write_logs,
                                max_lines=self.config.max_log_lines_per_task,
-                               max_bytes=self.config.max_log_line_bytes)
+                               max_bytes=self.config.max_log_line_bytes, run=task.run)
         try:
             with capture(buffer):
                 result = self._execute(task)
                 # Lines first: whoever sees the final status can read every line of the attempt.
                 buffer.flush()
-                self.finish(task, result)
+                return self.finish(task, result)
         finally:
             buffer.flush()
-        return result
+
+    def start(self, d: Delivery, worker_id: str) -> Task | None:
+        """Claim the record the message names, or create it for a plain Celery message."""
+        if d.header is not None:
+            h = d.header
+            task = Task(task_id=d.task_id, task_type=d.task_type, payload=d.kwargs, args=d.args or None,
+                        attempt=h.attempt, run=h.run, max_retries=h.max_retries, timeout=d.timeout,
+                        priority=d.priority, idempotency_key=h.idempotency_key, parent_id=d.parent_id,
+                        root_id=d.root_id, group_id=d.group_id)
+            return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
+        # A plain Celery message: record it on receipt, keyed by its Celery task id.
+        executor = self.executors.get(d.task_type)
+        settings = executor.settings if executor is not None else None
+        max_retries = self.default_max_retries
+        if settings is not None and settings.max_retries is not None:
+            max_retries = settings.max_retries
+        timeout = d.timeout or (settings.timeout if settings else None) or self.default_timeout
+        task = Task(task_id=d.task_id, task_type=d.task_type, payload=d.kwargs, args=d.args or None,
+                    attempt=d.retries + 1, max_retries=max(max_retries, d.retries), timeout=timeout,
+                    priority=d.priority, worker_id=worker_id, parent_id=d.parent_id, root_id=d.root_id,
+                    group_id=d.group_id, created_at=utcnow())
+        running = self.lifecycle.received(task, self.lease(task))
+        if running is not None:
+            return running
+        record = self.storage.tasks.get(d.task_id)  # redelivered, or sent again with the same id
+        if record is None or record.status not in STARTABLE or record.dispatch_token is None:
+            return None
+        return self.lifecycle.claim(record.replace(attempt=record.attempt + 1), record.dispatch_token, worker_id,
+                                    self.lease(record), None)
+
+    def lease(self, task: Task) -> float:
+        return max(self.config.task_lease, (task.timeout or 0) + self.config.hard_timeout_grace)
 
     def _execute(self, task: Task) -> TaskResult:
         executor = self.executors.get(task.task_type)
@@ -115,10 +137,12 @@ class TaskRunner:
         if why:
             return TaskResult.fail("executor_unavailable", why)
         try:
+            if task.args and not executor.accepts_args:
+                task = task.replace(payload=payload_of(task), args=None)
             result = executor.execute(task)
         except SoftTimeLimitExceeded:
             logger.error("time limit of %ss exceeded", task.timeout)
-            return TaskResult.fail("timeout", f"time limit of {task.timeout:g}s exceeded")
+            return TaskResult.fail("timeout", f"time limit of {task.timeout or 0:g}s exceeded")
         except ExecutorError as exc:
             logger.error("%s: %s", exc.reason, exc)
             return TaskResult.fail(exc.reason, str(exc), retryable=exc.retryable, data=exc.data)
@@ -128,105 +152,101 @@ class TaskRunner:
         if not isinstance(result, TaskResult):
             return TaskResult.fail("invalid_result", f"executor returned {type(result).__name__}, not TaskResult")
         try:
-            json.dumps(result.data)
+            json.dumps(result.data, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return TaskResult.fail("invalid_result", f"result is not JSON-serializable: {exc}")
         return result
 
     # --- outcomes -------------------------------------------------------------------------
 
-    def finish(self, task: Task, result: TaskResult) -> None:
-        now = utcnow()
+    def finish(self, task: Task, result: TaskResult) -> Outcome:
+        error = result.error or TaskErrorInfo("exception", "failed without an error")
         if result.success:
-            changed = self._write(lambda: self.storage.tasks.update(
-                task.task_id, RUNNING, token=task.dispatch_token,
-                status=TaskStatus.SUCCEEDED, result=result.data, error=None, finished_at=now, lease_until=None))
+            if self.lifecycle.succeed(task, result.data):
+                return Outcome("succeeded", task, data=result.data)
         elif result.retryable and task.attempt <= task.max_retries:
-            changed = self.retry_later(task, result.error, data=result.data)
-        else:
-            changed = self._write(lambda: self.storage.tasks.update(
-                task.task_id, RUNNING, token=task.dispatch_token,
-                status=TaskStatus.FAILED, result=result.data, error=result.error, finished_at=now, lease_until=None))
-        if not changed:
-            logger.warning("task %s changed while it ran (cancelled?); outcome not recorded", task.task_id)
-        elif result.success or not (result.retryable and task.attempt <= task.max_retries):
-            duration = (now - task.started_at).total_seconds() if task.started_at else None
-            if result.success:
-                self.observer.task_completed(task, duration)
-            else:
-                self.observer.task_failed(task, result.error, duration)
+            delay = self.backoff(task.attempt)
+            logger.warning("attempt %d failed (%s); retrying in %.2fs", task.attempt, error.reason, delay)
+            token = self.lifecycle.retry_later(task, error, delay, result.data)
+            if token is not None:
+                return Outcome("retry", task, error=error, token=token, delay=delay)
+        elif self.lifecycle.fail(task, error, result.data):
+            return Outcome("failed", task, data=result.data, error=error)
+        return self.discarded(task)
 
-    def retry_later(self, task: Task, error: TaskErrorInfo | None, *, data: Any = None) -> bool:
-        delay = self.backoff(task.attempt)
-        token = new_id()
-        logger.warning("attempt %d failed (%s); retrying in %.2fs", task.attempt,
-                       error.reason if error else "?", delay)
-        changed = self._write(lambda: self.storage.tasks.update(
-            task.task_id, RUNNING, token=task.dispatch_token,
-            status=TaskStatus.RETRYING, dispatch_token=token, error=error, result=data,
-            run_at=utcnow() + timedelta(seconds=delay), lease_until=None))
-        if changed:
-            self.observer.task_retrying(task, error, delay)
-            # If this publish fails the record stays RETRYING with its run_at: the scheduler's
-            # recovery publishes it.  Nothing is lost.
-            try:
-                self.dispatcher.publish(Dispatch(task, token, task.attempt + 1, countdown=delay))
-            except Exception:  # noqa: BLE001
-                logger.exception("could not publish retry of %s; left for recovery", task.task_id)
-        return changed
+    def discarded(self, task: Task) -> Outcome:
+        """The record changed while the task ran (it was cancelled): nothing of this run is kept.
+        If a manual retry waits for this run to end, publish it now."""
+        logger.warning("task %s changed while it ran (cancelled?); outcome not recorded", task.task_id)
+        token = self.lifecycle.release(task)
+        if token is not None:
+            record = self.storage.tasks.get(task.task_id)
+            if record is not None:
+                self.publish(record.replace(dispatch_token=token), attempt=1)
+        return Outcome("revoked", task, why="cancelled while it ran")
 
     def backoff(self, attempt: int) -> float:
         delay = min(self.config.retry_backoff_max, self.config.retry_backoff * 2 ** max(0, attempt - 1))
         return random.uniform(0, delay) if self.config.retry_jitter else delay
 
-    def fail_running(self, task_id: str, token: str, reason: str, message: str) -> bool:
+    def fail_running(self, d: Delivery, reason: str, message: str) -> bool:
         """Record a failure decided outside the task (hard time limit)."""
-        error = TaskErrorInfo(reason, message)
-        changed = self._write(lambda: self.storage.tasks.update(
-            task_id, RUNNING, token=token, status=TaskStatus.FAILED,
-            error=error, finished_at=utcnow(), lease_until=None))
-        record = self.storage.tasks.get(task_id) if changed and self.observer is not NULL_OBSERVER else None
-        if record is not None:
-            self.observer.task_failed(record, error, record.duration)
-        return changed
+        task = self._running_task(d)
+        return task is not None and self.lifecycle.fail(task, TaskErrorInfo(reason, message))
 
-    def worker_lost(self, task_type: str, d: Delivery) -> None:
+    def worker_lost(self, d: Delivery) -> None:
         """The pool process running ``d`` died: retry it under a new token, or declare it dead."""
-        task = Task(task_id=d.task_id, task_type=task_type, payload=d.payload, attempt=d.attempt,
-                    max_retries=d.max_retries, timeout=d.timeout, dispatch_token=d.token)
-        error = TaskErrorInfo("worker_lost", f"the worker process died during attempt {d.attempt}")
-        if d.attempt <= d.max_retries:
-            self.retry_later(task, error)
-        else:
-            if self._write(lambda: self.storage.tasks.update(
-                    d.task_id, RUNNING, token=d.token, status=TaskStatus.DEAD, error=error,
-                    finished_at=utcnow(), lease_until=None)):
-                self.observer.task_failed(task, error, None)
+        task = self._running_task(d)
+        if task is None:
+            return
+        error = TaskErrorInfo("worker_lost", f"the worker process died during attempt {task.attempt}")
+        changed, token = self.lifecycle.lost(task, error, self.backoff(task.attempt))
+        if token is not None:
+            self.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1)
+        elif not changed:
+            # Cancelled while it ran: give up the lease, publishing a retry that waited for it.
+            self.discarded(task)
+
+    def terminated(self, d: Delivery) -> None:
+        """The pool process running ``d`` was terminated on request (cancel with terminate, or
+        Celery's ``revoke --terminate``): the task ends cancelled and gives up its lease."""
+        record = self.storage.tasks.get(d.task_id)
+        if record is None or (d.header is not None and record.dispatch_token != d.header.token):
+            return
+        if record.status is TaskStatus.RUNNING:
+            self.lifecycle.cancel(record)
+        self.discarded(record)
+
+    def publish(self, task: Task, *, attempt: int, countdown: float | None = None) -> None:
+        # If this publish fails the record keeps its status and run_at: recovery publishes it.
+        try:
+            self.dispatcher.publish(Dispatch(task, task.dispatch_token or "", attempt, countdown=countdown,
+                                             queued_at=utcnow()))
+        except Exception:  # noqa: BLE001
+            logger.exception("could not publish task %s; left for recovery", task.task_id)
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _explain_drop(self, d: Delivery) -> None:
+    def _running_task(self, d: Delivery) -> Task | None:
+        """The record of a delivery that was running, as the run knew it."""
+        record = self.storage.tasks.get(d.task_id)
+        if record is None or record.status is not TaskStatus.RUNNING:
+            return None
+        if d.header is not None and record.dispatch_token != d.header.token:
+            return None
+        return record
+
+    def _dropped(self, d: Delivery) -> Outcome:
         record = self.storage.tasks.get(d.task_id)
         if record is None:
             logger.error("message for unknown task %s dropped (no such record)", d.task_id)
-        elif record.status.terminal or record.dispatch_token != d.token:
-            logger.info("task %s is %s; duplicate or stale message dropped", d.task_id, record.status)
-        else:
-            logger.warning("task %s is %s; message dropped", d.task_id, record.status)
+            return Outcome("dropped", why="no such record")
+        if record.status is TaskStatus.CANCELLED:
+            logger.info("task %s was cancelled; its message is dropped", d.task_id)
+            return Outcome("revoked", record, why="cancelled")
+        logger.info("task %s is %s; duplicate or stale message dropped", d.task_id, record.status)
+        return Outcome("dropped", record, why=f"task is {record.status}")
 
     def _write_logs(self, lines: Any) -> None:
         # Never blocks the task on an outage: the spool keeps the lines in order and retries.
         self.log_spool.submit(lines)
-
-    def _write(self, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.write_patience
-        delay = 0.1
-        while True:
-            try:
-                return fn()
-            except StorageError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("storage unavailable, retrying in %.1fs: %s", delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)

@@ -181,12 +181,13 @@ class Scheduler:
     def _unpublished(self, report: TickReport) -> None:
         """The outbox case: a PENDING record nobody published.  A fresh dispatch token first, so
         that a message of the first publish, if it exists after all, is dropped as stale."""
-        tasks = self.rt.storage.tasks
-        cutoff = utcnow() - timedelta(seconds=self.config.publish_grace)
-        for task in tasks.scan((TaskStatus.PENDING,), updated_before=cutoff, limit=100):
-            token = new_id()
-            if not tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token,
-                                dispatch_token=token):
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.config.publish_grace)
+        for task in self.rt.storage.tasks.scan((TaskStatus.PENDING,), updated_before=cutoff, limit=100):
+            if task.lease_until is not None and task.lease_until > now:
+                continue  # a manual retry waiting for a cancelled run to end (lifecycle.reopen)
+            token = self.rt.lifecycle.orphan_token(task)
+            if token is None:
                 continue  # published, started or cancelled meanwhile
             self.rt.manager.publish_pending(task.replace(dispatch_token=token))
             report.published.append(task.task_id)

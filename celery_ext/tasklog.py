@@ -20,9 +20,10 @@ Writer = Callable[[Sequence[TaskLog]], None]
 
 class TaskLogBuffer:
     def __init__(self, task_id: str, attempt: int, writer: Writer, *, max_lines: int, max_bytes: int,
-                 flush_every: int = 200) -> None:
+                 flush_every: int = 200, run: int = 1) -> None:
         self.task_id = task_id
         self.attempt = attempt
+        self.run = run
         self.writer = writer
         self.max_lines = max_lines
         self.max_bytes = max_bytes
@@ -38,7 +39,8 @@ class TaskLogBuffer:
         if len(message) > self.max_bytes:
             message = message[: self.max_bytes] + f"... [truncated, {len(message)} chars]"
         self.kept += 1
-        self.lines.append(TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level, message))
+        self.lines.append(TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level, message,
+                                  run=self.run))
         if len(self.lines) >= self.flush_every:
             self.flush()
 
@@ -46,7 +48,8 @@ class TaskLogBuffer:
         if self.dropped and self.kept >= self.max_lines:
             now = datetime.now(UTC)
             self.lines.append(TaskLog(self.task_id, self.attempt, now, "WARNING",
-                                      f"{self.dropped} more log lines dropped (cap {self.max_lines})"))
+                                      f"{self.dropped} more log lines dropped (cap {self.max_lines})",
+                                      run=self.run))
             self.dropped = 0
         if self.lines:
             lines, self.lines = self.lines, []

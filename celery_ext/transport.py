@@ -1,16 +1,34 @@
-"""A Redis transport that survives garbage on its queues, and reaches a unix socket by option.
+"""A Redis transport that survives garbage on its queues, installed under kombu's Redis schemes.
 
 kombu's Redis channel decodes each popped message with ``json.loads`` inside the worker's event
 loop; a single non-JSON entry pushed onto a queue raises there and stops the whole worker
 ("Unrecoverable error").  This channel logs and drops such an entry instead.
 
-Transport option ``unix_socket_path`` connects over a unix socket (used by the embedded broker:
-kombu only honours sockets in ``redis+socket://`` URLs, which bypass a custom transport class).
-
 kombu builds a new ``redis.Redis`` for every synchronous command it sends (each event published,
 each message's unacked bookkeeping and ack): ~75 us of Python apiece, four or more per task in
 the worker's main process.  This channel keeps one per connection pool; a Redis client is
 thread-safe and stateless apart from its pool, and pipelines are still made per call.
+
+Its connection pools are registered with ``celery_ext.forksafe``, so a pool process forked while
+a thread of the worker held a pool's lock does not hang on it.
+
+How it is installed (``install()``, called by ``celery_ext.factory.broker_for`` whenever
+celery_ext builds an app): kombu's alias table ``kombu.transport.TRANSPORT_ALIASES`` maps the
+``redis`` and ``rediss`` schemes to this class.  The broker URL therefore keeps its own scheme
+(``redis://``, ``rediss://``, and ``redis+socket:///path/redis.sock`` for the embedded broker:
+kombu splits ``redis+socket`` into the ``redis`` transport and a ``socket://`` host, which the
+Redis channel connects to over the unix socket), so ``Connection.as_uri()`` reads
+``redis://...``.  Tools that dispatch on that scheme keep working: Flower's Broker page and
+``/api/queues/length`` (``flower/utils/broker.py`` supports ``redis``, ``rediss`` and
+``redis+socket`` only) and the worker banner.  (Celery's ``broker_transport``
+setting, used before, made the URI start with ``celery_ext.transport:Transport://``, and made a
+``rediss://`` URL skip kombu's SSL defaulting for that scheme.)
+
+The alias table is process-wide: this affects only processes that import celery_ext and build
+an app (a worker, Flower or a producer run with ``-A celery_ext``, the CLI, an embedding
+program).  There every kombu Redis connection uses this transport, which behaves as kombu's
+apart from the three points above; ``sentinel://`` keeps kombu's own.  A process that never
+builds a celery_ext app keeps kombu's transport for every scheme.
 """
 
 from __future__ import annotations
@@ -18,11 +36,38 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kombu import transport as kombu_transport
 from kombu.transport import redis
 
 from celery_ext.forksafe import fork_safe_pool
 
 logger = logging.getLogger("celery_ext.transport")
+
+#: URL schemes of a Redis broker, as kombu spells them.
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+#: The aliases this transport is installed under (``redis+socket`` resolves through ``redis``;
+#: it is listed for code that passes it as a transport name).
+ALIASES = ("redis", "rediss", "redis+socket")
+TRANSPORT = "celery_ext.transport:Transport"
+
+
+def is_redis_url(url: str) -> bool:
+    return str(url).startswith(REDIS_SCHEMES)
+
+
+def redis_py_url(url: str) -> str:
+    """A Redis broker URL as ``redis.Redis.from_url`` reads it: kombu's ``redis+socket://`` is
+    redis-py's ``unix://``; the others are the same."""
+    return "unix://" + url.removeprefix("redis+socket://") if url.startswith("redis+socket://") else url
+
+
+def install() -> None:
+    """Make kombu resolve the Redis schemes to this transport (idempotent; see the module doc)."""
+    for alias in ALIASES:
+        if kombu_transport.TRANSPORT_ALIASES.get(alias) != TRANSPORT:
+            kombu_transport.TRANSPORT_ALIASES[alias] = TRANSPORT
+            # get_transport_cls caches by name: forget a class resolved before this call.
+            kombu_transport._transport_cache.pop(alias, None)
 
 
 class Channel(redis.Channel):  # type: ignore[misc]
@@ -51,18 +96,6 @@ class Channel(redis.Channel):  # type: ignore[misc]
     def _get_pool(self, asynchronous: bool = False) -> Any:
         # The worker forks pool processes; its pools must not hand them a held lock (forksafe).
         return fork_safe_pool(super()._get_pool(asynchronous))
-
-    def _connparams(self, asynchronous: bool = False) -> Any:
-        path = self.connection.client.transport_options.get("unix_socket_path")
-        if not path:
-            return super()._connparams(asynchronous)
-        # kombu wraps connection_class for its event loop; give it the socket class to wrap.
-        self.connection_class = redis.redis.UnixDomainSocketConnection
-        params = self._filter_tcp_connparams(**super()._connparams(asynchronous))
-        for key in ("host", "port", "socket_connect_timeout"):
-            params.pop(key, None)
-        params["path"] = path
-        return params
 
 
 class Transport(redis.Transport):  # type: ignore[misc]

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_unknown, worker_process_init, worker_process_shutdown
 
 from celery_ext import tasklog
 from celery_ext.errors import StorageError
@@ -19,13 +19,21 @@ logger = logging.getLogger("celery_ext.worker")
 
 
 class CeleryExtStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Checks the task store at start-up, installs per-task log capture, says where data lives."""
+    """Checks at start-up that the executors can run their types (the python executor's modules
+    import: ``Executor.worker_problems``) and that the task store answers, installs per-task log
+    capture, says where data lives.  This step is how celery_ext tells a worker from a client: it
+    runs in ``celery worker`` only, so the check needs no guess from the command line."""
 
     label = "celery_ext"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         rt = runtime_of(worker.app)
+        # Only a worker needs the users' task modules (clients build the same executors and
+        # tolerate a failed import); a worker must be able to run every type it advertises.
+        problems = rt.executors.worker_problems()
+        if problems:
+            raise SystemExit("celery_ext: cannot start worker: " + "; ".join(problems))
         try:
             rt.storage.migrate()
         except StorageError as exc:
@@ -69,5 +77,14 @@ def install_worker_steps(app: Celery) -> None:
         runtime_of(app).executors.close()
         runtime_of(app).runner.log_spool.flush(10.0)  # log lines spooled during a storage outage
 
+    def unknown_task(sender: Any = None, name: str = "", id: str = "", **_: Any) -> None:  # noqa: A002
+        # Celery has logged "Received unregistered task of type ..." and dropped the message.
+        logger.error("message %s for unknown task %r rejected: no celery_ext executor runs it here "
+                     "(known: %s)", id, name, ", ".join(runtime_of(app).executors.task_types))
+        metrics = runtime_of(app).extras.get("metrics")
+        if metrics is not None:
+            metrics.message_rejected(name, "unknown_task")
+
+    task_unknown.connect(unknown_task, weak=False, dispatch_uid=f"celery_ext.unknown.{id(app)}")
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.child_init.{id(app)}")
     worker_process_shutdown.connect(child_shutdown, weak=False, dispatch_uid=f"celery_ext.child_shutdown.{id(app)}")

@@ -16,6 +16,9 @@ from tests.support.workers import WorkerProcess, write_config
 
 STORAGE_KINDS = ["sqlite", "postgresql", "mysql"]
 
+# The harness and pytest plugins that run Celery's own suite (run by integration/test_celery_canvas_suite.py).
+collect_ignore = ["celery_suite"]
+
 
 @pytest.fixture(scope="session")
 def database_urls() -> Iterator[dict[str, str]]:

@@ -28,7 +28,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         config = load_config(path)
         errors: list[str] = []
         try:
-            ExecutorSet.from_config(config)
+            # What only a worker needs (the python executor's modules) is a warning here: this
+            # host may be a client that cannot import the users' code.
+            for problem in ExecutorSet.from_config(config).worker_problems():
+                print(f"warning: {problem} (a worker with this config would refuse to start)", file=sys.stderr)
         except ConfigError as exc:
             errors.extend(exc.errors)
         try:

@@ -50,7 +50,8 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("logs", help="show a task's log lines")
     p.add_argument("task_id", metavar="ID")
-    p.add_argument("--attempt", type=int)
+    p.add_argument("--run", type=int, help="only this run (a manual retry starts a new run)")
+    p.add_argument("--attempt", type=int, help="only this attempt (within each run)")
     add_json(p)
     p.set_defaults(func=cmd_logs)
 
@@ -127,12 +128,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    lines = runtime(args).manager.logs(args.task_id, attempt=args.attempt)
+    lines = runtime(args).manager.logs(args.task_id, attempt=args.attempt, run=args.run)
     if args.json:
         print_json([line.to_dict() for line in lines])
     else:
-        print_table(None, ["time", "attempt", "level", "message"],
-                    [(ln.time.isoformat(timespec="milliseconds"), ln.attempt, ln.level, ln.message) for ln in lines])
+        print_table(None, ["time", "run", "attempt", "level", "message"],
+                    [(ln.time.isoformat(timespec="milliseconds"), ln.run, ln.attempt, ln.level, ln.message)
+                     for ln in lines])
     return EXIT_OK
 
 

@@ -124,8 +124,7 @@ def install(runtime: Runtime) -> EventBridge:
     metrics = build_metrics(runtime.config)
     bridge = EventBridge(bus, metrics)
     runtime.extras.update(events=bus, metrics=metrics, observer=bridge)
-    runtime.manager.observer = bridge  # type: ignore[attr-defined]
-    runtime.runner.observer = bridge  # type: ignore[attr-defined]
+    runtime.lifecycle.observer = bridge
     connect_worker_registry(bridge, runtime.config.app.name)
     return bridge
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from celery_ext.config import Model, PositiveDuration, validate_section
+from celery_ext.errors import PermanentError
 from celery_ext.model import Task, TaskResult
 
 
@@ -37,6 +38,9 @@ class Executor(abc.ABC):
 
     type: ClassVar[str]
     settings_model: ClassVar[builtins.type[ExecutorSettings]] = ExecutorSettings
+    # Whether ``execute`` reads ``task.args`` (a message's positional arguments).  When false, a
+    # chain's previous result reaches the executor merged into the payload (``payload_of``).
+    accepts_args: ClassVar[bool] = False
 
     def __init__(self, settings: ExecutorSettings | None = None) -> None:
         # No I/O here: executors are also built in producers, to know their task types.
@@ -65,3 +69,27 @@ class Executor(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what ``initialize`` opened."""
+
+    def worker_problems(self) -> list[str]:
+        """What would keep this executor from running its task types in a worker (e.g. the python
+        executor's user modules that do not import).  Checked when a worker starts: any problem
+        refuses the start.  Producers (CLI, API, Flower) never check it: they only submit."""
+        return []
+
+
+def payload_of(task: Task) -> dict[str, Any]:
+    """The payload an executor that takes only a JSON object sees.
+
+    In a chain, Celery passes the previous step's result as the first positional argument.  When
+    that result is a JSON object, its keys fill the payload's missing keys (the step's own
+    payload wins); anything else positional cannot be given to such an executor.
+    """
+    if not task.args:
+        return task.payload
+    if len(task.args) == 1 and isinstance(task.args[0], dict):
+        return {**task.args[0], **task.payload}
+    raise PermanentError(
+        "invalid_payload",
+        f"{task.task_type} takes a JSON object payload; positional arguments are accepted only as one "
+        f"object (a previous chain step's result), got {len(task.args)}: "
+        f"{', '.join(type(a).__name__ for a in task.args)}")

@@ -17,8 +17,10 @@ logger = logging.getLogger(__name__)
 class ExecutorSet:
     """Maps each task type to the executor that owns it."""
 
-    def __init__(self, executors: list[Executor]) -> None:
+    def __init__(self, executors: list[Executor], paths: list[str] | None = None) -> None:
         self.executors = executors
+        # Where each executor comes from in config.yaml, for error messages.
+        self.paths = paths or [f"executors ({ex.type})" for ex in executors]
         self.by_type: dict[str, Executor] = {}
         for ex in executors:
             for task_type in ex.supported_task_types:
@@ -34,7 +36,7 @@ class ExecutorSet:
 
     @classmethod
     def from_config(cls, config: Config) -> ExecutorSet:
-        executors = []
+        executors, paths = [], []
         errors: list[str] = []
         for i, entry in enumerate(config.executors):
             if not entry.enabled:
@@ -44,11 +46,12 @@ class ExecutorSet:
                 exec_cls = EXECUTORS.resolve(entry.type, f"{path}.type")
                 settings = exec_cls.parse_settings(entry.config, f"{path}.config")
                 executors.append(exec_cls(settings))
+                paths.append(f"{path}.config")
             except ConfigError as exc:
                 errors.extend(exc.errors)
         if errors:
             raise ConfigError(errors)
-        return cls(executors)
+        return cls(executors, paths)
 
     @property
     def task_types(self) -> list[str]:
@@ -56,6 +59,14 @@ class ExecutorSet:
 
     def get(self, task_type: str) -> Executor | None:
         return self.by_type.get(task_type)
+
+    def worker_problems(self) -> list[str]:
+        """Why a worker of these executors cannot run what it would advertise, one line per problem
+        with its config path (``Executor.worker_problems``); empty when it can.  Building an
+        ``ExecutorSet`` never fails for these (clients do not need the workers' code): the worker
+        bootstep checks them at start."""
+        return [f"{path}.{problem}" for ex, path in zip(self.executors, self.paths, strict=True)
+                for problem in ex.worker_problems()]
 
     def ready(self, executor: Executor) -> str | None:
         """Initialize every executor once in this process; return why ``executor`` is unusable."""

@@ -1,7 +1,10 @@
 """The Celery adapter: one Celery task per supported task type, running through ``TaskRunner``.
 
-Flower sees each celery_ext task type under its own name.  ``ExtRequest`` runs in the worker's
-main process and records what a pool child cannot: a hard time limit, or the child's death.
+Flower sees each celery_ext task type under its own name, and Celery's states tell the truth:
+a success returns the executor's result, a failure raises ``TaskFailed("reason: message")``
+(FAILURE), a retry is Celery's own ``Task.retry`` (RETRY, ``retries`` + 1), and a task cancelled
+in celery_ext is reported REVOKED.  ``ExtRequest`` runs in the worker's main process and records
+what a pool child cannot: a hard time limit, or the child's death.
 """
 
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, TimeLimitExceeded
+from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 
-from celery_ext.errors import StorageError
-from celery_ext.runner import Delivery, MalformedMessageError
+from celery_ext.dispatch import queue_name
+from celery_ext.errors import StorageError, TaskFailed
+from celery_ext.message import HEADER, ExtHeader, MalformedMessageError, check_call, soft_limit
+from celery_ext.model import utcnow
+from celery_ext.runner import Delivery, Outcome
 
 if TYPE_CHECKING:
     from celery_ext.factory import Runtime
@@ -27,22 +34,48 @@ def runtime_of(app: Celery) -> Runtime:
     return app.celery_ext  # type: ignore[attr-defined, no-any-return]
 
 
+def delivery_of(name: str, request: Any, args: Any, kwargs: Any) -> Delivery:
+    """What celery_ext reads of a message: the worker request's fields and the header."""
+    args, kwargs = check_call(args, kwargs)
+    header = ExtHeader.parse({HEADER: getattr(request, HEADER, None)})
+    return Delivery(
+        task_id=request.id, task_type=name, args=args, kwargs=kwargs, header=header,
+        retries=int(getattr(request, "retries", 0) or 0), timeout=soft_limit(getattr(request, "timelimit", None)),
+        parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
+        group_id=getattr(request, "group", None))
+
+
+def chain_ids(chain: Any) -> list[str]:
+    """Task ids of the steps left in a message's ``chain`` (signatures as dicts)."""
+    ids = []
+    for sig in chain or ():
+        task_id = (sig.get("options") or {}).get("task_id") if isinstance(sig, dict) else None
+        if isinstance(task_id, str):
+            ids.append(task_id)
+    return ids
+
+
 class ExtRequest(Request):  # type: ignore[misc]
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
             self._record(lambda rt, d: rt.runner.fail_running(
-                d.task_id, d.token, "timeout", f"hard time limit of {timeout:g}s exceeded"))
+                d, "timeout", f"hard time limit of {timeout:g}s exceeded"))
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap ExceptionWithTraceback
         if isinstance(exc, WorkerLostError) and not isinstance(exc, TimeLimitExceeded):
-            self._record(lambda rt, d: rt.runner.worker_lost(self.name, d))
+            self._record(lambda rt, d: rt.runner.worker_lost(d))
+            # Celery requeues the message without a word to Flower; say that it is retried.
+            self.send_event("task-retried", exception=saferepr(exc), traceback="")
+        elif isinstance(exc, Terminated):
+            # Cancelled with terminate=True: give up the lease (publishing a waiting retry).
+            self._record(lambda rt, d: rt.runner.terminated(d))
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def _record(self, fn: Any) -> None:
         try:
-            d = Delivery.parse(self.kwargs)
+            d = delivery_of(self.name, self, self.args, self.kwargs)
             fn(runtime_of(self.task.app), d)
         except Exception:  # noqa: BLE001 - never break the worker's main process
             logger.exception("could not record the fate of task %s", self.id)
@@ -53,28 +86,65 @@ class ExecutorTask(Task):  # type: ignore[misc,type-arg]
 
     Request = ExtRequest  # type: ignore[assignment]
     typing = False
-    ignore_result = True
+    ignore_result = False  # the result backend reads the record: storing costs nothing
     acks_late = True
     reject_on_worker_lost = True
-    max_retries = None
+    max_retries = None  # celery_ext counts attempts against the record's max_retries
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         rt = runtime_of(self.app)
+        request = self.request
+        supported = rt.extras.get("supported_types")
+        if supported is not None and self.name not in supported:
+            self._forward(rt, request, args, kwargs)
         try:
-            if args:
-                raise MalformedMessageError(f"positional arguments are not accepted (got {len(args)})")
-            delivery = Delivery.parse(kwargs)
+            delivery = delivery_of(self.name, request, args, kwargs)
         except MalformedMessageError as exc:
-            # Acknowledged and dropped: retrying a malformed message can never succeed.
-            logger.error("malformed message %s for %s dropped: %s", self.request.id, self.name, exc)
-            return None
+            # Rejected, not requeued: a malformed message can never succeed.
+            logger.error("malformed message %s for %s rejected: %s", request.id, self.name, exc)
+            metrics = rt.extras.get("metrics")
+            if metrics is not None:
+                metrics.message_rejected(self.name, "malformed")
+            raise Reject(str(exc), requeue=False) from exc
         try:
-            result = rt.runner.run(self.name, delivery, self.request.hostname or "unknown")
+            outcome = rt.runner.run(delivery, request.hostname or "unknown")
         except StorageError as exc:
             # Storage is away before the task could be claimed: put the message back for later.
             logger.warning("task %s postponed: %s", delivery.task_id, exc)
-            raise self.retry(countdown=rt.config.worker.retry_backoff_max / 10 or 5, exc=exc) from exc
-        return None if result is None else {"success": result.success}
+            headers: Any = delivery.header.to_header() if delivery.header else None
+            raise self.retry(countdown=rt.config.worker.retry_backoff_max / 10 or 5, exc=exc,
+                             headers=headers) from exc
+        return self._celery_outcome(rt, delivery, outcome)
+
+    def _forward(self, rt: Runtime, request: Any, args: Any, kwargs: Any) -> None:
+        """A message from Celery's default queue of a type this worker does not run
+        (``worker.supported_types``): hand it, unchanged, to the type's shared queue."""
+        queue = queue_name(rt.config.app.name, self.name)
+        header = getattr(request, HEADER, None)
+        logger.info("task %s[%s] is not run here; handed to queue %s", self.name, request.id, queue)
+        self.signature_from_request(request, args, kwargs, queue=queue,
+                                    **({"headers": {HEADER: header}} if header else {})).apply_async()
+        raise Ignore(f"handed to {queue}")
+
+    def _celery_outcome(self, rt: Runtime, d: Delivery, outcome: Outcome) -> Any:
+        if outcome.kind == "succeeded":
+            return outcome.data
+        error = outcome.error
+        if outcome.kind in ("failed", "revoked") and outcome.task is not None:
+            # The rest of its chain will never run: its waiting records fail (parent_failed).
+            why = f"failed ({error.reason})" if outcome.kind == "failed" and error else "was cancelled"
+            rt.lifecycle.fail_waiting(chain_ids(self.request.chain), outcome.task, why)
+        if outcome.kind == "failed" and error is not None:
+            raise TaskFailed.of(error.reason, error.message)
+        if outcome.kind == "retry" and error is not None and outcome.task is not None:
+            t = outcome.task
+            header = ExtHeader(outcome.token or "", t.attempt + 1, t.run, t.max_retries, utcnow(), t.idempotency_key)
+            headers: Any = header.to_header()
+            raise self.retry(exc=TaskFailed.of(error.reason, error.message), countdown=outcome.delay,
+                             headers=headers, queue=queue_name(rt.config.app.name, self.name))
+        if outcome.kind == "revoked":
+            self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore(outcome.why)
 
 
 def register_task_types(app: Celery, task_types: list[str]) -> None:

@@ -46,6 +46,10 @@ class MetricsCollector(abc.ABC):
     @abc.abstractmethod
     def scheduler_election(self, is_leader: bool) -> None: ...
 
+    def message_rejected(self, task_name: str, reason: str) -> None:  # noqa: B027 - optional hook
+        """A message was refused without running: ``unknown_task`` (no worker task of that name)
+        or ``malformed`` (its celery_ext header or arguments are unusable)."""
+
     def startup(self) -> None:  # noqa: B027 - optional hook
         """Called once in a worker's main process before its pool starts."""
 

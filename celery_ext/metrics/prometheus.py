@@ -89,6 +89,9 @@ class PrometheusMetrics(MetricsCollector):
                                    registry=r, multiprocess_mode="livemax"),
                 "queue": pc.Gauge("celery_ext_queue_length", "Messages waiting in a celery_ext queue", ["queue"],
                                   registry=r, multiprocess_mode="livemax"),
+                "rejected": pc.Counter("celery_ext_messages_rejected", "Messages refused without running, by "
+                                       "task name and reason (unknown_task, malformed)", ["task_name", "reason"],
+                                       registry=r),
                 "leader": pc.Gauge("celery_ext_scheduler_is_leader", "1 while this scheduler is leader",
                                    registry=r, multiprocess_mode="livemax"),
             }
@@ -120,6 +123,10 @@ class PrometheusMetrics(MetricsCollector):
 
     def scheduler_election(self, is_leader: bool) -> None:
         self._metrics()["leader"].set(1 if is_leader else 0)
+
+    def message_rejected(self, task_name: str, reason: str) -> None:
+        # Any producer can send any name: the label is bounded like a reason code.
+        self._metrics()["rejected"].labels(_bounded(task_name), _bounded(reason)).inc()
 
     # --- exporting ------------------------------------------------------------------------
 

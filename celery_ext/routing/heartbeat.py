@@ -115,9 +115,11 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
             raise SystemExit(f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
                              f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}")
         direct = direct_queue_name(prefix, c.hostname)
-        # Only the shared queues of supported types, plus the direct queue (and the default queue
-        # for plain Celery tasks): a worker never takes a task it cannot run.
-        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), queue_name(prefix, "default")])
+        rt.extras["supported_types"] = frozenset(types)  # before the pool forks: children see it
+        # Only the shared queues of supported types, plus the direct queue, plus Celery's default
+        # queue (``celery``), where plain Celery producers send by name: a message there of a type
+        # this worker does not run is handed to that type's shared queue (``executors/task.py``).
+        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), c.app.conf.task_default_queue])
         url = registry_url_for(rt.config, c.app.conf.broker_url, c.app.conf.broker_transport_options)
         if url is None:
             logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")

@@ -8,7 +8,9 @@ registry, or a registry that cannot be reached, it returns the type's shared que
 supporting worker consumes: a task always has somewhere to wait.  While work already waits in the
 shared queue (the registry is the broker), new tasks queue behind it there rather than overtake
 it.  It only ever returns the direct queue of a registered worker or the shared queue of a known
-type.
+type: one this process has an executor for, or one a live worker advertises (a producer that
+cannot import the users' task modules still routes their types).  Any other name (Celery's own
+tasks, a type no worker runs) is left to Celery's default queue.
 
 Config: ``scheduler.load_balance_strategy`` (``least_task``), ``scheduler.load_balance_config``,
 ``scheduler.routing_cache`` (200ms), ``scheduler.registry_url`` (default: a Redis broker).
@@ -23,9 +25,11 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
+from celery_ext.message import HEADER
 from celery_ext.routing.base import LoadBalancer, RoutedTask
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
+from celery_ext.transport import is_redis_url, redis_py_url
 
 if TYPE_CHECKING:
     from celery_ext.config import Config
@@ -34,14 +38,12 @@ logger = logging.getLogger("celery_ext.routing")
 
 
 def registry_url_for(config: Config, broker_url: str, transport_options: Mapping[str, Any] | None = None) -> str | None:
-    """``scheduler.registry_url``, else the broker when it is Redis, else None (no registry)."""
+    """``scheduler.registry_url``, else the broker when it is Redis (as a redis-py URL: the
+    embedded broker's ``redis+socket://<path>`` is ``unix://<path>``), else None (no registry).
+    ``transport_options`` is unused (kept for callers)."""
     if config.scheduler.registry_url:
         return config.scheduler.registry_url
-    socket = (transport_options or {}).get("unix_socket_path")
-    if socket:
-        # The embedded broker: the same Redis, over its unix socket.
-        return f"unix://{socket}?db=0"
-    return broker_url if broker_url.startswith(("redis", "rediss")) else None
+    return redis_py_url(broker_url) if is_redis_url(broker_url) else None
 
 
 def build_balancer(config: Config) -> LoadBalancer:
@@ -82,7 +84,7 @@ class TaskRouter:
         url = registry_url_for(config, broker_url, transport_options)
         registry = WorkerRegistry.from_url(url, config.app.name) if url else None
         router = cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache)
-        if (url is not None and url == broker_url) or (transport_options or {}).get("unix_socket_path"):
+        if url is not None and url == redis_py_url(broker_url):
             # The registry is the broker: the reservation can see each type's shared-queue backlog.
             router.backlog_keys = {t: queue_keys(q, transport_options) for t, q in router.shared.items()}
         return router
@@ -98,31 +100,53 @@ class TaskRouter:
 
     def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
                  **kw: Any) -> dict[str, Any] | None:
-        if name not in self.task_types:
-            return None
+        if options.get("queue"):
+            return None  # the sender chose the queue (a retry, a forward)
+        shared = self.shared.get(name) or self._advertised_queue(name)
+        if shared is None:
+            return None  # not ours: Celery's default queue
         # A fresh dict every time: Celery pops "queue" out of what a router returns.
         if self.registry is None or options.get("countdown") or options.get("eta"):
             # A delayed task must not hold a slot while it waits for its time.
-            return {"queue": self.shared[name]}
+            return {"queue": shared}
         if time.monotonic() < self._down_until:
-            return {"queue": self.shared[name]}
+            return {"queue": shared}
         try:
-            worker = self.route(name, kwargs if isinstance(kwargs, Mapping) else {}, options.get("priority"))
+            worker = self.route(name, _routed(name, kwargs, options))
         except Exception as exc:  # noqa: BLE001 - routing must never stop a publish
             # Back off, so a registry outage costs one timeout, not one per publish.
             self._down_until = time.monotonic() + self.retry_after
             self._warn(f"worker registry unavailable, routing to the shared queues for "
                        f"{self.retry_after:g}s: {exc}")
             worker = None
-        return {"queue": worker.queue if worker else self.shared[name]}
+        return {"queue": worker.queue if worker else shared}
+
+    def _advertised_queue(self, name: str) -> str | None:
+        """The shared queue of a type this process has no executor for but a live worker runs
+        (a producer that cannot import the users' task modules); None for anything else."""
+        if name.startswith("celery.") or name not in self.advertised():
+            return None
+        return queue_name(self.prefix, name)
+
+    def advertised(self) -> frozenset[str]:
+        """The task types that some online worker runs, from the snapshot (at most one registry
+        read per ``cache_ttl``); empty without a registry or while it cannot be read."""
+        if self.registry is None or time.monotonic() < self._down_until:
+            return frozenset()
+        try:
+            by_type = self.snapshot()
+        except Exception as exc:  # noqa: BLE001 - an outage only narrows what is known
+            self._down_until = time.monotonic() + self.retry_after
+            self._warn(f"worker registry unavailable, no advertised task types for {self.retry_after:g}s: {exc}")
+            return frozenset()
+        return frozenset(t for t, workers in by_type.items() if workers)
 
     # --- the decision ---------------------------------------------------------------------
 
-    def route(self, task_type: str, kwargs: Mapping[str, Any], priority: int | None = None) -> WorkerInfo | None:
+    def route(self, task_type: str, routed: RoutedTask | None = None) -> WorkerInfo | None:
         """Choose a worker and reserve a slot on it; None means the shared queue."""
         assert self.registry is not None
-        routed = RoutedTask(task_type, kwargs.get("task_id"), kwargs.get("payload") or {},
-                            kwargs.get("idempotency_key"), priority)
+        routed = routed or RoutedTask(task_type)
         if time.monotonic() < self._backlog_until.get(task_type, 0.0):
             return None  # a backlog was seen lately: join it without asking Redis again
         rejected: set[str] = set()
@@ -176,9 +200,8 @@ class TaskRouter:
             if w.queue != direct_queue_name(self.prefix, w.id):
                 self._warn(f"ignoring worker {w.id!r}: queue {w.queue!r} is not its direct queue")
                 continue
-            for t in w.supported_types:
-                if t in by_type:
-                    by_type[t].append(w)
+            for t in w.supported_types:  # every advertised type, also those this process has no executor for
+                by_type.setdefault(t, []).append(w)
         return by_type
 
     def _warn(self, message: str) -> None:
@@ -186,6 +209,15 @@ class TaskRouter:
         if now - self._warned_at > 10:
             self._warned_at = now
             logger.warning(message)
+
+
+def _routed(name: str, kwargs: Any, options: Mapping[str, Any]) -> RoutedTask:
+    """What the balancer sees of a message about to be published (see ``message.py``)."""
+    headers = options.get("headers") or {}
+    ext = headers.get(HEADER) if isinstance(headers, Mapping) else None
+    key = ext.get("idempotency_key") if isinstance(ext, Mapping) else None
+    return RoutedTask(name, options.get("task_id"), kwargs if isinstance(kwargs, Mapping) else {},
+                      key if isinstance(key, str) else None, options.get("priority"))
 
 
 def router_of(app: Any) -> TaskRouter:

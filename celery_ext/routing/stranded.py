@@ -4,9 +4,10 @@
 its task type, one atomic ``LMOVE`` per message (no loss, no duplicate), keeping its priority
 sub-queue and its place ahead of newer work.  It also returns the messages the worker had
 fetched but not acknowledged (kombu's ``unacked`` hash) when they came from that direct queue,
-instead of leaving them for kombu's visibility timeout.  A message of an unknown type goes to
-``<app.name>.default``.  The scheduler calls this for each worker ``sweep_offline`` reports; a
-worker's warm shutdown calls it for its own queue.
+instead of leaving them for kombu's visibility timeout.  A message of a type not known here goes
+to Celery's default queue (``celery``), which every worker consumes and forwards from.  The
+scheduler calls this for each worker ``sweep_offline`` reports; a worker's warm shutdown calls it
+for its own queue.
 
 Transport options honoured: ``sep``, ``priority_steps``, ``global_keyprefix``, ``unacked_key``.
 """
@@ -75,7 +76,7 @@ def queue_keys(queue: str, transport_options: Mapping[str, Any] | None = None) -
 
 
 def move_stranded(client: Any, queue: str, prefix: str, transport_options: Mapping[str, Any] | None = None,
-                  task_types: Iterable[str] | None = None, batch: int = 200) -> int:
+                  task_types: Iterable[str] | None = None, batch: int = 200, default_queue: str = "celery") -> int:
     """Move every message of ``queue`` (and its unacked ones) to the shared queues; returns how
     many.  Safe to run concurrently with itself and with producers."""
     sep, steps, gprefix = _options(transport_options)
@@ -84,7 +85,7 @@ def move_stranded(client: Any, queue: str, prefix: str, transport_options: Mappi
         known = _types_seen(client, queue_keys(queue, transport_options))
     script = client.register_script(_MOVE)
     suffixes = [_suffix(p, sep) for p in steps]
-    args = [gprefix + prefix, f"{gprefix}{prefix}.default", batch, len(steps), *suffixes, *known]
+    args = [gprefix + prefix, gprefix + default_queue, batch, len(steps), *suffixes, *known]
     total = 0
     while True:
         # Batches keep each script short: Redis serves nobody else while one runs.
@@ -92,7 +93,7 @@ def move_stranded(client: Any, queue: str, prefix: str, transport_options: Mappi
         total += moved
         if moved < batch:
             break
-    return total + _restore_unacked(client, queue, prefix, transport_options, known)
+    return total + _restore_unacked(client, queue, prefix, transport_options, known, default_queue)
 
 
 def _types_seen(client: Any, keys: list[str]) -> list[str]:
@@ -108,7 +109,7 @@ def _types_seen(client: Any, keys: list[str]) -> list[str]:
 
 
 def _restore_unacked(client: Any, queue: str, prefix: str, transport_options: Mapping[str, Any] | None,
-                     known: list[str]) -> int:
+                     known: list[str], default_queue: str) -> int:
     sep, steps, gprefix = _options(transport_options)
     opts = transport_options or {}
     hkey = gprefix + str(opts.get("unacked_key", "unacked"))
@@ -125,7 +126,7 @@ def _restore_unacked(client: Any, queue: str, prefix: str, transport_options: Ma
         except (ValueError, TypeError, AttributeError):
             continue
         step = steps[max(0, bisect.bisect(steps, pri) - 1)]
-        base = f"{prefix}.{task}" if task in known else f"{prefix}.default"
+        base = f"{prefix}.{task}" if task in known else default_queue
         dest = f"{gprefix}{base}{_suffix(step, sep)}"
         restored += int(script(keys=[hkey, ikey, dest], args=[tag, raw, json.dumps(message)]))
     if restored:

@@ -319,7 +319,8 @@ class SqlTaskRepository(TaskRepository):
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
-            with self.storage.begin() as conn:
+            # One statement, atomic on its own: the kept autocommit connection (see single()).
+            with self.storage.single() as conn:
                 conn.execute(insert(tasks).values(**to_record(task)))
             return task, True
         except IntegrityError:

@@ -25,7 +25,7 @@ def test_unknown_type_is_refused_with_known_types_and_nothing_written(make_clust
     with pytest.raises(UnknownTaskTypeError) as info:
         c.manager.submit("send_emial", {"to": "a@b"})
     assert info.value.task_type == "send_emial"
-    assert "known types: chatty, crash, echo" in str(info.value)
+    assert "known types: add, chatty, crash, echo" in str(info.value)
     c.runtime.storage.migrate()
     assert c.manager.list(TaskFilter()).items == []
 
@@ -70,17 +70,22 @@ def test_malformed_messages_are_dropped_and_worker_keeps_running(make_cluster) -
     client = redis.Redis()
     client.lpush(queue, b"this is not json")
     client.lpush(queue, json.dumps({"body": "not base64", "headers": {}, "properties": {}}))
-    app.send_task("echo", kwargs={"bogus": 1}, queue=queue)
-    app.send_task("echo", args=[1, 2], queue=queue)
+    # A plain Celery message is run and recorded; echo takes no positional arguments.
+    positional = app.send_task("echo", args=[1, 2], queue=queue)
     app.send_task("no_such_type", kwargs={}, queue=queue)
-    app.send_task("echo", kwargs={"task_id": "nope", "token": "x", "attempt": 1, "payload": {}, "max_retries": 0},
-                  queue=queue)
+    # A celery_ext header that does not hold what it must: rejected, naming the field.
+    app.send_task("echo", kwargs={}, queue=queue, headers={"celery_ext": {"v": 1, "token": 7, "attempt": 0}})
+    # A well-formed header for a record that does not exist: dropped.
+    app.send_task("echo", kwargs={}, task_id="nope", queue=queue,
+                  headers={"celery_ext": {"v": 1, "token": "x", "attempt": 1}})
     task = c.manager.submit("echo", {"after": "garbage"})
     assert c.manager.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+    failed = c.manager.wait(positional.id, 30)
+    assert failed.status is TaskStatus.FAILED and failed.error.reason == "invalid_payload", failed
     w.wait_for_log("message for unknown task nope dropped", 10)
     log = w.log()
-    assert "malformed message" in log and "task_id: expected str (got NoneType)" in log
-    assert "positional arguments are not accepted" in log
+    assert "malformed message" in log and "token: expected a non-empty string (got int)" in log
+    assert "attempt: expected an integer >= 1 (got 0)" in log
     assert "no_such_type" in log
     assert w.alive()
     assert queue_depth(client, queue) == 0

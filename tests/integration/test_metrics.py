@@ -35,7 +35,7 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
     # Queue lengths are sampled for every celery_ext queue (all drained by now).
     queues = {dict(labels)["queue"] for name, labels in s if name == "celery_ext_queue_length"}
     app = c.data["app"]["name"]
-    assert {f"{app}.whoami", f"{app}.doomed", f"{app}.default"} <= queues
+    assert {f"{app}.whoami", f"{app}.doomed", "celery"} <= queues
     # No task ids in any label.
     assert not any(t.task_id in str(labels) for _, labels in s for t in ok)
 

@@ -77,3 +77,27 @@ def record(key: str, value: str) -> None:
     r = _redis()
     r.rpush(key, value)
     r.expire(key, 600)
+
+
+@task_type("add")
+def add(x: int, y: int) -> int:
+    """Positional-friendly, as Celery's canvas examples are: ``chain(add.s(2, 2), add.s(4))``."""
+    return x + y
+
+
+@task_type("tsum")
+def tsum(values: list[int]) -> int:
+    """A chord body: the list of the group's results."""
+    return sum(values)
+
+
+@task_type("span")
+def span(key: str, seconds: float = 1.0) -> None:
+    """Records when each run starts and ends (Redis list ``key``), so tests can see overlaps."""
+    import time
+
+    r = _redis()
+    r.rpush(key, f"start {time.time()!r}")
+    r.expire(key, 600)
+    time.sleep(seconds)
+    r.rpush(key, f"end {time.time()!r}")

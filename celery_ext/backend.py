@@ -1,0 +1,218 @@
+"""A Celery result backend on the durable task store: ``AsyncResult`` reads the task record.
+
+``result_backend = "celery_ext://"`` (the entry point ``celery_ext`` of the group
+``celery.result_backends``), optionally with a config path: ``celery_ext:///etc/app/config.yaml``
+(else ``$CELERY_EXT_CONFIG``, else ``./config.yaml``).  A producer that imports only ``celery``
+can therefore say ``Celery(broker=..., backend="celery_ext://")`` and read results.
+
+There is no second result store: ``AsyncResult.state``, ``.result`` and ``.get()`` read the record,
+and waiting is woken by the worker (``completion``) instead of polling the store.  The record's
+status maps to Celery's states:
+
+    pending, scheduled, queued -> PENDING     succeeded    -> SUCCESS (the result)
+    running                    -> STARTED     failed, dead -> FAILURE (TaskFailed("reason: message"))
+    retrying                   -> RETRY       cancelled    -> REVOKED
+
+Outcomes of celery_ext task types are written by the worker's state machine, so storing them
+here is a no-op.  Any other task the worker runs (a plain ``@app.task`` of the same app) gets a
+record from what Celery stores for it.  Chords use Celery's ``chord_unlock`` (no native join).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Any
+
+from celery import states
+from celery.backends.base import BaseBackend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from celery_ext.completion import Completion
+from celery_ext.errors import TaskFailed
+from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
+from celery_ext.storage.base import Storage
+
+logger = logging.getLogger("celery_ext.backend")
+
+STATE_OF = {
+    TaskStatus.PENDING: states.PENDING,
+    TaskStatus.SCHEDULED: states.PENDING,
+    TaskStatus.QUEUED: states.PENDING,
+    TaskStatus.RUNNING: states.STARTED,
+    TaskStatus.RETRYING: states.RETRY,
+    TaskStatus.SUCCEEDED: states.SUCCESS,
+    TaskStatus.FAILED: states.FAILURE,
+    TaskStatus.DEAD: states.FAILURE,
+    TaskStatus.CANCELLED: states.REVOKED,
+}
+STATUS_OF = {states.STARTED: TaskStatus.RUNNING, states.RETRY: TaskStatus.RETRYING,
+             states.SUCCESS: TaskStatus.SUCCEEDED, states.FAILURE: TaskStatus.FAILED,
+             states.REVOKED: TaskStatus.CANCELLED}
+
+
+def celery_meta(task: Task | None, task_id: str) -> dict[str, Any]:
+    """A record as Celery's task meta (what ``AsyncResult`` reads)."""
+    if task is None:
+        return {"task_id": task_id, "status": states.PENDING, "result": None, "traceback": None, "children": []}
+    state = STATE_OF[task.status]
+    result: Any = task.result
+    if state in (states.FAILURE, states.RETRY) and task.error is not None:
+        result = TaskFailed.of(task.error.reason, task.error.message)
+    elif state == states.REVOKED:
+        result = TaskFailed.of("cancelled", "the task was cancelled")
+    elif state == states.STARTED:
+        result = {"hostname": task.worker_id}
+    return {
+        "task_id": task.task_id,
+        "status": state,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": task.finished_at,
+        "name": task.task_type,
+        "args": task.args or [],
+        "kwargs": task.payload,
+        "worker": task.worker_id,
+        "retries": max(0, task.attempt - 1),
+    }
+
+
+class RecordBackend(BaseBackend):  # type: ignore[misc]
+    app: Any
+    supports_native_join = False  # chords: Celery's chord_unlock polls the members' states
+    supports_autoexpire = False
+    persistent = True
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        self.url = url
+
+    # --- where the records are ------------------------------------------------------------
+
+    @cached_property
+    def _parts(self) -> tuple[Storage, Completion]:
+        runtime = getattr(self.app, "celery_ext", None)
+        if runtime is not None:
+            return runtime.storage, runtime.lifecycle.completion
+        # A plain Celery app (a producer that does not import celery_ext): open the store that
+        # config.yaml names, read-only in spirit, and the completion channel.
+        from celery_ext.config import load_config
+        from celery_ext.factory import broker_for, completion_for
+        from celery_ext.storage import open_storage
+
+        path = (self.url or "").partition("://")[2] or None
+        config = load_config(path)
+        broker_url, options = broker_for(config)
+        return open_storage(config.storage, config.data_dir), completion_for(config, broker_url, options)
+
+    @property
+    def storage(self) -> Storage:
+        return self._parts[0]
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        return celery_meta(self.storage.tasks.get(task_id), task_id)
+
+    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5, no_ack: bool = True,
+                 on_interval: Any = None) -> dict[str, Any]:
+        self._ensure_not_eager()  # type: ignore[attr-defined]
+        completion = self._parts[1]
+
+        def read() -> dict[str, Any]:
+            if on_interval:
+                on_interval()
+            return self.get_task_meta(task_id)
+
+        meta = completion.wait(task_id, read, lambda m: m["status"] in states.READY_STATES, timeout)
+        if meta["status"] not in states.READY_STATES:
+            raise CeleryTimeoutError("The operation timed out.")
+        return meta
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        name = getattr(request, "task", None) if request is not None else None
+        if state == states.FAILURE and (not name or self._is_celery_ext_task(name)):
+            # A canvas step failed without running (chord_unlock: a header member failed).
+            self._fail_waiting(task_id, result)
+        if not name or self._is_celery_ext_task(name) or str(name).startswith("celery."):
+            return result  # celery_ext's own types are recorded by the worker's state machine
+        status = STATUS_OF.get(state)
+        if status is None:
+            return result
+        try:
+            self._record_plain(task_id, str(name), status, result, request)
+        except Exception:  # noqa: BLE001 - never fail a plain task on its bookkeeping
+            logger.exception("could not record the %s of task %s[%s]", state, name, task_id)
+        return result
+
+    def _fail_waiting(self, task_id: str, result: Any) -> None:
+        storage, completion = self._parts
+        try:
+            if storage.tasks.update(task_id, (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED,
+                                    error=TaskErrorInfo("parent_failed", _exception_text(result)),
+                                    finished_at=utcnow()):
+                completion.notify(task_id)
+        except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
+            logger.exception("could not record the failure of waiting task %s", task_id)
+
+    def _is_celery_ext_task(self, name: str) -> bool:
+        from celery_ext.executors.task import ExecutorTask
+
+        return isinstance(self.app.tasks.get(name), ExecutorTask)
+
+    def _record_plain(self, task_id: str, name: str, status: TaskStatus, result: Any, request: Any) -> None:
+        now = utcnow()
+        error = None
+        if status is TaskStatus.FAILED:
+            error = TaskErrorInfo("exception", _exception_text(result))
+            result = None
+        fields: dict[str, Any] = {"status": status, "result": result if status is TaskStatus.SUCCEEDED else None,
+                                  "error": error, "worker_id": getattr(request, "hostname", None),
+                                  "attempt": int(getattr(request, "retries", 0) or 0) + 1}
+        if status is TaskStatus.RUNNING:
+            fields["started_at"] = now
+        elif status.terminal:
+            fields.update(finished_at=now, lease_until=None)
+        tasks = self.storage.tasks
+        if tasks.update(task_id, [s for s in TaskStatus if not s.terminal], **fields):
+            return
+        kwargs = getattr(request, "kwargs", None)
+        args = getattr(request, "args", None)
+        task = Task(task_id=task_id, task_type=name, payload=dict(kwargs) if isinstance(kwargs, dict) else {},
+                    args=list(args) if isinstance(args, list | tuple) and args else None,
+                    status=status, created_at=now, queued_at=now, started_at=now,
+                    finished_at=now if status.terminal else None, dispatch_token=new_id(),
+                    parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
+                    group_id=getattr(request, "group", None))
+        task = task.replace(**{k: v for k, v in fields.items() if k not in ("status", "started_at", "finished_at",
+                                                                              "lease_until")})
+        tasks.create(task)
+
+    def _forget(self, task_id: str) -> None:
+        """Records are durable; ``storage.retention`` removes them."""
+
+    def cleanup(self) -> None:
+        """Retention is ``storage.retention``, applied by the scheduler."""
+
+    def _delete_group(self, group_id: str) -> None:
+        """Groups are not stored apart from their members' records."""
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        return None
+
+
+def _exception_text(result: Any) -> str:
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, list | tuple):
+            message = ", ".join(str(m) for m in message)
+        return f"{result['exc_type']}: {message}"
+    return str(result)
+

@@ -1,0 +1,253 @@
+"""The task state machine in one place: every transition of a record goes through ``Lifecycle``.
+
+Each method is one arrow of ``model.TRANSITIONS``, applied as a conditional update on the
+statuses the arrow starts from (and, for moves driven by a message, the dispatch token), so a
+duplicated, stale or cancelled message can never move a record backwards.  After a transition is
+recorded, the observer hears of it (events and metrics) and, when the record became terminal,
+waiters are woken (``completion``).  The manager, the runner, recovery and the scheduler only
+call these methods; none of them writes a status itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from celery_ext.completion import Completion
+from celery_ext.errors import StorageError
+from celery_ext.model import (
+    STARTABLE,
+    TERMINAL,
+    Task,
+    TaskErrorInfo,
+    TaskStatus,
+    new_id,
+    sources_of,
+    utcnow,
+)
+from celery_ext.observer import NULL_OBSERVER, TaskObserver
+from celery_ext.storage.base import Storage
+
+logger = logging.getLogger("celery_ext.lifecycle")
+
+T = TypeVar("T")
+RUNNING = (TaskStatus.RUNNING,)
+REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
+
+
+class Lifecycle:
+    def __init__(self, storage: Storage, completion: Completion | None = None) -> None:
+        self.storage = storage
+        self.completion = completion or Completion(None, "")
+        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
+        # Outcome writes are retried this long when storage is away, before giving up to recovery.
+        self.write_patience = 30.0
+
+    # --- producer side --------------------------------------------------------------------
+
+    def created(self, tasks: Sequence[Task]) -> None:
+        for t in tasks:
+            self.observer.task_created(t)
+
+    def mark_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
+        """PENDING -> QUEUED after a publish.  A worker that claimed first already set
+        ``queued_at`` from the message, so the time is never lost."""
+        pending = [t.task_id for t in tasks if t.status is TaskStatus.PENDING]
+        if len(pending) == 1:  # the per-task fast path of the backends
+            self.storage.tasks.update(pending[0], (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at)
+        elif pending:
+            self.storage.tasks.update_many(pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED,
+                                           queued_at=queued_at)
+        out = [t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
+               for t in tasks]
+        for t in out:
+            if t.status is TaskStatus.QUEUED:
+                self.observer.task_queued(t)
+        return out
+
+    def cancel(self, task: Task) -> bool:
+        """Any non-terminal status -> CANCELLED.  A running task keeps its lease: the run still
+        holds it until it ends (``release``), which a manual retry waits for."""
+        keep_lease = task.status is TaskStatus.RUNNING
+        changed = self.storage.tasks.update(
+            task.task_id, (task.status,), status=TaskStatus.CANCELLED, finished_at=utcnow(),
+            **({} if keep_lease else {"lease_until": None}))
+        if changed:
+            self.observer.task_cancelled(task.replace(status=TaskStatus.CANCELLED))
+            self.completion.notify(task.task_id)
+        return changed
+
+    def reopen(self, task: Task, now: datetime | None = None) -> Task | None:
+        """FAILED, DEAD or CANCELLED -> PENDING for a manual retry: a new run, attempts from 1.
+
+        Returns the reopened record, whose dispatch token is new when it may be published at
+        once.  When a cancelled run is still going (its lease is live), the record is reopened
+        under the old run's token and not published: the old run publishes it when it ends
+        (``release``), or the scheduler does once the lease has expired.  So the same task never
+        runs twice at once.
+        """
+        now = now or utcnow()
+        still_running = (task.status is TaskStatus.CANCELLED and task.lease_until is not None
+                         and task.lease_until > now)
+        token = task.dispatch_token if still_running else new_id()
+        fresh = task.replace(status=TaskStatus.PENDING, dispatch_token=token, attempt=0, run=task.run + 1,
+                             error=None, result=None, started_at=None, finished_at=None, run_at=None,
+                             worker_id=None, queued_at=None)
+        changed = self.storage.tasks.update(
+            task.task_id, (task.status,), token=task.dispatch_token, status=TaskStatus.PENDING,
+            dispatch_token=token, attempt=0, run=fresh.run, error=None, result=None, started_at=None,
+            finished_at=None, run_at=None, worker_id=None, queued_at=None,
+            **({} if still_running else {"lease_until": None}))
+        if not changed:
+            return None
+        return fresh if not still_running else fresh.replace(lease_until=task.lease_until)
+
+    # --- worker side ----------------------------------------------------------------------
+
+    def claim(self, task: Task, token: str, worker_id: str, lease: float, queued_at: datetime | None) -> Task | None:
+        """A startable record -> RUNNING for the attempt ``task.attempt`` of the message holding
+        ``token``.  ``None`` when the message is stale, a duplicate, or its task was cancelled."""
+        now = utcnow()
+        # The publish time the message carries (a chain step published by its previous step
+        # carries none: it was queued just now).
+        queued_at = queued_at or now
+        lease_until = now + timedelta(seconds=lease)
+        # A chain or chord step learns its positional arguments (the previous result) only now.
+        extra = {"args": task.args} if task.args else {}
+        if not self.storage.tasks.update(task.task_id, STARTABLE, token=token, status=TaskStatus.RUNNING,
+                                         attempt=task.attempt, worker_id=worker_id, started_at=now, finished_at=None,
+                                         lease_until=lease_until, queued_at=queued_at, **extra):
+            return None
+        running = task.replace(status=TaskStatus.RUNNING, worker_id=worker_id, started_at=now,
+                               dispatch_token=token, lease_until=lease_until, queued_at=queued_at)
+        self.observer.task_started(running)
+        return running
+
+    def received(self, task: Task, lease: float) -> Task | None:
+        """A message without a record (a plain Celery producer): create the record RUNNING.
+        ``None`` when a record with this id exists already (a redelivery): claim that instead."""
+        now = utcnow()
+        running = task.replace(status=TaskStatus.RUNNING, started_at=now, queued_at=task.queued_at or now,
+                               lease_until=now + timedelta(seconds=lease), dispatch_token=task.dispatch_token
+                               or new_id())
+        stored, created = self.storage.tasks.create(running)
+        if not created:
+            return None
+        self.observer.task_created(running)
+        self.observer.task_started(running)
+        return running
+
+    def succeed(self, task: Task, data: object) -> bool:
+        now = utcnow()
+        changed = self._write(lambda: self.storage.tasks.update(
+            task.task_id, RUNNING, token=task.dispatch_token, status=TaskStatus.SUCCEEDED,
+            result=data, error=None, finished_at=now, lease_until=None))
+        if changed:
+            self.observer.task_completed(task, _since(task.started_at, now))
+            self.completion.notify(task.task_id)
+        return changed
+
+    def fail(self, task: Task, error: TaskErrorInfo, data: object = None, *, dead: bool = False) -> bool:
+        """RUNNING -> FAILED (or DEAD, after the worker was lost on the last attempt)."""
+        now = utcnow()
+        status = TaskStatus.DEAD if dead else TaskStatus.FAILED
+        changed = self._write(lambda: self.storage.tasks.update(
+            task.task_id, RUNNING, token=task.dispatch_token, status=status, result=data, error=error,
+            finished_at=now, lease_until=None))
+        if changed:
+            self.observer.task_failed(task, error, _since(task.started_at, now))
+            self.completion.notify(task.task_id)
+        return changed
+
+    def retry_later(self, task: Task, error: TaskErrorInfo | None, delay: float, data: object = None) -> str | None:
+        """RUNNING -> RETRYING under a new dispatch token (returned), due in ``delay`` seconds.
+        The caller publishes the next attempt; if that publish is lost, the record keeps its
+        ``run_at`` for recovery."""
+        token = new_id()
+        changed = self._write(lambda: self.storage.tasks.update(
+            task.task_id, RUNNING, token=task.dispatch_token, status=TaskStatus.RETRYING, dispatch_token=token,
+            error=error, result=data, run_at=utcnow() + timedelta(seconds=delay), lease_until=None))
+        if not changed:
+            return None
+        self.observer.task_retrying(task, error, delay)
+        return token
+
+    def release(self, task: Task) -> str | None:
+        """The run of ``task`` ended but its outcome was not recorded (the task was cancelled
+        while it ran).  Give up its lease; if a manual retry was waiting for this run to end,
+        hand the record a new token and return it: the caller publishes the new run."""
+        tasks = self.storage.tasks
+        try:
+            if tasks.update(task.task_id, (TaskStatus.CANCELLED,), token=task.dispatch_token, lease_until=None):
+                return None
+            token = new_id()
+            if tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token, dispatch_token=token,
+                            lease_until=None):
+                return token
+        except StorageError as exc:
+            logger.warning("could not release task %s (the scheduler will, once its lease expires): %s",
+                           task.task_id, exc)
+        return None
+
+    def fail_waiting(self, task_ids: Sequence[str], parent: Task, why: str) -> int:
+        """Chain or chord steps still waiting for ``parent`` (SCHEDULED, never run) fail without
+        running, because ``parent`` ended ``why`` (failed, dead or cancelled)."""
+        if not task_ids:
+            return 0
+        error = TaskErrorInfo("parent_failed", f"previous step {parent.task_type}[{parent.task_id}] {why}")
+        changed = self.storage.tasks.update_many(list(task_ids), (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED,
+                                                 error=error, finished_at=utcnow())
+        for task_id in task_ids:
+            self.completion.notify(task_id)
+        return changed
+
+    # --- recovery (scheduler) -------------------------------------------------------------
+
+    def lost(self, task: Task, error: TaskErrorInfo, delay: float) -> tuple[bool, str | None]:
+        """A RUNNING task whose worker was lost: RETRYING under a new token while attempts are
+        left (returned, for the caller to publish), else DEAD.  Returns (changed, token)."""
+        if task.attempt <= task.max_retries:
+            token = self.retry_later(task, error, delay)
+            return token is not None, token
+        return self.fail(task, error, dead=True), None
+
+    def orphan_token(self, task: Task) -> str | None:
+        """A PENDING record nobody published: a fresh token first, so that a message of the first
+        publish, if it exists after all, is dropped as stale."""
+        token = new_id()
+        if self.storage.tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token,
+                                     dispatch_token=token, lease_until=None):
+            return token
+        return None
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _write(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.write_patience
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except StorageError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("storage unavailable, retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _since(start: datetime | None, now: datetime) -> float | None:
+    return (now - start).total_seconds() if start else None
+
+
+# Each arrow the methods above take must be one of model.TRANSITIONS (checked at import).
+for _src, _dst in ((TaskStatus.PENDING, TaskStatus.QUEUED), (TaskStatus.RUNNING, TaskStatus.SUCCEEDED),
+                   (TaskStatus.RUNNING, TaskStatus.FAILED), (TaskStatus.RUNNING, TaskStatus.DEAD),
+                   (TaskStatus.RUNNING, TaskStatus.RETRYING), (TaskStatus.SCHEDULED, TaskStatus.FAILED),
+                   *((s, TaskStatus.RUNNING) for s in STARTABLE),
+                   *((s, TaskStatus.PENDING) for s in REOPENABLE),
+                   *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL)):
+    assert _src in sources_of(_dst), f"lifecycle uses {_src} -> {_dst}, which TRANSITIONS does not allow"
