@@ -21,16 +21,23 @@ record from what Celery stores for it.  Chords use Celery's ``chord_unlock`` (no
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
 from celery import states
+from celery.app.task import Context
 from celery.backends.base import BaseBackend
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_ext.completion import Completion
+from celery_ext.config import load_config
 from celery_ext.errors import TaskFailed
+from celery_ext.executors.task import ExecutorTask
+from celery_ext.factory import broker_for, completion_for
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
+from celery_ext.storage import open_storage
 from celery_ext.storage.base import Storage
 
 logger = logging.getLogger("celery_ext.backend")
@@ -87,6 +94,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, url=url, **kwargs)
         self.url = url
+        self._local = threading.local()
 
     # --- where the records are ------------------------------------------------------------
 
@@ -97,10 +105,6 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
             return runtime.storage, runtime.lifecycle.completion
         # A plain Celery app (a producer that does not import celery_ext): open the store that
         # config.yaml names, read-only in spirit, and the completion channel.
-        from celery_ext.config import load_config
-        from celery_ext.factory import broker_for, completion_for
-        from celery_ext.storage import open_storage
-
         path = (self.url or "").partition("://")[2] or None
         config = load_config(path)
         broker_url, options = broker_for(config)
@@ -134,10 +138,16 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
+        if request is None:
+            # Celery failing a chord's body from chord_unlock: it passes no request, only the id.
+            callback = getattr(self._local, "callback", None)
+            if callback is not None and callback.id == task_id:
+                request = Context({"task": callback.task, "id": task_id, "args": callback.args,
+                                   "kwargs": callback.kwargs, **callback.options})
         name = getattr(request, "task", None) if request is not None else None
-        if state == states.FAILURE and (not name or self._is_celery_ext_task(name)):
-            # A canvas step failed without running (chord_unlock: a header member failed).
-            self._fail_waiting(task_id, result)
+        if state == states.FAILURE and name and self._is_celery_ext_task(name):
+            # A step that never ran fails because one before it did (chain, chord).
+            self._fail_waiting(task_id, result, name, request)
         if not name or self._is_celery_ext_task(name) or str(name).startswith("celery."):
             return result  # celery_ext's own types are recorded by the worker's state machine
         status = STATUS_OF.get(state)
@@ -149,19 +159,30 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
             logger.exception("could not record the %s of task %s[%s]", state, name, task_id)
         return result
 
-    def _fail_waiting(self, task_id: str, result: Any) -> None:
-        storage, completion = self._parts
+    def chord_error_from_stack(self, callback: Any, exc: Any = None) -> Any:
+        self._local.callback = callback
         try:
-            if storage.tasks.update(task_id, (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED,
-                                    error=TaskErrorInfo("parent_failed", _exception_text(result)),
-                                    finished_at=utcnow()):
-                completion.notify(task_id)
+            return super().chord_error_from_stack(callback, exc)
+        finally:
+            self._local.callback = None
+
+    def _fail_waiting(self, task_id: str, result: Any, name: str, request: Any) -> None:
+        """Record as failed (``parent_failed``) a step that will never run: its record waits
+        SCHEDULED (TaskManager's canvas), or it has none yet (a plain Celery chain or chord)."""
+        storage, completion = self._parts
+        error = TaskErrorInfo("parent_failed", _exception_text(result))
+        now = utcnow()
+        try:
+            if not storage.tasks.update(task_id, (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error,
+                                        finished_at=now):
+                if storage.tasks.get(task_id) is not None:
+                    return  # it ran, or is running: its own outcome stands
+                storage.tasks.create(_plain_task(task_id, name, TaskStatus.FAILED, request, now).replace(error=error))
+            completion.notify(task_id)
         except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
             logger.exception("could not record the failure of waiting task %s", task_id)
 
     def _is_celery_ext_task(self, name: str) -> bool:
-        from celery_ext.executors.task import ExecutorTask
-
         return isinstance(self.app.tasks.get(name), ExecutorTask)
 
     def _record_plain(self, task_id: str, name: str, status: TaskStatus, result: Any, request: Any) -> None:
@@ -180,14 +201,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         tasks = self.storage.tasks
         if tasks.update(task_id, [s for s in TaskStatus if not s.terminal], **fields):
             return
-        kwargs = getattr(request, "kwargs", None)
-        args = getattr(request, "args", None)
-        task = Task(task_id=task_id, task_type=name, payload=dict(kwargs) if isinstance(kwargs, dict) else {},
-                    args=list(args) if isinstance(args, list | tuple) and args else None,
-                    status=status, created_at=now, queued_at=now, started_at=now,
-                    finished_at=now if status.terminal else None, dispatch_token=new_id(),
-                    parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
-                    group_id=getattr(request, "group", None))
+        task = _plain_task(task_id, name, status, request, now)
         task = task.replace(**{k: v for k, v in fields.items() if k not in ("status", "started_at", "finished_at",
                                                                               "lease_until")})
         tasks.create(task)
@@ -206,6 +220,19 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
         return None
+
+
+def _plain_task(task_id: str, name: str, status: TaskStatus, request: Any, now: datetime) -> Task:
+    """A record for a task celery_ext first hears of from Celery's own bookkeeping."""
+    kwargs = getattr(request, "kwargs", None)
+    args = getattr(request, "args", None)
+    return Task(task_id=task_id, task_type=name, payload=dict(kwargs) if isinstance(kwargs, dict) else {},
+                args=list(args) if isinstance(args, list | tuple) and args else None,
+                status=status, created_at=now, queued_at=now,
+                started_at=now if getattr(request, "hostname", None) else None,  # it ran on a worker
+                finished_at=now if status.terminal else None, dispatch_token=new_id(),
+                parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
+                group_id=getattr(request, "group", None) or getattr(request, "group_id", None))
 
 
 def _exception_text(result: Any) -> str:

@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import redis
+
+from celery_ext.forksafe import fork_safe_pool
+
 logger = logging.getLogger("celery_ext.completion")
 
 T = TypeVar("T")
@@ -43,10 +47,6 @@ class Completion:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    import redis
-
-                    from celery_ext.forksafe import fork_safe_pool
-
                     client = redis.Redis.from_url(self.url or "", socket_timeout=5, socket_connect_timeout=2)
                     fork_safe_pool(client.connection_pool)
                     self._client = client

@@ -90,6 +90,9 @@ class WorkerConfig(Model):
     retry_jitter: bool = True
     max_log_lines_per_task: int = Field(1000, ge=0)
     max_log_line_bytes: int = Field(8192, ge=64)
+    # Where a plain Celery producer's send_task lands when it names no queue: every worker also
+    # consumes it and hands a type it does not run to that type's queue.  Empty: not consumed.
+    celery_queue: str = "celery"
 
     @property
     def offline_threshold(self) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery
 
+from celery_ext.config import Config
 from celery_ext.message import ExtHeader
 from celery_ext.model import Task
 
@@ -33,6 +34,13 @@ def queue_name(prefix: str, task_type: str) -> str:
 
 def ext_header(d: Dispatch) -> ExtHeader:
     return ExtHeader(d.token, d.attempt, d.task.run, d.task.max_retries, d.queued_at, d.task.idempotency_key)
+
+
+def plain_queues(config: Config) -> list[str]:
+    """The queues every worker of this app consumes besides its types': the app's default queue
+    and ``worker.celery_queue`` (unless empty)."""
+    own = queue_name(config.app.name, "default")
+    return [own, *([config.worker.celery_queue] if config.worker.celery_queue not in ("", own) else [])]
 
 
 class Dispatcher:

@@ -17,7 +17,7 @@ from kombu import Queue
 
 from celery_ext.completion import Completion
 from celery_ext.config import Config, load_config
-from celery_ext.dispatch import Dispatcher, queue_name
+from celery_ext.dispatch import Dispatcher, plain_queues, queue_name
 from celery_ext.embedded import ensure_embedded_redis
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.executors.task import register_task_types
@@ -28,10 +28,6 @@ from celery_ext.runner import TaskRunner
 from celery_ext.storage import Storage, open_storage
 from celery_ext.transport import install as install_transport
 from celery_ext.transport import is_redis_url
-
-# Celery's own default queue name: every worker consumes it, so that a plain Celery producer's
-# send_task by name needs no routing knowledge.
-DEFAULT_QUEUE = "celery"
 
 
 @dataclass
@@ -91,9 +87,11 @@ def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
         "result_backend": "celery_ext://",
         "task_ignore_result": False,
         "result_extended": True,
-        # Celery's own default queue: a plain producer's send_task("echo", ...) lands there.
-        "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": queues + [Queue(DEFAULT_QUEUE)],
+        # This app's own messages that no router places (chord_unlock, plain @app.task) stay in
+        # its own default queue; workers also consume worker.celery_queue (Celery's "celery"),
+        # where a plain producer's send_task("echo", ...) lands.
+        "task_default_queue": queue_name(prefix, "default"),
+        "task_queues": queues + [Queue(q) for q in plain_queues(config)],
         "task_queue_max_priority": None if is_redis else 10,
         "task_routes": (TaskRouter.from_config(config, broker_url, task_types, transport),),
         "worker_concurrency": config.worker.capacity,

@@ -36,6 +36,7 @@ from celery_ext.model import (
     new_id,
     utcnow,
 )
+from celery_ext.routing.router import router_of
 
 _SUBMIT_KEYS = frozenset(
     {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
@@ -176,8 +177,6 @@ class TaskManager:
     def _advertised_types(self) -> frozenset[str]:
         """The task types live workers advertise in the registry (the router's snapshot, read at
         most once per ``scheduler.routing_cache``); empty without a registry."""
-        from celery_ext.routing.router import router_of
-
         try:
             return router_of(self.dispatcher.app).advertised()
         except LookupError:

@@ -41,8 +41,9 @@ def delivery_of(name: str, request: Any, args: Any, kwargs: Any) -> Delivery:
     return Delivery(
         task_id=request.id, task_type=name, args=args, kwargs=kwargs, header=header,
         retries=int(getattr(request, "retries", 0) or 0), timeout=soft_limit(getattr(request, "timelimit", None)),
-        parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
-        group_id=getattr(request, "group", None))
+        # A message re-sent from inside its own task (a forward) is given itself as parent by Celery.
+        parent_id=parent if (parent := getattr(request, "parent_id", None)) != request.id else None,
+        root_id=getattr(request, "root_id", None), group_id=getattr(request, "group", None))
 
 
 def chain_ids(chain: Any) -> list[str]:
@@ -90,6 +91,9 @@ class ExecutorTask(Task):  # type: ignore[misc,type-arg]
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # celery_ext counts attempts against the record's max_retries
+    # An expected outcome, already logged with its cause by the runner: Celery logs one line for
+    # it, without a traceback of celery_ext's own frames.
+    throws = (TaskFailed,)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         rt = runtime_of(self.app)

@@ -82,10 +82,10 @@ class MetricsPlugin(Plugin):
         if ctx.app is None:
             return
         prefix = f"{ctx.config.app.name}."
-        default = ctx.app.conf.task_default_queue  # Celery's ``celery``, where plain producers send
+        plain = ctx.config.worker.celery_queue  # Celery's ``celery``, where plain producers send
         # Configured queues (``-Q`` may deselect some in this worker) and the ones it consumes.
         configured = [q.name for q in ctx.app.conf.task_queues or ()]
-        names = sorted({n for n in [*configured, *ctx.app.amqp.queues] if n.startswith(prefix) or n == default})
+        names = sorted({n for n in [*configured, *ctx.app.amqp.queues] if n.startswith(prefix) or n == plain})
         with ctx.app.connection_for_read() as conn:
             for name in names:
                 ctx.metrics.queue_length(name, _length(conn, name))

@@ -28,7 +28,7 @@ from celery import Celery, bootsteps
 from celery.signals import task_postrun, task_received
 from celery.worker import state
 
-from celery_ext.dispatch import queue_name
+from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.executors.task import runtime_of
 from celery_ext.routing.router import registry_url_for
 from celery_ext.routing.stranded import move_stranded, queue_keys
@@ -116,10 +116,11 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
                              f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}")
         direct = direct_queue_name(prefix, c.hostname)
         rt.extras["supported_types"] = frozenset(types)  # before the pool forks: children see it
-        # Only the shared queues of supported types, plus the direct queue, plus Celery's default
-        # queue (``celery``), where plain Celery producers send by name: a message there of a type
-        # this worker does not run is handed to that type's shared queue (``executors/task.py``).
-        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), c.app.conf.task_default_queue])
+        # Only the shared queues of supported types, plus the direct queue, plus the app's default
+        # queue and Celery's (``worker.celery_queue``), where plain Celery producers send by name:
+        # a message there of a type this worker does not run is handed to that type's shared queue
+        # (``executors/task.py``).
+        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), *plain_queues(rt.config)])
         url = registry_url_for(rt.config, c.app.conf.broker_url, c.app.conf.broker_transport_options)
         if url is None:
             logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")

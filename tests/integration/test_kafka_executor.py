@@ -101,7 +101,7 @@ def test_unusable_kafka_config_leaves_other_executors_running(make_cluster, tans
         assert "no.such.librdkafka.setting" in done.error.message
     assert c.manager.wait(echo.task_id, 30).result == {"still": "alive"}
     # Logged once per process (one pool process here), not once per task.
-    assert w.log().count("failed to initialize") == 1
+    assert w.log().count("] executor 'kafka' failed to initialize") == 1
 
 
 def test_settings_are_validated_with_paths() -> None:

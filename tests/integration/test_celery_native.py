@@ -1,0 +1,579 @@
+"""celery_ext is still Celery: plain Celery producers, ``celery call``, ``AsyncResult`` and canvas
+against a real worker, with nothing mocked (issue 10, docs/celery.md).
+
+Every cluster of this module has a Redis database of its own as its broker: a plain Celery
+producer sends to Celery's default queue ``celery``, which every celery_ext worker on that broker
+consumes, whatever its ``app.name``.  On the shared database 0, a worker of another test (with
+another task store) could take the message.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, chain, chord, group
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from celery_ext.errors import TaskFailed
+from celery_ext.model import Task, TaskStatus
+from celery_ext.routing.stranded import move_stranded, queue_keys
+from tests.conftest import CALL_FAILED, TEST_TASKS, Cluster, cluster_data, storage_section
+from tests.support.celery_events import EventLog
+from tests.support.httpserver import HttpTestServer
+from tests.support.scrape import poll
+from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
+from tests.support.workers import subprocess_env
+
+pytestmark = pytest.mark.timeout(180)
+
+PRODUCER = Path(__file__).resolve().parents[1] / "support" / "plain_producer.py"
+# The key tests/celery_suite/run_canvas.py claims a Redis database with: one claim protocol.
+CLAIM_KEY = "celery-canvas-suite:claim"
+PYTHON_TASKS = [{"type": "python", "config": {"modules": [*TEST_TASKS[0]["config"]["modules"],
+                                                          "tests.support.native_tasks"]}}]
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+def claim_db() -> int:
+    """An empty Redis database, claimed by ``CLAIM_KEY`` (Celery's canvas suite harness claims
+    its own from the top down with that key; this takes the lowest free one above 0)."""
+    require("Redis", REDIS_HOST, REDIS_PORT)
+    databases = int(redis.Redis(host=REDIS_HOST, port=REDIS_PORT).config_get("databases")["databases"])
+    for db in range(1, databases):
+        if redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).set(CLAIM_KEY, os.getpid(), nx=True):
+            if redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).dbsize() == 1:
+                return db
+            redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).delete(CLAIM_KEY)  # used without a claim
+    pytest.fail(f"Redis on {REDIS_HOST}:{REDIS_PORT} has no empty database for this module")
+
+
+def release_db(db: int) -> None:
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()  # the claim key with the rest
+
+
+def redis_url(db: int) -> str:
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+@pytest.fixture(scope="module")
+def broker_db() -> Iterator[int]:
+    db = claim_db()
+    yield db
+    release_db(db)
+
+
+@pytest.fixture(scope="module")
+def native(broker_db: int, server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
+           database_urls: dict[str, str]) -> Iterator[Cluster]:
+    """One SQLite-backed cluster with one worker running python task types and the http executor
+    (the test HTTP server is on loopback, hence allow_networks)."""
+    http = {"type": "http", "config": {"allow_networks": ["127.0.0.1/32"], "allow_hosts": ["127.0.0.1"]}}
+    data = cluster_data(unique("ce"), redis_url(broker_db),
+                        storage_section("sqlite", database_urls), {"executors": [*PYTHON_TASKS, http]})
+    cluster = Cluster(tmp_path_factory.mktemp("native"), data)
+    try:
+        cluster.worker()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(autouse=True)
+def worker_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if request.node.stash.get(CALL_FAILED, False) and "native" in request.fixturenames:
+        for w in request.getfixturevalue("native").workers:
+            print(f"--- log of worker {w.hostname}, {w.log_path} (last lines) ---\n{w.log()[-8000:]}")
+
+
+@pytest.fixture(scope="module")
+def events(native: Cluster) -> Iterator[EventLog]:
+    """Celery's task events of the cluster (what Flower reads), from a real receiver."""
+    log = EventLog(native.runtime.celery).start(lambda: native.manager.submit("echo", {"probe": 1}).task_id)
+    yield log
+    log.stop()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def broker_url(c: Cluster) -> str:
+    return str(c.data["broker"]["url"])
+
+
+def cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery-ext`` in its own process."""
+    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(c.config_path), *args],
+                          capture_output=True, text=True, timeout=60, cwd=c.config_path.parent,
+                          env=subprocess_env())
+
+
+def listed(c: Cluster, task_id: str) -> dict[str, Any]:
+    """The record of ``task_id`` as ``celery-ext list --json`` prints it."""
+    out = cli(c, "list", "--limit", "500", "--json")
+    assert out.returncode == 0, out.stderr
+    items = {t["task_id"]: t for t in json.loads(out.stdout)["items"]}
+    assert task_id in items, f"{task_id} not listed by celery-ext list"
+    return items[task_id]
+
+
+def ended(c: Cluster, task_id: str, timeout: float = 30.0) -> Task:
+    """The record once it is terminal (a plain message has a record once a worker starts it)."""
+    found: list[Task] = []
+
+    def check() -> bool:
+        task = c.runtime.storage.tasks.get(task_id)
+        found[:] = [task] if task is not None else []
+        return task is not None and task.status.terminal
+
+    poll(check, timeout, f"the record of {task_id} to end")
+    return found[0]
+
+
+def only_celery_imports(path: Path) -> set[str]:
+    """The top-level modules a script imports (the test asserts they are stdlib and celery)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+# --- 1. a producer process that imports only celery ----------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_run(native: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``tests/support/plain_producer.py`` run once as its own process, from a directory outside
+    the repository and without PYTHONPATH: ``send_task`` by name, a chain and a chord, with no
+    queue and no routing options; each result read with ``AsyncResult.get()``."""
+    assert only_celery_imports(PRODUCER) == {"json", "sys", "celery"}
+    where = tmp_path_factory.mktemp("producer")
+    script = shutil.copy(PRODUCER, where / "producer.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CELERY_EXT_CONFIG"] = str(native.config_path)
+    sends = [{"name": "echo", "kwargs": {"hello": "plain celery", "n": [1, 2]}},
+             {"name": "reject", "kwargs": {"reason": "bad"}},
+             {"name": "flaky", "kwargs": {"key": unique("flaky:"), "fail_times": 1}},
+             {"chain": [{"name": "add", "args": [2, 2]}, {"name": "add", "args": [4]}]},
+             {"chord": [{"name": "add", "args": [1, 1]}, {"name": "add", "args": [2, 2]}], "body": {"name": "tsum"}}]
+    done = subprocess.run([sys.executable, script, broker_url(native), json.dumps(sends)], capture_output=True,
+                          text=True, timeout=120, cwd=where, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_plain_producer_send_task_and_async_result(native: Cluster, plain_run: dict[str, Any]) -> None:
+    """``Celery(broker=..., backend="celery_ext://").send_task("echo", kwargs=...)`` from a process
+    whose code imports only ``celery``: the default queue reaches the worker, the record is made
+    on receipt, and ``AsyncResult.get()`` reads it.  The script never imports celery_ext itself
+    (it is not loaded when the app is made); Celery loads ``celery_ext.backend`` by its entry
+    point (group ``celery.result_backends``) once the backend is first used, which is fine."""
+    assert plain_run["celery_ext_before_send"] is False
+    assert plain_run["backend"] == "celery_ext.backend:RecordBackend"
+    ok = plain_run["sends"][0]
+    assert ok.get("error") is None, ok
+    assert ok["result"] == {"hello": "plain celery", "n": [1, 2]} and ok["state"] == "SUCCESS"
+    assert ok["retries"] == 0
+
+    record = listed(native, ok["task_id"])
+    assert record["status"] == "succeeded" and record["task_type"] == "echo"
+    assert record["payload"] == {"hello": "plain celery", "n": [1, 2]} and record["result"] == record["payload"]
+    assert record["attempt"] == 1 and record["worker_id"]
+    task = native.manager.get(ok["task_id"])
+    assert task.created_at <= task.queued_at <= task.started_at <= task.finished_at  # type: ignore[operator]
+
+
+def test_plain_producer_failure_is_celery_failure(native: Cluster, plain_run: dict[str, Any]) -> None:
+    failed = plain_run["sends"][1]
+    assert failed["state"] == "FAILURE"
+    assert failed["error"] == "rejected: bad"
+    assert (failed["error_module"], failed["error_type"]) == ("celery_ext.errors", "TaskFailed")
+    record = listed(native, failed["task_id"])
+    assert record["status"] == "failed" and record["error"] == {"reason": "rejected", "message": "bad"}
+    assert record["attempt"] == 1
+
+
+def test_plain_producer_retry_is_counted(native: Cluster, plain_run: dict[str, Any]) -> None:
+    """A plain message gets the executor's (else ``worker.default_max_retries``) retry budget;
+    its retry is Celery's own, and ``AsyncResult.retries`` counts it."""
+    retried = plain_run["sends"][2]
+    assert retried.get("error") is None, retried
+    assert retried["result"] == {"runs": 2} and retried["state"] == "SUCCESS" and retried["retries"] == 1
+    record = native.manager.get(retried["task_id"])
+    assert record.status is TaskStatus.SUCCEEDED and record.attempt == 2 and record.max_retries == 3
+    assert [ln.attempt for ln in native.manager.logs(record.task_id) if "flaky run" in ln.message] == [1, 2]
+
+
+def test_plain_producer_canvas(native: Cluster, plain_run: dict[str, Any]) -> None:
+    """Canvas from the producer that imports only celery: every step reaches the default queue."""
+    chained, chorded = plain_run["sends"][3], plain_run["sends"][4]
+    assert (chained.get("result"), chained["state"]) == (8, "SUCCESS"), chained
+    first, second = (native.manager.get(i) for i in chained["ids"])
+    assert (first.args, first.result, second.args, second.result) == ([2, 2], 4, [4, 4], 8)
+    assert second.parent_id == first.task_id and second.root_id == first.root_id == first.task_id
+    assert (chorded.get("result"), chorded["state"]) == (6, "SUCCESS"), chorded
+    body = native.manager.get(chorded["task_id"])
+    assert body.task_type == "tsum" and body.args == [[2, 4]] and body.status is TaskStatus.SUCCEEDED
+    members = [native.manager.get(i) for i in chorded["ids"]]
+    assert {t.group_id for t in members} == {body.group_id} and body.group_id is not None
+
+
+def test_plain_message_of_unknown_name(native: Cluster) -> None:
+    """No record; the worker logs why, and keeps working."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        res = plain.send_task("no_such_type", kwargs={"a": 1})
+        native.workers[0].wait_for_log(f"message {res.id} for unknown task 'no_such_type' rejected", 30)
+        assert res.state == "PENDING" and native.runtime.storage.tasks.get(res.id) is None
+        with pytest.raises(CeleryTimeoutError):
+            res.get(timeout=1)
+        assert plain.send_task("echo", kwargs={"after": 1}).get(timeout=30) == {"after": 1}
+    finally:
+        plain.close()
+
+
+@pytest.fixture(scope="module")
+def forwarded(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A cluster of its own (own Redis database) with a worker that runs only ``echo``; a plain
+    ``send_task("add", args=[20, 22])``; then a second worker that runs only ``add``."""
+    db = claim_db()
+    data = cluster_data(unique("ce"), redis_url(db), storage_section("sqlite", database_urls),
+                        {"executors": TEST_TASKS})
+    c = Cluster(tmp_path_factory.mktemp("forward"), data)
+    plain = Celery(broker=redis_url(db), backend=f"celery_ext://{c.config_path}")
+    try:
+        only_echo = c.worker(extra_args=["--supported-types", "echo"])
+        res = plain.send_task("add", args=[20, 22])
+        queue = f"{data['app']['name']}.add"
+        only_echo.wait_for_log(f"task add[{res.id}] is not run here; handed to queue {queue}", 30)
+        before = (c.runtime.storage.tasks.get(res.id), res.state)
+        only_add = c.worker(extra_args=["--supported-types", "add"])
+        result = res.get(timeout=30)
+        yield {"id": res.id, "before": before, "result": result, "record": c.manager.get(res.id),
+               "runner": only_add.hostname.split("@")[0]}
+    finally:
+        plain.close()
+        c.close()
+        release_db(db)
+
+
+def test_default_queue_forwards_types_a_worker_does_not_run(forwarded: dict[str, Any]) -> None:
+    """Every worker consumes ``celery``; one that does not run the type (``--supported-types``)
+    hands the message, unchanged, to the type's shared queue, where a worker that runs it takes
+    it.  The record is made once, by the worker that runs it."""
+    assert forwarded["before"] == (None, "PENDING")  # not recorded by the worker that forwarded it
+    assert forwarded["result"] == 42
+    record = forwarded["record"]
+    assert record.status is TaskStatus.SUCCEEDED and record.args == [20, 22] and record.attempt == 1
+    assert record.worker_id.startswith(forwarded["runner"] + "@")
+    assert record.root_id == forwarded["id"]
+
+
+def test_forwarded_message_keeps_its_parent(forwarded: dict[str, Any]) -> None:
+    """The producer sent the task with no parent: its record must not name itself as parent."""
+    assert forwarded["record"].parent_id is None
+
+
+def test_plain_task_cancelled_while_running_then_retried(native: Cluster, events: EventLog) -> None:
+    """A record made on receipt is a record like any other: cancel (REVOKED), then a manual
+    retry, which waits for the cancelled run to end and then runs as run 2."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        res = plain.send_task("sleep", kwargs={"seconds": 2})
+        poll(lambda: res.state == "STARTED", 20, "the task to start")
+        m = native.manager
+        assert m.cancel(res.id).status is TaskStatus.CANCELLED
+        assert res.state == "REVOKED"
+        again = m.retry(res.id)
+        assert again.run == 2 and again.status is TaskStatus.PENDING  # published when run 1 ends
+        done = m.wait(res.id, 30)
+        assert done.status is TaskStatus.SUCCEEDED and done.run == 2 and done.attempt == 1
+        # An AsyncResult that has seen a ready state (REVOKED) caches it (Celery's rule): ask a
+        # fresh one after a manual retry.
+        with pytest.raises(TaskFailed, match="^cancelled: "):
+            res.get(timeout=10)
+        assert plain.AsyncResult(res.id).get(timeout=10) == {"slept": 2.0}
+        runs = [ln for ln in m.logs(res.id) if "sleeping" in ln.message]
+        assert [(ln.run, ln.attempt) for ln in runs] == [(1, 1), (2, 1)]
+        starts = [ln.time for ln in runs]
+        assert starts[1] - starts[0] >= timedelta(seconds=1.9)  # run 2 began after run 1 ended
+        assert events.of(res.id, "task-revoked")
+    finally:
+        plain.close()
+
+
+def test_stranded_message_of_a_type_the_sweeper_does_not_know_still_runs(native: Cluster) -> None:
+    """A dead worker's direct queue is handed back by a process that may not know every type
+    (the scheduler needs no user task modules): such a message goes to ``celery``, which every
+    worker consumes (not to a queue nobody consumes).  Here ``add`` waits in a direct queue
+    nobody consumes, and the sweep knows only ``echo``."""
+    app, prefix = native.runtime.celery, native.data["app"]["name"]
+    ghost = f"{prefix}.worker.ghost@nowhere"
+    res = app.send_task("add", args=[1, 2], queue=ghost)
+    opts = app.conf.broker_transport_options
+    client = redis.Redis.from_url(broker_url(native))
+    poll(lambda: sum(client.llen(k) for k in queue_keys(ghost, opts)) == 1, 10, "the message in the direct queue")
+    assert move_stranded(client, ghost, prefix, opts, ["echo"]) == 1
+    assert res.get(timeout=8) == 3
+
+
+# --- 2. celery call -------------------------------------------------------------------------
+
+def test_celery_call(native: Cluster) -> None:
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "call", "echo",
+                           "--kwargs", '{"x": 1}'], capture_output=True, text=True, timeout=60,
+                          cwd=native.config_path.parent, env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)))
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.strip()
+    assert len(task_id) == 36 and task_id.count("-") == 4, done.stdout  # a Celery (uuid4) task id
+    record = ended(native, task_id)
+    assert record.status is TaskStatus.SUCCEEDED and record.result == {"x": 1}
+    assert record.payload == {"x": 1} and record.task_type == "echo" and record.attempt == 1
+    assert native.runtime.celery.AsyncResult(task_id).get(timeout=10) == {"x": 1}
+
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "call", "add", "--args", "[2, 3]"],
+                          capture_output=True, text=True, timeout=60, cwd=native.config_path.parent,
+                          env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)))
+    assert done.returncode == 0, done.stderr
+    record = ended(native, done.stdout.strip())
+    assert record.status is TaskStatus.SUCCEEDED and record.args == [2, 3] and record.result == 5
+
+
+# --- 3. Celery states through AsyncResult -------------------------------------------------
+
+def test_async_result_success_and_permanent_failure(native: Cluster) -> None:
+    app, m = native.runtime.celery, native.manager
+    ok = app.AsyncResult(m.submit("echo", {"a": 1}).task_id)
+    assert ok.get(timeout=30) == {"a": 1}
+    assert ok.state == "SUCCESS" and ok.result == {"a": 1} and ok.successful()
+
+    bad = app.AsyncResult(m.submit("reject", {"reason": "bad input"}, max_retries=3).task_id)
+    with pytest.raises(TaskFailed) as raised:
+        bad.get(timeout=30)
+    assert str(raised.value) == "rejected: bad input"
+    assert (raised.value.reason, raised.value.message) == ("rejected", "bad input")
+    assert bad.state == "FAILURE" and bad.failed()
+    assert isinstance(bad.result, TaskFailed) and str(bad.result) == "rejected: bad input"
+    assert bad.retries == 0
+
+
+def test_async_result_started_while_running(native: Cluster) -> None:
+    app, m = native.runtime.celery, native.manager
+    res = app.AsyncResult(m.submit("sleep", {"seconds": 2}).task_id)
+    poll(lambda: res.state == "STARTED", 20, "the task to start")
+    assert res.result == {"hostname": m.get(res.id).worker_id}  # Celery's STARTED meta
+    assert res.get(timeout=30) == {"slept": 2.0} and res.state == "SUCCESS"
+
+
+def test_async_result_retries_exhausted(native: Cluster, events: EventLog) -> None:
+    app, m = native.runtime.celery, native.manager
+    task = m.submit("flaky", {"key": unique("flaky:"), "fail_times": 10}, max_retries=1)
+    res = app.AsyncResult(task.task_id)
+    with pytest.raises(TaskFailed) as raised:
+        res.get(timeout=30)
+    assert str(raised.value) == "exception: RuntimeError: planned failure 2"
+    assert res.state == "FAILURE" and str(res.result) == "exception: RuntimeError: planned failure 2"
+    record = m.get(task.task_id)
+    assert record.status is TaskStatus.FAILED and record.attempt == 2
+    assert res.retries == record.attempt - 1 == 1
+
+    # What Flower reads: each message's `retries` is its attempt - 1; one RETRY, then FAILURE.
+    poll(lambda: bool(events.of(task.task_id, "task-failed")), 20, "the task-failed event")
+    assert [e["retries"] for e in events.of(task.task_id, "task-received")] == [0, 1]
+    assert len(events.of(task.task_id, "task-retried")) == 1
+    assert "planned failure 1" in events.of(task.task_id, "task-retried")[0]["exception"]
+    assert "planned failure 2" in events.of(task.task_id, "task-failed")[0]["exception"]
+    assert not events.of(task.task_id, "task-succeeded")
+
+
+def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, events: EventLog) -> None:
+    app, m = native.runtime.celery, native.manager
+    task = m.submit("echo", {"late": True}, delay=30)
+    assert task.status is TaskStatus.SCHEDULED
+    res = app.AsyncResult(task.task_id)
+    assert res.state == "PENDING"
+    assert m.cancel(task.task_id).status is TaskStatus.CANCELLED
+    assert res.state == "REVOKED"
+    with pytest.raises(TaskFailed) as raised:
+        res.get(timeout=5)
+    assert str(raised.value) == "cancelled: the task was cancelled"
+    assert isinstance(res.result, TaskFailed)
+
+
+# --- 4. canvas of task types --------------------------------------------------------------
+
+def records_of(c: Cluster, **flt: str) -> dict[str, Task]:
+    return {t.task_id: t for t in c.manager.list(limit=500, **flt).items}
+
+
+def test_chain_with_mutable_signatures(native: Cluster) -> None:
+    app = native.runtime.celery
+    res = chain(app.signature("add", args=(2, 2)), app.signature("add", args=(4,)),
+                app.signature("add", args=(8,))).apply_async()
+    assert res.get(timeout=30) == 16
+    third, second, first = res, res.parent, res.parent.parent
+    ids = [first.id, second.id, third.id]
+    assert [r.state for r in (first, second, third)] == ["SUCCESS"] * 3
+
+    records = records_of(native, root_id=first.id)
+    assert set(records) == set(ids)  # one record per step, found by the chain's root id
+    steps = [records[i] for i in ids]
+    assert [t.status for t in steps] == [TaskStatus.SUCCEEDED] * 3
+    assert [t.args for t in steps] == [[2, 2], [4, 4], [8, 8]]  # the previous result comes first
+    assert [t.result for t in steps] == [4, 8, 16]
+    assert [t.parent_id for t in steps] == [None, first.id, second.id]
+    assert {t.root_id for t in steps} == {first.id}
+    assert set(records_of(native, parent_id=first.id)) == {second.id}
+
+
+def test_chain_stops_at_a_failed_step(native: Cluster) -> None:
+    """Celery's rule: the next step is not sent; ``get()`` on the chain raises the failure."""
+    app = native.runtime.celery
+    res = chain(app.signature("reject", kwargs={"reason": "stop here"}), app.signature("add", args=(1,))).apply_async()
+    with pytest.raises(TaskFailed, match="^rejected: stop here$"):
+        res.get(timeout=30)
+    assert res.parent.state == "FAILURE" and res.state == "PENDING"
+    assert native.runtime.storage.tasks.get(res.id) is None  # never sent, never recorded
+    assert set(records_of(native, root_id=res.parent.id)) == {res.parent.id}
+
+
+def test_group(native: Cluster) -> None:
+    app = native.runtime.celery
+    res = group(app.signature("add", args=(i, i)) for i in range(3)).apply_async()
+    assert res.get(timeout=30) == [0, 2, 4]
+    members = records_of(native, group_id=res.id)
+    assert set(members) == {r.id for r in res.results}
+    assert all(t.status is TaskStatus.SUCCEEDED and t.group_id == res.id for t in members.values())
+    assert sorted(t.result for t in members.values()) == [0, 2, 4]
+
+
+def test_chord(native: Cluster) -> None:
+    app = native.runtime.celery
+    res = chord([app.signature("add", args=(1, 1)), app.signature("add", args=(2, 2))],
+                app.signature("tsum")).apply_async()
+    assert res.get(timeout=60) == 6
+    header = res.parent
+    # Celery gives the body the chord's group id too (canvas.chord.run freezes it so).
+    members = records_of(native, group_id=header.id)
+    assert set(members) == {*(r.id for r in header.results), res.id}
+    assert sorted(t.result for t in members.values() if t.task_type == "add") == [2, 4]
+    body = members[res.id]
+    assert body.status is TaskStatus.SUCCEEDED and body.task_type == "tsum"
+    assert body.args == [[2, 4]] and body.result == 6
+    # The records keep Celery's ids as the messages carry them: a header task sent by the
+    # producer is its own root; the body is sent by Celery's celery.chord_unlock task (not a
+    # record of its own), its parent and root.
+    for r in header.results:
+        assert (members[r.id].root_id, members[r.id].parent_id) == (r.id, None)
+    assert body.parent_id and body.root_id == body.parent_id and body.parent_id not in members
+    assert native.runtime.storage.tasks.get(body.parent_id) is None
+    assert set(records_of(native, parent_id=body.parent_id)) == {body.task_id}
+
+
+def test_chord_with_a_failed_member(native: Cluster) -> None:
+    """The body never runs; ``get()`` raises the member's failure, as with bare Celery."""
+    app = native.runtime.celery
+    res = chord([app.signature("add", args=(1, 1)), app.signature("reject", kwargs={"reason": "member"})],
+                app.signature("tsum")).apply_async()
+    with pytest.raises(TaskFailed, match="^rejected: member$"):
+        res.get(timeout=60)
+    assert [r.state for r in res.parent.results] == ["SUCCESS", "FAILURE"]
+    poll(lambda: native.runtime.storage.tasks.get(res.id) is not None, 10, "the body's record")
+    body = native.runtime.storage.tasks.get(res.id)
+    assert body.status is TaskStatus.FAILED and body.error.reason == "parent_failed"
+    assert body.started_at is None  # the body never ran
+
+
+def test_chord_body_of_a_failed_chord_is_failure(native: Cluster) -> None:
+    """Bare Celery: ``chord_unlock`` stores FAILURE (``ChordError``) for the body of a chord whose
+    member failed, so ``AsyncResult(body).state`` is FAILURE."""
+    app = native.runtime.celery
+    res = chord([app.signature("reject", kwargs={"reason": "member"})], app.signature("tsum")).apply_async()
+    with pytest.raises(TaskFailed):
+        res.get(timeout=60)
+    poll(lambda: app.AsyncResult(res.id).state != "PENDING", 10, "the body's state to leave PENDING")
+    body = app.AsyncResult(res.id)
+    assert body.state == "FAILURE" and "member" in str(body.result)
+
+
+# --- 5. a previous result into an executor that takes a JSON object ------------------------
+
+def test_chain_result_becomes_the_http_payload(native: Cluster, server: HttpTestServer) -> None:
+    """``payload_of``: the previous step's JSON object fills the payload of an ``http_request``
+    step (executors other than python take only a JSON object)."""
+    app = native.runtime.celery
+    url = server.url("/json?from=chain")
+    res = chain(app.signature("echo", kwargs={"url": url, "method": "GET"}),
+                app.signature("http_request")).apply_async()
+    out = res.get(timeout=60)
+    assert out["status"] == 200 and out["json"]["method"] == "GET" and out["json"]["query"] == {"from": "chain"}
+    step = native.manager.get(res.id)
+    assert step.status is TaskStatus.SUCCEEDED and step.task_type == "http_request"
+    assert step.payload == {} and step.args == [{"url": url, "method": "GET"}]
+    assert step.parent_id == res.parent.id
+
+    # The step's own payload keys win over the previous result's.
+    res = chain(app.signature("echo", kwargs={"url": url, "method": "GET"}),
+                app.signature("http_request", kwargs={"method": "POST", "body": "mine"})).apply_async()
+    out = res.get(timeout=60)
+    assert out["json"]["method"] == "POST" and out["json"]["body"] == "mine"
+
+    # An immutable signature ignores the previous result.
+    res = chain(app.signature("as_list", kwargs={"a": 1}),
+                app.signature("http_request", kwargs={"url": url}, immutable=True)).apply_async()
+    assert res.get(timeout=60)["json"]["method"] == "GET"
+    assert native.manager.get(res.id).args is None
+
+
+def test_chain_feeding_a_list_to_http_is_invalid_payload(native: Cluster) -> None:
+    app = native.runtime.celery
+    res = chain(app.signature("as_list", kwargs={"a": 1, "b": 2}), app.signature("http_request")).apply_async()
+    with pytest.raises(TaskFailed) as raised:
+        res.get(timeout=60)
+    assert raised.value.reason == "invalid_payload"
+    assert "http_request takes a JSON object payload" in raised.value.message
+    assert "got 1: list" in raised.value.message
+    assert res.parent.get(timeout=10) == [1, 2]
+    step = native.manager.get(res.id)
+    assert step.status is TaskStatus.FAILED and step.error and step.error.reason == "invalid_payload"
+    assert step.attempt == 1 and step.args == [[1, 2]]  # permanent: not retried
+
+
+# --- 6. a plain message sent twice with one id --------------------------------------------
+
+def test_plain_message_sent_twice_runs_once(native: Cluster) -> None:
+    """Two messages with one Celery task id (a redelivery, or a producer that sends again): one
+    run, one record; the second message is dropped.  The producer is a plain Celery app whose
+    backend names the config file: ``celery_ext:///path/config.yaml``."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        key = unique("twice:")
+        ids = {"echo": unique("echo-"), "record": unique("record-")}
+        for _ in range(2):
+            first = plain.send_task("echo", kwargs={"twice": True}, task_id=ids["echo"])
+            assert first.get(timeout=30) == {"twice": True}
+            plain.send_task("record", kwargs={"key": key, "value": "ran"}, task_id=ids["record"]).get(timeout=30)
+        w = native.workers[0]
+        for task_id in ids.values():
+            w.wait_for_log(f"task {task_id} is succeeded; duplicate or stale message dropped", 30)
+        assert redis.Redis(host=REDIS_HOST, port=REDIS_PORT).lrange(key, 0, -1) == [b"ran"]
+        for task_id in ids.values():
+            record = native.manager.get(task_id)
+            assert record.status is TaskStatus.SUCCEEDED and record.attempt == 1 and record.run == 1
+            assert plain.AsyncResult(task_id).state == "SUCCESS"
+        assert native.manager.get(ids["echo"]).result == {"twice": True}
+    finally:
+        plain.close()
