@@ -107,22 +107,26 @@ class Lifecycle:
 
     # --- worker side ----------------------------------------------------------------------
 
-    def claim(self, task: Task, token: str, worker_id: str, lease: float, queued_at: datetime | None) -> Task | None:
+    def claim(self, task: Task, token: str, worker_id: str, lease: float, queued_at: datetime | None, *,
+              new_token: str | None = None) -> Task | None:
         """A startable record -> RUNNING for the attempt ``task.attempt`` of the message holding
-        ``token``.  ``None`` when the message is stale, a duplicate, or its task was cancelled."""
+        ``token`` (the run then holds ``new_token``, when given).  ``None`` when the message is
+        stale, a duplicate, or its task was cancelled."""
         now = utcnow()
         # The publish time the message carries (a chain step published by its previous step
         # carries none: it was queued just now).
         queued_at = queued_at or now
         lease_until = now + timedelta(seconds=lease)
         # A chain or chord step learns its positional arguments (the previous result) only now.
-        extra = {"args": task.args} if task.args else {}
+        extra: dict[str, object] = {"args": task.args} if task.args else {}
+        if new_token is not None:
+            extra["dispatch_token"] = new_token
         if not self.storage.tasks.update(task.task_id, STARTABLE, token=token, status=TaskStatus.RUNNING,
                                          attempt=task.attempt, worker_id=worker_id, started_at=now, finished_at=None,
                                          lease_until=lease_until, queued_at=queued_at, **extra):
             return None
         running = task.replace(status=TaskStatus.RUNNING, worker_id=worker_id, started_at=now,
-                               dispatch_token=token, lease_until=lease_until, queued_at=queued_at)
+                               dispatch_token=new_token or token, lease_until=lease_until, queued_at=queued_at)
         self.observer.task_started(running)
         return running
 

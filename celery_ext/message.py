@@ -16,6 +16,9 @@ Every producer builds the header with ``ExtHeader.to_header`` and the worker rea
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -101,3 +104,14 @@ def soft_limit(timelimit: Any) -> float | None:
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             return float(value)
     return None
+
+
+def new_incarnation() -> str:
+    """A name for this worker process, unique across restarts under the same worker name."""
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time() * 1000)}"
+
+
+def plain_token(incarnation: str, task_id: str) -> str:
+    """The dispatch token of a plain Celery message's run (one without the header) on the worker
+    process ``incarnation``: a redelivery to another worker process is another run."""
+    return f"{incarnation}:{task_id}"

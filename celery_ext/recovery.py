@@ -3,11 +3,11 @@
 ``recover_offline_workers`` sweeps the worker registry for workers that stopped heartbeating
 and moves the messages left in their direct queues back to the shared queues.
 ``recover_expired_leases`` re-dispatches RUNNING records whose lease expired (their worker was
-killed outright, so nothing recorded the loss): a new dispatch token, RETRYING, and a publish,
-as the runner does for a failed attempt; past the attempt cap the record becomes DEAD.  A stale
-message of the old attempt is then dropped by the token check.  The scheduler calls both on its
-interval; they are safe to call from several processes at once (conditional updates, atomic
-sweeps).
+killed outright or stalled, so nothing renewed the lease or recorded the loss): a new dispatch
+token, RETRYING, and a publish, as the runner does for a failed attempt; past the attempt cap the
+record becomes DEAD.  A stale message of the old attempt is then dropped by the token check.
+The scheduler calls both on its interval; they are safe to call from several processes at once
+(conditional updates, atomic sweeps).
 """
 
 from __future__ import annotations
@@ -45,21 +45,13 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
 def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> list[str]:
     """Re-dispatch (or declare DEAD) RUNNING tasks whose lease expired; returns their ids.
 
-    A task whose worker is still online in the registry is left alone: its worker is alive and
-    merely late, and re-running it would run it twice at once.
+    A running task's worker renews its lease (``lease.py``), so an expired lease means that worker
+    process is gone or stalled, whatever worker is online under its name now.  A stalled one that
+    resumes finds its run superseded and stops it.
     """
     now = now or utcnow()
-    online: set[str] = set()
-    registry = router_of(rt.celery).registry
-    if registry is not None:
-        try:
-            online = {w.id for w in registry.online()}
-        except Exception as exc:  # noqa: BLE001 - without the registry, trust the lease alone
-            logger.warning("worker registry unavailable, judging leases alone: %s", exc)
     recovered = []
     for task in rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit):
-        if task.worker_id in online:
-            continue
         error = TaskErrorInfo("worker_lost", f"worker {task.worker_id} stopped renewing its lease "
                                              f"during attempt {task.attempt}")
         changed, token = rt.lifecycle.lost(task, error, 0.0)

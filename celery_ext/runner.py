@@ -23,7 +23,7 @@ from celery_ext.errors import ExecutorError
 from celery_ext.executors.base import payload_of
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.lifecycle import Lifecycle
-from celery_ext.message import ExtHeader
+from celery_ext.message import ExtHeader, new_incarnation, plain_token
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, utcnow
 from celery_ext.storage.spool import LogSpool
 from celery_ext.tasklog import TaskLogBuffer, capture
@@ -78,6 +78,9 @@ class TaskRunner:
         self.default_max_retries = default_max_retries
         self.default_timeout = default_timeout
         self.log_spool = LogSpool(self.storage.logs.append)
+        # This worker process's name for its runs of plain messages (lease.py); the worker's
+        # bootstep sets it before the pool forks.
+        self.incarnation = new_incarnation()
 
     # --- the happy path -------------------------------------------------------------------
 
@@ -113,10 +116,11 @@ class TaskRunner:
         if settings is not None and settings.max_retries is not None:
             max_retries = settings.max_retries
         timeout = d.timeout or (settings.timeout if settings else None) or self.default_timeout
+        token = plain_token(self.incarnation, d.task_id)
         task = Task(task_id=d.task_id, task_type=d.task_type, payload=d.kwargs, args=d.args or None,
                     attempt=d.retries + 1, max_retries=max(max_retries, d.retries), timeout=timeout,
                     priority=d.priority, worker_id=worker_id, parent_id=d.parent_id, root_id=d.root_id,
-                    group_id=d.group_id, created_at=utcnow())
+                    group_id=d.group_id, created_at=utcnow(), dispatch_token=token)
         running = self.lifecycle.received(task, self.lease(task))
         if running is not None:
             return running
@@ -124,10 +128,16 @@ class TaskRunner:
         if record is None or record.status not in STARTABLE or record.dispatch_token is None:
             return None
         return self.lifecycle.claim(record.replace(attempt=record.attempt + 1), record.dispatch_token, worker_id,
-                                    self.lease(record), None)
+                                    self.lease(record), None, new_token=token)
 
     def lease(self, task: Task) -> float:
-        return max(self.config.task_lease, (task.timeout or 0) + self.config.hard_timeout_grace)
+        """A running task's lease: its worker's main process renews it while the task runs
+        (``lease.py``), so it need not cover the task's whole time limit."""
+        return self.config.task_lease
+
+    def token_of(self, d: Delivery) -> str:
+        """The dispatch token the run of ``d`` holds on this worker."""
+        return d.header.token if d.header is not None else plain_token(self.incarnation, d.task_id)
 
     def _execute(self, task: Task) -> TaskResult:
         executor = self.executors.get(task.task_type)
@@ -211,7 +221,7 @@ class TaskRunner:
         """The pool process running ``d`` was terminated on request (cancel with terminate, or
         Celery's ``revoke --terminate``): the task ends cancelled and gives up its lease."""
         record = self.storage.tasks.get(d.task_id)
-        if record is None or (d.header is not None and record.dispatch_token != d.header.token):
+        if record is None or record.dispatch_token != self.token_of(d):
             return
         if record.status is TaskStatus.RUNNING:
             self.lifecycle.cancel(record)
@@ -230,9 +240,7 @@ class TaskRunner:
     def _running_task(self, d: Delivery) -> Task | None:
         """The record of a delivery that was running, as the run knew it."""
         record = self.storage.tasks.get(d.task_id)
-        if record is None or record.status is not TaskStatus.RUNNING:
-            return None
-        if d.header is not None and record.dispatch_token != d.header.token:
+        if record is None or record.status is not TaskStatus.RUNNING or record.dispatch_token != self.token_of(d):
             return None
         return record
 

@@ -12,6 +12,8 @@ from celery.signals import task_unknown, worker_process_init, worker_process_shu
 from celery_ext import tasklog
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import runtime_of
+from celery_ext.lease import LeaseKeeper
+from celery_ext.message import new_incarnation
 from celery_ext.plugins.host import install_plugin_host
 from celery_ext.routing.heartbeat import install_routing
 
@@ -25,10 +27,13 @@ class CeleryExtStep(bootsteps.StartStopStep):  # type: ignore[misc]
     runs in ``celery worker`` only, so the check needs no guess from the command line."""
 
     label = "celery_ext"
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         rt = runtime_of(worker.app)
+        rt.runner.incarnation = new_incarnation()  # before the pool forks: children share it
+        self.keeper: LeaseKeeper | None = None
         # Only a worker needs the users' task modules (clients build the same executors and
         # tolerate a failed import); a worker must be able to run every type it advertises.
         problems = rt.executors.worker_problems()
@@ -49,8 +54,12 @@ class CeleryExtStep(bootsteps.StartStopStep):  # type: ignore[misc]
             f"storage {rt.storage.description} | task types: {', '.join(rt.executors.task_types)}",
             file=sys.stderr, flush=True,
         )
+        self.keeper = LeaseKeeper(rt, worker.pool)
+        self.keeper.start()
 
     def stop(self, worker: Any) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
         rt = runtime_of(worker.app)
         rt.executors.close()
         rt.storage.close()

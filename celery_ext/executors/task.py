@@ -35,15 +35,21 @@ def runtime_of(app: Celery) -> Runtime:
 
 
 def delivery_of(name: str, request: Any, args: Any, kwargs: Any) -> Delivery:
-    """What celery_ext reads of a message: the worker request's fields and the header."""
+    """What celery_ext reads of a message: the header and Celery's fields, from a task's
+    ``self.request`` (a Context) or from the worker's ``Request`` (its message headers)."""
     args, kwargs = check_call(args, kwargs)
-    header = ExtHeader.parse({HEADER: getattr(request, HEADER, None)})
+    fields = getattr(request, "request_dict", None)
+    if not isinstance(fields, dict):
+        fields = vars(request)
+    task_id = fields.get("id") or request.id
+    parent = fields.get("parent_id")
     return Delivery(
-        task_id=request.id, task_type=name, args=args, kwargs=kwargs, header=header,
-        retries=int(getattr(request, "retries", 0) or 0), timeout=soft_limit(getattr(request, "timelimit", None)),
+        task_id=task_id, task_type=name, args=args, kwargs=kwargs, header=ExtHeader.parse(fields),
+        retries=retries if isinstance(retries := fields.get("retries"), int) and retries >= 0 else 0,
+        timeout=soft_limit(fields.get("timelimit")),
         # A message re-sent from inside its own task (a forward) is given itself as parent by Celery.
-        parent_id=parent if (parent := getattr(request, "parent_id", None)) != request.id else None,
-        root_id=getattr(request, "root_id", None), group_id=getattr(request, "group", None))
+        parent_id=parent if parent != task_id else None,
+        root_id=fields.get("root_id"), group_id=fields.get("group"))
 
 
 def chain_ids(chain: Any) -> list[str]:

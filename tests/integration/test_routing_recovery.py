@@ -32,21 +32,23 @@ def test_expired_leases_are_redispatched_or_declared_dead(make_cluster) -> None:
     lost = running(rt, worker="ghost", lease_in=-1)
     last = running(rt, worker="ghost", lease_in=-1, max_retries=0)
     fresh = running(rt, worker="ghost", lease_in=60)
-    slow = running(rt, worker="alive", lease_in=-1)  # its worker still heartbeats: only late
+    # Its worker still heartbeats under that name, but nobody renewed this run's lease: a live
+    # worker renews the leases of what it runs (lease.py), so this run's process is gone.
+    slow = running(rt, worker="alive", lease_in=-1)
     tokens = {i: rt.manager.get(i).dispatch_token for i in (lost, last, fresh, slow)}
     shared = queue_keys(f"{router.prefix}.rt_slow", rt.celery.conf.broker_transport_options)
     r = redis.Redis(host="127.0.0.1", port=6379)
     queued_before = sum(r.llen(k) for k in shared)
 
-    assert sorted(recover_expired_leases(rt)) == sorted([lost, last])
+    assert sorted(recover_expired_leases(rt)) == sorted([lost, last, slow])
     again = rt.manager.get(lost)
     assert again.status is TaskStatus.RETRYING and again.dispatch_token != tokens[lost]
     assert again.error.reason == "worker_lost" and "ghost" in again.error.message
-    assert sum(r.llen(k) for k in shared) == queued_before + 1  # the new attempt was published
+    assert sum(r.llen(k) for k in shared) == queued_before + 2  # the new attempts were published
     dead = rt.manager.get(last)
     assert dead.status is TaskStatus.DEAD and dead.error.reason == "worker_lost"
-    for task_id in (fresh, slow):
-        record = rt.manager.get(task_id)
-        assert record.status is TaskStatus.RUNNING and record.dispatch_token == tokens[task_id]
+    assert rt.manager.get(slow).status is TaskStatus.RETRYING
+    record = rt.manager.get(fresh)
+    assert record.status is TaskStatus.RUNNING and record.dispatch_token == tokens[fresh]
     # A second pass (another scheduler) finds nothing left to do.
     assert recover_expired_leases(rt) == []

@@ -1,0 +1,100 @@
+"""Leases that mean something: the worker's main process renews the lease of every task it runs.
+
+A claim gives the record ``lease_until = now + worker.task_lease``.  While the task runs, the main
+process of its worker renews that lease every third of ``task_lease``, by a conditional update on
+status RUNNING and the run's dispatch token.  So a lease expires only when the worker that holds it
+stops renewing: it died, or its main process stalled for longer than ``task_lease``; the
+scheduler's recovery then re-dispatches the task under a new token, whatever the name of any
+worker online at the time (a worker restarted under the same name does not shield the tasks of
+its previous incarnation).
+
+A run whose renewal finds that its record moved on under another token (it was recovered while
+this worker stalled) has been superseded: its pool process is terminated, so that it stops
+instead of running beside the new attempt.  The window that remains is the time between the
+recovery and the resumed main process's next renewal, at most a third of ``task_lease``.  (A run
+cancelled without ``terminate`` keeps its token and goes on, as cancel promises.)
+
+The token of a run: the message's celery_ext header holds it; a plain Celery message (recorded on
+receipt) gets ``<incarnation>:<task id>``, where the incarnation names this worker process
+(hostname, pid, start time), so a redelivery to a new incarnation is a new run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery.worker import state
+
+from celery_ext.errors import StorageError
+from celery_ext.executors.task import ExecutorTask, delivery_of
+from celery_ext.model import TaskStatus, utcnow
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
+
+logger = logging.getLogger("celery_ext.lease")
+
+
+class LeaseKeeper:
+    """The renewing thread of a worker's main process."""
+
+    def __init__(self, rt: Runtime, pool: Any) -> None:
+        self.rt = rt
+        self.pool = pool
+        self.lease = rt.config.worker.task_lease
+        self.interval = self.lease / 3
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="celery_ext-lease", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.renew()
+            except StorageError as exc:
+                logger.warning("could not renew task leases (storage unavailable): %s", exc)
+            except Exception:  # noqa: BLE001 - the renewer must outlive any one failure
+                logger.exception("lease renewal failed")
+
+    def renew(self) -> int:
+        """Renew the lease of every task this worker runs; returns how many were renewed."""
+        renewed = 0
+        until = utcnow() + timedelta(seconds=self.lease)
+        for request in list(state.active_requests):
+            if not isinstance(request.task, ExecutorTask) or not request.time_start:
+                continue  # not ours, or not started in its pool process yet
+            token = self.token_of(request)
+            if token is None:
+                continue
+            if self.rt.storage.tasks.update(request.id, (TaskStatus.RUNNING,), token=token, lease_until=until):
+                renewed += 1
+            elif time.time() - request.time_start > self.interval:
+                self._superseded(request, token)
+        return renewed
+
+    def token_of(self, request: Any) -> str | None:
+        try:
+            return self.rt.runner.token_of(delivery_of(request.name, request, request.args, request.kwargs))
+        except Exception:  # noqa: BLE001 - a malformed message never ran
+            return None
+
+    def _superseded(self, request: Any, token: str) -> None:
+        record = self.rt.storage.tasks.get(request.id)
+        if record is None or record.dispatch_token == token or record.status.terminal:
+            return  # not claimed yet, cancelled and going on (same token), or already over
+        logger.warning("task %s[%s] was recovered under a new dispatch token while this worker stalled; "
+                       "stopping this run (its record is %s)", request.name, request.id, record.status)
+        request.terminate(self.pool, signal="SIGTERM")
