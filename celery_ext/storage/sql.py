@@ -312,16 +312,42 @@ class _Compiled(NamedTuple):
         return params if self.order is None else [params[name] for name in self.order]
 
 
+class _Reader:
+    """``SELECT <every column> FROM tasks WHERE task_id = ?`` rendered once, with the column
+    types' result processing (JSON, times; made from the driver's column types on first use),
+    to run on the DBAPI cursor directly."""
+
+    def __init__(self, dialect: Any) -> None:
+        self.dialect = dialect
+        stmt = select(*tasks.columns).where(tasks.c.task_id == bindparam("p_id", type_=tasks.c.task_id.type))
+        self.select = _Compiled.of(stmt, dialect)
+        self.columns: list[tuple[str, Callable[[Any], Any] | None]] | None = None
+
+    def fetch(self, dbapi_conn: Any, task_id: str) -> dict[str, Any] | None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(self.select.sql, self.select.args({"p_id": task_id}))
+            row = cursor.fetchone()
+            if self.columns is None:
+                self.columns = [(c.name, c.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]))
+                                for c, d in zip(tasks.columns, cursor.description, strict=True)]
+        finally:
+            cursor.close()
+        if row is None:
+            return None
+        return {name: (process(value) if process is not None else value)
+                for (name, process), value in zip(self.columns, row, strict=True)}
+
+
 class SqlTaskRepository(TaskRepository):
     def __init__(self, storage: SqlStorage) -> None:
         self.storage = storage
         self._compiled: dict[tuple[Any, ...], _Compiled] = {}
+        self._reader: _Reader | None = None
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
-            # One statement, atomic on its own: the kept autocommit connection (see single()).
-            with self.storage.single() as conn:
-                conn.execute(insert(tasks).values(**to_record(task)))
+            self._insert(task)
             return task, True
         except IntegrityError:
             existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
@@ -342,10 +368,44 @@ class SqlTaskRepository(TaskRepository):
             # Some idempotency key is taken: fall back to one insert each.
             return [self.create(t) for t in new]
 
+    def _insert(self, task: Task) -> None:
+        """One INSERT, atomic on its own, on the kept autocommit connection (see single()); the
+        statement is rendered once and run on the DBAPI cursor, as ``update`` does (every
+        submit and every plain message's receipt runs it).  A taken key raises IntegrityError."""
+        if self.storage.type_name == "mysql":
+            with self.storage.single() as conn:
+                conn.execute(insert(tasks).values(**to_record(task)))
+            return
+        compiled = self._compiled.get(("insert",))
+        if compiled is None:
+            stmt = insert(tasks).values({c.name: bindparam(f"v_{c.name}", type_=c.type) for c in tasks.columns})
+            compiled = self._compiled[("insert",)] = _Compiled.of(stmt, self.storage.engine.dialect)
+        params = {f"v_{k}": v for k, v in to_record(task).items()}
+        dbapi = self.storage.engine.dialect.loaded_dbapi
+        try:
+            with self.storage.single_dbapi() as dbapi_conn:
+                cursor = dbapi_conn.cursor()
+                try:
+                    cursor.execute(compiled.sql, compiled.args(params))
+                finally:
+                    cursor.close()
+        except StorageError as exc:
+            if isinstance(exc.__cause__, dbapi.IntegrityError):
+                raise IntegrityError(compiled.sql, None, exc.__cause__) from exc.__cause__
+            raise
+
     def get(self, task_id: str) -> Task | None:
-        with self.storage.single() as conn:
-            row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
-        return _from_row(row) if row else None
+        if self.storage.type_name == "mysql":
+            with self.storage.single() as conn:
+                row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
+            return _from_row(row) if row else None
+        # Every waiter and every recovery reads records by id: the same fast path as ``update``.
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = _Reader(self.storage.engine.dialect)
+        with self.storage.single_dbapi() as dbapi_conn:
+            record = reader.fetch(dbapi_conn, task_id)
+        return None if record is None else from_record(record)
 
     def get_by_idempotency_key(self, key: str) -> Task | None:
         with self.storage.begin() as conn:
