@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from celery_ext.config import Model, PositiveDuration, validate_section
-from celery_ext.errors import PermanentError
+from celery_ext.errors import ConfigError, PermanentError
 from celery_ext.model import Task, TaskResult
 
 
@@ -53,7 +53,17 @@ class Executor(abc.ABC):
 
     @classmethod
     def parse_settings(cls, config: dict[str, Any], path: str = "config") -> ExecutorSettings:
-        return validate_section(cls.settings_model, config, path)
+        model: Any = cls.settings_model
+        if not (isinstance(model, builtins.type) and issubclass(model, ExecutorSettings)):
+            # Refused here, at config validation, rather than failing every submit later on the
+            # missing max_retries/timeout.
+            name = getattr(model, "__name__", repr(model))
+            raise ConfigError(
+                f"{path}: executor {getattr(cls, 'type', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}): "
+                f"its settings_model {name} must subclass celery_ext.ExecutorSettings, not pydantic's BaseModel "
+                f"(ExecutorSettings adds the timeout and max_retries keys every executor takes): "
+                f"write `class {name}(ExecutorSettings)`")
+        return validate_section(model, config, path)
 
     def initialize(self, config: ExecutorSettings) -> None:  # noqa: B027 - optional hook
         """Open clients; called once per worker process before its first task.
