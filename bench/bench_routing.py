@@ -2,13 +2,17 @@
 routing vs Celery's default (static shared-queue) routing, in the same run.
 
     .venv/bin/python bench/bench_routing.py [--tasks 1000] [--rounds 3] [--decisions 20000]
+        [--strategies least_task,weighted_round_robin,...] [--states local,shared] [--e2e-strategy S]
 
 Part 1 registers 10, 100 and 1,000 workers in a real Redis and times, per decision:
-``choose`` (filter the cached candidates and run the balancer: the decision itself, no I/O),
-``route`` (the router call a publish makes: the decision plus the one-round-trip reservation),
-and a registry read (what a cache refresh costs, once per ``scheduler.routing_cache``).
+``choose`` (filter the cached candidates and run the balancer in process: the local decision
+itself, no I/O), ``route`` (the router call a publish makes: with ``local`` state the decision
+plus the one-round-trip reservation; with ``shared`` state the one Lua call that reads and
+advances the cluster's balancer state and reserves, see routing/shared.py), and a registry read
+(what a cache refresh costs, once per ``scheduler.routing_cache``).  Strategies without state
+(least_task, random, consistent_hash) route the same way under both settings.
 Part 2 runs two real workers (prefork, concurrency 2) and drains ``--tasks`` echo tasks,
-alternating routed and static rounds; figures are medians.
+alternating routed (``--e2e-strategy``, shared state) and static rounds; figures are medians.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-def decision_cost(n_workers: int, strategy: str, decisions: int) -> dict[str, float]:
+def decision_cost(n_workers: int, strategy: str, decisions: int, state: str = "local") -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp())
     config = parse_config({"app": {"name": unique("bench")}, "broker": {"url": REDIS},
-                           "scheduler": {"load_balance_strategy": strategy}, "storage": {"type": "sqlite"}},
-                          source=str(tmp / "config.yaml"))
+                           "scheduler": {"load_balance_strategy": strategy, "load_balance_state": state},
+                           "storage": {"type": "sqlite"}}, source=str(tmp / "config.yaml"))
     app = create_app(config)
     router = router_of(app)
     assert router.registry is not None
@@ -69,16 +73,19 @@ def decision_cost(n_workers: int, strategy: str, decisions: int) -> dict[str, fl
             router.registry.online()
             read.append(clock() - t0)
     router.registry.client.delete(*router.registry.keys)
+    if router.state is not None:
+        router.state.forget()
     app.celery_ext.storage.close()  # type: ignore[attr-defined]
     (c50, c99), (r50, r99), (g50, _) = percentiles(choose), percentiles(route), percentiles(read)
     return {"choose_p50": c50 * 1e6, "choose_p99": c99 * 1e6, "route_p50": r50 * 1e6, "route_p99": r99 * 1e6,
             "read_p50": g50 * 1e6}
 
 
-def throughput(n_tasks: int, rounds: int) -> dict[str, list[float]]:
+def throughput(n_tasks: int, rounds: int, strategy: str) -> dict[str, list[float]]:
     directory = Path(tempfile.mkdtemp())
     data = {"app": {"name": unique("bench"), "log_level": "WARNING"}, "broker": {"url": REDIS},
-            "storage": {"type": "sqlite"}, "worker": {"capacity": 2}}
+            "storage": {"type": "sqlite"}, "worker": {"capacity": 2},
+            "scheduler": {"load_balance_strategy": strategy}}
     path = write_config(directory, data)
     rt = create_app(parse_config(data, source=str(path))).celery_ext  # type: ignore[attr-defined]
     router = router_of(rt.celery)
@@ -115,22 +122,29 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decisions", type=int, default=20000)
-    parser.add_argument("--strategies", default="least_task,weighted_round_robin,consistent_hash")
+    parser.add_argument("--strategies", default="least_task,weighted_round_robin,round_robin,affinity")
+    parser.add_argument("--states", default="local,shared", help="balancer state: local (per process), shared")
+    parser.add_argument("--workers", default="10,100,1000")
+    parser.add_argument("--e2e-strategy", default="weighted_round_robin")
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
     for strategy in args.strategies.split(","):
         build_balancer(parse_config({"scheduler": {"load_balance_strategy": strategy}}))
-    print("| strategy | workers | choose p50 µs | choose p99 µs | route p50 µs | route p99 µs | registry read µs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| strategy | workers | state | choose p50 µs | choose p99 µs | route p50 µs | route p99 µs "
+          "| registry read µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
-        for n in (10, 100, 1000):
-            r = decision_cost(n, strategy, args.decisions)
-            print(f"| {strategy} | {n} | {r['choose_p50']:.1f} | {r['choose_p99']:.1f} | {r['route_p50']:.1f} | "
-                  f"{r['route_p99']:.1f} | {r['read_p50']:.0f} |", flush=True)
+        for n in map(int, args.workers.split(",")):
+            for state in args.states.split(","):
+                r = decision_cost(n, strategy, args.decisions, state)
+                choose = f"{r['choose_p50']:.1f} | {r['choose_p99']:.1f}" if state == "local" else "- | -"
+                print(f"| {strategy} | {n} | {state} | {choose} | {r['route_p50']:.1f} | {r['route_p99']:.1f} "
+                      f"| {r['read_p50']:.0f} |", flush=True)
     if args.skip_e2e:
         return
-    results = throughput(args.tasks, args.rounds)
-    print(f"\nend-to-end, {args.tasks} echo tasks x {args.rounds} rounds, 2 workers x 2 processes (tasks/s):")
+    results = throughput(args.tasks, args.rounds, args.e2e_strategy)
+    print(f"\nend-to-end ({args.e2e_strategy}), {args.tasks} echo tasks x {args.rounds} rounds, "
+          f"2 workers x 2 processes (tasks/s):")
     for mode, rates in results.items():
         print(f"  {mode}: median {statistics.median(rates):.0f}  (runs: {', '.join(f'{x:.0f}' for x in rates)})")
     routed, static = (statistics.median(v) for v in results.values())

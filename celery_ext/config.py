@@ -8,16 +8,17 @@ the YAML path, e.g. ``worker.capacity: must be >= 1 (got 0)``.
 from __future__ import annotations
 
 import abc
+import difflib
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from celery_ext.errors import ConfigError
 
@@ -50,10 +51,19 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _version_text(value: Any) -> Any:
+    # ``version: 1.0`` is a float in YAML: keep what was written.
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 class AppConfig(Model):
     name: str = Field("celery_ext", pattern=r"^[A-Za-z0-9_.-]+$")
+    # The deployment's own version: in each worker's registry entry (``celery-ext workers``).
+    version: Annotated[str | None, BeforeValidator(_version_text)] = None
     data_dir: str = ".celery_ext"
     max_payload_bytes: int = Field(256 * 1024, ge=1)
+    # Levels of nesting a payload may have ({} is one); celery_ext/validation.py.
+    max_payload_depth: int = Field(32, ge=1, le=100)
     log_level: str = "INFO"
 
 
@@ -64,8 +74,13 @@ class BrokerConfig(Model):
 
 
 class SchedulerConfig(Model):
+    # false: ``celery -A celery_ext scheduler`` with this config runs no scheduler (says so, exits 0)
+    enabled: bool = True
     load_balance_strategy: str = "least_task"
     load_balance_config: dict[str, Any] = Field(default_factory=dict)
+    # shared: stateful strategies keep their state in the registry's Redis for every producer;
+    # local: each process keeps its own (routing/shared.py).
+    load_balance_state: Literal["shared", "local"] = "shared"
     registry_url: str | None = None
     routing_cache: Duration = 0.2
     interval: PositiveDuration = 1.0
@@ -73,8 +88,21 @@ class SchedulerConfig(Model):
     publish_grace: PositiveDuration = 30.0
     retention_interval: PositiveDuration = 300.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scan_interval(cls, data: Any) -> Any:
+        """``scan_interval`` (the design's name) is ``interval``."""
+        if isinstance(data, Mapping) and "scan_interval" in data:
+            data = dict(data)
+            if "interval" in data:
+                raise ValueError("scan_interval is an alias of interval: give one of them (got both)")
+            data["interval"] = data.pop("scan_interval")
+        return data
+
 
 class WorkerConfig(Model):
+    # false: ``celery -A celery_ext worker`` with this config runs no worker (says so, exits 0)
+    enabled: bool = True
     capacity: int = Field(4, ge=1)
     weight: int = Field(1, ge=1)
     supported_types: list[str] = Field(default_factory=list)
@@ -193,7 +221,9 @@ def format_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return out or "(top level)"
 
 
-def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+def format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """One line per error, ``<yaml path>: <problem>``; with ``model`` (the one validated), an
+    unknown key also gets the closest known key of its section (``did you mean 'capacity'?``)."""
     lines = []
     for err in exc.errors():
         template = _MESSAGES.get(err["type"])
@@ -202,10 +232,43 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
             message = template.format(**ctx)
         else:
             message = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            message += _suggestion(str(err["loc"][-1]), keys_at(model, tuple(err["loc"][:-1])))
         if err["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
             message += f" (got {err.get('input')!r})"
         lines.append(f"{format_path(tuple(err['loc']), prefix)}: {message}")
     return lines
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a model accepts at a YAML location (list indexes skipped); empty if not a model."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        cls = _model_in(current)
+        field = cls.model_fields.get(part) if cls is not None else None
+        if field is None:
+            return []
+        current = field.annotation
+    cls = _model_in(current)
+    return sorted(cls.model_fields) if cls is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model in an annotation such as ``Model``, ``list[Model]`` or ``Model | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -216,7 +279,7 @@ def validate_section(model: type[M], data: Mapping[str, Any], path: str) -> M:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, path)) from None
+        raise ConfigError(format_errors(exc, path, model)) from None
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -258,14 +321,16 @@ def parse_config(
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc)) from None
+        raise ConfigError(format_errors(exc, model=Config)) from None
 
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -324,12 +389,21 @@ class YamlConfigLoader(ConfigLoader):
                 if current is None or current == seen:
                     continue
                 seen = current
+                # Nothing may end this thread (a later valid edit must still apply): any failure
+                # to read, parse or apply a file is logged and the running config stays.
                 try:
                     config = self.load()
                 except ConfigError as exc:
                     logger.error("config %s is invalid, keeping the last good config:\n%s", path, exc)
                     continue
-                callback(config)
+                except Exception as exc:  # noqa: BLE001 - e.g. RecursionError from a pathological YAML
+                    logger.error("config %s could not be read (%s: %s), keeping the last good config",
+                                 path, exc.__class__.__name__, exc)
+                    continue
+                try:
+                    callback(config)
+                except Exception:  # noqa: BLE001
+                    logger.exception("config %s: applying the new config failed; keeping the running one", path)
 
         threading.Thread(target=loop, name="celery_ext-config-watch", daemon=True).start()
         return stop.set

@@ -94,6 +94,9 @@ def celery_settings(config: Config, task_types: list[str]) -> dict[str, Any]:
         "task_queues": queues + [Queue(q) for q in plain_queues(config)],
         "task_queue_max_priority": None if is_redis else 10,
         "task_routes": (TaskRouter.from_config(config, broker_url, task_types, transport),),
+        # Checks every task message before Celery parses it: no message can stop or wedge a
+        # worker (celery_ext/guard.py).
+        "worker_consumer": "celery_ext.guard:GuardedConsumer",
         "worker_concurrency": config.worker.capacity,
         "worker_pool": config.worker.pool,
         "timezone": "UTC",

@@ -37,6 +37,18 @@ from celery_ext.model import (
     utcnow,
 )
 from celery_ext.routing.router import router_of
+from celery_ext.validation import (
+    MAX_DELAY,
+    MAX_KEY_LENGTH,
+    MAX_RETRIES,
+    MAX_TIMEOUT,
+    ValueProblem,
+    check_filter,
+    check_json,
+    check_key,
+    check_number,
+    storable_id,
+)
 
 _SUBMIT_KEYS = frozenset(
     {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
@@ -131,6 +143,7 @@ class TaskManager:
         self, task_type: str, payload: Any, priority: int, delay: float | None, run_at: datetime | None,
         max_retries: int | None, timeout: float | None, idempotency_key: str | None,
     ) -> tuple[Task, float | None]:
+        check_key(task_type, "task_type", 128)
         executor = self.executors.get(task_type)
         if executor is None:
             # Not run here, but maybe by a live worker: this process need not import the users'
@@ -143,17 +156,22 @@ class TaskManager:
             raise InvalidPayloadError(f"must be an integer 0..{MAX_PRIORITY} (got {priority!r})", field="priority")
         if delay is not None and run_at is not None:
             raise InvalidPayloadError("give delay or run_at, not both", field="delay")
-        if delay is not None and delay < 0:
-            raise InvalidPayloadError(f"must be >= 0 (got {delay!r})", field="delay")
-        if max_retries is not None and max_retries < 0:
-            raise InvalidPayloadError(f"must be >= 0 (got {max_retries!r})", field="max_retries")
-        if timeout is not None and timeout <= 0:
-            raise InvalidPayloadError(f"must be > 0 (got {timeout!r})", field="timeout")
+        # Finite and bounded (celery_ext/validation.py): refused here, before anything is written,
+        # rather than failing later in the worker or the store.
+        if delay is not None:
+            check_number(delay, "delay", low=0, high=MAX_DELAY, unit=" seconds")
+        if max_retries is not None:
+            check_number(max_retries, "max_retries", low=0, high=MAX_RETRIES, integer=True)
+        if timeout is not None:
+            check_number(timeout, "timeout", low=0, high=MAX_TIMEOUT, strict_low=True, unit=" seconds")
+        if idempotency_key is not None:
+            check_key(idempotency_key, "idempotency_key")
         now = utcnow()
         if run_at is not None:
-            if run_at.tzinfo is None:
-                raise InvalidPayloadError("must be timezone-aware", field="run_at")
+            if not isinstance(run_at, datetime) or run_at.tzinfo is None:
+                raise InvalidPayloadError("must be a timezone-aware datetime", field="run_at")
             delay = max(0.0, (run_at - now).total_seconds())
+            check_number(delay, "run_at", low=0, high=MAX_DELAY, unit=" seconds from now")
         elif delay:
             run_at = now + timedelta(seconds=delay)
         # A type this process has no executor for gets the defaults of the worker section.
@@ -184,14 +202,20 @@ class TaskManager:
 
     def _check_payload(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, Mapping):
-            raise InvalidPayloadError(f"must be a JSON object (got {type(payload).__name__})")
+            raise InvalidPayloadError(f"must be a JSON object (got {type(payload).__name__})", field="payload")
+        try:
+            # Depth first: it also stops a self-referencing object before json recurses into it.
+            check_json(payload, "payload", self.config.app.max_payload_depth)
+        except ValueProblem as exc:
+            limit = " (app.max_payload_depth)" if "nested deeper" in str(exc) else ""
+            raise InvalidPayloadError(exc.message + limit, field=exc.path) from None
         try:
             encoded = json.dumps(payload, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
-            raise InvalidPayloadError(f"not JSON-serializable: {exc}") from exc
+            raise InvalidPayloadError(f"not JSON-serializable: {exc}", field="payload") from exc
         size, cap = len(encoded.encode()), self.config.app.max_payload_bytes
         if size > cap:
-            raise InvalidPayloadError(f"{size} bytes exceeds app.max_payload_bytes ({cap})")
+            raise InvalidPayloadError(f"{size} bytes exceeds app.max_payload_bytes ({cap})", field="payload")
         result: dict[str, Any] = json.loads(encoded)
         return result
 
@@ -222,6 +246,8 @@ class TaskManager:
     # --- reading --------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task:
+        if not storable_id(task_id, MAX_KEY_LENGTH):  # NUL, a lone surrogate: no record has such an id
+            raise TaskNotFoundError(task_id)
         task = self.storage.tasks.get(task_id)
         if task is None:
             raise TaskNotFoundError(task_id)
@@ -236,6 +262,7 @@ class TaskManager:
             if "status" in filters:
                 filters["status"] = tuple(TaskStatus(s) for s in filters["status"])
             flt = TaskFilter(**filters)
+        check_filter(flt)
         return self.storage.tasks.list(flt)
 
     def logs(self, task_id: str, *, attempt: int | None = None, run: int | None = None,

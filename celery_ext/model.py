@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,14 +144,20 @@ class Task:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: statuses lowercase, times ISO 8601 UTC."""
-        out = asdict(self)
+        """JSON-ready form: statuses lowercase, times ISO 8601 UTC.  ``payload``, ``args`` and
+        ``result`` are shown whatever a record holds (``validation.renderable``: a NaN as "NaN",
+        nesting past 64 levels cut), so one bad record never breaks a listing."""
+        from celery_ext.validation import renderable
+
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dispatch_token"}
         out["status"] = self.status.value
         out["error"] = self.error.to_dict() if self.error else None
         for key, value in out.items():
             if isinstance(value, datetime):
                 out[key] = value.isoformat()
-        del out["dispatch_token"]
+        for key in ("payload", "args", "result"):
+            if out[key] is not None:
+                out[key] = renderable(out[key])
         return out
 
     @property

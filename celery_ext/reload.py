@@ -141,6 +141,14 @@ class ConfigWatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
         reloader = WorkerReloader(worker, rt.config, self.pinned)
 
         def on_change(new: Config) -> None:
+            # Runs on the worker's event loop: an exception here would stop the worker.
+            try:
+                apply(new)
+            except Exception:  # noqa: BLE001 - keep the running config and the worker
+                logger.exception("config %s: could not apply the new config; keeping the running one",
+                                 rt.config.source)
+
+        def apply(new: Config) -> None:
             applied, restart = reloader.apply(new)
             if restart:
                 logger.warning("config %s changed %s: needs a worker restart to take effect",

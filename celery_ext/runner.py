@@ -163,7 +163,7 @@ class TaskRunner:
             return TaskResult.fail("invalid_result", f"executor returned {type(result).__name__}, not TaskResult")
         try:
             json.dumps(result.data, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested ~1,000 deep
             return TaskResult.fail("invalid_result", f"result is not JSON-serializable: {exc}")
         return result
 

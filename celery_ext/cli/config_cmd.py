@@ -18,38 +18,15 @@ def register(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from celery_ext.config import find_config_file, load_config
-    from celery_ext.errors import ConfigError
-    from celery_ext.executors.pool import ExecutorSet
-    from celery_ext.registry import STORAGE
+    """Every error and warning of the file in one run (``celery_ext.config_check``)."""
+    from celery_ext.config_check import check_file
 
-    path = args.path or args.config
-    try:
-        config = load_config(path)
-        errors: list[str] = []
-        try:
-            # What only a worker needs (the python executor's modules) is a warning here: this
-            # host may be a client that cannot import the users' code.
-            for problem in ExecutorSet.from_config(config).worker_problems():
-                print(f"warning: {problem} (a worker with this config would refuse to start)", file=sys.stderr)
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-        try:
-            STORAGE.resolve(config.storage.type, "storage.type").from_config(
-                config.storage.type, config.storage.config, config.data_dir)
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-        try:
-            from celery_ext.routing.router import build_balancer
-
-            build_balancer(config)
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-        if errors:
-            raise ConfigError(errors)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    report = check_file(args.path or args.config)
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if report.errors:
         return EXIT_USAGE
-    print(f"{find_config_file(path) or '(built-in defaults)'}: valid")
+    print(f"{report.source or '(built-in defaults)'}: valid")
     return EXIT_OK

@@ -34,6 +34,11 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                         format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     rt = runtime_of(ctx.obj.app)
+    if not rt.config.scheduler.enabled:
+        # The design's one config for every role: this one runs no scheduler.
+        logging.getLogger("celery_ext.scheduler").warning(
+            "scheduler.enabled is false in %s: not starting a scheduler", rt.config.source or "the config")
+        ctx.exit(0)
     rt.storage.migrate()
     sched = Scheduler(rt)
     if once:

@@ -4,7 +4,7 @@ One idempotent confluent-kafka ``Producer`` per worker process (``acks=all``,
 ``enable.idempotence``); a task succeeds only once its delivery report arrives.
 
 Config keys (besides ``timeout`` and ``max_retries``):
-  brokers           list of ``host:port`` (required)
+  brokers           ``host:port`` list, or one comma-separated string (required)
   allow_topics      topics this executor may write; shell wildcards (``orders.*``) allowed.
                     Empty (the default) allows none.
   delivery_timeout  duration: how long to wait for the delivery report (librdkafka
@@ -48,6 +48,12 @@ class KafkaSettings(ExecutorSettings):
     delivery_timeout: PositiveDuration = 30.0
     max_message_bytes: int = Field(1024 * 1024, ge=1)
     producer: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("brokers", mode="before")
+    @classmethod
+    def _split(cls, brokers: Any) -> Any:
+        # "kafka-1:9092,kafka-2:9092", as librdkafka's bootstrap.servers is written
+        return [b.strip() for b in brokers.split(",") if b.strip()] if isinstance(brokers, str) else brokers
 
     @field_validator("brokers")
     @classmethod

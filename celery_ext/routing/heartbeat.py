@@ -7,9 +7,14 @@ heartbeat_at}`` and refreshes it every ``worker.heartbeat_interval``; an entry n
 ``worker.offline_after`` (3 intervals) is offline.  A warm shutdown marks the worker offline at
 once and hands its direct queue back to the shared queues.
 
+At start the worker also publishes its load-balancing strategy to the cluster (producers follow
+its changes, see ``TaskRouter.publish_strategy``).  ``worker.enabled: false`` (the design's one
+config for every role) makes ``celery -A celery_ext worker`` log that and exit 0.
+
 Worker options (override config): ``--capacity N`` (also the pool size), ``--weight N``,
-``--supported-types a,b``.  Config: ``worker.capacity``, ``worker.weight``,
-``worker.supported_types``, ``worker.heartbeat_interval``, ``worker.offline_after``.
+``--supported-types a,b``.  Config: ``worker.enabled``, ``worker.capacity``, ``worker.weight``,
+``worker.supported_types``, ``worker.heartbeat_interval``, ``worker.offline_after``; the entry
+carries ``app.version``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from celery.worker import state
 
 from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.executors.task import runtime_of
-from celery_ext.routing.router import registry_url_for
+from celery_ext.routing.router import registry_url_for, router_of
 from celery_ext.routing.stranded import move_stranded, queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
 
@@ -89,6 +94,11 @@ class CapacityStep(bootsteps.Step):  # type: ignore[misc]
 
     def __init__(self, w: Any, capacity: int | None = None, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
+        config = runtime_of(w.app).config
+        if not config.worker.enabled:
+            # The design's one config for every role: this one runs no worker.
+            logger.warning("worker.enabled is false in %s: not starting a worker", config.source or "the config")
+            raise SystemExit(0)
         if capacity:
             w.concurrency = capacity
             if getattr(w, "min_concurrency", None) is not None:
@@ -129,7 +139,7 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
             id=c.hostname, queue=direct, hostname=c.hostname, weight=weight or conf.weight,
             capacity=capacity or c.controller.concurrency or conf.capacity, supported_types=tuple(sorted(types)),
             config_version=hashlib.sha1(rt.config.model_dump_json().encode()).hexdigest()[:12],  # noqa: S324
-            pid=os.getpid(),
+            app_version=rt.config.app.version or "", pid=os.getpid(),
         )
         redis_broker = c.app.conf.broker_url.startswith(("redis", "rediss"))
         keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
@@ -145,6 +155,8 @@ class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # A fresh event per start: a consumer restart must not revive the previous thread.
         self.seat.stop = threading.Event()
         self.seat.beat()  # registered before the worker reports ready
+        # This worker's config.yaml is the cluster's: long-running producers follow its strategy.
+        router_of(c.app).publish_strategy()
         self.thread = threading.Thread(target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat",
                                        daemon=True)
         self.thread.start()

@@ -12,12 +12,20 @@ type: one this process has an executor for, or one a live worker advertises (a p
 cannot import the users' task modules still routes their types).  Any other name (Celery's own
 tasks, a type no worker runs) is left to Celery's default queue.
 
+A strategy with state (``round_robin``, ``weighted_round_robin``, ``affinity``) keeps it in the
+registry's Redis, shared by every producer, and the same single Lua call that reserves the slot
+reads and advances it (``routing/shared.py``); ``scheduler.load_balance_state: local`` keeps it
+in this process instead (``LoadBalancer.select``).
+
 Config: ``scheduler.load_balance_strategy`` (``least_task``), ``scheduler.load_balance_config``,
-``scheduler.routing_cache`` (200ms), ``scheduler.registry_url`` (default: a Redis broker).
+``scheduler.load_balance_state`` (``shared``), ``scheduler.routing_cache`` (200ms),
+``scheduler.registry_url`` (default: a Redis broker).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -25,8 +33,10 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
+from celery_ext.errors import ConfigError
 from celery_ext.message import HEADER
 from celery_ext.routing.base import LoadBalancer, RoutedTask
+from celery_ext.routing.shared import SharedPlan, SharedState
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
 from celery_ext.transport import is_redis_url, redis_py_url
@@ -48,26 +58,46 @@ def registry_url_for(config: Config, broker_url: str, transport_options: Mapping
 
 def build_balancer(config: Config) -> LoadBalancer:
     """The configured strategy; an unknown name is a ``ConfigError`` listing the known ones."""
+    return balancer_from(config.scheduler.load_balance_strategy, config.scheduler.load_balance_config)
+
+
+def balancer_from(strategy: str, settings: Mapping[str, Any]) -> LoadBalancer:
+    """``strategy`` with its ``load_balance_config``; remembers both (``LoadBalancer.spec``), so
+    that a worker can publish them to the cluster."""
     from celery_ext.registry import BALANCERS
 
-    cls = BALANCERS.resolve(config.scheduler.load_balance_strategy, "scheduler.load_balance_strategy")
-    balancer: LoadBalancer = cls.from_config(config.scheduler.load_balance_config)
+    cls = BALANCERS.resolve(strategy, "scheduler.load_balance_strategy")
+    balancer: LoadBalancer = cls.from_config(settings)
+    balancer.spec = {"strategy": strategy, "config": dict(settings)}
     return balancer
+
+
+def spec_version(spec: Mapping[str, Any]) -> str:
+    """Names a strategy with its settings: equal specs, equal versions, in every process."""
+    text = json.dumps({"strategy": spec.get("strategy"), "config": spec.get("config")}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]  # noqa: S324 - a name, not a secret
 
 
 class TaskRouter:
     """Routes each celery_ext task to the worker that should run it (see the module doc)."""
 
     def __init__(self, prefix: str, task_types: Iterable[str], registry: WorkerRegistry | None = None,
-                 balancer: LoadBalancer | None = None, cache_ttl: float = 0.2) -> None:
+                 balancer: LoadBalancer | None = None, cache_ttl: float = 0.2, shared_state: bool = True) -> None:
         from celery_ext.routing.least_task import LeastTaskBalancer
 
         self.prefix = prefix
         self.task_types = frozenset(task_types)
         self.shared = {t: queue_name(prefix, t) for t in self.task_types}
         self.registry = registry
+        # Balancer state shared by the cluster (None: each process keeps its own).
+        self.state = SharedState(registry.client, prefix) if registry is not None and shared_state else None
         self.backlog_keys: dict[str, list[str]] = {}
         self.balancer = balancer or LeastTaskBalancer()
+        self.balancer.startup()
+        # task type -> (the snapshot's pool, its key, the balancer's plan for it, the pool by id,
+        # the plan's state field)
+        self._plans: dict[str, tuple[list[WorkerInfo], tuple[str, frozenset[str]], SharedPlan | None,
+                                     dict[str, WorkerInfo], str]] = {}
         self.cache_ttl = cache_ttl
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -77,24 +107,76 @@ class TaskRouter:
         self._down_until = 0.0
         self._backlog_until: dict[str, float] = {}
         self.retry_after = 2.0
+        # The cluster's published strategy: None until the first registry read; then its version
+        # (or "" while nothing is published).  A change after that is followed.
+        self._published: str | None = None
 
     @classmethod
     def from_config(cls, config: Config, broker_url: str, task_types: Iterable[str],
                     transport_options: Mapping[str, Any] | None = None) -> TaskRouter:
         url = registry_url_for(config, broker_url, transport_options)
         registry = WorkerRegistry.from_url(url, config.app.name) if url else None
-        router = cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache)
+        router = cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache,
+                     shared_state=config.scheduler.load_balance_state == "shared")
         if url is not None and url == redis_py_url(broker_url):
             # The registry is the broker: the reservation can see each type's shared-queue backlog.
             router.backlog_keys = {t: queue_keys(q, transport_options) for t, q in router.shared.items()}
         return router
 
-    def set_balancer(self, balancer: LoadBalancer) -> None:
-        """Swap the strategy (config reload); the next decision uses the new one."""
+    def set_balancer(self, balancer: LoadBalancer, publish: bool = True) -> None:
+        """Swap the strategy (config reload); the next decision uses the new one.  With
+        ``publish``, a balancer built from config is also published to the cluster: every
+        producer follows it at its next registry read (``routing_cache``)."""
         balancer.startup()
         with self._lock:
             old, self.balancer = self.balancer, balancer
+            self._plans = {}
         old.shutdown()
+        if publish:
+            self.publish_strategy()
+
+    def publish_strategy(self) -> None:
+        """Publish this router's strategy and settings as the cluster's (a worker does, at start
+        and when its config.yaml changes them).  A failure is logged: routing goes on."""
+        spec = self.balancer.spec
+        if self.registry is None or spec is None:
+            return
+        version = spec_version(spec)
+        try:
+            self.registry.publish_strategy(json.dumps({**spec, "version": version}, default=str))
+        except Exception as exc:  # noqa: BLE001 - the producers keep their strategy meanwhile
+            logger.warning("could not publish the load-balancing strategy: %s", exc)
+            return
+        self._published = version  # ours: nothing to follow
+
+    def _follow(self, raw: bytes | None) -> None:
+        """Adopt the cluster's strategy when it changes (a worker's config.yaml changed it)."""
+        try:
+            data = json.loads(raw) if raw else {}
+            version = str(data.get("version") or "")
+        except (ValueError, AttributeError):
+            version, data = "", {}
+        if self._published is None or version in ("", self._published):
+            # The first read is the baseline: a producer configured apart from the workers
+            # keeps its own strategy until the cluster's changes.
+            self._published = version or self._published or ""
+            return
+        self._published = version
+        if self.balancer.spec is not None and spec_version(self.balancer.spec) == version:
+            return
+        try:
+            balancer = balancer_from(str(data["strategy"]), data.get("config") or {})
+        except (ConfigError, KeyError, TypeError) as exc:
+            logger.warning("the cluster's load-balancing strategy changed, but this process cannot use it "
+                           "(keeping %r): %s", self.balancer.state_name, exc)
+            return
+        self.set_balancer(balancer, publish=False)
+        logger.warning("load-balancing strategy is now %r (published by the cluster, version %s)",
+                       data["strategy"], version)
+
+    def close(self) -> None:
+        """The process stops: the balancer's ``shutdown`` hook."""
+        self.balancer.shutdown()
 
     # --- Celery's router protocol ---------------------------------------------------------
 
@@ -149,6 +231,13 @@ class TaskRouter:
         routed = routed or RoutedTask(task_type)
         if time.monotonic() < self._backlog_until.get(task_type, 0.0):
             return None  # a backlog was seen lately: join it without asking Redis again
+        if self.state is not None:
+            pool = self.snapshot().get(task_type)
+            if not pool or not any(w.in_flight < w.capacity for w in pool):
+                return None
+            planned = self._plan(task_type, pool)
+            if planned is not None:
+                return self._route_shared(task_type, *planned)
         rejected: set[str] = set()
         for _ in range(3):
             worker = self.choose(routed, rejected)
@@ -166,6 +255,40 @@ class TaskRouter:
             # Full by the server's count (another producer took the slot): try another.
             worker.in_flight = worker.capacity
             rejected.add(worker.id)
+        return None
+
+    def _plan(self, task_type: str, pool: list[WorkerInfo]) -> tuple[SharedPlan, dict[str, WorkerInfo], str] | None:
+        """The balancer's shared plan for this pool, rebuilt only when the pool changes (a worker
+        joins, leaves, or changes its capacity or weight), not per snapshot."""
+        cached = self._plans.get(task_type)
+        if cached is None or cached[0] is not pool:
+            assert self.registry is not None
+            key = (self.registry.generation, frozenset(w.id for w in pool))
+            with self._lock:  # read again: set_balancer may have emptied the cache meanwhile
+                cached = self._plans.get(task_type)
+                if cached is None or cached[0] is not pool:
+                    balancer = self.balancer
+                    plan = cached[2] if cached is not None and cached[1] == key else balancer.shared_plan(
+                        pool, task_type)
+                    cached = (pool, key, plan, {w.id: w for w in pool}, f"{balancer.state_name}|{task_type}")
+                    self._plans[task_type] = cached
+        plan = cached[2]
+        return None if plan is None else (plan, cached[3], cached[4])
+
+    def _route_shared(self, task_type: str, plan: SharedPlan, by_id: dict[str, WorkerInfo],
+                      state_field: str) -> WorkerInfo | None:
+        assert self.state is not None and self.registry is not None
+        reply = self.state.decide(plan, state_field, self.registry.keys[2], self.backlog_keys.get(task_type, ()))
+        if isinstance(reply, tuple):
+            worker = by_id.get(reply[0])
+            if worker is not None:
+                worker.in_flight = reply[1]
+            return worker
+        if reply == -2:
+            self._backlog_until[task_type] = time.monotonic() + self.cache_ttl
+        else:  # every worker is full by the server's count: so until the next snapshot
+            for w in by_id.values():
+                w.in_flight = max(w.in_flight, w.capacity)
         return None
 
     def choose(self, routed: RoutedTask, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerInfo | None:
@@ -187,12 +310,14 @@ class TaskRouter:
             if time.monotonic() >= self._fresh_until:
                 assert self.registry is not None
                 self._by_type = self._index(self.registry.online())
+                self._follow(self.registry.published)
                 self._fresh_until = time.monotonic() + self.cache_ttl
         return self._by_type
 
     def invalidate(self) -> None:
         self._fresh_until = 0.0
         self._backlog_until.clear()
+        self._plans = {}
 
     def _index(self, workers: list[WorkerInfo]) -> dict[str, list[WorkerInfo]]:
         by_type: dict[str, list[WorkerInfo]] = {t: [] for t in self.task_types}

@@ -2,6 +2,10 @@
 
 Weights 5, 1, 1 give ``a a b a c a a``, not ``a a a a a b c``: each pick adds every candidate's
 weight to its running score, takes the highest, and subtracts the total from the winner.
+
+With a registry, the cluster shares one cycle per task type instead (``routing/shared.py``): each
+worker ``weight`` times, its turns evenly spread (``a a a b c a a``), one turn per decision of any
+producer, so short-lived producers together still give the weights.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from celery_ext.routing.base import BalancerSettings, LoadBalancer, RoutedTask
+from celery_ext.routing.shared import SharedPlan, weighted_turns
 from celery_ext.routing.workers import WorkerInfo
 
 
@@ -37,3 +42,6 @@ class WeightedRoundRobinBalancer(LoadBalancer):
             live = {w.id for w in workers}
             self._current = {k: v for k, v in current.items() if k in live}
         return best
+
+    def shared_plan(self, pool: Sequence[WorkerInfo], task_type: str) -> SharedPlan | None:
+        return SharedPlan.cycle(weighted_turns(pool), pool)

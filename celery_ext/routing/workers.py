@@ -7,6 +7,8 @@ Keys (``<app.name>`` prefix, so two apps on one Redis never mix):
   ms).  Each heartbeat pushes it ``worker.offline_after`` ahead: that is the entry's TTL.  An id
   whose score is in the past is offline; ``sweep_offline`` removes it exactly once and calls the
   ``OFFLINE_HANDLERS`` (the events issue publishes ``worker_offline`` there).
+* ``<p>.balance.strategy``: the routing strategy last published to the cluster (JSON: strategy,
+  config, version); every registry read returns it, so producers follow its changes.
 * ``<p>.workers.inflight`` hash: worker id -> tasks routed to it or held by it and not finished.
   The router reserves a slot (``reserve``), the worker releases it when a task ends, and the
   heartbeat checks it against the truth (held by the worker + waiting in its direct queue) and
@@ -35,21 +37,21 @@ KEEP_KEYS_MS = 24 * 3600 * 1000  # an app that stops entirely leaves no keys beh
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
-# KEYS: workers, expiry, inflight, generation, direct sub-queues...
+# KEYS: workers, expiry, inflight, generation, published strategy, direct sub-queues...
 # ARGV: id, info, ttl_ms, held, keep_ms, previous delta -> {in-flight, delta}
 # The truth is held + queued.  The count is reset to it only when it differs by the same amount
 # at two beats in a row: a one-off difference is a task between two steps (popped but not yet
 # held, finished but not yet released), while a leak (a crashed child) persists.
 _HEARTBEAT = _NOW + """
 local queued = 0
-for i = 5, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+for i = 6, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   -- The static part changed (or is new): readers holding a cached copy must reload it.
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('INCR', KEYS[4])
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
 local truth = tonumber(ARGV[4]) + queued
 local current = redis.call('HGET', KEYS[3], ARGV[1])
 local delta = truth - tonumber(current or truth)
@@ -60,8 +62,9 @@ end
 return {truth - delta, delta}
 """
 
-# KEYS: workers, expiry, inflight, generation  ARGV: the caller's generation
-# -> {generation, ids, loads, infos} of the online workers; infos only when the generation moved
+# KEYS: workers, expiry, inflight, generation, published strategy  ARGV: the caller's generation
+# -> {generation, ids, loads, infos, strategy} of the online workers; infos only when the
+# generation moved; the strategy last published to the cluster (or false)
 _ONLINE = _NOW + """
 local gen = redis.call('GET', KEYS[4]) or '0'
 local fetch = gen ~= ARGV[1]
@@ -76,7 +79,7 @@ for i = 1, #ids, 500 do
     for j = 1, #chunk do infos[#infos + 1] = a[j] end
   end
 end
-return {gen, ids, loads, infos}
+return {gen, ids, loads, infos, redis.call('GET', KEYS[5])}
 """
 
 # KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity
@@ -130,6 +133,7 @@ class WorkerInfo:
     supported_types: tuple[str, ...] = ()
     in_flight: int = 0
     config_version: str = ""
+    app_version: str = ""  # app.version of the worker's config
     heartbeat_at: float = 0.0  # from the expiry score: Redis time of the last heartbeat
     ttl: float = 0.0
     pid: int = 0
@@ -180,6 +184,10 @@ class WorkerRegistry:
         self.prefix = prefix
         self.keys = (f"{prefix}.workers", f"{prefix}.workers.expiry", f"{prefix}.workers.inflight",
                      f"{prefix}.workers.generation")
+        # The routing strategy last published to the cluster (see TaskRouter.publish_strategy), as
+        # of the last ``online``: producers follow its changes.
+        self.strategy_key = f"{prefix}.balance.strategy"
+        self.published: bytes | None = None
         # The static entries as of ``_generation``: a refresh re-reads only ids and loads.
         self._static: dict[str, WorkerInfo] = {}
         self._generation = ""
@@ -189,6 +197,11 @@ class WorkerRegistry:
         self._adjust = client.register_script(_ADJUST)
         self._sweep = client.register_script(_SWEEP)
         self._nowait: Any = None
+
+    @property
+    def generation(self) -> str:
+        """Moves whenever some worker's static entry changes (as of the last ``online``)."""
+        return self._generation
 
     @classmethod
     def from_url(cls, url: str, prefix: str) -> WorkerRegistry:
@@ -208,7 +221,7 @@ class WorkerRegistry:
         the truth (``held`` + queued in ``queue_keys``).  Returns ``(in_flight, delta)``: pass
         ``delta`` back as ``last_delta`` next time; a delta seen twice in a row is corrected."""
         info.ttl = ttl
-        count, delta = self._heartbeat(keys=[*self.keys, *queue_keys], args=[
+        count, delta = self._heartbeat(keys=[*self.keys, self.strategy_key, *queue_keys], args=[
             info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS, last_delta])
         return int(count), int(delta)
 
@@ -235,7 +248,9 @@ class WorkerRegistry:
     def online(self) -> list[WorkerInfo]:
         """The online workers with their current loads.  The objects are reused from call to
         call (only ``in_flight`` changes) while no worker's static entry changed."""
-        gen, ids, loads, infos = self._online(keys=list(self.keys), args=[self._generation])
+        gen, ids, loads, infos, published = self._online(keys=[*self.keys, self.strategy_key],
+                                                         args=[self._generation])
+        self.published = published or None
         if infos:
             static = {}
             for wid, raw in zip(ids, infos, strict=True):
@@ -251,6 +266,10 @@ class WorkerRegistry:
                 base.in_flight = int(load or 0)
                 out.append(base)
         return out
+
+    def publish_strategy(self, spec: str) -> None:
+        """Make ``spec`` the cluster's routing strategy (producers follow it at their next read)."""
+        self.client.set(self.strategy_key, spec, px=KEEP_KEYS_MS)
 
     def reserve(self, worker_id: str, capacity: int, backlog_keys: Sequence[str] = ()) -> int:
         """Take one slot on a worker; returns its new in-flight count, -1 if it is full, or -2

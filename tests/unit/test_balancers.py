@@ -146,3 +146,41 @@ def test_config_validate_reports_an_unknown_strategy(tmp_path, capsys) -> None:
     assert main(["config", "validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "scheduler.load_balance_strategy: no load balancer 'weighted'" in err and "least_task" in err
+
+
+def test_the_router_starts_its_initial_balancer_and_stops_the_replaced_one() -> None:
+    # Review bug (issue 11): only a balancer installed by set_balancer got startup().
+    from celery_ext.routing.router import TaskRouter
+    from tests.support.balancers import CountingBalancer
+
+    first, second = CountingBalancer(), CountingBalancer()
+    router = TaskRouter("p", ["t"], None, first)
+    assert (first.started, first.stopped) == (1, 0)
+    router.set_balancer(second)
+    assert (first.stopped, second.started, second.stopped) == (1, 1, 0)
+    router.close()
+    assert second.stopped == 1
+
+
+def test_shared_plans_of_the_stateful_balancers() -> None:
+    from celery_ext.routing.shared import weighted_turns
+
+    pool = [w("c", weight=1), w("a", weight=5), w("b", weight=1)]
+    assert "".join(weighted_turns(pool)) == "aaabcaa"  # each worker's turns evenly spread
+    assert weighted_turns([w("a", weight=4), w("b", weight=2)]) == ["a", "b", "a"]  # over the gcd
+    big = weighted_turns([w(f"w{i}", weight=1000 + i) for i in range(50)])
+    assert len(big) <= 10_000 + 50 and Counter(big)["w49"] >= Counter(big)["w0"]
+    rr = RoundRobinBalancer().shared_plan(pool, "t")
+    assert rr is not None and rr.mode == "cycle" and rr.turns == ("a", "b", "c")
+    aff = AffinityBalancer().shared_plan(pool, "t")
+    assert aff is not None and aff.mode == "sticky" and aff.first == AffinityBalancer().select(pool, T).id
+    assert LeastTaskBalancer().shared_plan(pool, "t") is None  # no state beyond the registry's loads
+    assert ConsistentHashBalancer().shared_plan(pool, "t") is None
+
+
+def test_round_robin_keeps_one_cycle_per_task_type() -> None:
+    b = RoundRobinBalancer()
+    workers = [w("a"), w("b")]
+    other = RoutedTask("u", "id2", {})
+    picks = [(b.select(workers, T).id, b.select(workers, other).id) for _ in range(2)]
+    assert picks == [("a", "a"), ("b", "b")]

@@ -29,14 +29,14 @@ def test_error_names_yaml_path_and_value() -> None:
 
 def test_unknown_keys_are_errors_not_ignored() -> None:
     errs = errors_of({"worker": {"capacity": 2, "capasity": 3}, "bogus": {}})
-    assert "worker.capasity: unknown key" in errs
-    assert "bogus: unknown key" in errs
+    assert "worker.capasity: unknown key; did you mean 'capacity'?" in errs
+    assert "bogus: unknown key" in errs  # nothing close: no suggestion
 
 
 def test_list_entries_are_indexed() -> None:
     errs = errors_of({"executors": [{"type": "python"}, {"enabled": True}], "plugins": [{"name": "x", "enabeld": 1}]})
     assert "executors[1].type: required" in errs
-    assert "plugins[0].enabeld: unknown key" in errs
+    assert "plugins[0].enabeld: unknown key; did you mean 'enabled'?" in errs
 
 
 @pytest.mark.parametrize("text,seconds", [("100ms", 0.1), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),

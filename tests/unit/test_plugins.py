@@ -66,6 +66,37 @@ def test_load_reports_unknown_and_invalid_plugins_without_raising() -> None:
     assert pm.names == ["metrics"] and pm.get("metrics").settings.bind == "0.0.0.0"
 
 
+def test_an_invalid_entry_never_disables_a_valid_one_of_the_same_name() -> None:
+    # Review bug (issue 11): two entries named "alert", one valid, disabled both.
+    pm = PluginManager()
+    pm.load([PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
+             PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/hook"})])
+    assert pm.names == ["alert"] and pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/hook"
+    # The failure stays reported, under its entry, since a plugin of that name runs.
+    assert list(pm.failures) == ["alert (plugins[0])"]
+    assert "plugins[0].config.webhook_url" in pm.failures["alert (plugins[0])"]
+    c = ctx()
+    pm.start_all(c)
+    try:
+        assert pm.running == ["alert"]
+    finally:
+        pm.stop_all(c)
+
+
+def test_a_second_entry_of_a_loaded_name_is_refused_and_the_first_runs() -> None:
+    pm = PluginManager()
+    pm.load([PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/first"}),
+             PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/second"})])
+    assert pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/first"
+    assert "already loaded from plugins[0]" in pm.failures["alert (plugins[1])"]
+    c = ctx()
+    pm.start_all(c)
+    try:
+        assert pm.running == ["alert"]
+    finally:
+        pm.stop_all(c)
+
+
 def make_alert(url: str, **config: Any) -> tuple[AlertPlugin, PluginContext]:
     plugin = AlertPlugin()
     plugin.initialize({"webhook_url": url, "backoff": 0.01, **config})
