@@ -21,6 +21,7 @@ document needs ``Authorization: Bearer <token>`` (the scheme in any case).
   GET  /readyz                     storage and broker reachable, or 503 naming what is down
   GET  /health                     storage reachable (kept for existing monitors)
   GET  /openapi.json               the OpenAPI 3.1 document
+  GET  /ui                         the dashboard (celery_ext/ui; login with the token, session cookie)
 
 Records are the same JSON as ``celery-ext ... --json`` (statuses lowercase, ISO 8601 UTC times).
 Every error, an unknown route and a wrong method included, is ``{"error": {"code", "message"}}``.
@@ -56,6 +57,7 @@ from celery_ext.errors import (
 )
 from celery_ext.model import TaskStatus
 from celery_ext.storage.base import decode_cursor
+from celery_ext.ui import auth as ui_auth
 
 if TYPE_CHECKING:
     from celery_ext.factory import Runtime
@@ -345,10 +347,13 @@ class Gate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.token is not None and scope["path"] not in PUBLIC_PATHS and not self.authorized(headers):
-            response: Response = _error(401, "unauthorized", "missing or wrong bearer token",
-                                        headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
+            # The dashboard (celery_ext/ui) also accepts its session cookie, on /ui paths only.
+            refused = (ui_auth.refusal(scope, headers, self.token) if ui_auth.is_ui(scope["path"])
+                       else _error(401, "unauthorized", "missing or wrong bearer token",
+                                   headers={"WWW-Authenticate": "Bearer"}))
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
@@ -436,6 +441,9 @@ def create_api(rt: Runtime) -> FastAPI:
     app.state.methods = [(r.path_regex, r.methods or set()) for router in (tasks, probes) for r in router.routes
                          if isinstance(r, APIRoute)]
     _document(app, rt.manager.executors.task_types)
+    from celery_ext.ui import mount_ui  # the dashboard under /ui (jinja2, in the api extra)
+
+    mount_ui(app, rt)
     return app
 
 

@@ -1,0 +1,145 @@
+"""Counts of tasks per status and per type over time, and the inline SVG chart drawn from them.
+
+With SQL storage the counts are one ``GROUP BY`` over a ``CASE`` that numbers the time buckets
+(portable to SQLite, PostgreSQL and MySQL; it reads the ``created_at`` index range).  Other stores
+are counted from ``TaskRepository.list`` pages, up to ``SCAN_CAP`` records (the chart says when it
+stopped there).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery_ext.model import TaskFilter, TaskStatus, utcnow
+from celery_ext.storage.base import Storage
+
+WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+BUCKETS = 24
+SCAN_CAP = 20_000
+
+# One colour per status (the same in the list's badges, ui.css).
+STATUS_COLOURS = {
+    "pending": "#9e9e9e", "scheduled": "#8d6e63", "queued": "#42a5f5", "running": "#ffa726",
+    "retrying": "#ab47bc", "succeeded": "#66bb6a", "failed": "#ef5350", "cancelled": "#78909c",
+    "dead": "#5d4037",
+}
+TYPE_COLOURS = ["#1e88e5", "#43a047", "#fb8c00", "#8e24aa", "#00acc1", "#e53935", "#6d4c41", "#3949ab"]
+OTHER = "(other)"
+
+
+@dataclass
+class Counts:
+    start: datetime
+    step: timedelta
+    # (bucket index, status, task type) -> records created in that bucket
+    cells: Counter[tuple[int, str, str]] = field(default_factory=Counter)
+    truncated: bool = False
+
+    def edges(self) -> list[datetime]:
+        return [self.start + self.step * i for i in range(BUCKETS + 1)]
+
+
+def count(storage: Storage, window: timedelta, now: datetime | None = None) -> Counts:
+    now = now or utcnow()
+    step = window / BUCKETS
+    counts = Counts(now - window, step)
+    from celery_ext.storage.sql import SqlStorage
+
+    if isinstance(storage, SqlStorage):
+        _count_sql(storage, counts)
+    else:
+        _count_scan(storage, counts, now)
+    return counts
+
+
+def _count_sql(storage: Any, counts: Counts) -> None:
+    from sqlalchemy import case, func, select
+
+    from celery_ext.storage.sql_schema import tasks
+
+    edges = counts.edges()
+    bucket = case(*[(tasks.c.created_at < edge, i) for i, edge in enumerate(edges[1:])], else_=BUCKETS - 1)
+    stmt = (select(bucket.label("b"), tasks.c.status, tasks.c.task_type, func.count())
+            .where(tasks.c.created_at >= edges[0])
+            .group_by("b", tasks.c.status, tasks.c.task_type))
+    with storage.begin() as conn:
+        for b, status, task_type, n in conn.execute(stmt):
+            counts.cells[(min(int(b), BUCKETS - 1), str(status), str(task_type))] += int(n)
+
+
+def _count_scan(storage: Storage, counts: Counts, now: datetime) -> None:
+    cursor: str | None = None
+    seen = 0
+    while True:
+        page = storage.tasks.list(TaskFilter(created_after=counts.start, limit=1000, cursor=cursor))
+        for task in page.items:
+            b = min(int((task.created_at - counts.start) / counts.step), BUCKETS - 1)
+            counts.cells[(max(b, 0), task.status.value, task.task_type)] += 1
+        seen += len(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            return
+        if seen >= SCAN_CAP:
+            counts.truncated = True
+            return
+
+
+@dataclass
+class Chart:
+    """What the template draws: stacked bars, one series per status or type."""
+
+    width: int
+    height: int
+    bars: list[dict[str, Any]]  # {"x", "y", "w", "h", "colour", "title"}
+    legend: list[tuple[str, str, int]]  # (name, colour, total)
+    ticks: list[tuple[float, str]]  # (x, label)
+    peak: int
+    total: int
+
+
+def chart(counts: Counts, by: str, width: int = 720, height: int = 160) -> Chart:
+    """Stacked bars per bucket, ``by`` "status" or "type" (the 7 busiest types, then "(other)")."""
+    totals: Counter[str] = Counter()
+    for (_, status, task_type), n in counts.cells.items():
+        totals[status if by == "status" else task_type] += n
+    if by == "status":
+        order = [s.value for s in TaskStatus if totals[s.value]]
+        colour = {name: STATUS_COLOURS.get(name, "#999") for name in order}
+    else:
+        busiest = [name for name, _ in totals.most_common(len(TYPE_COLOURS) - 1)]
+        order = busiest + ([OTHER] if len(totals) > len(busiest) else [])
+        colour = {name: TYPE_COLOURS[i % len(TYPE_COLOURS)] for i, name in enumerate(order)}
+        if OTHER in colour:
+            colour[OTHER] = "#bdbdbd"
+            totals[OTHER] = sum(n for name, n in totals.items() if name not in busiest and name != OTHER)
+    per: dict[int, Counter[str]] = {i: Counter() for i in range(BUCKETS)}
+    for (b, status, task_type), n in counts.cells.items():
+        key = status if by == "status" else task_type
+        per[b][key if key in colour else OTHER] += n
+    peak = max((sum(c.values()) for c in per.values()), default=0)
+    left, bottom = 36, 18
+    plot_w, plot_h = width - left - 4, height - bottom - 4
+    slot = plot_w / BUCKETS
+    bars: list[dict[str, Any]] = []
+    edges = counts.edges()
+    for b in range(BUCKETS):
+        y = float(plot_h + 4)
+        for name in order:
+            n = per[b][name]
+            if not n:
+                continue
+            h = plot_h * n / peak
+            y -= h
+            bars.append({"x": round(left + b * slot + 1, 1), "y": round(y, 1), "w": round(max(slot - 2, 1), 1),
+                         "h": round(h, 1), "colour": colour[name],
+                         "title": f"{name}: {n} ({_label(edges[b], counts.step)}–{_label(edges[b + 1], counts.step)})"})
+    ticks = [(round(left + b * slot, 1), _label(edges[b], counts.step)) for b in range(0, BUCKETS, 6)]
+    return Chart(width, height, bars, [(name, colour[name], totals[name]) for name in order], ticks, peak,
+                 sum(totals[name] for name in order if name != OTHER) + (totals[OTHER] if OTHER in order else 0))
+
+
+def _label(moment: datetime, step: timedelta) -> str:
+    return moment.strftime("%H:%M" if step < timedelta(hours=1) else "%m-%d %H:%M")
