@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
 from typing import Any
@@ -58,13 +59,18 @@ STATUS_OF = {states.STARTED: TaskStatus.RUNNING, states.RETRY: TaskStatus.RETRYI
              states.REVOKED: TaskStatus.CANCELLED}
 
 
-def celery_meta(task: Task | None, task_id: str) -> dict[str, Any]:
-    """A record as Celery's task meta (what ``AsyncResult`` reads)."""
+def celery_meta(task: Task | None, task_id: str,
+                exception: Callable[[dict[str, Any]], BaseException] | None = None) -> dict[str, Any]:
+    """A record as Celery's task meta (what ``AsyncResult`` reads).  A plain Celery task's failure
+    keeps Celery's encoding of its exception in ``result``; ``exception`` rebuilds it (so
+    ``get()`` raises the task's own exception type, as with any Celery backend)."""
     if task is None:
         return {"task_id": task_id, "status": states.PENDING, "result": None, "traceback": None, "children": []}
     state = STATE_OF[task.status]
     result: Any = task.result
-    if state in (states.FAILURE, states.RETRY) and task.error is not None:
+    if state in (states.FAILURE, states.RETRY) and exception is not None and _is_encoded_exception(result):
+        result = exception(result)
+    elif state in (states.FAILURE, states.RETRY) and task.error is not None:
         result = TaskFailed.of(task.error.reason, task.error.message)
     elif state == states.REVOKED:
         result = TaskFailed.of("cancelled", "the task was cancelled")
@@ -117,7 +123,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
     # --- reading --------------------------------------------------------------------------
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        return celery_meta(self.storage.tasks.get(task_id), task_id)
+        return celery_meta(self.storage.tasks.get(task_id), task_id, self.exception_to_python)
 
     def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5, no_ack: bool = True,
                  on_interval: Any = None) -> dict[str, Any]:
@@ -148,7 +154,7 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         if state == states.FAILURE and name and self._is_celery_ext_task(name):
             # A step that never ran fails because one before it did (chain, chord).
             self._fail_waiting(task_id, result, name, request)
-        if not name or self._is_celery_ext_task(name) or str(name).startswith("celery."):
+        if not name or self._is_celery_ext_task(name):
             return result  # celery_ext's own types are recorded by the worker's state machine
         status = STATUS_OF.get(state)
         if status is None:
@@ -188,10 +194,11 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
     def _record_plain(self, task_id: str, name: str, status: TaskStatus, result: Any, request: Any) -> None:
         now = utcnow()
         error = None
-        if status is TaskStatus.FAILED:
+        if status in (TaskStatus.FAILED, TaskStatus.RETRYING):
+            # Celery's own encoding of the exception stays in ``result``, so AsyncResult rebuilds it.
             error = TaskErrorInfo("exception", _exception_text(result))
-            result = None
-        fields: dict[str, Any] = {"status": status, "result": result if status is TaskStatus.SUCCEEDED else None,
+        keep = status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.RETRYING)
+        fields: dict[str, Any] = {"status": status, "result": result if keep else None,
                                   "error": error, "worker_id": getattr(request, "hostname", None),
                                   "attempt": int(getattr(request, "retries", 0) or 0) + 1}
         if status is TaskStatus.RUNNING:
@@ -233,6 +240,10 @@ def _plain_task(task_id: str, name: str, status: TaskStatus, request: Any, now: 
                 finished_at=now if status.terminal else None, dispatch_token=new_id(),
                 parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
                 group_id=getattr(request, "group", None) or getattr(request, "group_id", None))
+
+
+def _is_encoded_exception(value: Any) -> bool:
+    return isinstance(value, dict) and {"exc_type", "exc_message"} <= value.keys()
 
 
 def _exception_text(result: Any) -> str:
