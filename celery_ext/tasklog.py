@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
@@ -19,8 +22,12 @@ Writer = Callable[[Sequence[TaskLog]], None]
 
 
 class TaskLogBuffer:
+    """The log lines of one running attempt, written in batches: every ``flush_every`` lines, at
+    the end of the attempt, and, while the task runs, within ``linger`` seconds of a line being
+    logged (by a per-process flusher thread), so a running task's logs can be read as it runs."""
+
     def __init__(self, task_id: str, attempt: int, writer: Writer, *, max_lines: int, max_bytes: int,
-                 flush_every: int = 200, run: int = 1) -> None:
+                 flush_every: int = 200, run: int = 1, linger: float = 1.0) -> None:
         self.task_id = task_id
         self.attempt = attempt
         self.run = run
@@ -28,9 +35,12 @@ class TaskLogBuffer:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.flush_every = flush_every
+        self.linger = linger
         self.lines: list[TaskLog] = []
         self.kept = 0
         self.dropped = 0
+        self.oldest = 0.0  # monotonic time of the oldest unwritten line
+        self._lock = threading.Lock()
 
     def add(self, level: str, message: str, created: float) -> None:
         if self.kept >= self.max_lines:
@@ -38,22 +48,66 @@ class TaskLogBuffer:
             return
         if len(message) > self.max_bytes:
             message = message[: self.max_bytes] + f"... [truncated, {len(message)} chars]"
-        self.kept += 1
-        self.lines.append(TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level, message,
-                                  run=self.run))
-        if len(self.lines) >= self.flush_every:
+        with self._lock:
+            self.kept += 1
+            if not self.lines:
+                self.oldest = time.monotonic()
+                _FLUSHER.watch(self)
+            self.lines.append(TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level,
+                                      message, run=self.run))
+            full = len(self.lines) >= self.flush_every
+        if full:
             self.flush()
 
+    def due(self, now: float) -> bool:
+        return bool(self.lines) and now - self.oldest >= self.linger
+
     def flush(self) -> None:
-        if self.dropped and self.kept >= self.max_lines:
-            now = datetime.now(UTC)
-            self.lines.append(TaskLog(self.task_id, self.attempt, now, "WARNING",
-                                      f"{self.dropped} more log lines dropped (cap {self.max_lines})",
-                                      run=self.run))
-            self.dropped = 0
-        if self.lines:
+        with self._lock:
+            if self.dropped and self.kept >= self.max_lines:
+                now = datetime.now(UTC)
+                self.lines.append(TaskLog(self.task_id, self.attempt, now, "WARNING",
+                                          f"{self.dropped} more log lines dropped (cap {self.max_lines})",
+                                          run=self.run))
+                self.dropped = 0
             lines, self.lines = self.lines, []
-            self.writer(lines)
+            # Under the lock: the flusher thread and the task never write a batch out of order.
+            if lines:
+                self.writer(lines)
+
+
+class _Flusher:
+    """One daemon thread per process that writes out lines that have lingered (started on the
+    first line logged in a process, so a forked pool process starts its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: set[TaskLogBuffer] = set()
+        self._pid = 0
+
+    def watch(self, buffer: TaskLogBuffer) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._buffers, self._pid = set(), os.getpid()
+                threading.Thread(target=self._loop, name="celery_ext-tasklog", daemon=True).start()
+            self._buffers.add(buffer)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                buffers = [b for b in self._buffers if not b.lines or b.due(now)]
+                self._buffers.difference_update(b for b in buffers if not b.lines)
+            for b in buffers:
+                if b.lines:
+                    try:
+                        b.flush()
+                    except Exception:  # noqa: BLE001 - the spool already keeps what cannot be written
+                        logging.getLogger("celery_ext.storage.tasklog").exception("could not write task log lines")
+
+
+_FLUSHER = _Flusher()
 
 
 _current: contextvars.ContextVar[TaskLogBuffer | None] = contextvars.ContextVar("celery_ext_task_log", default=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from celery_ext.model import TaskStatus
@@ -159,3 +161,15 @@ def test_priority_orders_waiting_tasks(make_cluster) -> None:
         m.wait(t.task_id, 30)
     order = r().lrange(key, 0, -1)
     assert sorted(order[:4]) == [f"high{i}" for i in range(4)], order
+
+
+def test_logs_of_a_running_task_can_be_read_while_it_runs(shared_cluster) -> None:
+    m = shared_cluster.manager
+    task = m.submit("talk_then_wait", {"seconds": 4})
+    deadline = time.monotonic() + 3.5
+    while not [ln for ln in m.logs(task.task_id) if "now waiting" in ln.message]:
+        assert time.monotonic() < deadline, "the running task's log line never showed"
+        time.sleep(0.1)
+    assert m.get(task.task_id).status is TaskStatus.RUNNING  # read while it runs
+    assert m.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+    assert len([ln for ln in m.logs(task.task_id) if "now waiting" in ln.message]) == 1

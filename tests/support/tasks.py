@@ -101,3 +101,12 @@ def span(key: str, seconds: float = 1.0) -> None:
     r.expire(key, 600)
     time.sleep(seconds)
     r.rpush(key, f"end {time.time()!r}")
+
+
+@task_type("talk_then_wait")
+def talk_then_wait(seconds: float = 3.0) -> None:
+    """Logs a line, then keeps running: its log must be readable while it runs."""
+    import time
+
+    logger.info("started, now waiting %.1fs", seconds)
+    time.sleep(seconds)
