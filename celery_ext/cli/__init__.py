@@ -13,11 +13,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from celery_ext.cli import api_cmd, config_cmd, storage_cmd, tasks_cmd, workers_cmd
+from celery_ext.cli import api_cmd, config_cmd, embedded_cmd, storage_cmd, tasks_cmd, workers_cmd
 from celery_ext.cli.common import EXIT_TASK_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, CommandError
 from celery_ext.errors import CeleryExtError, ConfigError, PublishError, StorageError, TaskError
 
-MODULES = [tasks_cmd, config_cmd, storage_cmd, workers_cmd, api_cmd]
+MODULES = [tasks_cmd, config_cmd, storage_cmd, workers_cmd, api_cmd, embedded_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
