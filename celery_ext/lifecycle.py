@@ -218,6 +218,14 @@ class Lifecycle:
             return token is not None, token
         return self.fail(task, error, dead=True), None
 
+    def fresh_token(self, task: Task) -> str | None:
+        """The same status under a new dispatch token (its message is gone and will be published
+        again: a copy that survived after all is then stale)."""
+        token = new_id()
+        if self.storage.tasks.update(task.task_id, (task.status,), token=task.dispatch_token, dispatch_token=token):
+            return token
+        return None
+
     def orphan_token(self, task: Task) -> str | None:
         """A PENDING record nobody published: a fresh token first, so that a message of the first
         publish, if it exists after all, is dropped as stale."""

@@ -2,7 +2,8 @@
 
 Leadership is a lease in Redis (``<app>.scheduler.leader``, ``scheduler.leader_lease`` long),
 taken with ``SET NX`` and renewed by its holder on every tick; each new leader gets a fencing
-token from a counter that only grows.  If the leader dies, another takes over once the lease
+token from a counter that only grows, even across a Redis restart that lost it (it is never below
+the server's clock in milliseconds).  If the leader dies, another takes over once the lease
 runs out.  Every action below is a conditional update on the task record (expected status and
 dispatch token), so a deposed leader that acts late can not run a task twice.
 
@@ -13,6 +14,8 @@ Each tick (``scheduler.interval``), the leader:
     ``dead`` past the attempt cap);
   - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
     record and died (or lost the broker) before its publish, the outbox case;
+  - publishes again, under fresh tokens, the records whose messages a broker that lost its data
+    held (an epoch marker key in the broker tells);
   - applies ``storage.retention`` every ``scheduler.retention_interval``.
 Without a Redis registry (a RabbitMQ broker and no ``scheduler.registry_url``) there is nothing
 to elect with: the scheduler then leads alone and says so.
@@ -26,13 +29,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.router import router_of
 from celery_ext.storage import retention
+from celery_ext.transport import is_redis_url, redis_py_url
 
 if TYPE_CHECKING:
     from celery_ext.factory import Runtime
@@ -51,6 +57,14 @@ if held then
   return 0
 end
 local fence = redis.call('INCR', KEYS[2])
+-- Never below the server's clock in milliseconds: a Redis that lost its data (restart without
+-- persistence) restarts the counter at 1, and the fence must still only grow.
+local now = redis.call('TIME')
+local floor = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if fence < floor then
+  fence = floor
+  redis.call('SET', KEYS[2], fence)
+end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
 return fence
 """
@@ -99,6 +113,7 @@ class TickReport:
     moved_messages: int = 0
     recovered: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
     purged: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -115,6 +130,9 @@ class Scheduler:
             logger.warning("no Redis worker registry: this scheduler leads alone (run only one)")
         self.fence = 0
         self._last_purge: float | None = None
+        self._lost_before: datetime | None = None
+        broker = str(rt.celery.conf.broker_url)
+        self._broker: Any = redis.Redis.from_url(redis_py_url(broker)) if is_redis_url(broker) else None
 
     def tick(self) -> TickReport:
         """One round: renew or take the lease; as leader, do every duty once."""
@@ -123,7 +141,8 @@ class Scheduler:
         if not report.leader:
             return report
         for name, duty in (("offline workers", self._offline), ("expired leases", self._leases),
-                           ("unpublished tasks", self._unpublished), ("retention", self._retention)):
+                           ("unpublished tasks", self._unpublished), ("lost messages", self._lost_messages),
+                           ("retention", self._retention)):
             try:
                 duty(report)
             except Exception as exc:  # noqa: BLE001 - one failing duty (a server away) must not stop the others
@@ -193,6 +212,41 @@ class Scheduler:
             report.published.append(task.task_id)
         if report.published:
             logger.warning("published %d task(s) whose producer never did", len(report.published))
+
+    def _lost_messages(self, report: TickReport) -> None:
+        """Queued work survives the broker losing its data.  A marker key lives in the broker
+        (``<app>.broker.epoch``); when it is gone, the broker is new or lost its data (a restart
+        without persistence, a flush), and every record whose message was waiting there
+        (queued, retrying, scheduled with a time) is published again under a fresh dispatch
+        token: a message that survived after all is then dropped as stale."""
+        if self._broker is None:
+            return
+        now = utcnow()
+        if self._broker.set(f"{self.rt.config.app.name}.broker.epoch", f"{self.holder}|{now.isoformat()}", nx=True):
+            self._lost_before = now
+            logger.warning("the broker has no epoch marker (new, or it lost its data): publishing again every "
+                           "record whose message was waiting there")
+        if self._lost_before is None:
+            return
+        scans = ((TaskStatus.QUEUED, None), (TaskStatus.RETRYING, None),
+                 (TaskStatus.SCHEDULED, now + timedelta(days=36600)))  # chain steps (run_at empty) wait
+        done = True
+        for status, due in scans:
+            batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, due_before=due,
+                                               limit=500)
+            done = done and len(batch) < 500
+            for task in batch:
+                token = self.rt.lifecycle.fresh_token(task)
+                if token is None:
+                    continue  # it moved on meanwhile
+                wait = (task.run_at - now).total_seconds() if task.run_at else 0.0
+                self.rt.runner.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1,
+                                       countdown=wait if wait > 0 else None)
+                report.republished.append(task.task_id)
+        if done:
+            self._lost_before = None
+        if report.republished:
+            logger.warning("published again %d task(s) whose message the broker lost", len(report.republished))
 
     def _retention(self, report: TickReport) -> None:
         policy = self.rt.config.storage.retention

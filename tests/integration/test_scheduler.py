@@ -68,9 +68,9 @@ def test_one_holder_leads_renews_hands_over_and_fences(redis_url: str) -> None:
     assert a.acquire() == first and a.leader() == f"a|{first}"  # renewing keeps the token
     assert not b.release() and a.release()
     second = b.acquire()
-    assert second == first + 1 and a.acquire() == 0
+    assert second > first and a.acquire() == 0  # fences only grow (never below the Redis clock in ms)
     poll(lambda: a.leader() is None, 5, "b's unrenewed lease to run out")
-    assert a.acquire() == second + 1
+    assert a.acquire() > second
     with pytest.raises(ValueError, match="must not contain"):
         LeaderLease(client, prefix, 1, "x|y")
     client.delete(a.key, a.fence_key)
