@@ -16,9 +16,9 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from celery_ext.model import TaskErrorInfo, TaskStatus, utcnow
+from celery_ext.model import STARTABLE, TaskErrorInfo, TaskStatus, utcnow
 from celery_ext.routing.router import router_of
-from celery_ext.routing.stranded import move_stranded
+from celery_ext.routing.stranded import move_stranded, restore_unclaimed
 from celery_ext.routing.workers import WorkerInfo
 
 if TYPE_CHECKING:
@@ -34,12 +34,22 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
     if registry is None:
         return []
     out = []
+    options = rt.celery.conf.broker_transport_options
     for worker in registry.sweep_offline():
-        moved = move_stranded(registry.client, worker.queue, rt.config.app.name,
-                              rt.celery.conf.broker_transport_options, rt.executors.task_types)
+        moved = move_stranded(registry.client, worker.queue, rt.config.app.name, options, rt.executors.task_types)
         logger.warning("worker %s is offline; moved %d queued task(s) to the shared queues", worker.id, moved)
         out.append((worker, moved))
+    if out:
+        # What a dead worker fetched from a shared queue but never claimed waits in kombu's
+        # unacked hash, not in its direct queue.
+        restore_unclaimed(registry.client, rt.config.app.name, options, rt.config.worker.offline_threshold,
+                          lambda task_id: _unclaimed(rt, task_id))
     return out
+
+
+def _unclaimed(rt: Runtime, task_id: str) -> bool:
+    record = rt.storage.tasks.get(task_id)
+    return record is not None and record.status in STARTABLE
 
 
 def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> list[str]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 logger = logging.getLogger("celery_ext.routing")
@@ -131,4 +132,44 @@ def _restore_unacked(client: Any, queue: str, prefix: str, transport_options: Ma
         restored += int(script(keys=[hkey, ikey, dest], args=[tag, raw, json.dumps(message)]))
     if restored:
         logger.info("returned %d unacknowledged message(s) of %s to the shared queues", restored, queue)
+    return restored
+
+
+def restore_unclaimed(client: Any, prefix: str, transport_options: Mapping[str, Any] | None,
+                      older_than: float, unclaimed: Callable[[str], bool]) -> int:
+    """Return to their queues the messages of this app's shared queues that a worker fetched
+    more than ``older_than`` seconds ago and whose task nobody claimed (``unclaimed(task_id)``).
+
+    When a worker dies between fetching a message from a shared queue and its pool claiming the
+    record, kombu keeps the message only in its ``unacked`` hash, until the visibility timeout
+    (an hour by default).  A message a live worker holds, waiting for a free pool slot, is also
+    returned: the worker that claims first runs it and the other copy is dropped as a duplicate.
+    """
+    sep, steps, gprefix = _options(transport_options)
+    opts = transport_options or {}
+    hkey = gprefix + str(opts.get("unacked_key", "unacked"))
+    ikey = gprefix + str(opts.get("unacked_index_key", "unacked_index"))
+    cutoff = time.time() - older_than
+    script = client.register_script(_RESTORE)
+    shared = f"{prefix}."
+    direct = f"{prefix}.worker."
+    restored = 0
+    for tag in client.zrangebyscore(ikey, "-inf", cutoff):
+        raw = client.hget(hkey, tag)
+        if raw is None:
+            continue
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+            task_id = message.get("headers", {}).get("id")
+            pri = int(message.get("properties", {}).get("priority") or 0)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if (not isinstance(routing_key, str) or not routing_key.startswith(shared) or routing_key.startswith(direct)
+                or not isinstance(task_id, str) or not unclaimed(task_id)):
+            continue
+        step = steps[max(0, bisect.bisect(steps, pri) - 1)]
+        dest = f"{gprefix}{routing_key}{_suffix(step, sep)}"
+        restored += int(script(keys=[hkey, ikey, dest], args=[tag, raw, json.dumps(message)]))
+    if restored:
+        logger.warning("returned %d fetched but never claimed message(s) to the shared queues", restored)
     return restored

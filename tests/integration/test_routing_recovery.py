@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import redis
 
 from celery_ext.model import TaskStatus, utcnow
-from celery_ext.recovery import recover_expired_leases
+from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
+from tests.support.services import unique
+from tests.support.workers import subprocess_env
 
 ROUTING_TASKS = [{"type": "python", "config": {"modules": ["tests.support.routing_tasks"]}}]
 
@@ -52,3 +58,39 @@ def test_expired_leases_are_redispatched_or_declared_dead(make_cluster) -> None:
     assert record.status is TaskStatus.RUNNING and record.dispatch_token == tokens[fresh]
     # A second pass (another scheduler) finds nothing left to do.
     assert recover_expired_leases(rt) == []
+
+
+FETCH_AND_DIE = """
+import json, os, sys
+from kombu import Connection, Queue
+from celery_ext.transport import install
+install()
+with Connection(sys.argv[1], transport_options=json.loads(sys.argv[3])) as conn:
+    message = Queue(sys.argv[2], routing_key=sys.argv[2])(conn.default_channel).get(no_ack=False)
+    print("fetched" if message is not None else "empty", flush=True)
+    os._exit(0)  # as a SIGKILLed worker: nothing is acked or restored
+"""
+
+
+def test_a_message_a_dead_worker_fetched_but_never_claimed_is_returned(make_cluster) -> None:
+    """A worker killed between fetching a message from a shared queue and claiming its record
+    leaves it only in kombu's unacked hash (until the visibility timeout, an hour): when a worker
+    is found offline, such messages of unclaimed records go back to their queues."""
+    c = make_cluster(executors=ROUTING_TASKS, worker={"heartbeat_interval": 0.2, "offline_after": 0.5})
+    rt = c.runtime
+    router = router_of(rt.celery)
+    task = rt.manager.submit("rt_slow", {"key": unique("unclaimed:"), "seconds": 0.01})  # no worker: shared queue
+    shared = f"{router.prefix}.rt_slow"
+    options = json.dumps(rt.celery.conf.broker_transport_options)
+    fetched = subprocess.run([sys.executable, "-c", FETCH_AND_DIE, c.data["broker"]["url"], shared, options],
+                             capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert fetched.stdout.strip() == "fetched", fetched.stderr
+    r = redis.Redis(host="127.0.0.1", port=6379)
+    assert sum(r.llen(k) for k in queue_keys(shared, rt.celery.conf.broker_transport_options)) == 0
+    router.registry.heartbeat(WorkerInfo(id=unique("ghost"), queue=direct_queue_name(router.prefix, "ghost"),
+                                         supported_types=("rt_slow",)), 0.3, 0)
+    time.sleep(0.8)
+    assert recover_offline_workers(rt)  # the ghost is swept...
+    assert sum(r.llen(k) for k in queue_keys(shared, rt.celery.conf.broker_transport_options)) == 1  # ...and it is back
+    c.worker()
+    assert rt.manager.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
