@@ -102,6 +102,10 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         self.url = url
         self._local = threading.local()
 
+    def as_uri(self, include_password: bool = False) -> str:
+        """As given (``celery_ext://``, or with a config path): it holds no password."""
+        return self.url or "celery_ext://"
+
     # --- where the records are ------------------------------------------------------------
 
     @cached_property
