@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from celery_ext import __version__
+from celery_ext.config import ERROR_MESSAGES
 from celery_ext.dispatch import MAX_PRIORITY
 from celery_ext.errors import (
     InvalidPayloadError,
@@ -274,12 +275,7 @@ def _translate(exc: Exception) -> JSONResponse | None:
 
 
 _MESSAGES = {
-    "greater_than_equal": "must be >= {ge}",
-    "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le}",
-    "less_than": "must be < {lt}",
-    "extra_forbidden": "unknown key",
-    "missing": "required",
+    **ERROR_MESSAGES,
     "string_too_short": "must have at least {min_length} character(s)",
     "string_too_long": "must have at most {max_length} characters",
     "too_short": "must have at least {min_length} item(s)",

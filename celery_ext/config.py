@@ -200,7 +200,8 @@ class Config(Model):
 
 # --- error rendering -----------------------------------------------------------------------
 
-_MESSAGES = {
+# Pydantic error types in plain words (also the REST API's, which adds its own).
+ERROR_MESSAGES = {
     "greater_than_equal": "must be >= {ge}",
     "greater_than": "must be > {gt}",
     "less_than_equal": "must be <= {le}",
@@ -226,7 +227,7 @@ def format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel]
     unknown key also gets the closest known key of its section (``did you mean 'capacity'?``)."""
     lines = []
     for err in exc.errors():
-        template = _MESSAGES.get(err["type"])
+        template = ERROR_MESSAGES.get(err["type"])
         ctx = err.get("ctx") or {}
         if template:
             message = template.format(**ctx)
