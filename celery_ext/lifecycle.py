@@ -59,10 +59,13 @@ class Lifecycle:
         if len(pending) == 1:  # the per-task fast path of the backends
             self.storage.tasks.update(pending[0], (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at)
         elif pending:
-            self.storage.tasks.update_many(pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED,
-                                           queued_at=queued_at)
-        out = [t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
-               for t in tasks]
+            self.storage.tasks.update_many(
+                pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at
+            )
+        out = [
+            t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
+            for t in tasks
+        ]
         for t in out:
             if t.status is TaskStatus.QUEUED:
                 self.observer.task_queued(t)
@@ -73,8 +76,12 @@ class Lifecycle:
         holds it until it ends (``release``), which a manual retry waits for."""
         keep_lease = task.status is TaskStatus.RUNNING
         changed = self.storage.tasks.update(
-            task.task_id, (task.status,), status=TaskStatus.CANCELLED, finished_at=utcnow(),
-            **({} if keep_lease else {"lease_until": None}))
+            task.task_id,
+            (task.status,),
+            status=TaskStatus.CANCELLED,
+            finished_at=utcnow(),
+            **({} if keep_lease else {"lease_until": None}),
+        )
         if changed:
             self.observer.task_cancelled(task.replace(status=TaskStatus.CANCELLED))
             self.completion.notify(task.task_id)
@@ -90,25 +97,54 @@ class Lifecycle:
         runs twice at once.
         """
         now = now or utcnow()
-        still_running = (task.status is TaskStatus.CANCELLED and task.lease_until is not None
-                         and task.lease_until > now)
+        still_running = task.status is TaskStatus.CANCELLED and task.lease_until is not None and task.lease_until > now
         token = task.dispatch_token if still_running else new_id()
-        fresh = task.replace(status=TaskStatus.PENDING, dispatch_token=token, attempt=0, run=task.run + 1,
-                             error=None, result=None, started_at=None, finished_at=None, run_at=None,
-                             worker_id=None, queued_at=None)
+        fresh = task.replace(
+            status=TaskStatus.PENDING,
+            dispatch_token=token,
+            attempt=0,
+            run=task.run + 1,
+            error=None,
+            result=None,
+            started_at=None,
+            finished_at=None,
+            run_at=None,
+            worker_id=None,
+            queued_at=None,
+        )
         changed = self.storage.tasks.update(
-            task.task_id, (task.status,), token=task.dispatch_token, status=TaskStatus.PENDING,
-            dispatch_token=token, attempt=0, run=fresh.run, error=None, result=None, started_at=None,
-            finished_at=None, run_at=None, worker_id=None, queued_at=None,
-            **({} if still_running else {"lease_until": None}))
+            task.task_id,
+            (task.status,),
+            token=task.dispatch_token,
+            status=TaskStatus.PENDING,
+            dispatch_token=token,
+            attempt=0,
+            run=fresh.run,
+            error=None,
+            result=None,
+            started_at=None,
+            finished_at=None,
+            run_at=None,
+            worker_id=None,
+            queued_at=None,
+            **({} if still_running else {"lease_until": None}),
+        )
         if not changed:
             return None
         return fresh if not still_running else fresh.replace(lease_until=task.lease_until)
 
     # --- worker side ----------------------------------------------------------------------
 
-    def claim(self, task: Task, token: str, worker_id: str, lease: float, queued_at: datetime | None, *,
-              new_token: str | None = None) -> Task | None:
+    def claim(
+        self,
+        task: Task,
+        token: str,
+        worker_id: str,
+        lease: float,
+        queued_at: datetime | None,
+        *,
+        new_token: str | None = None,
+    ) -> Task | None:
         """A startable record -> RUNNING for the attempt ``task.attempt`` of the message holding
         ``token`` (the run then holds ``new_token``, when given).  ``None`` when the message is
         stale, a duplicate, or its task was cancelled."""
@@ -121,12 +157,28 @@ class Lifecycle:
         extra: dict[str, object] = {"args": task.args} if task.args else {}
         if new_token is not None:
             extra["dispatch_token"] = new_token
-        if not self.storage.tasks.update(task.task_id, STARTABLE, token=token, status=TaskStatus.RUNNING,
-                                         attempt=task.attempt, worker_id=worker_id, started_at=now, finished_at=None,
-                                         lease_until=lease_until, queued_at=queued_at, **extra):
+        if not self.storage.tasks.update(
+            task.task_id,
+            STARTABLE,
+            token=token,
+            status=TaskStatus.RUNNING,
+            attempt=task.attempt,
+            worker_id=worker_id,
+            started_at=now,
+            finished_at=None,
+            lease_until=lease_until,
+            queued_at=queued_at,
+            **extra,
+        ):
             return None
-        running = task.replace(status=TaskStatus.RUNNING, worker_id=worker_id, started_at=now,
-                               dispatch_token=new_token or token, lease_until=lease_until, queued_at=queued_at)
+        running = task.replace(
+            status=TaskStatus.RUNNING,
+            worker_id=worker_id,
+            started_at=now,
+            dispatch_token=new_token or token,
+            lease_until=lease_until,
+            queued_at=queued_at,
+        )
         self.observer.task_started(running)
         return running
 
@@ -134,9 +186,13 @@ class Lifecycle:
         """A message without a record (a plain Celery producer): create the record RUNNING.
         ``None`` when a record with this id exists already (a redelivery): claim that instead."""
         now = utcnow()
-        running = task.replace(status=TaskStatus.RUNNING, started_at=now, queued_at=task.queued_at or now,
-                               lease_until=now + timedelta(seconds=lease), dispatch_token=task.dispatch_token
-                               or new_id())
+        running = task.replace(
+            status=TaskStatus.RUNNING,
+            started_at=now,
+            queued_at=task.queued_at or now,
+            lease_until=now + timedelta(seconds=lease),
+            dispatch_token=task.dispatch_token or new_id(),
+        )
         stored, created = self.storage.tasks.create(running)
         if not created:
             return None
@@ -146,9 +202,18 @@ class Lifecycle:
 
     def succeed(self, task: Task, data: object) -> bool:
         now = utcnow()
-        changed = self._write(lambda: self.storage.tasks.update(
-            task.task_id, RUNNING, token=task.dispatch_token, status=TaskStatus.SUCCEEDED,
-            result=data, error=None, finished_at=now, lease_until=None))
+        changed = self._write(
+            lambda: self.storage.tasks.update(
+                task.task_id,
+                RUNNING,
+                token=task.dispatch_token,
+                status=TaskStatus.SUCCEEDED,
+                result=data,
+                error=None,
+                finished_at=now,
+                lease_until=None,
+            )
+        )
         if changed:
             self.observer.task_completed(task, _since(task.started_at, now))
             self.completion.notify(task.task_id)
@@ -158,9 +223,18 @@ class Lifecycle:
         """RUNNING -> FAILED (or DEAD, after the worker was lost on the last attempt)."""
         now = utcnow()
         status = TaskStatus.DEAD if dead else TaskStatus.FAILED
-        changed = self._write(lambda: self.storage.tasks.update(
-            task.task_id, RUNNING, token=task.dispatch_token, status=status, result=data, error=error,
-            finished_at=now, lease_until=None))
+        changed = self._write(
+            lambda: self.storage.tasks.update(
+                task.task_id,
+                RUNNING,
+                token=task.dispatch_token,
+                status=status,
+                result=data,
+                error=error,
+                finished_at=now,
+                lease_until=None,
+            )
+        )
         if changed:
             self.observer.task_failed(task, error, _since(task.started_at, now))
             self.completion.notify(task.task_id)
@@ -171,9 +245,19 @@ class Lifecycle:
         The caller publishes the next attempt; if that publish is lost, the record keeps its
         ``run_at`` for recovery."""
         token = new_id()
-        changed = self._write(lambda: self.storage.tasks.update(
-            task.task_id, RUNNING, token=task.dispatch_token, status=TaskStatus.RETRYING, dispatch_token=token,
-            error=error, result=data, run_at=utcnow() + timedelta(seconds=delay), lease_until=None))
+        changed = self._write(
+            lambda: self.storage.tasks.update(
+                task.task_id,
+                RUNNING,
+                token=task.dispatch_token,
+                status=TaskStatus.RETRYING,
+                dispatch_token=token,
+                error=error,
+                result=data,
+                run_at=utcnow() + timedelta(seconds=delay),
+                lease_until=None,
+            )
+        )
         if not changed:
             return None
         self.observer.task_retrying(task, error, delay)
@@ -188,12 +272,14 @@ class Lifecycle:
             if tasks.update(task.task_id, (TaskStatus.CANCELLED,), token=task.dispatch_token, lease_until=None):
                 return None
             token = new_id()
-            if tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token, dispatch_token=token,
-                            lease_until=None):
+            if tasks.update(
+                task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token, dispatch_token=token, lease_until=None
+            ):
                 return token
         except StorageError as exc:
-            logger.warning("could not release task %s (the scheduler will, once its lease expires): %s",
-                           task.task_id, exc)
+            logger.warning(
+                "could not release task %s (the scheduler will, once its lease expires): %s", task.task_id, exc
+            )
         return None
 
     def fail_waiting(self, task_ids: Sequence[str], parent: Task, why: str) -> int:
@@ -202,8 +288,9 @@ class Lifecycle:
         if not task_ids:
             return 0
         error = TaskErrorInfo("parent_failed", f"previous step {parent.task_type}[{parent.task_id}] {why}")
-        changed = self.storage.tasks.update_many(list(task_ids), (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED,
-                                                 error=error, finished_at=utcnow())
+        changed = self.storage.tasks.update_many(
+            list(task_ids), (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error, finished_at=utcnow()
+        )
         for task_id in task_ids:
             self.completion.notify(task_id)
         return changed
@@ -219,19 +306,13 @@ class Lifecycle:
         return self.fail(task, error, dead=True), None
 
     def fresh_token(self, task: Task) -> str | None:
-        """The same status under a new dispatch token (its message is gone and will be published
-        again: a copy that survived after all is then stale)."""
+        """The same status under a new dispatch token, for a record whose message is gone or
+        never was (lost by the broker; a PENDING record nobody published).  It is published
+        again by the caller: a copy of an earlier message, if one exists after all, is stale."""
         token = new_id()
-        if self.storage.tasks.update(task.task_id, (task.status,), token=task.dispatch_token, dispatch_token=token):
-            return token
-        return None
-
-    def orphan_token(self, task: Task) -> str | None:
-        """A PENDING record nobody published: a fresh token first, so that a message of the first
-        publish, if it exists after all, is dropped as stale."""
-        token = new_id()
-        if self.storage.tasks.update(task.task_id, (TaskStatus.PENDING,), token=task.dispatch_token,
-                                     dispatch_token=token, lease_until=None):
+        if self.storage.tasks.update(
+            task.task_id, (task.status,), token=task.dispatch_token, dispatch_token=token, lease_until=None
+        ):
             return token
         return None
 
@@ -256,10 +337,15 @@ def _since(start: datetime | None, now: datetime) -> float | None:
 
 
 # Each arrow the methods above take must be one of model.TRANSITIONS (checked at import).
-for _src, _dst in ((TaskStatus.PENDING, TaskStatus.QUEUED), (TaskStatus.RUNNING, TaskStatus.SUCCEEDED),
-                   (TaskStatus.RUNNING, TaskStatus.FAILED), (TaskStatus.RUNNING, TaskStatus.DEAD),
-                   (TaskStatus.RUNNING, TaskStatus.RETRYING), (TaskStatus.SCHEDULED, TaskStatus.FAILED),
-                   *((s, TaskStatus.RUNNING) for s in STARTABLE),
-                   *((s, TaskStatus.PENDING) for s in REOPENABLE),
-                   *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL)):
+for _src, _dst in (
+    (TaskStatus.PENDING, TaskStatus.QUEUED),
+    (TaskStatus.RUNNING, TaskStatus.SUCCEEDED),
+    (TaskStatus.RUNNING, TaskStatus.FAILED),
+    (TaskStatus.RUNNING, TaskStatus.DEAD),
+    (TaskStatus.RUNNING, TaskStatus.RETRYING),
+    (TaskStatus.SCHEDULED, TaskStatus.FAILED),
+    *((s, TaskStatus.RUNNING) for s in STARTABLE),
+    *((s, TaskStatus.PENDING) for s in REOPENABLE),
+    *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL),
+):
     assert _src in sources_of(_dst), f"lifecycle uses {_src} -> {_dst}, which TRANSITIONS does not allow"

@@ -205,7 +205,7 @@ class Scheduler:
         for task in self.rt.storage.tasks.scan((TaskStatus.PENDING,), updated_before=cutoff, limit=100):
             if task.lease_until is not None and task.lease_until > now:
                 continue  # a manual retry waiting for a cancelled run to end (lifecycle.reopen)
-            token = self.rt.lifecycle.orphan_token(task)
+            token = self.rt.lifecycle.fresh_token(task)
             if token is None:
                 continue  # published, started or cancelled meanwhile
             self.rt.manager.publish_pending(task.replace(dispatch_token=token))
