@@ -43,7 +43,8 @@ def fill(url: str, records: int) -> None:
 
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
-        conn.execute(text("""
+        conn.execute(
+            text("""
             INSERT INTO tasks (task_id, task_type, payload, status, priority, attempt, max_retries, created_at,
                                finished_at, worker_id, run)
             SELECT md5(i::text), (ARRAY['echo', 'send_email', 'http_request', 'resize'])[1 + i % 4],
@@ -51,7 +52,9 @@ def fill(url: str, records: int) -> None:
                    (ARRAY['succeeded', 'succeeded', 'succeeded', 'failed', 'queued', 'dead'])[1 + i % 6],
                    i % 10, 1, 3, now() - make_interval(secs => i * 300.0),
                    now() - make_interval(secs => i * 300.0 - 1), 'w' || (i % 8) || '@host', 1
-            FROM generate_series(1, :n) AS i"""), {"n": records})
+            FROM generate_series(1, :n) AS i"""),
+            {"n": records},
+        )
         conn.execute(text("ANALYZE tasks"))
     engine.dispose()
 
@@ -96,18 +99,31 @@ def main() -> None:
     proc = None
     try:
         config = tmp / "config.yaml"
-        config.write_text(yaml.safe_dump({
-            "app": {"name": name}, "broker": {"url": "redis://127.0.0.1:6379/0"},
-            "storage": {"type": "postgresql", "config": {"url": url, "pool_size": 10}},
-            "api": {"token": TOKEN, "port": 18899}}))
-        subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(config), "storage", "migrate"],
-                       check=True, capture_output=True)
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "app": {"name": name},
+                    "broker": {"url": "redis://127.0.0.1:6379/0"},
+                    "storage": {"type": "postgresql", "config": {"url": url, "pool_size": 10}},
+                    "api": {"token": TOKEN, "port": 18899},
+                }
+            )
+        )
+        subprocess.run(
+            [sys.executable, "-m", "celery_ext.cli", "--config", str(config), "storage", "migrate"],
+            check=True,
+            capture_output=True,
+        )
         t0 = time.monotonic()
         fill(url, args.records)
         print(f"{args.records} records inserted in {time.monotonic() - t0:.0f}s")
-        proc = subprocess.Popen([sys.executable, "-m", "celery_ext.cli", "--config", str(config), "api"],
-                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery_ext.cli", "--config", str(config), "api"],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         base = "http://127.0.0.1:18899"
         for _ in range(300):
             try:
@@ -126,13 +142,17 @@ def main() -> None:
         asyncio.run(run())
         elapsed = time.monotonic() - t0 - 2
         everything = [v for values in samples.values() for v in values]
-        print(f"{args.clients} clients, {len(everything)} requests in {elapsed:.1f}s = "
-              f"{len(everything) / elapsed:.0f} req/s")
+        print(
+            f"{args.clients} clients, {len(everything)} requests in {elapsed:.1f}s = "
+            f"{len(everything) / elapsed:.0f} req/s"
+        )
         print(f"{'query':<22} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
         for label, values in [*samples.items(), ("all", everything)]:
             if values:
-                print(f"{label:<22} {len(values):>6} {statistics.median(values) * 1000:>8.1f} "
-                      f"{pct(values, 0.95):>8.1f} {pct(values, 0.99):>8.1f}")
+                print(
+                    f"{label:<22} {len(values):>6} {statistics.median(values) * 1000:>8.1f} "
+                    f"{pct(values, 0.95):>8.1f} {pct(values, 0.99):>8.1f}"
+                )
     finally:
         if proc is not None:
             proc.terminate()

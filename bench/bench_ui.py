@@ -36,7 +36,8 @@ def fill(url: str, records: int, spread_hours: float, log_lines: int) -> str:
 
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
-        conn.execute(text("""
+        conn.execute(
+            text("""
             INSERT INTO tasks (task_id, task_type, payload, status, priority, attempt, max_retries, created_at,
                                started_at, finished_at, worker_id, run, error_reason, error_message)
             SELECT md5(i::text), (ARRAY['echo', 'send_email', 'http_request', 'resize'])[1 + i % 4],
@@ -46,13 +47,18 @@ def fill(url: str, records: int, spread_hours: float, log_lines: int) -> str:
                    now() - make_interval(secs => i * :step - 0.5),
                    now() - make_interval(secs => i * :step - 1), 'w' || (i % 8) || '@host', 1,
                    CASE WHEN i % 6 = 3 THEN 'timeout' END, CASE WHEN i % 6 = 3 THEN 'took too long' END
-            FROM generate_series(1, :n) AS i"""), {"n": records, "step": spread_hours * 3600 / records})
+            FROM generate_series(1, :n) AS i"""),
+            {"n": records, "step": spread_hours * 3600 / records},
+        )
         victim = conn.execute(text("SELECT md5('4')")).scalar_one()  # a failed one
-        conn.execute(text("""
+        conn.execute(
+            text("""
             INSERT INTO task_logs (task_id, attempt, run, time, level, message)
             SELECT :id, 1 + (i / (:n / 2)) % 2, 1 + i / (:n / 2 + 1), now() - make_interval(secs => :n - i),
                    (ARRAY['INFO', 'INFO', 'INFO', 'WARNING'])[1 + i % 4], 'line ' || i || ' of the task log'
-            FROM generate_series(0, :n - 1) AS i"""), {"id": victim, "n": log_lines})
+            FROM generate_series(0, :n - 1) AS i"""),
+            {"id": victim, "n": log_lines},
+        )
         conn.execute(text("ANALYZE"))
     engine.dispose()
     return str(victim)
@@ -81,18 +87,31 @@ def main() -> None:
     proc = None
     try:
         config = tmp / "config.yaml"
-        config.write_text(yaml.safe_dump({
-            "app": {"name": name}, "broker": {"url": "redis://127.0.0.1:6379/0"},
-            "storage": {"type": "postgresql", "config": {"url": url, "pool_size": 5}},
-            "api": {"token": TOKEN, "port": PORT}}))
-        subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(config), "storage", "migrate"],
-                       check=True, capture_output=True)
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "app": {"name": name},
+                    "broker": {"url": "redis://127.0.0.1:6379/0"},
+                    "storage": {"type": "postgresql", "config": {"url": url, "pool_size": 5}},
+                    "api": {"token": TOKEN, "port": PORT},
+                }
+            )
+        )
+        subprocess.run(
+            [sys.executable, "-m", "celery_ext.cli", "--config", str(config), "storage", "migrate"],
+            check=True,
+            capture_output=True,
+        )
         t0 = time.monotonic()
         victim = fill(url, args.records, args.spread_hours, args.log_lines)
         print(f"{args.records} records inserted in {time.monotonic() - t0:.1f}s")
-        proc = subprocess.Popen([sys.executable, "-m", "celery_ext.cli", "--config", str(config), "api"],
-                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery_ext.cli", "--config", str(config), "api"],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         base = f"http://127.0.0.1:{PORT}"
         for _ in range(300):
             try:
@@ -129,8 +148,10 @@ def main() -> None:
                     times.append(time.perf_counter() - t0)
                     r.raise_for_status()
                     assert "flash error" not in r.text, r.text[:2000]
-                print(f"{label:<30} {len(times):>5} {statistics.median(times) * 1000:>8.1f} "
-                      f"{pct(times, 0.95):>8.1f} {pct(times, 0.99):>8.1f}")
+                print(
+                    f"{label:<30} {len(times):>5} {statistics.median(times) * 1000:>8.1f} "
+                    f"{pct(times, 0.95):>8.1f} {pct(times, 0.99):>8.1f}"
+                )
     finally:
         if proc is not None:
             proc.terminate()

@@ -54,13 +54,18 @@ STATE_OF = {
     TaskStatus.DEAD: states.FAILURE,
     TaskStatus.CANCELLED: states.REVOKED,
 }
-STATUS_OF = {states.STARTED: TaskStatus.RUNNING, states.RETRY: TaskStatus.RETRYING,
-             states.SUCCESS: TaskStatus.SUCCEEDED, states.FAILURE: TaskStatus.FAILED,
-             states.REVOKED: TaskStatus.CANCELLED}
+STATUS_OF = {
+    states.STARTED: TaskStatus.RUNNING,
+    states.RETRY: TaskStatus.RETRYING,
+    states.SUCCESS: TaskStatus.SUCCEEDED,
+    states.FAILURE: TaskStatus.FAILED,
+    states.REVOKED: TaskStatus.CANCELLED,
+}
 
 
-def celery_meta(task: Task | None, task_id: str,
-                exception: Callable[[dict[str, Any]], BaseException] | None = None) -> dict[str, Any]:
+def celery_meta(
+    task: Task | None, task_id: str, exception: Callable[[dict[str, Any]], BaseException] | None = None
+) -> dict[str, Any]:
     """A record as Celery's task meta (what ``AsyncResult`` reads).  A plain Celery task's failure
     keeps Celery's encoding of its exception in ``result``; ``exception`` rebuilds it (so
     ``get()`` raises the task's own exception type, as with any Celery backend)."""
@@ -129,8 +134,14 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         return celery_meta(self.storage.tasks.get(task_id), task_id, self.exception_to_python)
 
-    def wait_for(self, task_id: str, timeout: float | None = None, interval: float = 0.5, no_ack: bool = True,
-                 on_interval: Any = None) -> dict[str, Any]:
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Any = None,
+    ) -> dict[str, Any]:
         self._ensure_not_eager()  # type: ignore[attr-defined]
         completion = self._parts[1]
 
@@ -146,14 +157,22 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
 
     # --- writing --------------------------------------------------------------------------
 
-    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
-                      **kwargs: Any) -> Any:
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
+    ) -> Any:
         if request is None:
             # Celery failing a chord's body from chord_unlock: it passes no request, only the id.
             callback = getattr(self._local, "callback", None)
             if callback is not None and callback.id == task_id:
-                request = Context({"task": callback.task, "id": task_id, "args": callback.args,
-                                   "kwargs": callback.kwargs, **callback.options})
+                request = Context(
+                    {
+                        "task": callback.task,
+                        "id": task_id,
+                        "args": callback.args,
+                        "kwargs": callback.kwargs,
+                        **callback.options,
+                    }
+                )
         name = getattr(request, "task", None) if request is not None else None
         if state == states.FAILURE and name and self._is_celery_ext_task(name):
             # A step that never ran fails because one before it did (chain, chord).
@@ -183,8 +202,9 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         error = TaskErrorInfo("parent_failed", _exception_text(result))
         now = utcnow()
         try:
-            if not storage.tasks.update(task_id, (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error,
-                                        finished_at=now):
+            if not storage.tasks.update(
+                task_id, (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error, finished_at=now
+            ):
                 if storage.tasks.get(task_id) is not None:
                     return  # it ran, or is running: its own outcome stands
                 storage.tasks.create(_plain_task(task_id, name, TaskStatus.FAILED, request, now).replace(error=error))
@@ -202,9 +222,13 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
             # Celery's own encoding of the exception stays in ``result``, so AsyncResult rebuilds it.
             error = TaskErrorInfo("exception", _exception_text(result))
         keep = status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.RETRYING)
-        fields: dict[str, Any] = {"status": status, "result": result if keep else None,
-                                  "error": error, "worker_id": getattr(request, "hostname", None),
-                                  "attempt": int(getattr(request, "retries", 0) or 0) + 1}
+        fields: dict[str, Any] = {
+            "status": status,
+            "result": result if keep else None,
+            "error": error,
+            "worker_id": getattr(request, "hostname", None),
+            "attempt": int(getattr(request, "retries", 0) or 0) + 1,
+        }
         if status is TaskStatus.RUNNING:
             fields["started_at"] = now
         elif status.terminal:
@@ -213,8 +237,9 @@ class RecordBackend(BaseBackend):  # type: ignore[misc]
         if tasks.update(task_id, [s for s in TaskStatus if not s.terminal], **fields):
             return
         task = _plain_task(task_id, name, status, request, now)
-        task = task.replace(**{k: v for k, v in fields.items() if k not in ("status", "started_at", "finished_at",
-                                                                              "lease_until")})
+        task = task.replace(
+            **{k: v for k, v in fields.items() if k not in ("status", "started_at", "finished_at", "lease_until")}
+        )
         tasks.create(task)
 
     def _forget(self, task_id: str) -> None:
@@ -237,13 +262,21 @@ def _plain_task(task_id: str, name: str, status: TaskStatus, request: Any, now: 
     """A record for a task celery_ext first hears of from Celery's own bookkeeping."""
     kwargs = getattr(request, "kwargs", None)
     args = getattr(request, "args", None)
-    return Task(task_id=task_id, task_type=name, payload=dict(kwargs) if isinstance(kwargs, dict) else {},
-                args=list(args) if isinstance(args, list | tuple) and args else None,
-                status=status, created_at=now, queued_at=now,
-                started_at=now if getattr(request, "hostname", None) else None,  # it ran on a worker
-                finished_at=now if status.terminal else None, dispatch_token=new_id(),
-                parent_id=getattr(request, "parent_id", None), root_id=getattr(request, "root_id", None),
-                group_id=getattr(request, "group", None) or getattr(request, "group_id", None))
+    return Task(
+        task_id=task_id,
+        task_type=name,
+        payload=dict(kwargs) if isinstance(kwargs, dict) else {},
+        args=list(args) if isinstance(args, list | tuple) and args else None,
+        status=status,
+        created_at=now,
+        queued_at=now,
+        started_at=now if getattr(request, "hostname", None) else None,  # it ran on a worker
+        finished_at=now if status.terminal else None,
+        dispatch_token=new_id(),
+        parent_id=getattr(request, "parent_id", None),
+        root_id=getattr(request, "root_id", None),
+        group_id=getattr(request, "group", None) or getattr(request, "group_id", None),
+    )
 
 
 def _is_encoded_exception(value: Any) -> bool:
@@ -257,4 +290,3 @@ def _exception_text(result: Any) -> str:
             message = ", ".join(str(m) for m in message)
         return f"{result['exc_type']}: {message}"
     return str(result)
-

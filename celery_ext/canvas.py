@@ -58,7 +58,7 @@ def submit_chord(manager: TaskManager, header: Iterable[Mapping[str, Any]], body
     members = [t.replace(group_id=group_id) for t, _ in manager.build_specs(header, forbid=NOT_IN_CANVAS)]
     if not members:
         raise ValueError("a chord needs at least one header task")
-    (callback, _), = manager.build_specs([body], forbid=NOT_IN_CANVAS)
+    ((callback, _),) = manager.build_specs([body], forbid=NOT_IN_CANVAS)
     callback = callback.replace(status=TaskStatus.SCHEDULED)
     now = _record(manager, [*members, callback])
     sigs = [signature(manager, t, now) for t in members]

@@ -79,8 +79,9 @@ class Completion:
                 if remaining is not None and remaining <= 0:
                     return value
                 if pubsub is not None:
-                    pubsub = self._listen(pubsub, channel, self.fallback if remaining is None
-                                          else min(self.fallback, remaining))
+                    pubsub = self._listen(
+                        pubsub, channel, self.fallback if remaining is None else min(self.fallback, remaining)
+                    )
                 else:
                     time.sleep(delay if remaining is None else min(delay, remaining))
                     delay = min(delay * 1.5, 0.5)

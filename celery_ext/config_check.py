@@ -100,8 +100,9 @@ def _entries(data: Mapping[str, Any], key: str, model: type[M]) -> list[tuple[in
     return out
 
 
-def _best_effort(data: Mapping[str, Any], source: str | None, executors: list[ExecutorEntry],
-                 plugins: list[PluginEntry]) -> Config:
+def _best_effort(
+    data: Mapping[str, Any], source: str | None, executors: list[ExecutorEntry], plugins: list[PluginEntry]
+) -> Config:
     """A config of what validates: each section without its keys in error (defaults for them)."""
     parts: dict[str, Any] = {"executors": executors, "plugins": plugins, "source": source}
     for name, info in Config.model_fields.items():
@@ -153,8 +154,9 @@ def _check_executors(entries: list[tuple[int, ExecutorEntry]], report: Report) -
         report.errors.extend(exc.errors)
         return []
     # What only a worker needs: this host may be a client that cannot import the users' code.
-    report.warnings.extend(f"{problem} (a worker with this config would refuse to start)"
-                           for problem in executors.worker_problems())
+    report.warnings.extend(
+        f"{problem} (a worker with this config would refuse to start)" for problem in executors.worker_problems()
+    )
     return executors.task_types
 
 
@@ -176,7 +178,8 @@ def _check_parts(config: Config, report: Report) -> None:
     checks = (
         lambda: build_balancer(config),
         lambda: STORAGE.resolve(config.storage.type, "storage.type").from_config(
-            config.storage.type, config.storage.config, config.data_dir),
+            config.storage.type, config.storage.config, config.data_dir
+        ),
         lambda: build_event_bus(config, _broker_url(config)),
         lambda: build_metrics(config),
     )
@@ -202,7 +205,8 @@ def _check_supported_types(config: Config, known: list[str], report: Report) -> 
         hint = f"; did you mean {close[0]!r}?" if close else ""
         report.warnings.append(
             f"worker.supported_types[{i}]: no configured executor provides {task_type!r}{hint} "
-            f"(a worker refuses to start unless its modules define it; provided: {', '.join(known) or 'none'})")
+            f"(a worker refuses to start unless its modules define it; provided: {', '.join(known) or 'none'})"
+        )
 
 
 def _report(report: Report, enabled: bool, problems: list[str]) -> None:

@@ -197,8 +197,9 @@ def _fields(fields: Mapping[str, Any], tasks: Mapping[str, Any], seen: Reading) 
         if value is not None and not storable_id(value, id_length):
             raise Malformed(f"{key}: expected null or a string of 1..{id_length} characters (got {_short(value)})")
     retries = fields.get("retries")
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)
-                                or not 0 <= retries <= MAX_RETRIES):
+    if retries is not None and (
+        not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= MAX_RETRIES
+    ):
         raise Malformed(f"retries: expected an integer 0..{MAX_RETRIES} (got {_short(retries)})")
     _time_limits(fields.get("timelimit"))
     for key in ("eta", "expires"):
@@ -229,9 +230,10 @@ def _time_limits(value: Any) -> None:
     for limit in value:
         if limit is None:
             continue
-        if (not isinstance(limit, int | float) or isinstance(limit, bool) or not 0 <= limit <= MAX_TIME_LIMIT):
-            raise Malformed(f"timelimit: expected null or a number of seconds 0..{MAX_TIME_LIMIT:.0f} "
-                            f"(got {_short(value)})")
+        if not isinstance(limit, int | float) or isinstance(limit, bool) or not 0 <= limit <= MAX_TIME_LIMIT:
+            raise Malformed(
+                f"timelimit: expected null or a number of seconds 0..{MAX_TIME_LIMIT:.0f} (got {_short(value)})"
+            )
 
 
 def _time(key: str, value: Any) -> None:
@@ -269,8 +271,13 @@ class MessageGuard:
     def reject(self, message: Any, reason: str, seen: Reading, ack: Callable[[], None] | None = None) -> None:
         """Dead-letter ``message``, acknowledge it, record and count it; never raises."""
         name = seen.name or "?"
-        logger.error("malformed message %s for %s dead-lettered to %s: %s", seen.task_id or "(no id)", name,
-                     self.list_name, reason)
+        logger.error(
+            "malformed message %s for %s dead-lettered to %s: %s",
+            seen.task_id or "(no id)",
+            name,
+            self.list_name,
+            reason,
+        )
         self._dead_letter(message, reason, seen)
         try:
             if ack is not None:
@@ -294,14 +301,24 @@ class MessageGuard:
         try:
             client = self._client()
             if client is None:
-                logger.warning("no Redis for the dead-letter list (set scheduler.registry_url); "
-                               "malformed message %s is only logged: %s", seen.task_id, _raw(message)[:2000])
+                logger.warning(
+                    "no Redis for the dead-letter list (set scheduler.registry_url); "
+                    "malformed message %s is only logged: %s",
+                    seen.task_id,
+                    _raw(message)[:2000],
+                )
                 return
-            entry = json.dumps({
-                "reason": reason, "worker": self.hostname, "time": utcnow().isoformat(),
-                "queue": (getattr(message, "delivery_info", None) or {}).get("routing_key"),
-                "task": seen.name, "id": seen.task_id, "message": _envelope(message),
-            })
+            entry = json.dumps(
+                {
+                    "reason": reason,
+                    "worker": self.hostname,
+                    "time": utcnow().isoformat(),
+                    "queue": (getattr(message, "delivery_info", None) or {}).get("routing_key"),
+                    "task": seen.name,
+                    "id": seen.task_id,
+                    "message": _envelope(message),
+                }
+            )
             pipe = client.pipeline()
             pipe.lpush(self.list_name, entry)
             pipe.ltrim(self.list_name, 0, DEAD_LETTER_MAX - 1)
@@ -332,8 +349,9 @@ class MessageGuard:
         try:
             self._records.put_nowait(lambda: self._record(seen, reason))
         except queue.Full:
-            logger.error("too many malformed messages at once: task %s is not recorded (it is dead-lettered)",
-                         seen.task_id)
+            logger.error(
+                "too many malformed messages at once: task %s is not recorded (it is dead-lettered)", seen.task_id
+            )
 
     def _write_loop(self) -> None:
         while True:
@@ -352,17 +370,29 @@ class MessageGuard:
             # A submitted task: fail its record, if this message is the one it waits for.
             if record is None or record.status not in STARTABLE:
                 return
-            running = rt.lifecycle.claim(record.replace(attempt=h.attempt), h.token, self.hostname,
-                                         rt.runner.lease(record), h.queued_at)
+            running = rt.lifecycle.claim(
+                record.replace(attempt=h.attempt), h.token, self.hostname, rt.runner.lease(record), h.queued_at
+            )
         else:
             if record is not None:
                 return  # a redelivery of a plain message already recorded: leave that record be
-            parent, root, group = (value if storable_id(value) else None for value in (
-                seen.fields.get("parent_id"), seen.fields.get("root_id"), seen.fields.get("group")))
-            task = Task(task_id=task_id, task_type=name, payload=seen.kwargs or {}, args=seen.args or None,
-                        attempt=1, worker_id=self.hostname, created_at=utcnow(),
-                        dispatch_token=plain_token(rt.runner.incarnation, task_id),
-                        parent_id=parent if parent != task_id else None, root_id=root, group_id=group)
+            parent, root, group = (
+                value if storable_id(value) else None
+                for value in (seen.fields.get("parent_id"), seen.fields.get("root_id"), seen.fields.get("group"))
+            )
+            task = Task(
+                task_id=task_id,
+                task_type=name,
+                payload=seen.kwargs or {},
+                args=seen.args or None,
+                attempt=1,
+                worker_id=self.hostname,
+                created_at=utcnow(),
+                dispatch_token=plain_token(rt.runner.incarnation, task_id),
+                parent_id=parent if parent != task_id else None,
+                root_id=root,
+                group_id=group,
+            )
             running = rt.lifecycle.received(task, rt.runner.lease(task))
         if running is not None:
             rt.lifecycle.fail(running, error)
@@ -384,9 +414,15 @@ def _envelope(message: Any) -> dict[str, Any]:
         shown: Any = headers
     except Exception:  # noqa: BLE001 - RecursionError, ValueError, TypeError
         shown = {"repr": saferepr(headers, maxlen=20000)}
-    return {"headers": shown, "properties": _plain(getattr(message, "properties", None)),
-            "content-type": message.content_type, "content-encoding": message.content_encoding,
-            "body": text, "body_encoding": encoding, **({"truncated": True} if truncated else {})}
+    return {
+        "headers": shown,
+        "properties": _plain(getattr(message, "properties", None)),
+        "content-type": message.content_type,
+        "content-encoding": message.content_encoding,
+        "body": text,
+        "body_encoding": encoding,
+        **({"truncated": True} if truncated else {}),
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -420,8 +456,10 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         semaphore's release when every pool process is busy (then an error there would surface in
         another task's completion).  Catch it there and give back the slot it held."""
         original = worker._process_task
-        uses_semaphore = getattr(worker, "semaphore", None) is not None and \
-            getattr(worker.process_task, "__name__", "") == "_process_task_sem"
+        uses_semaphore = (
+            getattr(worker, "semaphore", None) is not None
+            and getattr(worker.process_task, "__name__", "") == "_process_task_sem"
+        )
 
         def process_task(req: Any) -> None:
             try:
@@ -443,8 +481,12 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         seen = Reading()
         problem_of(req.message, self.app.tasks, self.guard.payload_depth, seen)
         seen.task_id, seen.name = getattr(req, "id", None), getattr(req, "name", None)
-        self.guard.reject(req.message, f"the pool could not take it: {exc.__class__.__name__}: {_short(exc)}",
-                          seen, ack=req.acknowledge)
+        self.guard.reject(
+            req.message,
+            f"the pool could not take it: {exc.__class__.__name__}: {_short(exc)}",
+            seen,
+            ack=req.acknowledge,
+        )
         if release:
             worker._quick_release()
 

@@ -95,6 +95,11 @@ class LeaseKeeper:
         record = self.rt.storage.tasks.get(request.id)
         if record is None or record.dispatch_token == token or record.status.terminal:
             return  # not claimed yet, cancelled and going on (same token), or already over
-        logger.warning("task %s[%s] was recovered under a new dispatch token while this worker stalled; "
-                       "stopping this run (its record is %s)", request.name, request.id, record.status)
+        logger.warning(
+            "task %s[%s] was recovered under a new dispatch token while this worker stalled; "
+            "stopping this run (its record is %s)",
+            request.name,
+            request.id,
+            record.status,
+        )
         request.terminate(self.pool, signal="SIGTERM")

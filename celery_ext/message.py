@@ -42,15 +42,17 @@ class ExtHeader:
     idempotency_key: str | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {HEADER: {
-            "v": VERSION,
-            "token": self.token,
-            "attempt": self.attempt,
-            "run": self.run,
-            "max_retries": self.max_retries,
-            "queued_at": self.queued_at.isoformat() if self.queued_at else None,
-            "idempotency_key": self.idempotency_key,
-        }}
+        return {
+            HEADER: {
+                "v": VERSION,
+                "token": self.token,
+                "attempt": self.attempt,
+                "run": self.run,
+                "max_retries": self.max_retries,
+                "queued_at": self.queued_at.isoformat() if self.queued_at else None,
+                "idempotency_key": self.idempotency_key,
+            }
+        }
 
     @classmethod
     def parse(cls, headers: Mapping[str, Any] | None) -> ExtHeader | None:

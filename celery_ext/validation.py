@@ -180,8 +180,9 @@ def depth_within(value: Any, max_depth: int) -> bool:
 # --- submit arguments --------------------------------------------------------------------------
 
 
-def check_number(value: Any, field: str, *, low: float, high: float, integer: bool = False,
-                 strict_low: bool = False, unit: str = "") -> None:
+def check_number(
+    value: Any, field: str, *, low: float, high: float, integer: bool = False, strict_low: bool = False, unit: str = ""
+) -> None:
     """A finite number (an integer when ``integer``) within [low, high] ((low, high] when
     ``strict_low``); ``InvalidPayloadError`` naming ``field`` otherwise."""
     noun = "an integer" if integer else "a number"
@@ -192,8 +193,9 @@ def check_number(value: Any, field: str, *, low: float, high: float, integer: bo
     finite = isinstance(number, int) or math.isfinite(number)  # (a huge int cannot become a float)
     if not finite or number < low or (strict_low and number == low) or number > high:
         got = repr(value)
-        raise InvalidPayloadError(f"must be {noun} {bounds} (got {got if len(got) <= 40 else got[:37] + '...'})",
-                                  field=field)
+        raise InvalidPayloadError(
+            f"must be {noun} {bounds} (got {got if len(got) <= 40 else got[:37] + '...'})", field=field
+        )
 
 
 def _num(value: float) -> str:
@@ -258,8 +260,11 @@ def renderable(value: Any, depth: int = RENDER_DEPTH) -> Any:
     if kind is str:
         return _clean_text(value)
     if kind is float:
-        return value if math.isfinite(value) else ("NaN" if math.isnan(value) else
-                                                   "Infinity" if value > 0 else "-Infinity")
+        return (
+            value
+            if math.isfinite(value)
+            else ("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
+        )
     if kind is int or kind is bool or value is None:
         return value
     if isinstance(value, Mapping):

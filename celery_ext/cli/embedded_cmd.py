@@ -35,6 +35,9 @@ def cmd_embedded(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
     else:
-        print_table("embedded broker", ["running", "socket", "users (pids)"],
-                    [(status["running"], status["socket"], ", ".join(str(u) for u in users) or "-")])
+        print_table(
+            "embedded broker",
+            ["running", "socket", "users (pids)"],
+            [(status["running"], status["socket"], ", ".join(str(u) for u in users) or "-")],
+        )
     return EXIT_OK

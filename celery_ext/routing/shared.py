@@ -170,8 +170,9 @@ class SharedState:
     def plan_key(self, plan: SharedPlan) -> str:
         return f"{self.prefix}.balance.plan.{plan.digest}"
 
-    def decide(self, plan: SharedPlan, state_field: str, inflight_key: str,
-               backlog_keys: Sequence[str] = ()) -> tuple[str, int] | int:
+    def decide(
+        self, plan: SharedPlan, state_field: str, inflight_key: str, backlog_keys: Sequence[str] = ()
+    ) -> tuple[str, int] | int:
         """``(worker id, its new in-flight)``, or -1 (every worker of the plan is full) or -2
         (work waits in the shared queue).  One round trip; two when this plan is new to Redis."""
         keys = [inflight_key, self.plan_key(plan), self.state_key, *backlog_keys]

@@ -90,5 +90,8 @@ def refusal(scope: Scope, headers: Mapping[str, str], token: bytes) -> Response 
     login = "/ui/login?next=" + quote(path + ("?" + query if query else ""), safe="")
     if scope["method"] in ("GET", "HEAD") and "hx-request" not in headers:
         return RedirectResponse(login, status_code=303)
-    return HTMLResponse('<p class="flash error">Your session has ended: <a href="/ui/login">log in</a>.</p>',
-                        status_code=401, headers={"HX-Redirect": login})
+    return HTMLResponse(
+        '<p class="flash error">Your session has ended: <a href="/ui/login">log in</a>.</p>',
+        status_code=401,
+        headers={"HX-Redirect": login},
+    )

@@ -22,8 +22,14 @@ SCAN_CAP = 20_000
 
 # One colour per status (the same in the list's badges, ui.css).
 STATUS_COLOURS = {
-    "pending": "#9e9e9e", "scheduled": "#8d6e63", "queued": "#42a5f5", "running": "#ffa726",
-    "retrying": "#ab47bc", "succeeded": "#66bb6a", "failed": "#ef5350", "cancelled": "#78909c",
+    "pending": "#9e9e9e",
+    "scheduled": "#8d6e63",
+    "queued": "#42a5f5",
+    "running": "#ffa726",
+    "retrying": "#ab47bc",
+    "succeeded": "#66bb6a",
+    "failed": "#ef5350",
+    "cancelled": "#78909c",
     "dead": "#5d4037",
 }
 TYPE_COLOURS = ["#1e88e5", "#43a047", "#fb8c00", "#8e24aa", "#00acc1", "#e53935", "#6d4c41", "#3949ab"]
@@ -62,9 +68,11 @@ def _count_sql(storage: Any, counts: Counts) -> None:
 
     edges = counts.edges()
     bucket = case(*[(tasks.c.created_at < edge, i) for i, edge in enumerate(edges[1:])], else_=BUCKETS - 1)
-    stmt = (select(bucket.label("b"), tasks.c.status, tasks.c.task_type, func.count())
-            .where(tasks.c.created_at >= edges[0])
-            .group_by("b", tasks.c.status, tasks.c.task_type))
+    stmt = (
+        select(bucket.label("b"), tasks.c.status, tasks.c.task_type, func.count())
+        .where(tasks.c.created_at >= edges[0])
+        .group_by("b", tasks.c.status, tasks.c.task_type)
+    )
     with storage.begin() as conn:
         for b, status, task_type, n in conn.execute(stmt):
             counts.cells[(min(int(b), BUCKETS - 1), str(status), str(task_type))] += int(n)
@@ -133,12 +141,26 @@ def chart(counts: Counts, by: str, width: int = 720, height: int = 160) -> Chart
                 continue
             h = plot_h * n / peak
             y -= h
-            bars.append({"x": round(left + b * slot + 1, 1), "y": round(y, 1), "w": round(max(slot - 2, 1), 1),
-                         "h": round(h, 1), "colour": colour[name],
-                         "title": f"{name}: {n} ({_label(edges[b], counts.step)}–{_label(edges[b + 1], counts.step)})"})
+            bars.append(
+                {
+                    "x": round(left + b * slot + 1, 1),
+                    "y": round(y, 1),
+                    "w": round(max(slot - 2, 1), 1),
+                    "h": round(h, 1),
+                    "colour": colour[name],
+                    "title": f"{name}: {n} ({_label(edges[b], counts.step)}–{_label(edges[b + 1], counts.step)})",
+                }
+            )
     ticks = [(round(left + b * slot, 1), _label(edges[b], counts.step)) for b in range(0, BUCKETS, 6)]
-    return Chart(width, height, bars, [(name, colour[name], totals[name]) for name in order], ticks, peak,
-                 sum(totals[name] for name in order if name != OTHER) + (totals[OTHER] if OTHER in order else 0))
+    return Chart(
+        width,
+        height,
+        bars,
+        [(name, colour[name], totals[name]) for name in order],
+        ticks,
+        peak,
+        sum(totals[name] for name in order if name != OTHER) + (totals[OTHER] if OTHER in order else 0),
+    )
 
 
 def _label(moment: datetime, step: timedelta) -> str:

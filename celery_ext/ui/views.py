@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_ext.ui")
 
 HERE = Path(__file__).parent
-SINCE = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(hours=24),
-         "7d": timedelta(days=7)}
+SINCE = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 RETRYABLE = frozenset({TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED})
 PAGE_SIZE = 50
 MAX_LOG_LINES = 5000
@@ -58,8 +57,13 @@ def _json(value: Any) -> str:
 
 
 def environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(ts=_ts, json=_json)
     env.globals.update(seconds=_seconds, version=__version__, colours=stats.STATUS_COLOURS)
     return env
@@ -82,11 +86,18 @@ class Ui:
         if not seed:
             seed = auth.new_seed()
         html = self.env.get_template(name).render(
-            csrf=auth.csrf_token(self.csrf_key, seed), logged_in=bool(self.token), **context)
+            csrf=auth.csrf_token(self.csrf_key, seed), logged_in=bool(self.token), **context
+        )
         response = HTMLResponse(html, status_code=status_code)
         if fresh:
-            response.set_cookie(auth.CSRF_COOKIE, seed, httponly=True, samesite="strict", path=auth.PREFIX,
-                                secure=request.url.scheme == "https")
+            response.set_cookie(
+                auth.CSRF_COOKIE,
+                seed,
+                httponly=True,
+                samesite="strict",
+                path=auth.PREFIX,
+                secure=request.url.scheme == "https",
+            )
         return response
 
     def fragment(self, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -137,8 +148,15 @@ class Ui:
             limit = PAGE_SIZE
             problems.append("limit: not a number")
         cursor = str(params.get("cursor") or "")
-        filters = {"status": statuses, "type": types, "worker": worker, "since": since,
-                   "from": str(params.get("from") or ""), "to": str(params.get("to") or ""), "limit": limit}
+        filters = {
+            "status": statuses,
+            "type": types,
+            "worker": worker,
+            "since": since,
+            "from": str(params.get("from") or ""),
+            "to": str(params.get("to") or ""),
+            "limit": limit,
+        }
         query = {k: v for k, v in filters.items() if v and k != "limit"}
         if limit != PAGE_SIZE:
             query["limit"] = limit
@@ -146,28 +164,49 @@ class Ui:
         next_cursor = None
         if not problems:
             try:
-                page = self.manager.list(status=tuple(statuses), task_type=tuple(types), worker_id=worker or None,
-                                         created_after=after, created_before=before, limit=limit,
-                                         cursor=cursor or None)
+                page = self.manager.list(
+                    status=tuple(statuses),
+                    task_type=tuple(types),
+                    worker_id=worker or None,
+                    created_after=after,
+                    created_before=before,
+                    limit=limit,
+                    cursor=cursor or None,
+                )
                 tasks, next_cursor = page.items, page.next_cursor
             except (TaskError, ValueError) as exc:
                 problems.append(f"cursor: {exc}" if cursor and isinstance(exc, ValueError) else str(exc))
         qs = urlencode(query, doseq=True)
-        return {"filters": filters, "tasks": tasks, "problems": problems, "cursor": cursor,
-                "next_cursor": next_cursor, "query": qs, "rows_query": urlencode(
-                    {**query, **({"cursor": cursor} if cursor else {})}, doseq=True),
-                "statuses": [s.value for s in TaskStatus]}
+        return {
+            "filters": filters,
+            "tasks": tasks,
+            "problems": problems,
+            "cursor": cursor,
+            "next_cursor": next_cursor,
+            "query": qs,
+            "rows_query": urlencode({**query, **({"cursor": cursor} if cursor else {})}, doseq=True),
+            "statuses": [s.value for s in TaskStatus],
+        }
 
     # --- one task -------------------------------------------------------------------------
 
     def task_view(self, task_id: str, flash: str = "", flash_kind: str = "info") -> dict[str, Any]:
         task = self.manager.get(task_id)
         lines = self.manager.logs(task_id, limit=MAX_LOG_LINES)
-        return {"task": task, "record": task.to_dict(), "attempts": attempts(task, lines),
-                "groups": log_groups(lines), "log_count": len(lines), "log_cap": MAX_LOG_LINES,
-                "live": task.status not in TERMINAL, "can_cancel": task.status not in TERMINAL,
-                "can_terminate": task.status is TaskStatus.RUNNING, "can_retry": task.status in RETRYABLE,
-                "flash": flash, "flash_kind": flash_kind}
+        return {
+            "task": task,
+            "record": task.to_dict(),
+            "attempts": attempts(task, lines),
+            "groups": log_groups(lines),
+            "log_count": len(lines),
+            "log_cap": MAX_LOG_LINES,
+            "live": task.status not in TERMINAL,
+            "can_cancel": task.status not in TERMINAL,
+            "can_terminate": task.status is TaskStatus.RUNNING,
+            "can_retry": task.status in RETRYABLE,
+            "flash": flash,
+            "flash_kind": flash_kind,
+        }
 
     # --- workers --------------------------------------------------------------------------
 
@@ -176,8 +215,10 @@ class Ui:
 
         registry = router_of(self.rt.celery).registry
         if registry is None:
-            return {"workers": [], "problem": "no worker registry: the broker is not Redis and "
-                                              "scheduler.registry_url is not set"}
+            return {
+                "workers": [],
+                "problem": "no worker registry: the broker is not Redis and scheduler.registry_url is not set",
+            }
         try:
             found = registry.all()
         except Exception as exc:  # noqa: BLE001 - any client error means the registry is unreachable
@@ -186,12 +227,18 @@ class Ui:
         rows = []
         for w in found:
             age = max(0.0, now - w.heartbeat_at) if w.heartbeat_at else None
-            health = ("offline" if not w.online else "late" if age is not None and w.ttl and age > w.ttl / 2
-                      else "healthy")
-            rows.append({"w": w, "age": "—" if age is None else f"{age:.1f} s", "health": health,
-                         "load": min(100, round(100 * w.in_flight / w.capacity)) if w.capacity else 0})
-        return {"workers": rows, "problem": "",
-                "strategy": self.rt.config.scheduler.load_balance_strategy}
+            health = (
+                "offline" if not w.online else "late" if age is not None and w.ttl and age > w.ttl / 2 else "healthy"
+            )
+            rows.append(
+                {
+                    "w": w,
+                    "age": "—" if age is None else f"{age:.1f} s",
+                    "health": health,
+                    "load": min(100, round(100 * w.in_flight / w.capacity)) if w.capacity else 0,
+                }
+            )
+        return {"workers": rows, "problem": "", "strategy": self.rt.config.scheduler.load_balance_strategy}
 
     # --- counts over time -----------------------------------------------------------------
 
@@ -203,8 +250,14 @@ class Ui:
         except Exception as exc:  # noqa: BLE001 - a chart must not break the page
             logger.warning("counting tasks for the chart failed: %s", exc)
             return {"window": window, "by": by, "chart": None, "problem": str(exc), "truncated": False}
-        return {"window": window, "by": by, "chart": stats.chart(counts, by), "problem": "",
-                "truncated": counts.truncated, "windows": list(stats.WINDOWS)}
+        return {
+            "window": window,
+            "by": by,
+            "chart": stats.chart(counts, by),
+            "problem": "",
+            "truncated": counts.truncated,
+            "windows": list(stats.WINDOWS),
+        }
 
 
 def attempts(task: Task, lines: list[TaskLog]) -> list[dict[str, Any]]:
@@ -212,19 +265,43 @@ def attempts(task: Task, lines: list[TaskLog]) -> list[dict[str, Any]]:
     keeps the worker and timings of that one only; earlier ones show their log lines' times."""
     seen: dict[tuple[int, int], dict[str, Any]] = {}
     for line in lines:
-        row = seen.setdefault((line.run, line.attempt), {
-            "run": line.run, "attempt": line.attempt, "first": line.time, "last": line.time, "lines": 0,
-            "warnings": 0, "current": False})
+        row = seen.setdefault(
+            (line.run, line.attempt),
+            {
+                "run": line.run,
+                "attempt": line.attempt,
+                "first": line.time,
+                "last": line.time,
+                "lines": 0,
+                "warnings": 0,
+                "current": False,
+            },
+        )
         row["last"] = line.time
         row["lines"] += 1
         row["warnings"] += line.level in ("WARNING", "ERROR", "CRITICAL")
     if task.attempt:
         for n in range(1, task.attempt + 1):  # attempts of this run that logged nothing
-            seen.setdefault((task.run, n), {"run": task.run, "attempt": n, "first": None, "last": None,
-                                            "lines": 0, "warnings": 0, "current": False})
+            seen.setdefault(
+                (task.run, n),
+                {
+                    "run": task.run,
+                    "attempt": n,
+                    "first": None,
+                    "last": None,
+                    "lines": 0,
+                    "warnings": 0,
+                    "current": False,
+                },
+            )
         latest = seen[(task.run, task.attempt)]
-        latest.update(current=True, worker=task.worker_id, started=task.started_at, finished=task.finished_at,
-                      status=task.status.value)
+        latest.update(
+            current=True,
+            worker=task.worker_id,
+            started=task.started_at,
+            finished=task.finished_at,
+            status=task.status.value,
+        )
     return [seen[k] for k in sorted(seen)]
 
 
@@ -304,6 +381,7 @@ def _task_pages(router: APIRouter, ui: Ui) -> None:
         except TaskNotFoundError:
             return ui.fragment("flash.html", flash=f"task {task_id} no longer exists", flash_kind="error")
 
+
 def _login(router: APIRouter, ui: Ui) -> None:
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -316,15 +394,20 @@ def _login(router: APIRouter, ui: Ui) -> None:
         if not hmac.compare_digest(form.get("token", "").strip().encode(), ui.token.encode()):
             return ui.page(request, "login.html", status_code=401, next=target, problem="That is not the API token.")
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(auth.SESSION_COOKIE, auth.session_value(ui.token.encode()), httponly=True,
-                            samesite="strict", path=auth.PREFIX, secure=request.url.scheme == "https")
+        response.set_cookie(
+            auth.SESSION_COOKIE,
+            auth.session_value(ui.token.encode()),
+            httponly=True,
+            samesite="strict",
+            path=auth.PREFIX,
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @router.post("/logout")
     def logout(request: Request) -> Response:
         if not auth.csrf_ok(ui.csrf_key, request.headers):
-            return ui.fragment("flash.html", flash="Refused: this page is out of date; reload it.",
-                               flash_kind="error")
+            return ui.fragment("flash.html", flash="Refused: this page is out of date; reload it.", flash_kind="error")
         response = Response(status_code=204, headers={"HX-Redirect": "/ui/login"})
         response.delete_cookie(auth.SESSION_COOKIE, path=auth.PREFIX)
         return response
@@ -350,8 +433,12 @@ def _actions(router: APIRouter, ui: Ui) -> None:
     @router.post("/tasks/{task_id}/cancel")
     def cancel(request: Request, task_id: str) -> Response:
         terminate = request.query_params.get("terminate") in ("1", "true")
-        return act(request, task_id, "terminate" if terminate else "cancel",
-                   lambda: ui.manager.cancel(task_id, terminate=terminate))
+        return act(
+            request,
+            task_id,
+            "terminate" if terminate else "cancel",
+            lambda: ui.manager.cancel(task_id, terminate=terminate),
+        )
 
     @router.post("/tasks/{task_id}/retry")
     def retry(request: Request, task_id: str) -> Response:

@@ -79,16 +79,23 @@ def _set_app_current(app: Any, celery_session_app: Any) -> Iterator[None]:
     yield
     prefix = _config().app.name
     for app_name, test_app in (("function app", app), ("session app", celery_session_app)):
-        extra = {q for q in test_app.amqp.queues
-                 if q not in ("celery", f"{prefix}.default") and not q.startswith(f"{prefix}.worker.")}
+        extra = {
+            q
+            for q in test_app.amqp.queues
+            if q not in ("celery", f"{prefix}.default") and not q.startswith(f"{prefix}.worker.")
+        }
         if extra:
-            pytest.fail(f"Integration {app_name} must only use the shared celery queue and celery_ext's own "
-                        f"default and direct queues; found {sorted(extra)}")
+            pytest.fail(
+                f"Integration {app_name} must only use the shared celery queue and celery_ext's own "
+                f"default and direct queues; found {sorted(extra)}"
+            )
 
 
 # Not module-level fixtures: those would also register globally (this module is a plugin).
-OVERRIDES: dict[str, Any] = {"celery_config": pytest.fixture(scope="session")(_celery_config),
-                             "ZZZZ_set_app_current": pytest.fixture(autouse=True)(_set_app_current)}
+OVERRIDES: dict[str, Any] = {
+    "celery_config": pytest.fixture(scope="session")(_celery_config),
+    "ZZZZ_set_app_current": pytest.fixture(autouse=True)(_set_app_current),
+}
 if os.environ.get("CELERY_EXT_SUITE_WORKER", "factory") == "factory":
     OVERRIDES["celery_session_app"] = pytest.fixture(scope="session")(_celery_session_app)
 ADDED: dict[str, Any] = {}

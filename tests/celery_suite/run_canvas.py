@@ -68,6 +68,8 @@ FAILING = ("failed", "error", "not run")
 
 def failing(outcome: str) -> bool:
     return outcome in FAILING or outcome.endswith("+teardown")
+
+
 CLAIM_KEY = "celery-canvas-suite:claim"
 
 
@@ -76,6 +78,7 @@ class HarnessError(Exception):
 
 
 # --- the suite ---------------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     if os.environ.get("CELERY_SUITE_CACHE"):
@@ -96,9 +99,21 @@ def ensure_suite(cache_dir: Path) -> Path:
         dist.mkdir(parents=True, exist_ok=True)
         print(f"downloading the celery {CELERY_VERSION} sdist into {dist}", flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-             f"celery=={CELERY_VERSION}", "-d", str(dist)],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"celery=={CELERY_VERSION}",
+                "-d",
+                str(dist),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if proc.returncode != 0 or not sdist.is_file():
             raise HarnessError(f"pip download failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
@@ -109,8 +124,7 @@ def ensure_suite(cache_dir: Path) -> Path:
     shutil.rmtree(suite, ignore_errors=True)
     top = f"celery-{CELERY_VERSION}/"
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(top + "t/") or m.name == top + "pyproject.toml"]
+        members = [m for m in tar.getmembers() if m.name.startswith(top + "t/") or m.name == top + "pyproject.toml"]
         tar.extractall(cache_dir, members=members, filter="data")
     if not (suite / SUITE_FILE).is_file():
         raise HarnessError(f"{sdist} has no {SUITE_FILE}")
@@ -119,6 +133,7 @@ def ensure_suite(cache_dir: Path) -> Path:
 
 
 # --- Redis -------------------------------------------------------------------------------------
+
 
 def claim_redis_db(host: str, port: int) -> int:
     """An empty db (not 0: the repo's tests and the suite's helpers use it), claimed by a key."""
@@ -147,6 +162,7 @@ def reset_redis_db(host: str, port: int, db: int, release: bool = False) -> None
 
 # --- one side ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Side:
     name: str
@@ -160,8 +176,13 @@ class Side:
         return dict(collections.Counter(outcome for outcome, _ in self.results.values()))
 
     def as_json(self) -> dict[str, Any]:
-        return {"dir": str(self.directory), "runtime": round(self.runtime, 1), "returncode": self.returncode,
-                "stopped": self.stopped, "totals": self.totals()}
+        return {
+            "dir": str(self.directory),
+            "runtime": round(self.runtime, 1),
+            "returncode": self.returncode,
+            "stopped": self.stopped,
+            "totals": self.totals(),
+        }
 
 
 def short_id(nodeid: str) -> str:
@@ -184,10 +205,22 @@ def parse_jsonl(path: Path) -> tuple[list[str], dict[str, tuple[str, str]]]:
 
 def pytest_command(side: str, directory: Path, args: argparse.Namespace) -> list[str]:
     command = [
-        sys.executable, "-m", "pytest", SUITE_FILE, "-v", "--color=no", "-p", "no:cacheprovider",
+        sys.executable,
+        "-m",
+        "pytest",
+        SUITE_FILE,
+        "-v",
+        "--color=no",
+        "-p",
+        "no:cacheprovider",
         # Celery's fixtures: no longer an entry-point plugin (Celery's CI gets them via pytest-celery).
-        "-p", "celery.contrib.pytest", "-p", "suite_limits",
-        f"--timeout={args.test_timeout:g}", f"--junitxml={directory / 'junit.xml'}", "--durations=15",
+        "-p",
+        "celery.contrib.pytest",
+        "-p",
+        "suite_limits",
+        f"--timeout={args.test_timeout:g}",
+        f"--junitxml={directory / 'junit.xml'}",
+        "--durations=15",
     ]
     if side == "celery_ext":
         command += ["-p", "celery_ext_overlay"]
@@ -196,23 +229,31 @@ def pytest_command(side: str, directory: Path, args: argparse.Namespace) -> list
     return command + list(args.pytest_args)
 
 
-def side_environment(side: str, directory: Path, args: argparse.Namespace, broker_url: str,
-                     deadline: float) -> dict[str, str]:
+def side_environment(
+    side: str, directory: Path, args: argparse.Namespace, broker_url: str, deadline: float
+) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "CELERY_EXT_CONFIG"):
         env.pop(name, None)
     env.update(
         PYTHONPATH=os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p),
-        REDIS_HOST=args.redis_host, REDIS_PORT=str(args.redis_port),
-        TEST_BROKER=broker_url, TEST_BACKEND=f"redis://{args.redis_host}:{args.redis_port}/0",
-        CELERY_SUITE_TEST_TIMEOUT=f"{args.test_timeout:g}", CELERY_SUITE_MAX_RERUNS=str(args.max_reruns),
-        CELERY_SUITE_DEADLINE=f"{deadline:.0f}", CELERY_SUITE_MAX_SETUP_ERRORS=str(args.max_setup_errors),
+        REDIS_HOST=args.redis_host,
+        REDIS_PORT=str(args.redis_port),
+        TEST_BROKER=broker_url,
+        TEST_BACKEND=f"redis://{args.redis_host}:{args.redis_port}/0",
+        CELERY_SUITE_TEST_TIMEOUT=f"{args.test_timeout:g}",
+        CELERY_SUITE_MAX_RERUNS=str(args.max_reruns),
+        CELERY_SUITE_DEADLINE=f"{deadline:.0f}",
+        CELERY_SUITE_MAX_SETUP_ERRORS=str(args.max_setup_errors),
         CELERY_SUITE_RESULTS=str(directory / "results.jsonl"),
     )
     if side == "celery_ext":
-        env.update(TEST_BACKEND="celery_ext://", CELERY_EXT_SUITE_WORKER=args.ext_worker,
-                   CELERY_EXT_CONFIG=str(directory / "config.yaml"),
-                   CELERY_EXT_SUITE_PING_CHECK="0" if args.ext_no_ping_check else "1")
+        env.update(
+            TEST_BACKEND="celery_ext://",
+            CELERY_EXT_SUITE_WORKER=args.ext_worker,
+            CELERY_EXT_CONFIG=str(directory / "config.yaml"),
+            CELERY_EXT_SUITE_PING_CHECK="0" if args.ext_no_ping_check else "1",
+        )
     return env
 
 
@@ -237,9 +278,15 @@ def run_side(side: str, suite: Path, out_dir: Path, args: argparse.Namespace, br
     hard_limit = args.max_time + args.test_timeout + 180  # the last test, then teardown
     print(f"[{side}] pytest {SUITE_FILE} (log: {directory / 'pytest.log'})", flush=True)
     with open(directory / "pytest.log", "wb") as log:
-        proc = subprocess.Popen(pytest_command(side, directory, args), cwd=suite, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            pytest_command(side, directory, args),
+            cwd=suite,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             result.returncode = proc.wait(hard_limit)
         except subprocess.TimeoutExpired:
@@ -256,12 +303,16 @@ def run_side(side: str, suite: Path, out_dir: Path, args: argparse.Namespace, br
         result.stopped = f"{never_started} tests never started (time cap or setup errors: see pytest.log)"
     if not collected and not result.results:
         result.stopped = result.stopped or f"nothing collected (pytest exit {result.returncode}; see pytest.log)"
-    print(f"[{side}] {fmt_totals(result.totals())} in {result.runtime:.0f}s"
-          f"{' -- ' + result.stopped if result.stopped else ''}", flush=True)
+    print(
+        f"[{side}] {fmt_totals(result.totals())} in {result.runtime:.0f}s"
+        f"{' -- ' + result.stopped if result.stopped else ''}",
+        flush=True,
+    )
     return result
 
 
 # --- report ------------------------------------------------------------------------------------
+
 
 def fmt_totals(totals: dict[str, int]) -> str:
     order = ["passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run"]
@@ -282,17 +333,24 @@ def report(sides: dict[str, Side], diff_only: bool) -> str:
         lines.append(f"{test_id:<{width}}  " + "  ".join(f"{o:<14}" for o in outcomes) + mark)
     lines.append("")
     for name, side in sides.items():
-        lines.append(f"{name}: {fmt_totals(side.totals())} in {side.runtime:.0f}s (pytest exit {side.returncode}"
-                     f"{', ' + side.stopped if side.stopped else ''}; {side.directory})")
+        lines.append(
+            f"{name}: {fmt_totals(side.totals())} in {side.runtime:.0f}s (pytest exit {side.returncode}"
+            f"{', ' + side.stopped if side.stopped else ''}; {side.directory})"
+        )
     if len(sides) == 2:
         bare, ext = sides["bare"].results, sides["celery_ext"].results
         regressions = [i for i in ids if bare.get(i, ("-",))[0] == "passed" and failing(ext.get(i, ("-",))[0])]
         skipped = [i for i in ids if bare.get(i, ("-",))[0] == "passed" and ext.get(i, ("-",))[0] == "skipped"]
-        lines.append(f"passed on bare, not on celery_ext (failed, error, +teardown, not run): {len(regressions)}; "
-                     f"passed on bare but skipped on celery_ext: {len(skipped)}")
+        lines.append(
+            f"passed on bare, not on celery_ext (failed, error, +teardown, not run): {len(regressions)}; "
+            f"passed on bare but skipped on celery_ext: {len(skipped)}"
+        )
     for name, side in sides.items():
-        messages = collections.Counter(m.splitlines()[0][:160] if m else "(no message)"
-                                       for o, m in side.results.values() if failing(o) and o != "not run")
+        messages = collections.Counter(
+            m.splitlines()[0][:160] if m else "(no message)"
+            for o, m in side.results.values()
+            if failing(o) and o != "not run"
+        )
         if messages:
             lines.append(f"most common failures on {name}:")
             lines += [f"  {count:4d} x {message}" for message, count in messages.most_common(5)]
@@ -301,9 +359,11 @@ def report(sides: dict[str, Side], diff_only: bool) -> str:
 
 # --- main --------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: bare, celery_ext")
     parser.add_argument("--out-dir", type=Path, help="default: a new temp dir")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the sdist is kept")
@@ -313,16 +373,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-timeout", type=float, default=600.0, help="seconds per test (pytest-timeout)")
     parser.add_argument("--max-time", type=float, default=1800.0, help="seconds per side before no test starts")
     parser.add_argument("--max-reruns", type=int, default=1, help="cap on the suite's flaky reruns")
-    parser.add_argument("--max-setup-errors", type=int, default=10,
-                        help="stop a side after this many tests in a row fail in setup")
+    parser.add_argument(
+        "--max-setup-errors", type=int, default=10, help="stop a side after this many tests in a row fail in setup"
+    )
     parser.add_argument("-k", help="pytest -k expression, for both sides")
     parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
     parser.add_argument("--ext-storage", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--ext-worker", choices=["factory", "settings"], default="factory",
-                        help="factory: the worker app is celery_ext's create_app; settings: conf only")
-    parser.add_argument("--ext-no-ping-check", action="store_true",
-                        help="diagnostic: start the celery_ext side's worker without the suite's celery.ping check")
+    parser.add_argument(
+        "--ext-worker",
+        choices=["factory", "settings"],
+        default="factory",
+        help="factory: the worker app is celery_ext's create_app; settings: conf only",
+    )
+    parser.add_argument(
+        "--ext-no-ping-check",
+        action="store_true",
+        help="diagnostic: start the celery_ext side's worker without the suite's celery.ping check",
+    )
     parser.add_argument("--diff-only", action="store_true", help="print only rows whose outcomes differ")
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments, for both sides")
     args = parser.parse_args(argv)
@@ -375,10 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (out_dir / "report.txt").write_text(report(sides, False) + "\n")
     summary = {
-        "celery_version": CELERY_VERSION, "suite": SUITE_FILE, "broker": broker_url,
+        "celery_version": CELERY_VERSION,
+        "suite": SUITE_FILE,
+        "broker": broker_url,
         "sides": {name: side.as_json() for name, side in sides.items()},
-        "tests": {name: {i: {"outcome": o, "message": m} for i, (o, m) in side.results.items()}
-                  for name, side in sides.items()},
+        "tests": {
+            name: {i: {"outcome": o, "message": m} for i, (o, m) in side.results.items()}
+            for name, side in sides.items()
+        },
     }
     for path in filter(None, [out_dir / "summary.json", args.json]):
         path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

@@ -24,8 +24,7 @@ def test_a_read_only_cli_call_leaves_no_server_running(tmp_path: Path) -> None:
     assert status(config)["running"] is False  # status itself starts nothing
     res = cli(config, "submit", "echo", '{"n": 1}', "--json")
     assert res.returncode == 0, res.stderr
-    assert status(config) == {"running": False, "socket": str(tmp_path / ".celery_ext" / "redis.sock"),
-                              "users": []}
+    assert status(config) == {"running": False, "socket": str(tmp_path / ".celery_ext" / "redis.sock"), "users": []}
     # The message the CLI published waits in the append-only file for the worker.
     task_id = json.loads(res.stdout)["task_id"]
     worker = WorkerProcess(config, concurrency=1)

@@ -26,7 +26,7 @@ def readme_recipe() -> tuple[str, dict[str, Any]]:
     text = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(# myapp/reverse\.py\n.*?)```", text, re.S)
     assert code, "the README lost its executor recipe"
-    config = re.search(r"```yaml\n(.*?)```", text[code.end():], re.S)
+    config = re.search(r"```yaml\n(.*?)```", text[code.end() :], re.S)
     assert config
     return code.group(1), yaml.safe_load(config.group(1))
 
@@ -45,11 +45,18 @@ def env_with(path: Path) -> dict[str, str]:
     return env
 
 
-def cli(config: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=config.parent,
-                          env=env or subprocess_env(), input=stdin)
+def cli(
+    config: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+        env=env or subprocess_env(),
+        input=stdin,
+    )
 
 
 def test_the_readme_executor_recipe_runs_as_written(make_cluster: Any) -> None:
@@ -59,8 +66,9 @@ def test_the_readme_executor_recipe_runs_as_written(make_cluster: Any) -> None:
     env = env_with(path)
     c.worker(env={"PYTHONPATH": env["PYTHONPATH"]})
     assert cli(c.config_path, "config", "validate", env=env).returncode == 0
-    done = cli(c.config_path, "submit", "reverse", '{"text": "abc"}', "--wait", "--wait-timeout", "30", "--json",
-               env=env)
+    done = cli(
+        c.config_path, "submit", "reverse", '{"text": "abc"}', "--wait", "--wait-timeout", "30", "--json", env=env
+    )
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["result"] == "CBA" and record["max_retries"] == 2 and record["timeout"] == 30
@@ -141,7 +149,8 @@ def test_cancel_terminate_kills_the_running_task(shared_cluster: Any) -> None:
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from celery_ext.cli import main, tasks_cmd
 
     def broken(args: Any) -> int:

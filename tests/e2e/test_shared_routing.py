@@ -29,28 +29,40 @@ PARALLEL = 8  # submit processes at a time
 def weighted(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
     require("Redis", REDIS_HOST, REDIS_PORT)
     directory = tmp_path_factory.mktemp("shared_routing")
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"worker": {"heartbeat_interval": 0.5}})
+    data = cluster_data(
+        unique("ce"),
+        f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        storage_section("sqlite", database_urls),
+        {"worker": {"heartbeat_interval": 0.5}},
+    )
     cluster = Cluster(directory, data)
     cluster.hosts = {}  # type: ignore[attr-defined]
     for name, weight in WEIGHTS.items():
         # Threads pool, 4 slots: capacity never binds for echo tasks, so the split is the strategy's.
-        w = cluster.worker(hostname=f"{name}-{unique('')}@%h", concurrency=4, pool="threads",
-                           extra_args=["--weight", str(weight)])
+        w = cluster.worker(
+            hostname=f"{name}-{unique('')}@%h", concurrency=4, pool="threads", extra_args=["--weight", str(weight)]
+        )
         cluster.hosts[w.hostname.split("@")[0]] = name  # type: ignore[attr-defined]
     yield cluster
     cluster.close()
 
 
 def submit_all(cluster: Cluster, strategy: str) -> Counter[str]:
-    config = write_config(cluster.tmp_path, {**cluster.data, "scheduler": {"load_balance_strategy": strategy}},
-                          f"{strategy}.yaml")
+    config = write_config(
+        cluster.tmp_path, {**cluster.data, "scheduler": {"load_balance_strategy": strategy}}, f"{strategy}.yaml"
+    )
     cli = shutil.which("celery-ext", path=str(Path(__import__("sys").executable).parent)) or "celery-ext"
     env = subprocess_env()
 
     def submit(i: int) -> str:
-        out = subprocess.run([cli, "--config", str(config), "submit", "echo", f'{{"i": {i}}}'],
-                             capture_output=True, text=True, timeout=120, env=env, cwd=cluster.tmp_path)
+        out = subprocess.run(
+            [cli, "--config", str(config), "submit", "echo", f'{{"i": {i}}}'],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=cluster.tmp_path,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
@@ -98,8 +110,12 @@ def test_a_strategy_change_in_config_yaml_reaches_a_running_producer(weighted: C
             router.snapshot()
             time.sleep(0.05)
         followed = time.monotonic() - t0
-        counts = Counter(weighted.hosts[one_at_a_time(rt, rt.manager.submit("echo", {"i": i})).worker_id  # type: ignore[attr-defined]
-                                        .split("@")[0]] for i in range(60))
+        counts = Counter(
+            weighted.hosts[
+                one_at_a_time(rt, rt.manager.submit("echo", {"i": i})).worker_id.split("@")[0]  # type: ignore[attr-defined]
+            ]
+            for i in range(60)
+        )
         print(f"strategy change followed after {followed:.2f}s; then {dict(sorted(counts.items()))}")
         for name, weight in WEIGHTS.items():
             assert abs(counts[name] - 60 * weight / 6) <= 3, counts

@@ -33,7 +33,7 @@ from tests.support.workers import WorkerProcess, subprocess_env, write_config
 pytestmark = pytest.mark.timeout(300)
 EARLY: list[str] = []  # the task submitted before any worker ran (the tests of this module run in order)
 
-HIDDEN = '''
+HIDDEN = """
 from celery_ext import task_type
 
 
@@ -45,7 +45,7 @@ def hidden_greet(name: str, punctuation: str = "!") -> str:
 @task_type("hidden_add")
 def hidden_add(x: int, y: int) -> int:
     return x + y
-'''
+"""
 
 
 def python_executor(**config: Any) -> list[dict[str, Any]]:
@@ -68,8 +68,12 @@ def worker_env(modules_dir: Path) -> dict[str, str]:
 def cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
     """No worker yet: the first test submits while none runs."""
     require("Redis", REDIS_HOST, REDIS_PORT)
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"executors": python_executor(task_types=["hidden_greet"])})
+    data = cluster_data(
+        unique("ce"),
+        f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        storage_section("sqlite", database_urls),
+        {"executors": python_executor(task_types=["hidden_greet"])},
+    )
     c = Cluster(tmp_path_factory.mktemp("clients"), data)
     yield c
     c.close()
@@ -77,8 +81,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, s
 
 def cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """``celery-ext`` in its own process, whose PYTHONPATH lacks ``hidden_tasks``."""
-    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(c.config_path), *args],
-                          capture_output=True, text=True, timeout=90, cwd=c.config_path.parent, env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(c.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=c.config_path.parent,
+        env=subprocess_env(),
+    )
 
 
 def record_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -89,8 +99,12 @@ def record_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 def test_client_processes_cannot_import_the_module(cluster: Cluster, modules_dir: Path) -> None:
     probe = [sys.executable, "-c", "import hidden_tasks"]
     assert subprocess.run(probe, capture_output=True, cwd=cluster.tmp_path, env=subprocess_env()).returncode == 1
-    assert subprocess.run(probe, capture_output=True, cwd=cluster.tmp_path,
-                          env={**subprocess_env(), **worker_env(modules_dir)}).returncode == 0
+    assert (
+        subprocess.run(
+            probe, capture_output=True, cwd=cluster.tmp_path, env={**subprocess_env(), **worker_env(modules_dir)}
+        ).returncode
+        == 0
+    )
 
 
 def test_without_a_worker_only_declared_types_are_accepted(cluster: Cluster) -> None:
@@ -109,8 +123,16 @@ def test_the_cli_submits_declared_and_advertised_types(cluster: Cluster, modules
     early = cli(cluster, "wait", EARLY[0], "--timeout", "30", "--json")
     assert early.returncode == 0 and record_of(early)["result"] == "hello early!"
 
-    declared = cli(cluster, "submit", "hidden_greet", '{"name": "ada", "punctuation": "?"}', "--wait",
-                   "--wait-timeout", "30", "--json")
+    declared = cli(
+        cluster,
+        "submit",
+        "hidden_greet",
+        '{"name": "ada", "punctuation": "?"}',
+        "--wait",
+        "--wait-timeout",
+        "30",
+        "--json",
+    )
     assert declared.returncode == 0, declared.stderr
     assert record_of(declared)["status"] == "succeeded" and record_of(declared)["result"] == "hello ada?"
 
@@ -134,8 +156,10 @@ def test_advertised_types_are_routed_to_their_queues(cluster: Cluster) -> None:
 
 
 def test_a_payload_that_does_not_fit_fails_in_the_worker_as_invalid_payload(cluster: Cluster) -> None:
-    for task_type, payload, problem in [("hidden_greet", '{"nom": "x"}', "missing a required argument: 'name'"),
-                                        ("hidden_add", '{"x": 1, "z": 2}', "missing a required argument: 'y'")]:
+    for task_type, payload, problem in [
+        ("hidden_greet", '{"nom": "x"}', "missing a required argument: 'name'"),
+        ("hidden_add", '{"x": 1, "z": 2}', "missing a required argument: 'y'"),
+    ]:
         done = cli(cluster, "submit", task_type, payload, "--wait", "--wait-timeout", "30", "--json")
         assert done.returncode == 1, done.stderr
         record = record_of(done)
@@ -179,8 +203,9 @@ def test_flower_starts_and_sends_without_the_module(cluster: Cluster) -> None:
         flower.stop()
 
 
-def test_a_worker_that_cannot_import_the_module_refuses_to_start(cluster: Cluster, modules_dir: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_worker_that_cannot_import_the_module_refuses_to_start(
+    cluster: Cluster, modules_dir: Path, tmp_path: Path
+) -> None:
     def refused(worker: WorkerProcess) -> str:
         try:
             with pytest.raises(RuntimeError) as info:
@@ -189,12 +214,16 @@ def test_a_worker_that_cannot_import_the_module_refuses_to_start(cluster: Cluste
             worker.stop()
         return str(info.value)
 
-    assert ("celery_ext: cannot start worker: executors[0].config.modules: cannot import 'hidden_tasks': "
-            "No module named 'hidden_tasks'") in refused(WorkerProcess(cluster.config_path))  # a client's PYTHONPATH
+    assert (
+        "celery_ext: cannot start worker: executors[0].config.modules: cannot import 'hidden_tasks': "
+        "No module named 'hidden_tasks'"
+    ) in refused(WorkerProcess(cluster.config_path))  # a client's PYTHONPATH
 
     # Declared but registered by no module: it could not run what it would advertise.
-    config = write_config(tmp_path, {**cluster.data,
-                                     "executors": python_executor(task_types=["hidden_greet", "hidden_gone"])})
-    assert ("celery_ext: cannot start worker: executors[0].config.task_types: 'hidden_gone' declared, but no "
-            "@task_type function of that name was registered by the modules (hidden_tasks)"
-            ) in refused(WorkerProcess(config, env=worker_env(modules_dir)))
+    config = write_config(
+        tmp_path, {**cluster.data, "executors": python_executor(task_types=["hidden_greet", "hidden_gone"])}
+    )
+    assert (
+        "celery_ext: cannot start worker: executors[0].config.task_types: 'hidden_gone' declared, but no "
+        "@task_type function of that name was registered by the modules (hidden_tasks)"
+    ) in refused(WorkerProcess(config, env=worker_env(modules_dir)))

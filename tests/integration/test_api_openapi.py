@@ -21,12 +21,17 @@ TOKEN = "openapi-token"
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory,
-         database_urls: dict[str, str]) -> Iterator[tuple[Cluster, ApiProcess]]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]
+) -> Iterator[tuple[Cluster, ApiProcess]]:
     """One worker and one API process (token set) for the whole module."""
     require("Redis", REDIS_HOST, REDIS_PORT)
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"executors": TEST_TASKS, "api": {"token": TOKEN}})
+    data = cluster_data(
+        unique("ce"),
+        f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        storage_section("sqlite", database_urls),
+        {"executors": TEST_TASKS, "api": {"token": TOKEN}},
+    )
     cluster = Cluster(tmp_path_factory.mktemp("openapi"), data)
     cluster.worker()
     server = ApiProcess(cluster)
@@ -46,14 +51,26 @@ def client(live: tuple[Cluster, ApiProcess]) -> Iterator[httpx.Client]:
 def test_the_document_is_openapi_3_1_made_from_the_request_models(client: httpx.Client) -> None:
     doc = httpx.get(f"{client.base_url}/openapi.json").json()  # public: it holds no data
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/tasks", "/tasks:batch", "/tasks/{task_id}", "/tasks/{task_id}/logs",
-                                 "/tasks/{task_id}/cancel", "/tasks/{task_id}/retry", "/workers", "/healthz",
-                                 "/readyz", "/health"}
+    assert set(doc["paths"]) == {
+        "/tasks",
+        "/tasks:batch",
+        "/tasks/{task_id}",
+        "/tasks/{task_id}/logs",
+        "/tasks/{task_id}/cancel",
+        "/tasks/{task_id}/retry",
+        "/workers",
+        "/healthz",
+        "/readyz",
+        "/health",
+    }
     submit = doc["components"]["schemas"]["SubmitRequest"]
     assert submit["additionalProperties"] is False and submit["required"] == ["task_type"]
     assert submit["properties"]["priority"]["maximum"] == 9 and "echo" in submit["properties"]["task_type"]["examples"]
     assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": "api.token"}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "api.token",
+    }
     assert "422" not in str(doc["paths"])  # errors are 400 with the ErrorBody shape, as documented
     post = doc["paths"]["/tasks"]["post"]["responses"]
     assert {"200", "201", "400", "401", "413", "503"} <= set(post)
@@ -61,7 +78,10 @@ def test_the_document_is_openapi_3_1_made_from_the_request_models(client: httpx.
     # The same model refuses what the document refuses.
     r = client.post("/tasks", json={"task_type": "echo", "priority": 12})
     assert r.status_code == 400 and r.json()["error"] == {
-        "code": "invalid_payload", "message": "priority: must be <= 9 (got 12)", "field": "priority"}
+        "code": "invalid_payload",
+        "message": "priority: must be <= 9 (got 12)",
+        "field": "priority",
+    }
     strict = client.post("/tasks", json={"task_type": "echo", "max_retries": "3"})
     assert strict.status_code == 400 and strict.json()["error"]["field"] == "max_retries"
 
@@ -85,13 +105,21 @@ def test_errors_are_json_everywhere_and_bearer_is_case_insensitive(client: httpx
     assert text.status_code == 400 and "application/json" in text.json()["error"]["message"]
 
 
-def test_batch_submit_validates_all_then_submits_together(live: tuple[Cluster, ApiProcess],
-                                                          client: httpx.Client) -> None:
+def test_batch_submit_validates_all_then_submits_together(
+    live: tuple[Cluster, ApiProcess], client: httpx.Client
+) -> None:
     cluster, _ = live
     key = unique("batch-")
-    r = client.post("/tasks:batch", json={"tasks": [
-        {"task_type": "echo", "payload": {"i": 0}}, {"task_type": "echo", "payload": {"i": 1}, "priority": 5},
-        {"task_type": "echo", "payload": {"i": 2}, "idempotency_key": key}]})
+    r = client.post(
+        "/tasks:batch",
+        json={
+            "tasks": [
+                {"task_type": "echo", "payload": {"i": 0}},
+                {"task_type": "echo", "payload": {"i": 1}, "priority": 5},
+                {"task_type": "echo", "payload": {"i": 2}, "idempotency_key": key},
+            ]
+        },
+    )
     assert r.status_code == 201, r.text
     items = r.json()["items"]
     assert [t["payload"] for t in items] == [{"i": 0}, {"i": 1}, {"i": 2}] and items[1]["priority"] == 5
@@ -145,11 +173,32 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(live: tuple[
     _, server = live
     st = Path(sys.executable).with_name("schemathesis")
     run = subprocess.run(
-        [str(st), "run", f"{server.url}/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-         "--max-examples", "40", "--workers", "1", "--generation-database", "none", "--no-color",
-         "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=280, cwd=server.log_path.parent)
-    assert run.returncode == 0, f"{run.stdout[-12000:]}\n{run.stderr[-3000:]}\n--- api log ---\n" \
-                                f"{server.log_path.read_text()[-6000:]}"
+        [
+            str(st),
+            "run",
+            f"{server.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            "40",
+            "--workers",
+            "1",
+            "--generation-database",
+            "none",
+            "--no-color",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=server.log_path.parent,
+    )
+    assert run.returncode == 0, (
+        f"{run.stdout[-12000:]}\n{run.stderr[-3000:]}\n--- api log ---\n{server.log_path.read_text()[-6000:]}"
+    )
     assert "Tested: 11" in run.stdout, run.stdout[-3000:]

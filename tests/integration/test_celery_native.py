@@ -40,11 +40,13 @@ pytestmark = pytest.mark.timeout(180)
 PRODUCER = Path(__file__).resolve().parents[1] / "support" / "plain_producer.py"
 # The key tests/celery_suite/run_canvas.py claims a Redis database with: one claim protocol.
 CLAIM_KEY = "celery-canvas-suite:claim"
-PYTHON_TASKS = [{"type": "python", "config": {"modules": [*TEST_TASKS[0]["config"]["modules"],
-                                                          "tests.support.native_tasks"]}}]
+PYTHON_TASKS = [
+    {"type": "python", "config": {"modules": [*TEST_TASKS[0]["config"]["modules"], "tests.support.native_tasks"]}}
+]
 
 
 # --- fixtures ------------------------------------------------------------------------------
+
 
 def claim_db() -> int:
     """An empty Redis database, claimed by ``CLAIM_KEY`` (Celery's canvas suite harness claims
@@ -75,13 +77,18 @@ def broker_db() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def native(broker_db: int, server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
-           database_urls: dict[str, str]) -> Iterator[Cluster]:
+def native(
+    broker_db: int, server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]
+) -> Iterator[Cluster]:
     """One SQLite-backed cluster with one worker running python task types and the http executor
     (the test HTTP server is on loopback, hence allow_networks)."""
     http = {"type": "http", "config": {"allow_networks": ["127.0.0.1/32"], "allow_hosts": ["127.0.0.1"]}}
-    data = cluster_data(unique("ce"), redis_url(broker_db),
-                        storage_section("sqlite", database_urls), {"executors": [*PYTHON_TASKS, http]})
+    data = cluster_data(
+        unique("ce"),
+        redis_url(broker_db),
+        storage_section("sqlite", database_urls),
+        {"executors": [*PYTHON_TASKS, http]},
+    )
     cluster = Cluster(tmp_path_factory.mktemp("native"), data)
     try:
         cluster.worker()
@@ -108,15 +115,21 @@ def events(native: Cluster) -> Iterator[EventLog]:
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def broker_url(c: Cluster) -> str:
     return str(c.data["broker"]["url"])
 
 
 def cli(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """``celery-ext`` in its own process."""
-    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(c.config_path), *args],
-                          capture_output=True, text=True, timeout=60, cwd=c.config_path.parent,
-                          env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(c.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=c.config_path.parent,
+        env=subprocess_env(),
+    )
 
 
 def listed(c: Cluster, task_id: str) -> dict[str, Any]:
@@ -154,6 +167,7 @@ def only_celery_imports(path: Path) -> set[str]:
 
 # --- 1. a producer process that imports only celery ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def plain_run(native: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``tests/support/plain_producer.py`` run once as its own process, from a directory outside
@@ -164,13 +178,21 @@ def plain_run(native: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
     script = shutil.copy(PRODUCER, where / "producer.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["CELERY_EXT_CONFIG"] = str(native.config_path)
-    sends = [{"name": "echo", "kwargs": {"hello": "plain celery", "n": [1, 2]}},
-             {"name": "reject", "kwargs": {"reason": "bad"}},
-             {"name": "flaky", "kwargs": {"key": unique("flaky:"), "fail_times": 1}},
-             {"chain": [{"name": "add", "args": [2, 2]}, {"name": "add", "args": [4]}]},
-             {"chord": [{"name": "add", "args": [1, 1]}, {"name": "add", "args": [2, 2]}], "body": {"name": "tsum"}}]
-    done = subprocess.run([sys.executable, script, broker_url(native), json.dumps(sends)], capture_output=True,
-                          text=True, timeout=120, cwd=where, env=env)
+    sends = [
+        {"name": "echo", "kwargs": {"hello": "plain celery", "n": [1, 2]}},
+        {"name": "reject", "kwargs": {"reason": "bad"}},
+        {"name": "flaky", "kwargs": {"key": unique("flaky:"), "fail_times": 1}},
+        {"chain": [{"name": "add", "args": [2, 2]}, {"name": "add", "args": [4]}]},
+        {"chord": [{"name": "add", "args": [1, 1]}, {"name": "add", "args": [2, 2]}], "body": {"name": "tsum"}},
+    ]
+    done = subprocess.run(
+        [sys.executable, script, broker_url(native), json.dumps(sends)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=where,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
@@ -250,8 +272,9 @@ def forwarded(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str,
     """A cluster of its own (own Redis database) with a worker that runs only ``echo``; a plain
     ``send_task("add", args=[20, 22])``; then a second worker that runs only ``add``."""
     db = claim_db()
-    data = cluster_data(unique("ce"), redis_url(db), storage_section("sqlite", database_urls),
-                        {"executors": TEST_TASKS})
+    data = cluster_data(
+        unique("ce"), redis_url(db), storage_section("sqlite", database_urls), {"executors": TEST_TASKS}
+    )
     c = Cluster(tmp_path_factory.mktemp("forward"), data)
     plain = Celery(broker=redis_url(db), backend=f"celery_ext://{c.config_path}")
     try:
@@ -262,8 +285,13 @@ def forwarded(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str,
         before = (c.runtime.storage.tasks.get(res.id), res.state)
         only_add = c.worker(extra_args=["--supported-types", "add"])
         result = res.get(timeout=30)
-        yield {"id": res.id, "before": before, "result": result, "record": c.manager.get(res.id),
-               "runner": only_add.hostname.split("@")[0]}
+        yield {
+            "id": res.id,
+            "before": before,
+            "result": result,
+            "record": c.manager.get(res.id),
+            "runner": only_add.hostname.split("@")[0],
+        }
     finally:
         plain.close()
         c.close()
@@ -332,10 +360,16 @@ def test_stranded_message_of_a_type_the_sweeper_does_not_know_still_runs(native:
 
 # --- 2. celery call -------------------------------------------------------------------------
 
+
 def test_celery_call(native: Cluster) -> None:
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "call", "echo",
-                           "--kwargs", '{"x": 1}'], capture_output=True, text=True, timeout=60,
-                          cwd=native.config_path.parent, env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)))
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ext", "call", "echo", "--kwargs", '{"x": 1}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=native.config_path.parent,
+        env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)),
+    )
     assert done.returncode == 0, done.stderr
     task_id = done.stdout.strip()
     assert len(task_id) == 36 and task_id.count("-") == 4, done.stdout  # a Celery (uuid4) task id
@@ -344,15 +378,21 @@ def test_celery_call(native: Cluster) -> None:
     assert record.payload == {"x": 1} and record.task_type == "echo" and record.attempt == 1
     assert native.runtime.celery.AsyncResult(task_id).get(timeout=10) == {"x": 1}
 
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "call", "add", "--args", "[2, 3]"],
-                          capture_output=True, text=True, timeout=60, cwd=native.config_path.parent,
-                          env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)))
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ext", "call", "add", "--args", "[2, 3]"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=native.config_path.parent,
+        env=subprocess_env(CELERY_EXT_CONFIG=str(native.config_path)),
+    )
     assert done.returncode == 0, done.stderr
     record = ended(native, done.stdout.strip())
     assert record.status is TaskStatus.SUCCEEDED and record.args == [2, 3] and record.result == 5
 
 
 # --- 3. Celery states through AsyncResult -------------------------------------------------
+
 
 def test_async_result_success_and_permanent_failure(native: Cluster) -> None:
     app, m = native.runtime.celery, native.manager
@@ -415,14 +455,16 @@ def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, event
 
 # --- 4. canvas of task types --------------------------------------------------------------
 
+
 def records_of(c: Cluster, **flt: str) -> dict[str, Task]:
     return {t.task_id: t for t in c.manager.list(limit=500, **flt).items}
 
 
 def test_chain_with_mutable_signatures(native: Cluster) -> None:
     app = native.runtime.celery
-    res = chain(app.signature("add", args=(2, 2)), app.signature("add", args=(4,)),
-                app.signature("add", args=(8,))).apply_async()
+    res = chain(
+        app.signature("add", args=(2, 2)), app.signature("add", args=(4,)), app.signature("add", args=(8,))
+    ).apply_async()
     assert res.get(timeout=30) == 16
     third, second, first = res, res.parent, res.parent.parent
     ids = [first.id, second.id, third.id]
@@ -462,8 +504,9 @@ def test_group(native: Cluster) -> None:
 
 def test_chord(native: Cluster) -> None:
     app = native.runtime.celery
-    res = chord([app.signature("add", args=(1, 1)), app.signature("add", args=(2, 2))],
-                app.signature("tsum")).apply_async()
+    res = chord(
+        [app.signature("add", args=(1, 1)), app.signature("add", args=(2, 2))], app.signature("tsum")
+    ).apply_async()
     assert res.get(timeout=60) == 6
     header = res.parent
     # Celery gives the body the chord's group id too (canvas.chord.run freezes it so).
@@ -486,8 +529,9 @@ def test_chord(native: Cluster) -> None:
 def test_chord_with_a_failed_member(native: Cluster) -> None:
     """The body never runs; ``get()`` raises the member's failure, as with bare Celery."""
     app = native.runtime.celery
-    res = chord([app.signature("add", args=(1, 1)), app.signature("reject", kwargs={"reason": "member"})],
-                app.signature("tsum")).apply_async()
+    res = chord(
+        [app.signature("add", args=(1, 1)), app.signature("reject", kwargs={"reason": "member"})], app.signature("tsum")
+    ).apply_async()
     with pytest.raises(TaskFailed, match="^rejected: member$"):
         res.get(timeout=60)
     assert [r.state for r in res.parent.results] == ["SUCCESS", "FAILURE"]
@@ -511,13 +555,15 @@ def test_chord_body_of_a_failed_chord_is_failure(native: Cluster) -> None:
 
 # --- 5. a previous result into an executor that takes a JSON object ------------------------
 
+
 def test_chain_result_becomes_the_http_payload(native: Cluster, server: HttpTestServer) -> None:
     """``payload_of``: the previous step's JSON object fills the payload of an ``http_request``
     step (executors other than python take only a JSON object)."""
     app = native.runtime.celery
     url = server.url("/json?from=chain")
-    res = chain(app.signature("echo", kwargs={"url": url, "method": "GET"}),
-                app.signature("http_request")).apply_async()
+    res = chain(
+        app.signature("echo", kwargs={"url": url, "method": "GET"}), app.signature("http_request")
+    ).apply_async()
     out = res.get(timeout=60)
     assert out["status"] == 200 and out["json"]["method"] == "GET" and out["json"]["query"] == {"from": "chain"}
     step = native.manager.get(res.id)
@@ -526,14 +572,17 @@ def test_chain_result_becomes_the_http_payload(native: Cluster, server: HttpTest
     assert step.parent_id == res.parent.id
 
     # The step's own payload keys win over the previous result's.
-    res = chain(app.signature("echo", kwargs={"url": url, "method": "GET"}),
-                app.signature("http_request", kwargs={"method": "POST", "body": "mine"})).apply_async()
+    res = chain(
+        app.signature("echo", kwargs={"url": url, "method": "GET"}),
+        app.signature("http_request", kwargs={"method": "POST", "body": "mine"}),
+    ).apply_async()
     out = res.get(timeout=60)
     assert out["json"]["method"] == "POST" and out["json"]["body"] == "mine"
 
     # An immutable signature ignores the previous result.
-    res = chain(app.signature("as_list", kwargs={"a": 1}),
-                app.signature("http_request", kwargs={"url": url}, immutable=True)).apply_async()
+    res = chain(
+        app.signature("as_list", kwargs={"a": 1}), app.signature("http_request", kwargs={"url": url}, immutable=True)
+    ).apply_async()
     assert res.get(timeout=60)["json"]["method"] == "GET"
     assert native.manager.get(res.id).args is None
 
@@ -553,6 +602,7 @@ def test_chain_feeding_a_list_to_http_is_invalid_payload(native: Cluster) -> Non
 
 
 # --- 6. a plain message sent twice with one id --------------------------------------------
+
 
 def test_plain_message_sent_twice_runs_once(native: Cluster) -> None:
     """Two messages with one Celery task id (a redelivery, or a producer that sends again): one

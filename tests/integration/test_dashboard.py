@@ -19,8 +19,16 @@ from tests.support.flower import require_chromium
 
 pytestmark = pytest.mark.timeout(240)
 TOKEN = "dash-token-7"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def require_playwright() -> Any:
@@ -90,8 +98,9 @@ def test_the_session_cookie_opens_the_ui_only(dash: tuple[Cluster, ApiProcess, h
     assert "/ui" not in str(httpx.get(f"{server.url}/openapi.json").json()["paths"])
 
 
-def test_dashboard_in_a_real_browser(dash: tuple[Cluster, ApiProcess, httpx.Client], browser: Any,
-                                     tmp_path: Path) -> None:
+def test_dashboard_in_a_real_browser(
+    dash: tuple[Cluster, ApiProcess, httpx.Client], browser: Any, tmp_path: Path
+) -> None:
     c, server, client = dash
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     dialogs: list[str] = []
@@ -130,8 +139,9 @@ def test_dashboard_in_a_real_browser(dash: tuple[Cluster, ApiProcess, httpx.Clie
 
     # A failed task: its error with the reason, its logs grouped by attempt; retry it.
     key = f"dash-{uuid.uuid4().hex}"
-    failing = client.post("/tasks", json={"task_type": "flaky", "payload": {"key": key, "fail_times": 10},
-                                          "max_retries": 1}).json()
+    failing = client.post(
+        "/tasks", json={"task_type": "flaky", "payload": {"key": key, "fail_times": 10}, "max_retries": 1}
+    ).json()
     assert wait_done(client, failing["task_id"])["status"] == "failed"
     page.goto(f"{server.url}/ui/tasks?status=failed")
     page.click(f"a[href='/ui/tasks/{failing['task_id']}']")
@@ -145,8 +155,11 @@ def test_dashboard_in_a_real_browser(dash: tuple[Cluster, ApiProcess, httpx.Clie
     page.evaluate("window.__notReloaded = true")
     page.click("#retry")
     page.wait_for_function("document.querySelector('#run').textContent === 'run 2'", timeout=20_000)
-    page.wait_for_function("document.querySelector('#status').textContent === 'failed' && "
-                           "document.querySelectorAll('.log-group[data-run=\"2\"]').length > 0", timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('#status').textContent === 'failed' && "
+        "document.querySelectorAll('.log-group[data-run=\"2\"]').length > 0",
+        timeout=30_000,
+    )
     assert page.evaluate("window.__notReloaded") is True
     assert "flaky run 3 of key" in page.inner_text("#logs")
     page.screenshot(path=str(tmp_path / "task-failed-retried.png"), full_page=True)

@@ -33,8 +33,9 @@ REDIS_SHOWN = f"redis://:**@{REDIS_HOST}:{REDIS_PORT}/0"
 
 
 @pytest.fixture(scope="module")
-def flower_cluster(tmp_path_factory: pytest.TempPathFactory,
-                   database_urls: dict[str, str]) -> Iterator[tuple[Cluster, FlowerProcess]]:
+def flower_cluster(
+    tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]
+) -> Iterator[tuple[Cluster, FlowerProcess]]:
     """One cluster (SQLite, Redis broker) with a running worker, and Flower watching it."""
     require("Redis", REDIS_HOST, REDIS_PORT)
     data = cluster_data(unique("ce"), REDIS_URL, storage_section("sqlite", database_urls), {"executors": TEST_TASKS})

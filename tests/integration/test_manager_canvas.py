@@ -18,9 +18,13 @@ def cluster(tmp_path_factory, database_urls):
 
 def test_chain_records_every_step_and_passes_results_on(cluster) -> None:
     m = cluster.manager
-    steps = m.submit_chain([{"task_type": "add", "payload": {"x": 2, "y": 2}},
-                            {"task_type": "add", "payload": {"y": 4}},
-                            {"task_type": "add", "payload": {"y": 10}}])
+    steps = m.submit_chain(
+        [
+            {"task_type": "add", "payload": {"x": 2, "y": 2}},
+            {"task_type": "add", "payload": {"y": 4}},
+            {"task_type": "add", "payload": {"y": 10}},
+        ]
+    )
     assert [s.status for s in steps] == [TaskStatus.QUEUED, TaskStatus.SCHEDULED, TaskStatus.SCHEDULED]
     last = m.wait(steps[-1].task_id, 30)
     assert last.status is TaskStatus.SUCCEEDED and last.result == 18 and last.args == [8]
@@ -37,8 +41,9 @@ def test_chain_records_every_step_and_passes_results_on(cluster) -> None:
 
 def test_a_failed_step_fails_the_steps_waiting_for_it(cluster) -> None:
     m = cluster.manager
-    steps = m.submit_chain([{"task_type": "reject", "payload": {"reason": "no"}},
-                            {"task_type": "add", "payload": {"y": 4}}])
+    steps = m.submit_chain(
+        [{"task_type": "reject", "payload": {"reason": "no"}}, {"task_type": "add", "payload": {"y": 4}}]
+    )
     waiting = m.wait(steps[1].task_id, 30)
     assert waiting.status is TaskStatus.FAILED and waiting.error.reason == "parent_failed"
     assert steps[0].task_id in waiting.error.message and waiting.started_at is None
@@ -55,8 +60,9 @@ def test_group_members_share_a_group_id(cluster) -> None:
 
 def test_chord_body_gets_the_list_of_results(cluster) -> None:
     m = cluster.manager
-    *header, body = m.submit_chord([{"task_type": "add", "payload": {"x": i, "y": i}} for i in range(3)],
-                                   {"task_type": "tsum"})
+    *header, body = m.submit_chord(
+        [{"task_type": "add", "payload": {"x": i, "y": i}} for i in range(3)], {"task_type": "tsum"}
+    )
     assert body.status is TaskStatus.SCHEDULED
     done = m.wait(body.task_id, 60)
     assert done.status is TaskStatus.SUCCEEDED and done.result == 6 and done.args == [[0, 2, 4]]
@@ -64,8 +70,10 @@ def test_chord_body_gets_the_list_of_results(cluster) -> None:
 
 def test_chord_with_a_failed_member_fails_its_body_without_running_it(cluster) -> None:
     m = cluster.manager
-    *header, body = m.submit_chord([{"task_type": "reject", "payload": {}},
-                                    {"task_type": "add", "payload": {"x": 1, "y": 1}}], {"task_type": "tsum"})
+    *header, body = m.submit_chord(
+        [{"task_type": "reject", "payload": {}}, {"task_type": "add", "payload": {"x": 1, "y": 1}}],
+        {"task_type": "tsum"},
+    )
     done = m.wait(body.task_id, 60)
     assert done.status is TaskStatus.FAILED and done.error.reason == "parent_failed" and done.started_at is None
     assert "rejected" in done.error.message

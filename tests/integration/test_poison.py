@@ -51,8 +51,11 @@ def assert_full_capacity(c: Cluster, w: Any, capacity: int = 2) -> None:
     """The worker is alive, takes new tasks, and runs ``capacity`` of them at the same time."""
     assert w.alive(), w.log()[-3000:]
     tasks = [c.manager.submit("sleep", {"seconds": 2.5}) for _ in range(capacity)]
-    poll(lambda: all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks), 30,
-         f"{capacity} tasks running at once")
+    poll(
+        lambda: all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks),
+        30,
+        f"{capacity} tasks running at once",
+    )
     for t in tasks:
         assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
     assert w.alive()
@@ -75,8 +78,11 @@ def reason_of(letters: list[dict[str, Any]], task_id: str) -> str:
 
 
 def failed_malformed(c: Cluster, task_id: str) -> Task:
-    poll(lambda: c.runtime.storage.tasks.get(task_id) is not None
-         and c.manager.get(task_id).status is TaskStatus.FAILED, 30, f"record {task_id} failed")
+    poll(
+        lambda: c.runtime.storage.tasks.get(task_id) is not None and c.manager.get(task_id).status is TaskStatus.FAILED,
+        30,
+        f"record {task_id} failed",
+    )
     task = c.manager.get(task_id)
     assert task.error is not None and task.error.reason == "malformed_message", task
     return task
@@ -84,24 +90,47 @@ def failed_malformed(c: Cluster, task_id: str) -> Task:
 
 def celery_headers(task_id: str, name: str = "echo", **changes: Any) -> dict[str, Any]:
     """The headers Celery's ``send_task`` writes (protocol 2)."""
-    headers = {"lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None, "expires": None,
-               "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
-               "root_id": task_id, "parent_id": None, "argsrepr": "()", "kwargsrepr": "{}", "origin": "test",
-               "ignore_result": False}
+    headers = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "origin": "test",
+        "ignore_result": False,
+    }
     headers.update(changes)
     return headers
 
 
-def publish_raw(c: Cluster, queue: str, body: str | bytes, headers: Any,
-                content_type: str = "application/json") -> None:
+def publish_raw(
+    c: Cluster, queue: str, body: str | bytes, headers: Any, content_type: str = "application/json"
+) -> None:
     """Push a kombu envelope straight onto the Redis list of ``queue``: any body, any headers."""
     raw = body.encode() if isinstance(body, str) else body
     envelope = {
-        "body": base64.b64encode(raw).decode(), "content-encoding": "utf-8", "content-type": content_type,
+        "body": base64.b64encode(raw).decode(),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
         "headers": headers,
-        "properties": {"correlation_id": str(uuid.uuid4()), "reply_to": "", "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+        "properties": {
+            "correlation_id": str(uuid.uuid4()),
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
     }
     redis.Redis().lpush(queue, json.dumps(envelope))
 
@@ -118,7 +147,8 @@ def cleanup_dead_letters() -> Iterator[list[Cluster]]:
 
 
 def test_a_deep_payload_is_refused_at_submit_and_dead_lettered_by_the_worker(
-        make_cluster: Any, cleanup_dead_letters: list[Cluster]) -> None:
+    make_cluster: Any, cleanup_dead_letters: list[Cluster]
+) -> None:
     c = make_cluster(executors=TEST_TASKS)
     cleanup_dead_letters.append(c)
     # At the edge: refused naming the limit, and nothing is written or published.
@@ -140,10 +170,23 @@ def test_a_deep_payload_is_refused_at_submit_and_dead_lettered_by_the_worker(
     in_header = app.send_task("echo", kwargs={}, queue=queue, headers={"extra": DEEP}).id
     # A task accepted before the edge refused such payloads: its record waits in QUEUED.
     submitted, token = uuid.uuid4().hex, uuid.uuid4().hex
-    c.runtime.storage.tasks.create(Task(task_id=submitted, task_type="echo", payload={}, status=TaskStatus.QUEUED,
-                                        dispatch_token=token, max_retries=3))
-    app.send_task("echo", kwargs=DEEP, task_id=submitted, queue=queue,
-                  headers=ExtHeader(token, 1, 1, 3, utcnow(), None).to_header())
+    c.runtime.storage.tasks.create(
+        Task(
+            task_id=submitted,
+            task_type="echo",
+            payload={},
+            status=TaskStatus.QUEUED,
+            dispatch_token=token,
+            max_retries=3,
+        )
+    )
+    app.send_task(
+        "echo",
+        kwargs=DEEP,
+        task_id=submitted,
+        queue=queue,
+        headers=ExtHeader(token, 1, 1, 3, utcnow(), None).to_header(),
+    )
     for t in busy:
         assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
     again = app.send_task("echo", kwargs=DEEP, queue=queue).id
@@ -166,13 +209,12 @@ def test_a_deep_payload_is_refused_at_submit_and_dead_lettered_by_the_worker(
     assert_full_capacity(c, w)
 
 
-def test_bad_celery_fields_and_bodies_are_dead_lettered(make_cluster: Any,
-                                                        cleanup_dead_letters: list[Cluster]) -> None:
+def test_bad_celery_fields_and_bodies_are_dead_lettered(make_cluster: Any, cleanup_dead_letters: list[Cluster]) -> None:
     c = make_cluster(executors=TEST_TASKS)
     cleanup_dead_letters.append(c)
     w = c.worker()
     queue = f"{c.data['app']['name']}.echo"
-    ok_body = "[[], {}, {\"callbacks\": null, \"errbacks\": null, \"chain\": null, \"chord\": null}]"
+    ok_body = '[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
     cases: list[tuple[str, str, Any, str]] = [  # (id, body, headers, the reason starts with)
         ("timelimit-text", ok_body, {"timelimit": ["abc", "def"]}, "timelimit: expected null or a number"),
         ("timelimit-huge", ok_body, {"timelimit": [1e300, None]}, "timelimit: expected null or a number"),
@@ -181,8 +223,12 @@ def test_bad_celery_fields_and_bodies_are_dead_lettered(make_cluster: Any,
         ("expires-number", ok_body, {"expires": 12}, "expires: expected an ISO 8601 time"),
         ("retries-text", ok_body, {"retries": "abc"}, "retries: expected an integer"),
         ("parent-nul", ok_body, {"parent_id": "a\u0000b"}, "parent_id: expected null or a string"),
-        ("header-v2", ok_body, {"celery_ext": {"v": 2, "token": "t", "attempt": 1}},
-         "header celery_ext: v: expected 1"),
+        (
+            "header-v2",
+            ok_body,
+            {"celery_ext": {"v": 2, "token": "t", "attempt": 1}},
+            "header celery_ext: v: expected 1",
+        ),
         ("kwargs-nan", '[[], {"x": NaN}, {}]', {}, "kwargs.x: must be a finite number"),
         ("kwargs-surrogate", '[[], {"x": "\\ud800"}, {}]', {}, "kwargs.x: contains a lone surrogate"),
         ("kwargs-list", "[[], [1], {}]", {}, "kwargs: expected an object"),
@@ -216,8 +262,9 @@ def test_bad_celery_fields_and_bodies_are_dead_lettered(make_cluster: Any,
     assert_full_capacity(c, w)
 
 
-def test_a_message_that_breaks_the_pool_hand_off_is_caught_there(make_cluster: Any,
-                                                                cleanup_dead_letters: list[Cluster]) -> None:
+def test_a_message_that_breaks_the_pool_hand_off_is_caught_there(
+    make_cluster: Any, cleanup_dead_letters: list[Cluster]
+) -> None:
     """The second line: with the message checks switched off (tests/support/unguarded.py), a
     600-deep payload reaches billiard's pickling; the request is dropped there, its pool slot
     given back, and the message dead-lettered."""
@@ -244,19 +291,32 @@ def test_a_message_that_breaks_the_pool_hand_off_is_caught_there(make_cluster: A
 
 
 BAD_SUBMITS: list[tuple[dict[str, Any], str]] = [  # (submit's arguments, the field named)
-    ({"timeout": math.inf}, "timeout"), ({"timeout": 1e300}, "timeout"), ({"timeout": math.nan}, "timeout"),
-    ({"timeout": 0}, "timeout"), ({"timeout": MAX_TIMEOUT + 1}, "timeout"), ({"timeout": True}, "timeout"),
-    ({"delay": 1e300}, "delay"), ({"delay": math.nan}, "delay"), ({"delay": -1}, "delay"),
-    ({"max_retries": 10**11}, "max_retries"), ({"max_retries": -1}, "max_retries"),
+    ({"timeout": math.inf}, "timeout"),
+    ({"timeout": 1e300}, "timeout"),
+    ({"timeout": math.nan}, "timeout"),
+    ({"timeout": 0}, "timeout"),
+    ({"timeout": MAX_TIMEOUT + 1}, "timeout"),
+    ({"timeout": True}, "timeout"),
+    ({"delay": 1e300}, "delay"),
+    ({"delay": math.nan}, "delay"),
+    ({"delay": -1}, "delay"),
+    ({"max_retries": 10**11}, "max_retries"),
+    ({"max_retries": -1}, "max_retries"),
     ({"max_retries": 1.5}, "max_retries"),
     ({"priority": 10}, "priority"),
-    ({"idempotency_key": "k" * 256}, "idempotency_key"), ({"idempotency_key": ""}, "idempotency_key"),
-    ({"idempotency_key": "a\x00b"}, "idempotency_key"), ({"idempotency_key": "\ud800"}, "idempotency_key"),
-    ({"payload": {"x": math.nan}}, "payload.x"), ({"payload": {"x": [1, math.inf]}}, "payload.x[1]"),
-    ({"payload": {"x": "a\x00"}}, "payload.x"), ({"payload": {"\udc80": 1}}, "payload"),
-    ({"payload": {"x": 2**64}}, "payload.x"), ({"payload": nested(33)}, "payload"),
+    ({"idempotency_key": "k" * 256}, "idempotency_key"),
+    ({"idempotency_key": ""}, "idempotency_key"),
+    ({"idempotency_key": "a\x00b"}, "idempotency_key"),
+    ({"idempotency_key": "\ud800"}, "idempotency_key"),
+    ({"payload": {"x": math.nan}}, "payload.x"),
+    ({"payload": {"x": [1, math.inf]}}, "payload.x[1]"),
+    ({"payload": {"x": "a\x00"}}, "payload.x"),
+    ({"payload": {"\udc80": 1}}, "payload"),
+    ({"payload": {"x": 2**64}}, "payload.x"),
+    ({"payload": nested(33)}, "payload"),
     ({"payload": [1]}, "payload"),
-    ({"run_at": datetime(2030, 1, 1)}, "run_at"), ({"run_at": utcnow() + timedelta(days=3661)}, "run_at"),
+    ({"run_at": datetime(2030, 1, 1)}, "run_at"),
+    ({"run_at": utcnow() + timedelta(days=3661)}, "run_at"),
 ]
 
 
@@ -286,19 +346,28 @@ def store_bad_records(c: Cluster) -> tuple[str, str]:
     """Records as older versions could write them: a NaN, a 600-deep payload."""
     c.runtime.storage.migrate()
     nan_id, deep_id = uuid.uuid4().hex, uuid.uuid4().hex
-    c.runtime.storage.tasks.create(Task(task_id=nan_id, task_type="echo", payload={"x": math.nan},
-                                        status=TaskStatus.SUCCEEDED, result=[math.inf, "\ud800"]))
+    c.runtime.storage.tasks.create(
+        Task(
+            task_id=nan_id,
+            task_type="echo",
+            payload={"x": math.nan},
+            status=TaskStatus.SUCCEEDED,
+            result=[math.inf, "\ud800"],
+        )
+    )
     c.runtime.storage.tasks.create(Task(task_id=deep_id, task_type="echo", payload=DEEP, status=TaskStatus.FAILED))
     return nan_id, deep_id
 
 
 def test_the_api_answers_400_naming_the_field_and_lists_any_record(
-        make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("API_TOKEN", TOKEN)
     c = make_cluster(executors=TEST_TASKS, api={"token": "${API_TOKEN}"})
     server = ApiProcess(c)
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+
             def post(body: str) -> httpx.Response:
                 return client.post("/tasks", content=body.encode(), headers={"Content-Type": "application/json"})
 
@@ -341,16 +410,26 @@ def test_the_api_answers_400_naming_the_field_and_lists_any_record(
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=60, cwd=config.parent, env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=config.parent,
+        env=subprocess_env(),
+    )
 
 
 def test_the_cli_exits_2_naming_the_field_and_lists_any_record(make_cluster: Any) -> None:
     c = make_cluster(executors=TEST_TASKS)
     cases = [
-        (["--timeout", "1e300"], "timeout"), (["--delay", "1e300"], "delay"),
-        (["--max-retries", "100000000000"], "max_retries"), (["--idempotency-key", "k" * 300], "idempotency_key"),
-        (['{"x": "\\u0000"}'], "payload.x"), (['{"x": "\\ud800"}'], "payload.x"), (['{"x": NaN}'], "payload.x"),
+        (["--timeout", "1e300"], "timeout"),
+        (["--delay", "1e300"], "delay"),
+        (["--max-retries", "100000000000"], "max_retries"),
+        (["--idempotency-key", "k" * 300], "idempotency_key"),
+        (['{"x": "\\u0000"}'], "payload.x"),
+        (['{"x": "\\ud800"}'], "payload.x"),
+        (['{"x": NaN}'], "payload.x"),
         ([json.dumps(DEEP)], "payload"),
     ]
     for args, field in cases:

@@ -29,8 +29,13 @@ def cluster(make_cluster, strategy: str, **scheduler):
 def fresh(router: TaskRouter, strategy: str, state: str = "shared") -> TaskRouter:
     """A new producer process's router on the same registry."""
     config = parse_config({"scheduler": {"load_balance_strategy": strategy, "load_balance_state": state}})
-    other = TaskRouter(router.prefix, router.task_types, WorkerRegistry(router.registry.client, router.prefix),
-                       build_balancer(config), shared_state=state == "shared")
+    other = TaskRouter(
+        router.prefix,
+        router.task_types,
+        WorkerRegistry(router.registry.client, router.prefix),
+        build_balancer(config),
+        shared_state=state == "shared",
+    )
     other.backlog_keys = router.backlog_keys
     return other
 
@@ -39,10 +44,13 @@ def queue_of(router: TaskRouter, wid: str) -> str:
     return direct_queue_name(router.prefix, wid)
 
 
-@pytest.mark.parametrize("strategy,weights,expected", [
-    ("weighted_round_robin", {"a": 1, "b": 2, "c": 3}, {"a": 100, "b": 200, "c": 300}),
-    ("round_robin", {"a": 1, "b": 2, "c": 3}, {"a": 200, "b": 200, "c": 200}),
-])
+@pytest.mark.parametrize(
+    "strategy,weights,expected",
+    [
+        ("weighted_round_robin", {"a": 1, "b": 2, "c": 3}, {"a": 100, "b": 200, "c": 300}),
+        ("round_robin", {"a": 1, "b": 2, "c": 3}, {"a": 200, "b": 200, "c": 200}),
+    ],
+)
 def test_short_lived_producers_together_give_the_configured_split(make_cluster, strategy, weights, expected) -> None:
     _, router = cluster(make_cluster, strategy)
     for wid, weight in weights.items():
@@ -60,8 +68,11 @@ def test_local_state_is_per_process(make_cluster) -> None:
         fake(router, wid, weight=weight)
     assert {route(fresh(router, "weighted_round_robin", "local")) for _ in range(30)} == {queue_of(router, "c")}
     # One long-lived process still follows the weights with its own state.
-    assert Counter(route(router) for _ in range(60)) == {queue_of(router, "a"): 10, queue_of(router, "b"): 20,
-                                                         queue_of(router, "c"): 30}
+    assert Counter(route(router) for _ in range(60)) == {
+        queue_of(router, "a"): 10,
+        queue_of(router, "b"): 20,
+        queue_of(router, "c"): 30,
+    }
 
 
 def test_concurrent_producers_take_each_turn_exactly_once(make_cluster) -> None:
@@ -188,12 +199,14 @@ def test_the_initial_balancer_is_started(make_cluster) -> None:
     _, router = cluster(make_cluster, "tests.support.balancers:CountingBalancer")
     assert router.balancer.started == 1 and router.balancer.stopped == 0  # type: ignore[attr-defined]
     old = router.balancer
-    router.set_balancer(build_balancer(parse_config(
-        {"scheduler": {"load_balance_strategy": "tests.support.balancers:CountingBalancer"}})))
+    router.set_balancer(
+        build_balancer(
+            parse_config({"scheduler": {"load_balance_strategy": "tests.support.balancers:CountingBalancer"}})
+        )
+    )
     assert old.stopped == 1 and router.balancer.started == 1  # type: ignore[attr-defined]
     router.close()
     assert router.balancer.stopped == 1  # type: ignore[attr-defined]
-
 
 
 def test_a_running_producer_follows_the_strategy_the_cluster_publishes(make_cluster, caplog) -> None:

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
     db = claim_db()
-    data = cluster_data(unique("ce"), redis_url(db), storage_section("sqlite", database_urls),
-                        {"executors": TEST_TASKS})
+    data = cluster_data(
+        unique("ce"), redis_url(db), storage_section("sqlite", database_urls), {"executors": TEST_TASKS}
+    )
     c = Cluster(tmp_path_factory.mktemp("functions"), data)
     try:
         c.worker()
@@ -62,7 +63,12 @@ def test_delay_runs_in_the_worker_and_is_recorded(cluster: Cluster) -> None:
     assert res.get(timeout=30) == 5 and res.state == "SUCCESS"
     task = cluster.manager.get(res.id)
     assert (task.task_type, task.status, task.args, task.payload, task.result) == (
-        "add", TaskStatus.SUCCEEDED, [2, 3], {}, 5)
+        "add",
+        TaskStatus.SUCCEEDED,
+        [2, 3],
+        {},
+        5,
+    )
     assert task.worker_id and res.id in records(cluster, task_type="add")
 
     kw = add.apply_async(kwargs={"x": 1, "y": 2}, priority=5)

@@ -31,26 +31,41 @@ CHROMIUM = "/usr/bin/chromium"
 class FlowerProcess:
     """``start()`` waits until Flower answers ``/healthcheck``; ``stop()`` sends SIGTERM."""
 
-    def __init__(self, config_path: Path, *, port: int | None = None, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config_path = config_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config_path.parent / f"flower-{self.port}.log"
         self.args = [
-            sys.executable, "-m", "celery", "-A", "celery_ext", "flower",
-            "--address=127.0.0.1", f"--port={self.port}", "--persistent=False",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_ext",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={self.port}",
+            "--persistent=False",
             f"--db={config_path.parent / f'flower-{self.port}.db'}",
-            "--inspect_timeout=2000", "--logging=info", *extra_args,
+            "--inspect_timeout=2000",
+            "--logging=info",
+            *extra_args,
         ]
-        self.env = subprocess_env(CELERY_EXT_CONFIG=str(config_path), FLOWER_UNAUTHENTICATED_API="true",
-                                  **(env or {}))
+        self.env = subprocess_env(CELERY_EXT_CONFIG=str(config_path), FLOWER_UNAUTHENTICATED_API="true", **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> FlowerProcess:
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.config_path.parent,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.args, env=self.env, cwd=self.config_path.parent, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -120,9 +135,25 @@ def chromium(url: str, *args: str, timeout: float = 90.0) -> subprocess.Complete
     binary = require_chromium()
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         return subprocess.run(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900",
-             "--virtual-time-budget=10000", *args, url],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                "--virtual-time-budget=10000",
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )

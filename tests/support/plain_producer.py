@@ -38,6 +38,7 @@ def main(broker_url: str, sends: list) -> dict:
     app = Celery(broker=broker_url, backend="celery_ext://")
     before = loaded("celery_ext")
     out = []
+
     def sig(step: dict):
         return app.signature(step["name"], args=step.get("args"), kwargs=step.get("kwargs"))
 
@@ -52,8 +53,9 @@ def main(broker_url: str, sends: list) -> dict:
             result = chord([sig(step) for step in spec["chord"]], sig(spec["body"])).apply_async()
             ids = [r.id for r in result.parent.results]
         else:
-            result = app.send_task(spec["name"], args=spec.get("args"), kwargs=spec.get("kwargs"),
-                                   task_id=spec.get("task_id"))
+            result = app.send_task(
+                spec["name"], args=spec.get("args"), kwargs=spec.get("kwargs"), task_id=spec.get("task_id")
+            )
             ids = [result.id]
         entry = {"task_id": result.id, "ids": ids}
         try:
@@ -64,8 +66,12 @@ def main(broker_url: str, sends: list) -> dict:
         entry["retries"] = result.retries
         out.append(entry)
     backend = type(app.backend)
-    return {"celery_ext_before_send": before, "backend": f"{backend.__module__}:{backend.__name__}",
-            "celery_ext_after": loaded("celery_ext"), "sends": out}
+    return {
+        "celery_ext_before_send": before,
+        "backend": f"{backend.__module__}:{backend.__name__}",
+        "celery_ext_after": loaded("celery_ext"),
+        "sends": out,
+    }
 
 
 if __name__ == "__main__":

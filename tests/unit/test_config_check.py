@@ -34,8 +34,13 @@ def test_the_design_config_validates_as_written(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_design_keys() -> None:
-    config = parse_config({"app": {"version": 2.1}, "scheduler": {"enabled": False, "scan_interval": "250ms"},
-                           "worker": {"enabled": False}})
+    config = parse_config(
+        {
+            "app": {"version": 2.1},
+            "scheduler": {"enabled": False, "scan_interval": "250ms"},
+            "worker": {"enabled": False},
+        }
+    )
     assert config.app.version == "2.1" and config.scheduler.interval == 0.25
     assert not config.scheduler.enabled and not config.worker.enabled
     with pytest.raises(ConfigError) as both:
@@ -44,14 +49,20 @@ def test_design_keys() -> None:
 
 
 def test_every_error_in_one_run_with_suggestions() -> None:
-    report = check_config({
-        "worker": {"capasity": 2},
-        "executors": [{"type": "pyhton"}, {"type": "http", "config": {"allow_hostz": ["a.example.com"]}},
-                      {"type": "python", "enabeld": True}],
-        "plugins": [{"name": "alrt"}, {"name": "alert", "config": {"webhook_url": "ftp://hooks.example.com"}}],
-        "scheduler": {"load_balance_strategy": "weighted_round_robbin"},
-        "storage": {"type": "postgress"},
-    }, env={})
+    report = check_config(
+        {
+            "worker": {"capasity": 2},
+            "executors": [
+                {"type": "pyhton"},
+                {"type": "http", "config": {"allow_hostz": ["a.example.com"]}},
+                {"type": "python", "enabeld": True},
+            ],
+            "plugins": [{"name": "alrt"}, {"name": "alert", "config": {"webhook_url": "ftp://hooks.example.com"}}],
+            "scheduler": {"load_balance_strategy": "weighted_round_robbin"},
+            "storage": {"type": "postgress"},
+        },
+        env={},
+    )
     assert report.config is None
     # (the known names depend on what is installed here: entry points add to them)
     assert [e.split(" (known: ")[0] for e in report.errors] == [
@@ -68,11 +79,14 @@ def test_every_error_in_one_run_with_suggestions() -> None:
 
 
 def test_balancer_settings_events_and_metrics_are_checked() -> None:
-    report = check_config({
-        "scheduler": {"load_balance_strategy": "consistent_hash", "load_balance_config": {"replica": 3}},
-        "events": {"type": "kombu", "config": {"lingr": 1}},
-        "metrics": {"type": "prometheus", "config": {"buckets": "fast"}},
-    }, env={})
+    report = check_config(
+        {
+            "scheduler": {"load_balance_strategy": "consistent_hash", "load_balance_config": {"replica": 3}},
+            "events": {"type": "kombu", "config": {"lingr": 1}},
+            "metrics": {"type": "prometheus", "config": {"buckets": "fast"}},
+        },
+        env={},
+    )
     assert "scheduler.load_balance_config.replica: unknown key; did you mean 'replicas'?" in report.errors
     assert any(e.startswith("events.config.lingr: unknown key") for e in report.errors)
     assert any(e.startswith("metrics.config.buckets:") for e in report.errors)
@@ -80,8 +94,9 @@ def test_balancer_settings_events_and_metrics_are_checked() -> None:
 
 
 def test_a_section_that_fails_is_checked_with_its_defaults_and_the_rest_still_is() -> None:
-    report = check_config({"worker": {"capacity": 0}, "app": {"name": "bad name!"},
-                           "plugins": [{"name": "nope"}]}, env={"X": "1"})
+    report = check_config(
+        {"worker": {"capacity": 0}, "app": {"name": "bad name!"}, "plugins": [{"name": "nope"}]}, env={"X": "1"}
+    )
     assert report.errors[0] == "app.name: does not match ^[A-Za-z0-9_.-]+$ (got 'bad name!')"
     assert "worker.capacity: must be >= 1 (got 0)" in report.errors
     assert any(e.startswith("plugins[0].name: no plugin 'nope'") for e in report.errors)
@@ -95,28 +110,43 @@ def test_missing_environment_variables_are_reported_with_the_rest() -> None:
 
 
 def test_supported_types_no_executor_provides_are_warnings_with_a_suggestion() -> None:
-    report = check_config({"worker": {"supported_types": ["send_emial", "echo", "zzz"]},
-                           "executors": [{"type": "python", "config": {"task_types": ["send_email"]}}]}, env={})
+    report = check_config(
+        {
+            "worker": {"supported_types": ["send_emial", "echo", "zzz"]},
+            "executors": [{"type": "python", "config": {"task_types": ["send_email"]}}],
+        },
+        env={},
+    )
     assert report.errors == []
     lines = [w for w in report.warnings if w.startswith("worker.supported_types")]
     assert len(lines) == 2
-    assert "worker.supported_types[0]: no configured executor provides 'send_emial'; did you mean 'send_email'?" \
+    assert (
+        "worker.supported_types[0]: no configured executor provides 'send_emial'; did you mean 'send_email'?"
         in lines[0]
+    )
     assert lines[1].startswith("worker.supported_types[2]: no configured executor provides 'zzz' (")
 
 
 def test_disabled_entries_warn_and_duplicate_plugin_names_are_errors() -> None:
-    report = check_config({
-        "executors": [{"type": "python"}, {"type": "kafka", "enabled": False, "config": {"brokers": "nohost"}}],
-        "plugins": [{"name": "alert", "config": {"webhook_url": "https://a.example.com"}},
-                    {"name": "alert", "config": {"webhook_url": "https://b.example.com"}},
-                    {"name": "metrics", "enabled": False, "config": {"prometheus_port": -1}}],
-    }, env={})
-    assert report.errors == ["plugins[1].name: a plugin named 'alert' is already given by plugins[0]; "
-                             "a worker runs only the first"]
+    report = check_config(
+        {
+            "executors": [{"type": "python"}, {"type": "kafka", "enabled": False, "config": {"brokers": "nohost"}}],
+            "plugins": [
+                {"name": "alert", "config": {"webhook_url": "https://a.example.com"}},
+                {"name": "alert", "config": {"webhook_url": "https://b.example.com"}},
+                {"name": "metrics", "enabled": False, "config": {"prometheus_port": -1}},
+            ],
+        },
+        env={},
+    )
+    assert report.errors == [
+        "plugins[1].name: a plugin named 'alert' is already given by plugins[0]; a worker runs only the first"
+    ]
     assert "executors[1].config.brokers: expected host:port (got 'nohost') (the entry is disabled)" in report.warnings
-    assert any(w.startswith("plugins[2].config.prometheus_port: must be >= 0") and w.endswith("(the entry is disabled)")
-               for w in report.warnings)
+    assert any(
+        w.startswith("plugins[2].config.prometheus_port: must be >= 0") and w.endswith("(the entry is disabled)")
+        for w in report.warnings
+    )
 
 
 def test_a_task_type_claimed_twice_is_an_error() -> None:
@@ -125,8 +155,9 @@ def test_a_task_type_claimed_twice_is_an_error() -> None:
 
 
 def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
-    assert check_file(tmp_path / "missing.yaml").errors[0].endswith("cannot read config file (No such file or "
-                                                                     "directory)")
+    assert (
+        check_file(tmp_path / "missing.yaml").errors[0].endswith("cannot read config file (No such file or directory)")
+    )
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n")
     assert check_file(listed).errors == ["(top level): expected a mapping of sections (got list)"]

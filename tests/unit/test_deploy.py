@@ -31,8 +31,11 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 
 
 def example_env() -> dict[str, str]:
-    pairs = [line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    pairs = [
+        line.split("=", 1)
+        for line in (DEPLOY / ".env.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     return {k: v for k, v in pairs}
 
 
@@ -42,8 +45,12 @@ def compose() -> dict[str, Any]:
 
 
 def manifests() -> list[dict[str, Any]]:
-    return [doc for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc
+        for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def ours(image: str) -> bool:
@@ -68,15 +75,25 @@ def test_every_file_in_deploy_parses() -> None:
             for line in logical_lines(path.read_text()):
                 assert line.split()[0] in {"FROM", "COPY", "RUN", "USER", "WORKDIR", "ENV", "CMD"}, line
         elif name == ".env.example":
-            assert all(re.fullmatch(r"[A-Z_]+=\S*", line) for line in path.read_text().splitlines()
-                       if line and not line.startswith("#"))
+            assert all(
+                re.fullmatch(r"[A-Z_]+=\S*", line)
+                for line in path.read_text().splitlines()
+                if line and not line.startswith("#")
+            )
         elif name.endswith(".md"):
             pass
         else:
             pytest.fail(f"{path}: a file this test does not know how to check")
         seen.append(name)
-    assert {"docker-compose.yml", "Dockerfile", "celery-ext-worker.service", "celery-ext-scheduler.service",
-            "celery-ext-flower.service", "configmap.yaml", "pdb.yaml"} <= set(seen)
+    assert {
+        "docker-compose.yml",
+        "Dockerfile",
+        "celery-ext-worker.service",
+        "celery-ext-scheduler.service",
+        "celery-ext-flower.service",
+        "configmap.yaml",
+        "pdb.yaml",
+    } <= set(seen)
 
 
 def logical_lines(text: str) -> Iterator[str]:
@@ -94,15 +111,20 @@ def logical_lines(text: str) -> Iterator[str]:
 
 
 def test_compose_file_passes_the_compose_specification_schema() -> None:
-    res = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-                          str(DEPLOY / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_kubernetes_manifests_pass_the_api_schemas() -> None:
     files = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
-    res = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", *files], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", *files], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("passed") == sum(1 for _ in manifests())
 
@@ -113,8 +135,12 @@ def test_prometheus_config_passes_promtool() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("promtool is missing (.ci/run unpacks Debian's prometheus package)")
         pytest.skip("promtool is not installed (apt-get download prometheus; dpkg-deb -x)")
-    res = subprocess.run([promtool, "check", "config", str(DEPLOY / "compose" / "prometheus.yml")],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "compose" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -146,8 +172,11 @@ def test_kubernetes_has_every_part_with_probes_and_grace() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert set(deployments) == {"celery-ext-worker", "celery-ext-scheduler", "celery-ext-api", "celery-ext-flower"}
-    assert {("Service", "celery-ext-api"), ("Service", "celery-ext-flower"),
-            ("ConfigMap", "celery-ext-config")} <= kinds
+    assert {
+        ("Service", "celery-ext-api"),
+        ("Service", "celery-ext-flower"),
+        ("ConfigMap", "celery-ext-config"),
+    } <= kinds
     assert sum(1 for d in docs if d["kind"] == "PodDisruptionBudget") >= 2
     for name, d in deployments.items():
         volumes = d["spec"]["template"]["spec"]["volumes"]
@@ -201,8 +230,13 @@ def commands() -> list[tuple[str, list[str]]]:
 
 @cache
 def celery_help(sub: str, config: str) -> str:
-    res = subprocess.run([str(BIN / "celery"), "-A", "celery_ext", sub, "--help"], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "CELERY_EXT_CONFIG": config})
+    res = subprocess.run(
+        [str(BIN / "celery"), "-A", "celery_ext", sub, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CELERY_EXT_CONFIG": config},
+    )
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -255,8 +289,13 @@ def test_every_command_exists_in_the_cli(tmp_path: Path) -> None:
 
 
 def validate(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "celery-ext"), "config", "validate", str(path)], capture_output=True,
-                          text=True, timeout=120, env={"PATH": os.environ["PATH"], **env})
+    return subprocess.run(
+        [str(BIN / "celery-ext"), "config", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ["PATH"], **env},
+    )
 
 
 def required_vars(text: str) -> set[str]:
@@ -273,8 +312,10 @@ def test_every_mounted_config_validates(tmp_path: Path) -> None:
             if not target.startswith(MOUNT):
                 continue
             path = (DEPLOY / source).resolve()
-            given = {k: ENV_REF.sub(lambda m: env.get(m.group(1), "x"), str(v))
-                     for k, v in service.get("environment", {}).items()}
+            given = {
+                k: ENV_REF.sub(lambda m: env.get(m.group(1), "x"), str(v))
+                for k, v in service.get("environment", {}).items()
+            }
             assert required_vars(path.read_text()) <= set(given), (name, sorted(required_vars(path.read_text())))
             res = validate(path, given)
             assert res.returncode == 0, f"{name}: {res.stderr}"

@@ -35,8 +35,18 @@ ECHO = {"echo": ExecutorTask()}
 
 
 def headers(**changes: Any) -> dict[str, Any]:
-    return {"task": "echo", "id": "t1", "retries": 0, "timelimit": [None, None], "eta": None, "expires": None,
-            "root_id": None, "parent_id": None, "group": None, **changes}
+    return {
+        "task": "echo",
+        "id": "t1",
+        "retries": 0,
+        "timelimit": [None, None],
+        "eta": None,
+        "expires": None,
+        "root_id": None,
+        "parent_id": None,
+        "group": None,
+        **changes,
+    }
 
 
 def problem(message: Message, tasks: Any = ECHO) -> str | None:
@@ -50,36 +60,39 @@ def nested(depth: int) -> Any:
     return value
 
 
-@pytest.mark.parametrize(("changes", "body", "reason"), [
-    ({}, [[], {"x": 1}, None], None),
-    ({"timelimit": [30, 25.5]}, [[], {}, {}], None),
-    ({"eta": "2030-01-01T00:00:00+00:00", "expires": "2030-01-01T00:00:00"}, [[], {}, {}], None),
-    ({}, [[nested(32)], nested(32), {}], None),
-    ({"timelimit": ["abc", "def"]}, [[], {}, {}], "timelimit: expected null or a number"),
-    ({"timelimit": [math.inf, None]}, [[], {}, {}], "timelimit: expected null or a number"),
-    ({"timelimit": [-1, None]}, [[], {}, {}], "timelimit: expected null or a number"),
-    ({"eta": "soon"}, [[], {}, {}], "eta: expected an ISO 8601 time"),
-    ({"expires": [1]}, [[], {}, {}], "expires: expected an ISO 8601 time"),
-    ({"retries": -1}, [[], {}, {}], "retries: expected an integer"),
-    ({"retries": True}, [[], {}, {}], "retries: expected an integer"),
-    ({"id": 7}, [[], {}, {}], "id: expected a string"),
-    ({"task": ["echo"]}, [[], {}, {}], "task: expected a task name"),
-    ({"group": "g" * 65}, [[], {}, {}], "group: expected null or a string"),
-    ({}, [1], "body: expected [args, kwargs, embed]"),
-    ({}, [[], {}, {}, {}], "body: expected [args, kwargs, embed]"),
-    ({}, "text", "body: expected [args, kwargs, embed] (got 'text')"),
-    ({}, [{}, {}, {}], "args: expected a list"),
-    ({}, [[], [], {}], "kwargs: expected an object"),
-    ({}, [[], {}, []], "embed: expected an object or null"),
-    ({}, [[], {}, {"chain": {}}], "embed.chain: expected a list or null"),
-    ({}, [[], nested(33), {}], "kwargs: nested deeper than 32 levels"),
-    ({}, [[1, nested(33)], {}, {}], "args[1]: nested deeper than 32 levels"),
-    ({}, [[], {"x": math.nan}, {}], "kwargs.x: must be a finite number"),
-    ({}, [[], {"x": "\x00"}, {}], "kwargs.x: contains a NUL character"),
-    ({}, [[], {}, {"chord": nested(300)}], "embed: nested deeper than 200 levels"),
-    ({"x": nested(300)}, [[], {}, {}], "headers: nested deeper than 200 levels"),
-    ({"celery_ext": {"v": 1, "token": "", "attempt": 1}}, [[], {}, {}], "header celery_ext: token"),
-])
+@pytest.mark.parametrize(
+    ("changes", "body", "reason"),
+    [
+        ({}, [[], {"x": 1}, None], None),
+        ({"timelimit": [30, 25.5]}, [[], {}, {}], None),
+        ({"eta": "2030-01-01T00:00:00+00:00", "expires": "2030-01-01T00:00:00"}, [[], {}, {}], None),
+        ({}, [[nested(32)], nested(32), {}], None),
+        ({"timelimit": ["abc", "def"]}, [[], {}, {}], "timelimit: expected null or a number"),
+        ({"timelimit": [math.inf, None]}, [[], {}, {}], "timelimit: expected null or a number"),
+        ({"timelimit": [-1, None]}, [[], {}, {}], "timelimit: expected null or a number"),
+        ({"eta": "soon"}, [[], {}, {}], "eta: expected an ISO 8601 time"),
+        ({"expires": [1]}, [[], {}, {}], "expires: expected an ISO 8601 time"),
+        ({"retries": -1}, [[], {}, {}], "retries: expected an integer"),
+        ({"retries": True}, [[], {}, {}], "retries: expected an integer"),
+        ({"id": 7}, [[], {}, {}], "id: expected a string"),
+        ({"task": ["echo"]}, [[], {}, {}], "task: expected a task name"),
+        ({"group": "g" * 65}, [[], {}, {}], "group: expected null or a string"),
+        ({}, [1], "body: expected [args, kwargs, embed]"),
+        ({}, [[], {}, {}, {}], "body: expected [args, kwargs, embed]"),
+        ({}, "text", "body: expected [args, kwargs, embed] (got 'text')"),
+        ({}, [{}, {}, {}], "args: expected a list"),
+        ({}, [[], [], {}], "kwargs: expected an object"),
+        ({}, [[], {}, []], "embed: expected an object or null"),
+        ({}, [[], {}, {"chain": {}}], "embed.chain: expected a list or null"),
+        ({}, [[], nested(33), {}], "kwargs: nested deeper than 32 levels"),
+        ({}, [[1, nested(33)], {}, {}], "args[1]: nested deeper than 32 levels"),
+        ({}, [[], {"x": math.nan}, {}], "kwargs.x: must be a finite number"),
+        ({}, [[], {"x": "\x00"}, {}], "kwargs.x: contains a NUL character"),
+        ({}, [[], {}, {"chord": nested(300)}], "embed: nested deeper than 200 levels"),
+        ({"x": nested(300)}, [[], {}, {}], "headers: nested deeper than 200 levels"),
+        ({"celery_ext": {"v": 1, "token": "", "attempt": 1}}, [[], {}, {}], "header celery_ext: token"),
+    ],
+)
 def test_problem_of_a_protocol_2_message(changes: dict[str, Any], body: Any, reason: str | None) -> None:
     found = problem(Message(headers(**changes), body))
     assert (found is None) if reason is None else (found or "").startswith(reason), found
@@ -131,8 +144,10 @@ def test_a_request_the_pool_cannot_take_gives_its_slot_back() -> None:
             raise RecursionError("maximum recursion depth exceeded while pickling an object")
 
     worker = Worker()
-    consumer: Any = SimpleNamespace(app=SimpleNamespace(tasks=ECHO), guard=SimpleNamespace(
-        payload_depth=32, reject=lambda message, reason, seen, ack: rejected.append(reason)))
+    consumer: Any = SimpleNamespace(
+        app=SimpleNamespace(tasks=ECHO),
+        guard=SimpleNamespace(payload_depth=32, reject=lambda message, reason, seen, ack: rejected.append(reason)),
+    )
     consumer._handoff_failed = lambda *args: GuardedConsumer._handoff_failed(consumer, *args)
     GuardedConsumer._guard_pool_handoff(consumer, worker)
 
@@ -141,16 +156,24 @@ def test_a_request_the_pool_cannot_take_gives_its_slot_back() -> None:
     worker.process_task(req)  # waits for the slot
     assert rejected == [] and worker.semaphore.value == 0
     worker.semaphore.release()  # the busy task ends: the waiting request is handed to the pool, which refuses it
-    assert rejected == ["the pool could not take it: RecursionError: "
-                        "RecursionError('maximum recursion depth exceeded while pickling an object')"]
+    assert rejected == [
+        "the pool could not take it: RecursionError: "
+        "RecursionError('maximum recursion depth exceeded while pickling an object')"
+    ]
     assert worker.semaphore.value == 1  # the slot came back
     assert list(cache) == [2]  # the job that never reached a process is forgotten
 
 
 def test_records_render_whatever_they_hold() -> None:
     deep = nested(600)
-    task = Task(new_id(), "echo", {"x": math.nan, "k\udc80": "v\ud800"}, status=TaskStatus.SUCCEEDED,
-                result=[math.inf, -math.inf, deep], args=[deep])
+    task = Task(
+        new_id(),
+        "echo",
+        {"x": math.nan, "k\udc80": "v\ud800"},
+        status=TaskStatus.SUCCEEDED,
+        result=[math.inf, -math.inf, deep],
+        args=[deep],
+    )
     data = json.loads(json.dumps(task.to_dict(), allow_nan=False, ensure_ascii=False))
     assert data["payload"] == {"x": "NaN", "k\ufffd": "v\ufffd"}
     assert data["result"][:2] == ["Infinity", "-Infinity"]

@@ -27,10 +27,15 @@ from tests.support.workers import subprocess_env
 
 def memory_app(directory: Path, name: str = "unit") -> Celery:
     """A real celery_ext app that needs no server: in-memory broker, SQLite in ``directory``."""
-    config = parse_config({"app": {"name": name, "data_dir": str(directory)}, "broker": {"url": "memory://"},
-                           "storage": {"type": "sqlite", "config": {}},
-                           "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]},
-                          source=str(directory / "config.yaml"))
+    config = parse_config(
+        {
+            "app": {"name": name, "data_dir": str(directory)},
+            "broker": {"url": "memory://"},
+            "storage": {"type": "sqlite", "config": {}},
+            "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}],
+        },
+        source=str(directory / "config.yaml"),
+    )
     return create_app(config)
 
 
@@ -47,15 +52,23 @@ def test_public_import_is_the_decorator() -> None:
 
 def test_a_direct_call_runs_the_function_without_any_app(tmp_path: Path) -> None:
     """In a fresh process whose config cannot even be read: calling never builds an app."""
-    code = ("from tests.support.tasks import add, tsum\n"
-            "from celery_ext.executors.python import echo\n"
-            "import celery_ext.factory as f\n"
-            "assert add(2, 3) == 5 and add(x=1, y=2) == 3 and tsum([1, 2, 3]) == 6 and echo(a=1) == {'a': 1}\n"
-            "assert add.name == 'add'\n"
-            "assert f._latest is None and f._default is None, 'an app was built'\n"
-            "print('ok')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                          env=subprocess_env(CELERY_EXT_CONFIG=str(tmp_path / "missing.yaml")))
+    code = (
+        "from tests.support.tasks import add, tsum\n"
+        "from celery_ext.executors.python import echo\n"
+        "import celery_ext.factory as f\n"
+        "assert add(2, 3) == 5 and add(x=1, y=2) == 3 and tsum([1, 2, 3]) == 6 and echo(a=1) == {'a': 1}\n"
+        "assert add.name == 'add'\n"
+        "assert f._latest is None and f._default is None, 'an app was built'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=subprocess_env(CELERY_EXT_CONFIG=str(tmp_path / "missing.yaml")),
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
@@ -120,13 +133,15 @@ def test_duplicate_names_are_refused_and_the_same_function_is_not() -> None:
     assert task_type("unit_same")(once).fn is first.fn  # a module imported twice
     assert task_type("unit_alias")(first).fn is once  # a task function under a second name
     with pytest.raises(ConfigError, match=r"task type 'unit_same' is already registered by .*once"):
+
         @task_type("unit_same")
         def other(a: int) -> int:
             return a
 
 
-def test_declared_types_and_what_only_a_worker_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_declared_types_and_what_only_a_worker_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "unit_broken_mod.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     caplog.set_level(logging.DEBUG, logger="celery_ext.executors.python")
@@ -138,25 +153,31 @@ def test_declared_types_and_what_only_a_worker_needs(tmp_path: Path, monkeypatch
     assert levels["python executor: module 'no_such_pkg.tasks' is not installed in this process"] == logging.DEBUG
     assert levels["python executor: cannot import 'unit_broken_mod': RuntimeError: boom at import"] == logging.WARNING
     # A worker: each is a reason to refuse to start.
-    assert ex.worker_problems() == ["modules: cannot import 'no_such_pkg.tasks': No module named 'no_such_pkg'",
-                                    "modules: cannot import 'unit_broken_mod': RuntimeError: boom at import"]
+    assert ex.worker_problems() == [
+        "modules: cannot import 'no_such_pkg.tasks': No module named 'no_such_pkg'",
+        "modules: cannot import 'unit_broken_mod': RuntimeError: boom at import",
+    ]
 
     declared = PythonExecutor(PythonSettings(modules=["tests.support.tasks"], task_types=["add", "ghost"]))
     assert declared.worker_problems() == [
         "task_types: 'ghost' declared, but no @task_type function of that name was registered by the modules "
-        "(tests.support.tasks)"]
+        "(tests.support.tasks)"
+    ]
     assert PythonExecutor(PythonSettings(modules=["tests.support.tasks"], task_types=["add"])).worker_problems() == []
     with pytest.raises(ConfigError, match="task_types"):
         PythonExecutor.parse_settings({"task_types": [" add"]}, "executors[0].config")
 
 
-def test_config_validate_warns_about_modules_only_a_worker_needs(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_validate_warns_about_modules_only_a_worker_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from celery_ext.cli import main
 
     path = tmp_path / "config.yaml"
     path.write_text("executors:\n  - type: python\n    config: {modules: [no_such_pkg.tasks], task_types: [t1]}\n")
     assert main(["config", "validate", str(path)]) == 0
     err = capsys.readouterr().err
-    assert ("warning: executors[0].config.modules: cannot import 'no_such_pkg.tasks': No module named "
-            "'no_such_pkg' (a worker with this config would refuse to start)") in err
+    assert (
+        "warning: executors[0].config.modules: cannot import 'no_such_pkg.tasks': No module named "
+        "'no_such_pkg' (a worker with this config would refuse to start)"
+    ) in err
