@@ -96,7 +96,7 @@ def celery_meta(
     }
 
 
-class RecordBackend(BaseBackend):  # type: ignore[misc]
+class RecordBackend(BaseBackend):
     app: Any
     supports_native_join = False  # chords: Celery's chord_unlock polls the members' states
     supports_autoexpire = False

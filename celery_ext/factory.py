@@ -179,5 +179,5 @@ def current_app() -> Celery:
     task = get_current_task()
     for app in (getattr(task, "app", None), get_current_app(), _latest() if _latest is not None else None):
         if app is not None and getattr(app, "celery_ext", None) is not None:
-            return app  # type: ignore[no-any-return]
+            return app
     return default_app()

@@ -248,7 +248,7 @@ def _time(key: str, value: Any) -> None:
 
 
 def _short(value: Any) -> str:
-    return saferepr(value, maxlen=80)  # type: ignore[no-any-return]
+    return saferepr(value, maxlen=80)
 
 
 class MessageGuard:
@@ -440,7 +440,7 @@ def _raw(message: Any) -> str:
         return "(unreadable)"
 
 
-class GuardedConsumer(Consumer):  # type: ignore[misc]
+class GuardedConsumer(Consumer):
     """Celery's consumer, with every task message checked before Celery handles it and every
     failure to hand a request to the pool caught (see the module's doc)."""
 

@@ -122,7 +122,7 @@ class WorkerReloader:
     }
 
 
-class ConfigWatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class ConfigWatchStep(bootsteps.StartStopStep):
     """Worker step: watch the config file the worker started from and apply live changes."""
 
     label = "celery_ext.config_watch"

@@ -34,6 +34,7 @@ builds a celery_ext app keeps kombu's transport for every scheme.
 from __future__ import annotations
 
 import logging
+from queue import Empty
 from typing import Any
 
 from kombu import transport as kombu_transport
@@ -42,6 +43,9 @@ from kombu.transport import redis
 from celery_ext.forksafe import fork_safe_pool
 
 logger = logging.getLogger("celery_ext.transport")
+
+# celery-types describes kombu's Redis channel without the private methods (``_create_client``,
+# ``_brpop_read``, ``_get_pool``) that this channel extends: they are reached through ``_base``.
 
 #: URL schemes of a Redis broker, as kombu spells them.
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
@@ -67,26 +71,30 @@ def install() -> None:
         if kombu_transport.TRANSPORT_ALIASES.get(alias) != TRANSPORT:
             kombu_transport.TRANSPORT_ALIASES[alias] = TRANSPORT
             # get_transport_cls caches by name: forget a class resolved before this call.
-            kombu_transport._transport_cache.pop(alias, None)
+            kombu_transport._transport_cache.pop(alias, None)  # type: ignore[attr-defined]
 
 
-class Channel(redis.Channel):  # type: ignore[misc]
+class Channel(redis.Channel):
     _sync_client: Any = None
+    connection_errors: tuple[type[BaseException], ...]
+
+    def _base(self) -> Any:
+        return super()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return self._base()._create_client(asynchronous=True)
         client = self._sync_client
         if client is None or client.connection_pool is not self.pool:  # a new pool after a reconnect
-            client = self._sync_client = super()._create_client()
+            client = self._sync_client = self._base()._create_client()
         return client
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)
+            return self._base()._brpop_read(**options)
         except self.connection_errors:
             raise
-        except redis.Empty:
+        except Empty:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # The entry was already popped: it is dropped, with a line saying why.
@@ -95,8 +103,8 @@ class Channel(redis.Channel):  # type: ignore[misc]
 
     def _get_pool(self, asynchronous: bool = False) -> Any:
         # The worker forks pool processes; its pools must not hand them a held lock (forksafe).
-        return fork_safe_pool(super()._get_pool(asynchronous))
+        return fork_safe_pool(self._base()._get_pool(asynchronous))
 
 
-class Transport(redis.Transport):  # type: ignore[misc]
+class Transport(redis.Transport):
     Channel = Channel

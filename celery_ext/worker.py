@@ -20,7 +20,7 @@ from celery_ext.routing.heartbeat import install_routing
 logger = logging.getLogger("celery_ext.worker")
 
 
-class CeleryExtStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class CeleryExtStep(bootsteps.StartStopStep):
     """Checks at start-up that the executors can run their types (the python executor's modules
     import: ``Executor.worker_problems``) and that the task store answers, installs per-task log
     capture, says where data lives.  This step is how celery_ext tells a worker from a client: it

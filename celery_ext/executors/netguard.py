@@ -162,7 +162,7 @@ def resolve(host: str, port: int) -> list[IPAddress]:
 def _make_backend(policy: NetPolicy) -> Any:
     import httpcore
 
-    class GuardedBackend(httpcore.SyncBackend):  # type: ignore[misc]
+    class GuardedBackend(httpcore.SyncBackend):
         """Resolves, checks, then connects to the checked address (never re-resolves)."""
 
         def connect_tcp(self, host: str, port: int, timeout: float | None = None,

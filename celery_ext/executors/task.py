@@ -62,7 +62,7 @@ def chain_ids(chain: Any) -> list[str]:
     return ids
 
 
-class ExtRequest(Request):  # type: ignore[misc]
+class ExtRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
             self._record(lambda rt, d: rt.runner.fail_running(
@@ -88,7 +88,7 @@ class ExtRequest(Request):  # type: ignore[misc]
             logger.exception("could not record the fate of task %s", self.id)
 
 
-class ExecutorTask(Task):  # type: ignore[misc,type-arg]
+class ExecutorTask(Task):  # type: ignore[type-arg]
     """Base of every celery_ext task type; ``name`` is the task type."""
 
     Request = ExtRequest  # type: ignore[assignment]

@@ -23,7 +23,7 @@ from celery_ext.plugins.manager import PluginManager
 logger = logging.getLogger("celery_ext.plugins")
 
 
-class PluginHostStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class PluginHostStep(bootsteps.StartStopStep):
     label = "celery_ext plugins"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:

@@ -86,7 +86,7 @@ def _types(value: Any) -> list[str] | None:
     return [t.strip() for t in items if t.strip()]
 
 
-class CapacityStep(bootsteps.Step):  # type: ignore[misc]
+class CapacityStep(bootsteps.Step):
     """``--capacity`` sets the pool size before the pool is created (every step's ``__init__``
     runs before any step creates its service)."""
 
@@ -105,7 +105,7 @@ class CapacityStep(bootsteps.Step):  # type: ignore[misc]
                 w.min_concurrency = capacity
 
 
-class RegistrationStep(bootsteps.StartStopStep):  # type: ignore[misc]
+class RegistrationStep(bootsteps.StartStopStep):
     """Consumer step: picks the queues, registers the worker, heartbeats, deregisters."""
 
     label = "celery_ext.registry"
