@@ -10,8 +10,11 @@ import os
 
 from celery import Celery
 
-app = Celery("bare", broker=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
-             backend=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+app = Celery(
+    "bare",
+    broker=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    backend=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

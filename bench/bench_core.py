@@ -38,7 +38,7 @@ def run_bare(app: Any, rds: Any, n: int) -> float:
         ids = [app.tasks["bench.noop"].apply_async(producer=producer).id for _ in range(n)]
     keys = [f"celery-task-meta-{i}" for i in ids]
     wait_until(lambda: rds.exists(keys[-1]) == 1)
-    wait_until(lambda: sum(int(rds.exists(*keys[i:i + 500])) for i in range(0, n, 500)) >= n)
+    wait_until(lambda: sum(int(rds.exists(*keys[i : i + 500])) for i in range(0, n, 500)) >= n)
     return n / (time.perf_counter() - start)
 
 
@@ -72,8 +72,11 @@ def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
 
 def latencies(manager: Any, ext_app: Any, bare: Any, n: int) -> dict[str, list[float]]:
     """Submit-to-result time of one task at a time, the three ways interleaved, workers idle."""
-    out: dict[str, list[float]] = {"celery_ext manager.wait": [], "celery_ext AsyncResult.get": [],
-                                   "bare Celery AsyncResult.get": []}
+    out: dict[str, list[float]] = {
+        "celery_ext manager.wait": [],
+        "celery_ext AsyncResult.get": [],
+        "bare Celery AsyncResult.get": [],
+    }
     noop = bare.tasks["bench.noop"]
     for _ in range(n):
         start = time.perf_counter()
@@ -154,8 +157,11 @@ def main() -> None:
                     before = rt.storage.tasks.count_by_status().get("succeeded", 0)
                     results["ext"].append(run_ext(rt.manager, rt.storage, args.n, before))
             ratios.append(results["ext"][-1] / results["bare"][-1])
-            print(f"round {r + 1}: bare {results['bare'][-1]:.0f}/s  celery_ext {results['ext'][-1]:.0f}/s  "
-                  f"ratio {ratios[-1]:.2f}", flush=True)
+            print(
+                f"round {r + 1}: bare {results['bare'][-1]:.0f}/s  celery_ext {results['ext'][-1]:.0f}/s  "
+                f"ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
         latency = latencies(rt.manager, rt.celery, bare, args.latency_n)
     finally:
         bare_worker.stop()
@@ -168,8 +174,10 @@ def main() -> None:
     print(f"\nend to end, N={args.n}, median of {args.rounds} rounds, prefork -c 2, events on:")
     print(f"  bare Celery + Redis result backend : {bare_med:8.0f} tasks/s")
     print(f"  celery_ext + {args.storage:<10} records   : {ext_med:8.0f} tasks/s")
-    print(f"  ratio celery_ext / bare            : {statistics.median(ratios):8.2f}  (median of the rounds' "
-          f"ratios {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.70)")
+    print(
+        f"  ratio celery_ext / bare            : {statistics.median(ratios):8.2f}  (median of the rounds' "
+        f"ratios {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.70)"
+    )
     print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
     for key, values in latency.items():
         print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")

@@ -75,9 +75,13 @@ def main() -> None:
     try:
         for kind in kinds:
             db = create_database("postgresql")
-            data = {"app": {"name": unique("bev"), "log_level": "WARNING"}, "broker": {"url": REDIS},
-                    "worker": {"capacity": 2}, "storage": {"type": "postgresql", "config": {"url": db}},
-                    **sections(kind)}
+            data = {
+                "app": {"name": unique("bev"), "log_level": "WARNING"},
+                "broker": {"url": REDIS},
+                "worker": {"capacity": 2},
+                "storage": {"type": "postgresql", "config": {"url": db}},
+                **sections(kind),
+            }
             path = write_config(Path(tempfile.mkdtemp(prefix=f"bench-events-{kind}-")), data)
             cfg = parse_config(data, source=str(path))
             rt = create_app(cfg).celery_ext
@@ -114,13 +118,18 @@ def main() -> None:
     for kind in ("kombu", "redis"):
         med = statistics.median(clusters[kind]["rates"])
         # Paired per round too: the machine's load drifts, and a round's runs are back to back.
-        paired = statistics.median(a / b for a, b in zip(clusters[kind]["rates"], clusters["off"]["rates"],
-                                                          strict=True))
-        print(f"  {kind:<5} events + metrics + alert plugins : {med:8.0f} tasks/s  ratio {med / off:.2f}"
-              f"  (median per-round ratio {paired:.2f}; target >= 0.90)")
+        paired = statistics.median(
+            a / b for a, b in zip(clusters[kind]["rates"], clusters["off"]["rates"], strict=True)
+        )
+        print(
+            f"  {kind:<5} events + metrics + alert plugins : {med:8.0f} tasks/s  ratio {med / off:.2f}"
+            f"  (median per-round ratio {paired:.2f}; target >= 0.90)"
+        )
     if args.subscribe:
-        print(f"  task_completed events received: kombu {received['kombu']}, redis {received['redis']}"
-              f" (expected {100 + args.n * args.rounds} each)")
+        print(
+            f"  task_completed events received: kombu {received['kombu']}, redis {received['redis']}"
+            f" (expected {100 + args.n * args.rounds} each)"
+        )
     os._exit(0)  # subscriber threads are daemons; skip their orderly shutdown
 
 

@@ -106,15 +106,20 @@ def main() -> int:
     server = HttpTestServer().start()
     url = server.url("/json")
     tmp = Path(tempfile.mkdtemp(prefix="bench_http_"))
-    storage = ({"type": "sqlite", "config": {"path": str(tmp / "tasks.db")}} if args.storage == "sqlite"
-               else {"type": args.storage.split(":")[0], "config": {"url": args.storage}})
+    storage = (
+        {"type": "sqlite", "config": {"path": str(tmp / "tasks.db")}}
+        if args.storage == "sqlite"
+        else {"type": args.storage.split(":")[0], "config": {"url": args.storage}}
+    )
     data = {
         "app": {"name": f"bench{uuid.uuid4().hex[:8]}", "log_level": "WARNING", "data_dir": str(tmp)},
         "broker": {"url": args.redis},
         "worker": {"capacity": 2},
         "storage": storage,
-        "executors": [{"type": "http", "config": {"allow_networks": ["127.0.0.1/32"]}},
-                      {"type": "python", "config": {"modules": ["bench.bench_http"]}}],
+        "executors": [
+            {"type": "http", "config": {"allow_networks": ["127.0.0.1/32"]}},
+            {"type": "python", "config": {"modules": ["bench.bench_http"]}},
+        ],
     }
     config_path = write_config(tmp, data)
     app = create_app(parse_config(data, source=str(config_path)))
@@ -138,8 +143,10 @@ def main() -> int:
         worker.stop()
         server.stop()
     e, b = statistics.median(ext), statistics.median(bare)
-    print(f"median of {args.rounds} rounds x {args.n} tasks: celery_ext {e:.1f}/s, bare {b:.1f}/s, "
-          f"ratio celery_ext/bare = {e / b:.2f}")
+    print(
+        f"median of {args.rounds} rounds x {args.n} tasks: celery_ext {e:.1f}/s, bare {b:.1f}/s, "
+        f"ratio celery_ext/bare = {e / b:.2f}"
+    )
     return 0
 
 

@@ -37,9 +37,16 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 bare_app = Celery("bench_kafka_bare", broker=REDIS_URL)
 bare_app.conf.update(
-    task_serializer="json", accept_content=["json"], result_serializer="json", event_serializer="json",
-    task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-    worker_send_task_events=True, task_send_sent_event=True, task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    event_serializer="json",
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_ignore_result=True,
     task_default_queue=os.environ.get("BENCH_QUEUE", "bench_kafka_bare"),
 )
 _local = threading.local()
@@ -50,9 +57,16 @@ def _producer() -> Any:
     if getattr(_local, "producer", None) is None:
         from confluent_kafka import Producer
 
-        _local.producer = Producer({"bootstrap.servers": os.environ["BENCH_KAFKA"], "acks": "all",
-                                    "enable.idempotence": True, "message.timeout.ms": 30000,
-                                    "linger.ms": 0, "reconnect.backoff.max.ms": 1000})
+        _local.producer = Producer(
+            {
+                "bootstrap.servers": os.environ["BENCH_KAFKA"],
+                "acks": "all",
+                "enable.idempotence": True,
+                "message.timeout.ms": 30000,
+                "linger.ms": 0,
+                "reconnect.backoff.max.ms": 1000,
+            }
+        )
     return _local.producer
 
 
@@ -76,9 +90,13 @@ def bare_send(topic: str, message: str, counter: str) -> None:
 
 
 def start_worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "celery", *args, "--logfile", str(log), "-l", "WARNING"],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", *args, "--logfile", str(log), "-l", "WARNING"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     return proc
 
 
@@ -107,15 +125,20 @@ def run_celery_ext(tmp: Path, bootstrap: str, n: int, rounds: int) -> list[float
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     manager = create_app(parse_config(data, source=str(path))).celery_ext.manager  # type: ignore[attr-defined]
-    worker = start_worker(["-A", "celery_ext", "worker", "-c", "2", "-P", "prefork", "-E",
-                           "--without-mingle", "--without-gossip"], {"CELERY_EXT_CONFIG": str(path)}, tmp / "ce.log")
+    worker = start_worker(
+        ["-A", "celery_ext", "worker", "-c", "2", "-P", "prefork", "-E", "--without-mingle", "--without-gossip"],
+        {"CELERY_EXT_CONFIG": str(path)},
+        tmp / "ce.log",
+    )
     try:
         probe = manager.submit("send_kafka_message", {"topic": "bench.ce", "message": "warm"})
         manager.wait(probe.task_id, 90)
         rates = []
         for _ in range(rounds):
-            specs = [{"task_type": "send_kafka_message", "payload": {"topic": "bench.ce", "message": f"m{i}"}}
-                     for i in range(n)]
+            specs = [
+                {"task_type": "send_kafka_message", "payload": {"topic": "bench.ce", "message": f"m{i}"}}
+                for i in range(n)
+            ]
             t0 = time.perf_counter()
             tasks = manager.submit_many(specs)
             results = [manager.wait(t.task_id, 600, poll=0.05) for t in tasks]
@@ -135,11 +158,28 @@ def run_bare(tmp: Path, bootstrap: str, n: int, rounds: int) -> list[float]:
 
     queue = f"bench_kafka_bare_{uuid.uuid4().hex[:8]}"
     env = {"BENCH_KAFKA": bootstrap, "BENCH_QUEUE": queue}
-    worker = start_worker(["-A", "bench.bench_kafka:bare_app", "worker", "-c", "2", "-P", "prefork", "-E",
-                           "-Q", queue, "--without-mingle", "--without-gossip"], env, tmp / "bare.log")
+    worker = start_worker(
+        [
+            "-A",
+            "bench.bench_kafka:bare_app",
+            "worker",
+            "-c",
+            "2",
+            "-P",
+            "prefork",
+            "-E",
+            "-Q",
+            queue,
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        tmp / "bare.log",
+    )
     r = redis.Redis.from_url(REDIS_URL)
     counter = f"{queue}:done"
     try:
+
         def send(count: int) -> None:
             with bare_app.producer_or_acquire() as producer:
                 for i in range(count):

@@ -44,16 +44,31 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 def decision_cost(n_workers: int, strategy: str, decisions: int, state: str = "local") -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp())
-    config = parse_config({"app": {"name": unique("bench")}, "broker": {"url": REDIS},
-                           "scheduler": {"load_balance_strategy": strategy, "load_balance_state": state},
-                           "storage": {"type": "sqlite"}}, source=str(tmp / "config.yaml"))
+    config = parse_config(
+        {
+            "app": {"name": unique("bench")},
+            "broker": {"url": REDIS},
+            "scheduler": {"load_balance_strategy": strategy, "load_balance_state": state},
+            "storage": {"type": "sqlite"},
+        },
+        source=str(tmp / "config.yaml"),
+    )
     app = create_app(config)
     router = router_of(app)
     assert router.registry is not None
     for i in range(n_workers):
         wid = f"w{i:04d}"
-        router.registry.heartbeat(WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), weight=1 + i % 3,
-                                             capacity=10**9, supported_types=("echo", "sleep")), 300, 0)
+        router.registry.heartbeat(
+            WorkerInfo(
+                id=wid,
+                queue=direct_queue_name(router.prefix, wid),
+                weight=1 + i % 3,
+                capacity=10**9,
+                supported_types=("echo", "sleep"),
+            ),
+            300,
+            0,
+        )
     router.cache_ttl = 3600.0  # time the decision on a warm cache; refreshes are timed apart
     router.invalidate()
     router.snapshot()
@@ -77,15 +92,24 @@ def decision_cost(n_workers: int, strategy: str, decisions: int, state: str = "l
         router.state.forget()
     app.celery_ext.storage.close()  # type: ignore[attr-defined]
     (c50, c99), (r50, r99), (g50, _) = percentiles(choose), percentiles(route), percentiles(read)
-    return {"choose_p50": c50 * 1e6, "choose_p99": c99 * 1e6, "route_p50": r50 * 1e6, "route_p99": r99 * 1e6,
-            "read_p50": g50 * 1e6}
+    return {
+        "choose_p50": c50 * 1e6,
+        "choose_p99": c99 * 1e6,
+        "route_p50": r50 * 1e6,
+        "route_p99": r99 * 1e6,
+        "read_p50": g50 * 1e6,
+    }
 
 
 def throughput(n_tasks: int, rounds: int, strategy: str) -> dict[str, list[float]]:
     directory = Path(tempfile.mkdtemp())
-    data = {"app": {"name": unique("bench"), "log_level": "WARNING"}, "broker": {"url": REDIS},
-            "storage": {"type": "sqlite"}, "worker": {"capacity": 2},
-            "scheduler": {"load_balance_strategy": strategy}}
+    data = {
+        "app": {"name": unique("bench"), "log_level": "WARNING"},
+        "broker": {"url": REDIS},
+        "storage": {"type": "sqlite"},
+        "worker": {"capacity": 2},
+        "scheduler": {"load_balance_strategy": strategy},
+    }
     path = write_config(directory, data)
     rt = create_app(parse_config(data, source=str(path))).celery_ext  # type: ignore[attr-defined]
     router = router_of(rt.celery)
@@ -130,21 +154,28 @@ def main() -> None:
     args = parser.parse_args()
     for strategy in args.strategies.split(","):
         build_balancer(parse_config({"scheduler": {"load_balance_strategy": strategy}}))
-    print("| strategy | workers | state | choose p50 µs | choose p99 µs | route p50 µs | route p99 µs "
-          "| registry read µs |")
+    print(
+        "| strategy | workers | state | choose p50 µs | choose p99 µs | route p50 µs | route p99 µs "
+        "| registry read µs |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
         for n in map(int, args.workers.split(",")):
             for state in args.states.split(","):
                 r = decision_cost(n, strategy, args.decisions, state)
                 choose = f"{r['choose_p50']:.1f} | {r['choose_p99']:.1f}" if state == "local" else "- | -"
-                print(f"| {strategy} | {n} | {state} | {choose} | {r['route_p50']:.1f} | {r['route_p99']:.1f} "
-                      f"| {r['read_p50']:.0f} |", flush=True)
+                print(
+                    f"| {strategy} | {n} | {state} | {choose} | {r['route_p50']:.1f} | {r['route_p99']:.1f} "
+                    f"| {r['read_p50']:.0f} |",
+                    flush=True,
+                )
     if args.skip_e2e:
         return
     results = throughput(args.tasks, args.rounds, args.e2e_strategy)
-    print(f"\nend-to-end ({args.e2e_strategy}), {args.tasks} echo tasks x {args.rounds} rounds, "
-          f"2 workers x 2 processes (tasks/s):")
+    print(
+        f"\nend-to-end ({args.e2e_strategy}), {args.tasks} echo tasks x {args.rounds} rounds, "
+        f"2 workers x 2 processes (tasks/s):"
+    )
     for mode, rates in results.items():
         print(f"  {mode}: median {statistics.median(rates):.0f}  (runs: {', '.join(f'{x:.0f}' for x in rates)})")
     routed, static = (statistics.median(v) for v in results.values())

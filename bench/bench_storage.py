@@ -42,14 +42,19 @@ def make_tasks(start: int, count: int, rng: random.Random) -> list[Task]:
     for i in range(start, start + count):
         status = rng.choice(STATUSES)
         created = END - SPAN * rng.random()
-        out.append(Task(
-            task_id=f"{i:012d}{rng.getrandbits(64):016x}", task_type=rng.choice(TYPES),
-            payload={"to": f"user{i}@example.com", "subject": "hello", "n": i}, status=status,
-            worker_id=rng.choice(WORKERS) if status not in (TaskStatus.PENDING, TaskStatus.SCHEDULED) else None,
-            created_at=created, updated_at=created,
-            finished_at=created + timedelta(seconds=2) if status.terminal else None,
-            idempotency_key=f"idem-{i}" if i % 10 == 0 else None,
-        ))
+        out.append(
+            Task(
+                task_id=f"{i:012d}{rng.getrandbits(64):016x}",
+                task_type=rng.choice(TYPES),
+                payload={"to": f"user{i}@example.com", "subject": "hello", "n": i},
+                status=status,
+                worker_id=rng.choice(WORKERS) if status not in (TaskStatus.PENDING, TaskStatus.SCHEDULED) else None,
+                created_at=created,
+                updated_at=created,
+                finished_at=created + timedelta(seconds=2) if status.terminal else None,
+                idempotency_key=f"idem-{i}" if i % 10 == 0 else None,
+            )
+        )
     return out
 
 
@@ -90,13 +95,11 @@ def run_backend(kind: str, config: StorageConfig, data_dir: Path, args: argparse
     row: dict[str, Any] = {"backend": kind, "n": args.n, "insert_per_s": rate}
 
     def by_status_type() -> Any:
-        return storage.tasks.list(TaskFilter(status=(rng.choice(STATUSES),), task_type=(rng.choice(TYPES),),
-                                             limit=50))
+        return storage.tasks.list(TaskFilter(status=(rng.choice(STATUSES),), task_type=(rng.choice(TYPES),), limit=50))
 
     def by_time() -> Any:
         start = END - SPAN * rng.random()
-        return storage.tasks.list(TaskFilter(created_after=start, created_before=start + timedelta(hours=1),
-                                             limit=50))
+        return storage.tasks.list(TaskFilter(created_after=start, created_before=start + timedelta(hours=1), limit=50))
 
     def by_worker() -> Any:
         return storage.tasks.list(TaskFilter(worker_id=rng.choice(WORKERS), limit=50))
@@ -134,8 +137,9 @@ def backend_config(kind: str, tmp: Path, args: argparse.Namespace, cleanup: list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", nargs="+", default=["postgresql"],
-                        choices=["sqlite", "postgresql", "mysql", "mongodb"])
+    parser.add_argument(
+        "--backend", nargs="+", default=["postgresql"], choices=["sqlite", "postgresql", "mysql", "mongodb"]
+    )
     parser.add_argument("--n", type=int, default=100_000, help="task records to insert (default 100,000)")
     parser.add_argument("--batch", type=int, default=1000, help="records per create_many call")
     parser.add_argument("--queries", type=int, default=200, help="timed calls of each query")
@@ -152,8 +156,10 @@ def main() -> None:
             finally:
                 for fn in cleanup:
                     fn()
-    print("\n| backend | records | create_many records/s | list status+type p50/p95 ms "
-          "| list time range p50/p95 ms | list worker p50/p95 ms | get p50/p95 ms |")
+    print(
+        "\n| backend | records | create_many records/s | list status+type p50/p95 ms "
+        "| list time range p50/p95 ms | list worker p50/p95 ms | get p50/p95 ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         cells = " | ".join(f"{r[k][0]:.1f} / {r[k][1]:.1f}" for k in ("status_type", "time_range", "worker", "get"))

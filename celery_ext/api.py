@@ -86,19 +86,28 @@ class SubmitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    task_type: str = Field(min_length=1, max_length=128, pattern=KEY,
-                           description="a type the config declares or a live worker advertises")
+    task_type: str = Field(
+        min_length=1, max_length=128, pattern=KEY, description="a type the config declares or a live worker advertises"
+    )
     payload: dict[str, Any] | None = Field(
-        None, description="the task's input, a JSON object of at most app.max_payload_bytes (default {})")
+        None, description="the task's input, a JSON object of at most app.max_payload_bytes (default {})"
+    )
     priority: int = Field(0, ge=0, le=MAX_PRIORITY, description="higher runs first")
     delay: float | None = Field(None, ge=0, le=MAX_DELAY, description="seconds before it may start")
     max_retries: int | None = Field(
-        None, ge=0, le=MAX_RETRIES,
-        description="automatic retries (default: the executor's, else worker.default_max_retries)")
+        None,
+        ge=0,
+        le=MAX_RETRIES,
+        description="automatic retries (default: the executor's, else worker.default_max_retries)",
+    )
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="soft time limit in seconds")
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=255, pattern=KEY,
-        description="a second submit with the same key returns the first task")
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=KEY,
+        description="a second submit with the same key returns the first task",
+    )
 
     def spec(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -206,8 +215,10 @@ class Health(BaseModel):
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    code: str = Field(description="invalid_payload, invalid_json, unknown_task_type, unauthorized, not_found, "
-                                  "method_not_allowed, invalid_transition, too_large, unavailable, internal")
+    code: str = Field(
+        description="invalid_payload, invalid_json, unknown_task_type, unauthorized, not_found, "
+        "method_not_allowed, invalid_transition, too_large, unavailable, internal"
+    )
     message: str
     field: str | None = Field(None, description="the input at fault (invalid_payload)")
     known_types: list[str] | None = Field(None, description="the task types there are (unknown_task_type)")
@@ -252,8 +263,9 @@ _ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def _error(status: int, code: str, message: str, /, headers: Mapping[str, str] | None = None,
-           **extra: Any) -> JSONResponse:
+def _error(
+    status: int, code: str, message: str, /, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
@@ -305,9 +317,16 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
         name = _field(path[:-1] if err["type"] == "enum" and path and isinstance(path[-1], int) else path)
         if where == "body" and not name:
             got = err.get("input")
-            lines.append("the body must be a JSON object" + (
-                "" if err["type"] == "missing" else " sent as Content-Type: application/json" if isinstance(got, bytes)
-                else f" (got {type(got).__name__})"))
+            lines.append(
+                "the body must be a JSON object"
+                + (
+                    ""
+                    if err["type"] == "missing"
+                    else " sent as Content-Type: application/json"
+                    if isinstance(got, bytes)
+                    else f" (got {type(got).__name__})"
+                )
+            )
             fields.append("")
             continue
         template = _MESSAGES.get(err["type"])
@@ -344,9 +363,13 @@ class Gate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.token is not None and scope["path"] not in PUBLIC_PATHS and not self.authorized(headers):
             # The dashboard (celery_ext/ui) also accepts its session cookie, on /ui paths only.
-            refused = (ui_auth.refusal(scope, headers, self.token) if ui_auth.is_ui(scope["path"])
-                       else _error(401, "unauthorized", "missing or wrong bearer token",
-                                   headers={"WWW-Authenticate": "Bearer"}))
+            refused = (
+                ui_auth.refusal(scope, headers, self.token)
+                if ui_auth.is_ui(scope["path"])
+                else _error(
+                    401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+                )
+            )
             if refused is not None:
                 await refused(scope, receive, send)
                 return
@@ -355,8 +378,9 @@ class Gate:
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
-            await self.too_large(scope, receive, send, f"the body is {declared} bytes; "
-                                                         f"api.max_body_bytes is {self.limit}")
+            await self.too_large(
+                scope, receive, send, f"the body is {declared} bytes; api.max_body_bytes is {self.limit}"
+            )
             return
         body, more = b"", True
         while more:
@@ -381,8 +405,11 @@ class Gate:
 
     def authorized(self, headers: Mapping[str, str]) -> bool:
         scheme, _, given = headers.get("authorization", "").partition(" ")
-        return (scheme.lower() == "bearer" and self.token is not None
-                and hmac.compare_digest(given.strip().encode(), self.token))
+        return (
+            scheme.lower() == "bearer"
+            and self.token is not None
+            and hmac.compare_digest(given.strip().encode(), self.token)
+        )
 
     async def too_large(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
         await _error(413, "too_large", message, headers={"Connection": "close"})(scope, receive, send)
@@ -416,9 +443,14 @@ class ErrorRoute(APIRoute):
 def create_api(rt: Runtime) -> FastAPI:
     settings = rt.config.api
     app = FastAPI(
-        title="celery_ext", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None,
+        title="celery_ext",
+        version=__version__,
+        openapi_url="/openapi.json",
+        docs_url=None,
+        redoc_url=None,
         description="Durable task records over Celery: submit, inspect, cancel and retry tasks. "
-                    "Every error is {\"error\": {\"code\", \"message\"}}.")
+        'Every error is {"error": {"code", "message"}}.',
+    )
     app.add_middleware(Gate, token=settings.token, max_body_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
@@ -434,8 +466,12 @@ def create_api(rt: Runtime) -> FastAPI:
     _probe_routes(probes, rt)
     app.include_router(tasks)
     app.include_router(probes)
-    app.state.methods = [(r.path_regex, r.methods or set()) for router in (tasks, probes) for r in router.routes
-                         if isinstance(r, APIRoute)]
+    app.state.methods = [
+        (r.path_regex, r.methods or set())
+        for router in (tasks, probes)
+        for r in router.routes
+        if isinstance(r, APIRoute)
+    ]
     _document(app, rt.manager.executors.task_types)
     from celery_ext.ui import mount_ui  # the dashboard under /ui (jinja2, in the api extra)
 
@@ -449,9 +485,17 @@ TaskId = Annotated[str, Path(min_length=1, max_length=255, pattern=KEY, descript
 def _task_routes(tasks: APIRouter, rt: Runtime) -> None:
     manager = rt.manager
 
-    @tasks.post("/tasks", status_code=201, response_model=TaskRecord, summary="Submit a task",
-                responses={200: {"model": TaskRecord, "description": "the idempotency key was used before: "
-                                                                    "the first task"}, **BAD, **TOO_LARGE})
+    @tasks.post(
+        "/tasks",
+        status_code=201,
+        response_model=TaskRecord,
+        summary="Submit a task",
+        responses={
+            200: {"model": TaskRecord, "description": "the idempotency key was used before: the first task"},
+            **BAD,
+            **TOO_LARGE,
+        },
+    )
     def submit(body: SubmitRequest, response: Response) -> dict[str, Any]:
         spec = body.spec()
         key = spec.get("idempotency_key")
@@ -461,10 +505,15 @@ def _task_routes(tasks: APIRouter, rt: Runtime) -> None:
             response.status_code = 200
         return task.to_dict()
 
-    @tasks.post("/tasks:batch", status_code=201, response_model=TaskList, summary="Submit tasks together",
-                description="All are validated before any is written; then one insert and one producer. "
-                            "A task whose idempotency key was used before is the first task.",
-                responses={**BAD, **TOO_LARGE})
+    @tasks.post(
+        "/tasks:batch",
+        status_code=201,
+        response_model=TaskList,
+        summary="Submit tasks together",
+        description="All are validated before any is written; then one insert and one producer. "
+        "A task whose idempotency key was used before is the first task.",
+        responses={**BAD, **TOO_LARGE},
+    )
     def submit_batch(body: BatchRequest) -> dict[str, Any]:
         specs = [item.spec() for item in body.tasks]
         try:
@@ -479,23 +528,38 @@ def _task_routes(tasks: APIRouter, rt: Runtime) -> None:
     def get(task_id: TaskId) -> dict[str, Any]:
         return manager.get(task_id).to_dict()
 
-    @tasks.get("/tasks/{task_id}/logs", response_model=LogList, summary="A task's log lines, in order",
-               responses={**BAD, **MISSING})
-    def logs(task_id: TaskId,
-             run: Annotated[int | None, Query(ge=1, le=INT32, description="only this run")] = None,
-             attempt: Annotated[int | None, Query(ge=0, le=INT32, description="only this attempt")] = None,
-             ) -> dict[str, Any]:
+    @tasks.get(
+        "/tasks/{task_id}/logs",
+        response_model=LogList,
+        summary="A task's log lines, in order",
+        responses={**BAD, **MISSING},
+    )
+    def logs(
+        task_id: TaskId,
+        run: Annotated[int | None, Query(ge=1, le=INT32, description="only this run")] = None,
+        attempt: Annotated[int | None, Query(ge=0, le=INT32, description="only this attempt")] = None,
+    ) -> dict[str, Any]:
         return {"items": [line.to_dict() for line in manager.logs(task_id, run=run, attempt=attempt)]}
 
-    @tasks.post("/tasks/{task_id}/cancel", response_model=TaskRecord, summary="Cancel a task",
-                responses={**BAD, **MISSING, **CONFLICT, **TOO_LARGE})
-    def cancel(task_id: TaskId, terminate: Annotated[bool, Query(
-            description="also kill the pool process running it (SIGTERM)")] = False) -> dict[str, Any]:
+    @tasks.post(
+        "/tasks/{task_id}/cancel",
+        response_model=TaskRecord,
+        summary="Cancel a task",
+        responses={**BAD, **MISSING, **CONFLICT, **TOO_LARGE},
+    )
+    def cancel(
+        task_id: TaskId,
+        terminate: Annotated[bool, Query(description="also kill the pool process running it (SIGTERM)")] = False,
+    ) -> dict[str, Any]:
         return manager.cancel(task_id, terminate=terminate).to_dict()
 
-    @tasks.post("/tasks/{task_id}/retry", response_model=TaskRecord, summary="Run a finished task again",
-                description="A failed, dead or cancelled task starts a new run.",
-                responses={**BAD, **MISSING, **CONFLICT, **TOO_LARGE})
+    @tasks.post(
+        "/tasks/{task_id}/retry",
+        response_model=TaskRecord,
+        summary="Run a finished task again",
+        description="A failed, dead or cancelled task starts a new run.",
+        responses={**BAD, **MISSING, **CONFLICT, **TOO_LARGE},
+    )
     def retry(task_id: TaskId) -> dict[str, Any]:
         return manager.retry(task_id).to_dict()
 
@@ -507,12 +571,15 @@ def _list_route(tasks: APIRouter, rt: Runtime) -> None:
     def list_tasks(
         # Not nullable: a query parameter is absent or a string, and the document says just that.
         status: Annotated[list[TaskStatus], Query(default_factory=list, description="any of these (repeat)")],
-        task_type: Annotated[list[Annotated[str, Field(max_length=128, pattern=KEY)]],
-                             Query(default_factory=list, alias="type", description="any of these (repeat)")],
+        task_type: Annotated[
+            list[Annotated[str, Field(max_length=128, pattern=KEY)]],
+            Query(default_factory=list, alias="type", description="any of these (repeat)"),
+        ],
         worker: Annotated[str, Query(max_length=255, pattern=KEY, description="the worker that ran it")] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[str, Query(max_length=1024, pattern=KEY,
-                                     description="next_cursor of the previous page")] = "",
+        cursor: Annotated[
+            str, Query(max_length=1024, pattern=KEY, description="next_cursor of the previous page")
+        ] = "",
     ) -> dict[str, Any]:
         filters: dict[str, Any] = {"limit": limit, "status": tuple(status), "task_type": tuple(task_type)}
         if worker:
@@ -521,8 +588,9 @@ def _list_route(tasks: APIRouter, rt: Runtime) -> None:
             try:
                 decode_cursor(cursor)
             except Exception:  # noqa: BLE001 - anything that does not decode
-                raise ApiError(400, "invalid_payload", "cursor: not a next_cursor this API returned",
-                               field="cursor") from None
+                raise ApiError(
+                    400, "invalid_payload", "cursor: not a next_cursor this API returned", field="cursor"
+                ) from None
             filters["cursor"] = cursor
         try:
             page = manager.list(**filters)
@@ -549,9 +617,13 @@ def _probe_routes(probes: APIRouter, rt: Runtime) -> None:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @probes.get("/readyz", response_model=Health, response_model_exclude_none=True,
-                summary="Ready: the task store and the broker answer",
-                responses=DOWN)
+    @probes.get(
+        "/readyz",
+        response_model=Health,
+        response_model_exclude_none=True,
+        summary="Ready: the task store and the broker answer",
+        responses=DOWN,
+    )
     def readyz() -> dict[str, Any]:
         checks, down = {}, []
         for name, ping in (("storage", rt.storage.ping), ("broker", lambda: ping_broker(rt))):
@@ -565,8 +637,13 @@ def _probe_routes(probes: APIRouter, rt: Runtime) -> None:
             raise ApiError(503, "unavailable", f"{' and '.join(down)} unreachable", checks=checks)
         return {"status": "ok", "checks": checks}
 
-    @probes.get("/health", response_model=Health, response_model_exclude_none=True,
-                summary="The task store answers", responses=DOWN)
+    @probes.get(
+        "/health",
+        response_model=Health,
+        response_model_exclude_none=True,
+        summary="The task store answers",
+        responses=DOWN,
+    )
     def health() -> dict[str, Any]:
         rt.storage.ping()  # a StorageError is answered 503 like on every route
         return {"status": "ok"}
@@ -589,11 +666,13 @@ def _batch_error(manager: Any, specs: list[dict[str, Any]], exc: TaskError) -> E
         except TaskError as found:
             prefix = f"tasks[{i}]"
             if isinstance(found, UnknownTaskTypeError):
-                return ApiError(400, "unknown_task_type", f"{prefix}: {found}", known_types=found.known,
-                                field=f"{prefix}.task_type")
+                return ApiError(
+                    400, "unknown_task_type", f"{prefix}: {found}", known_types=found.known, field=f"{prefix}.task_type"
+                )
             if isinstance(found, InvalidPayloadError):
-                return ApiError(400, "invalid_payload", f"{prefix}: {found}",
-                                field=f"{prefix}.{found.field or 'payload'}")
+                return ApiError(
+                    400, "invalid_payload", f"{prefix}: {found}", field=f"{prefix}.{found.field or 'payload'}"
+                )
             return found
     return exc
 

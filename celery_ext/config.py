@@ -308,9 +308,7 @@ def interpolate(value: Any, env: Mapping[str, str], path: str = "", missing: lis
     return value
 
 
-def parse_config(
-    data: Any, *, source: str | None = None, env: Mapping[str, str] | None = None
-) -> Config:
+def parse_config(data: Any, *, source: str | None = None, env: Mapping[str, str] | None = None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -398,8 +396,12 @@ class YamlConfigLoader(ConfigLoader):
                     logger.error("config %s is invalid, keeping the last good config:\n%s", path, exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. RecursionError from a pathological YAML
-                    logger.error("config %s could not be read (%s: %s), keeping the last good config",
-                                 path, exc.__class__.__name__, exc)
+                    logger.error(
+                        "config %s could not be read (%s: %s), keeping the last good config",
+                        path,
+                        exc.__class__.__name__,
+                        exc,
+                    )
                     continue
                 try:
                     callback(config)

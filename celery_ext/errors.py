@@ -1,21 +1,21 @@
 """The exception tree of celery_ext.
 
-    CeleryExtError
-    ├── ConfigError                 invalid config.yaml or unknown extension name
-    ├── TaskError                   something about one task
-    │   ├── UnknownTaskTypeError    submit of a type no executor supports
-    │   ├── InvalidPayloadError     payload not a JSON object, too large, or failing a schema
-    │   ├── TaskNotFoundError       no record with that id
-    │   └── InvalidTransitionError  cancel/retry of a task in a state that forbids it
-    ├── StorageError                the task store cannot be reached or refused a write
-    ├── PublishError                the record was written but the broker refused the message
-    ├── TaskWaitTimeoutError        wait() gave up before a terminal status
-    └── ExecutorError               raised by executors; carries a reason code
-        ├── PermanentError          never retried (4xx, guard refusal, bad payload)
-        └── TransientError          retried with backoff (timeouts, 5xx, connection refused)
+CeleryExtError
+├── ConfigError                 invalid config.yaml or unknown extension name
+├── TaskError                   something about one task
+│   ├── UnknownTaskTypeError    submit of a type no executor supports
+│   ├── InvalidPayloadError     payload not a JSON object, too large, or failing a schema
+│   ├── TaskNotFoundError       no record with that id
+│   └── InvalidTransitionError  cancel/retry of a task in a state that forbids it
+├── StorageError                the task store cannot be reached or refused a write
+├── PublishError                the record was written but the broker refused the message
+├── TaskWaitTimeoutError        wait() gave up before a terminal status
+└── ExecutorError               raised by executors; carries a reason code
+    ├── PermanentError          never retried (4xx, guard refusal, bad payload)
+    └── TransientError          retried with backoff (timeouts, 5xx, connection refused)
 
-    TaskFailed                      how a failed task ends in Celery (FAILURE), and what
-                                    ``AsyncResult.get()`` raises: "reason: message"
+TaskFailed                      how a failed task ends in Celery (FAILURE), and what
+                                ``AsyncResult.get()`` raises: "reason: message"
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ class UnknownTaskTypeError(TaskError):
     def __init__(self, task_type: str, known: list[str]) -> None:
         self.task_type = task_type
         self.known = sorted(known)
-        super().__init__(
-            f"unknown task type {task_type!r}; known types: {', '.join(self.known) or '(none)'}"
-        )
+        super().__init__(f"unknown task type {task_type!r}; known types: {', '.join(self.known) or '(none)'}")
 
 
 class InvalidPayloadError(TaskError):
@@ -73,9 +71,7 @@ class StorageError(CeleryExtError):
 class PublishError(CeleryExtError):
     def __init__(self, task_id: str, cause: BaseException) -> None:
         self.task_id = task_id
-        super().__init__(
-            f"task {task_id} is recorded as pending but could not be published: {cause}"
-        )
+        super().__init__(f"task {task_id} is recorded as pending but could not be published: {cause}")
 
 
 class TaskWaitTimeoutError(CeleryExtError):

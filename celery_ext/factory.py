@@ -117,10 +117,10 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
     broker_url = describe_broker(app)
     register_task_types(app, executors.task_types)
     app.loader.override_backends["celery_ext"] = "celery_ext.backend:RecordBackend"
-    dispatcher = Dispatcher(app, hard_timeout_grace=config.worker.hard_timeout_grace,
-                            redis_priorities=is_redis_url(app.conf.broker_url))
-    lifecycle = Lifecycle(storage, completion_for(config, str(app.conf.broker_url),
-                                                  app.conf.broker_transport_options))
+    dispatcher = Dispatcher(
+        app, hard_timeout_grace=config.worker.hard_timeout_grace, redis_priorities=is_redis_url(app.conf.broker_url)
+    )
+    lifecycle = Lifecycle(storage, completion_for(config, str(app.conf.broker_url), app.conf.broker_transport_options))
     runtime = Runtime(
         config=config,
         celery=app,
@@ -129,9 +129,14 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
         executors=executors,
         dispatcher=dispatcher,
         lifecycle=lifecycle,
-        runner=TaskRunner(lifecycle, executors, dispatcher, config.worker,
-                          default_max_retries=config.worker.default_max_retries,
-                          default_timeout=config.worker.default_timeout),
+        runner=TaskRunner(
+            lifecycle,
+            executors,
+            dispatcher,
+            config.worker,
+            default_max_retries=config.worker.default_max_retries,
+            default_timeout=config.worker.default_timeout,
+        ),
         manager=TaskManager(config, lifecycle, executors, dispatcher),
     )
     app.celery_ext = runtime  # type: ignore[attr-defined]

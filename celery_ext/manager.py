@@ -51,7 +51,8 @@ from celery_ext.validation import (
 )
 
 _SUBMIT_KEYS = frozenset(
-    {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"})
+    {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"}
+)
 
 
 class TaskManager:
@@ -81,7 +82,8 @@ class TaskManager:
     ) -> Task:
         """Record and publish one task; with a known ``idempotency_key``, return the first task."""
         task, countdown = self._build(
-            task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key)
+            task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key
+        )
         self.ensure_schema()
         stored, created = self.storage.tasks.create(task)
         if not created:
@@ -105,22 +107,34 @@ class TaskManager:
         published = iter(self._publish(fresh)) if fresh else iter(())
         return [next(published) if created else stored for stored, created in results]
 
-    def build_specs(self, specs: Iterable[Mapping[str, Any]], *,
-                    forbid: frozenset[str] = frozenset()) -> list[tuple[Task, float | None]]:
+    def build_specs(
+        self, specs: Iterable[Mapping[str, Any]], *, forbid: frozenset[str] = frozenset()
+    ) -> list[tuple[Task, float | None]]:
         """Validate ``submit`` arguments given as dicts (``task_type`` required); nothing written."""
         built = []
         for i, spec in enumerate(specs):
             refused = sorted(set(spec) & forbid)
             if refused:
-                raise InvalidPayloadError(f"{', '.join(refused)} cannot be given inside a chain or chord",
-                                          field=f"[{i}]")
+                raise InvalidPayloadError(
+                    f"{', '.join(refused)} cannot be given inside a chain or chord", field=f"[{i}]"
+                )
             unknown = set(spec) - _SUBMIT_KEYS
             if unknown or "task_type" not in spec:
-                raise InvalidPayloadError(f"unknown keys {sorted(unknown)}" if unknown else "task_type is required",
-                                          field=f"[{i}]")
-            built.append(self._build(
-                spec["task_type"], spec.get("payload"), spec.get("priority", 0), spec.get("delay"),
-                spec.get("run_at"), spec.get("max_retries"), spec.get("timeout"), spec.get("idempotency_key")))
+                raise InvalidPayloadError(
+                    f"unknown keys {sorted(unknown)}" if unknown else "task_type is required", field=f"[{i}]"
+                )
+            built.append(
+                self._build(
+                    spec["task_type"],
+                    spec.get("payload"),
+                    spec.get("priority", 0),
+                    spec.get("delay"),
+                    spec.get("run_at"),
+                    spec.get("max_retries"),
+                    spec.get("timeout"),
+                    spec.get("idempotency_key"),
+                )
+            )
         return built
 
     # --- canvas (celery_ext/canvas.py) ------------------------------------------------------
@@ -140,8 +154,15 @@ class TaskManager:
         return canvas.submit_chord(self, header, body)
 
     def _build(
-        self, task_type: str, payload: Any, priority: int, delay: float | None, run_at: datetime | None,
-        max_retries: int | None, timeout: float | None, idempotency_key: str | None,
+        self,
+        task_type: str,
+        payload: Any,
+        priority: int,
+        delay: float | None,
+        run_at: datetime | None,
+        max_retries: int | None,
+        timeout: float | None,
+        idempotency_key: str | None,
     ) -> tuple[Task, float | None]:
         check_key(task_type, "task_type", 128)
         executor = self.executors.get(task_type)
@@ -182,8 +203,9 @@ class TaskManager:
             payload=payload,
             status=TaskStatus.SCHEDULED if delay else TaskStatus.PENDING,
             priority=priority,
-            max_retries=max_retries if max_retries is not None else (
-                settings.max_retries if settings.max_retries is not None else self.config.worker.default_max_retries),
+            max_retries=max_retries
+            if max_retries is not None
+            else (settings.max_retries if settings.max_retries is not None else self.config.worker.default_max_retries),
             timeout=timeout or settings.timeout or self.config.worker.default_timeout,
             run_at=run_at,
             idempotency_key=idempotency_key,
@@ -265,8 +287,9 @@ class TaskManager:
         check_filter(flt)
         return self.storage.tasks.list(flt)
 
-    def logs(self, task_id: str, *, attempt: int | None = None, run: int | None = None,
-             limit: int = 1000) -> builtins.list[TaskLog]:
+    def logs(
+        self, task_id: str, *, attempt: int | None = None, run: int | None = None, limit: int = 1000
+    ) -> builtins.list[TaskLog]:
         """Log lines in the order written; each carries its ``run`` (manual retries) and
         ``attempt`` (automatic retries within a run)."""
         self.get(task_id)
@@ -275,8 +298,9 @@ class TaskManager:
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Block until the task reaches a terminal status (woken by its worker, see
         ``completion``; no polling of the store while Redis is there)."""
-        task = self.lifecycle.completion.wait(task_id, lambda: self.get(task_id), lambda t: t.status in TERMINAL,
-                                              timeout)
+        task = self.lifecycle.completion.wait(
+            task_id, lambda: self.get(task_id), lambda t: t.status in TERMINAL, timeout
+        )
         if task.status not in TERMINAL:
             raise TaskWaitTimeoutError(task_id, timeout or 0.0, task.status.value)
         return task

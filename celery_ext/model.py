@@ -40,9 +40,7 @@ TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCEL
 
 # Statuses from which a dispatched message may start the task.  PENDING is accepted because
 # the worker may start a task before the producer has marked it QUEUED after publishing.
-STARTABLE = frozenset(
-    {TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RETRYING}
-)
+STARTABLE = frozenset({TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RETRYING})
 
 # Every allowed move; each is applied as a conditional update on the expected status.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {

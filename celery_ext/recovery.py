@@ -42,8 +42,13 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
     if out:
         # What a dead worker fetched from a shared queue but never claimed waits in kombu's
         # unacked hash, not in its direct queue.
-        restore_unclaimed(registry.client, rt.config.app.name, options, rt.config.worker.offline_threshold,
-                          lambda task_id: _unclaimed(rt, task_id))
+        restore_unclaimed(
+            registry.client,
+            rt.config.app.name,
+            options,
+            rt.config.worker.offline_threshold,
+            lambda task_id: _unclaimed(rt, task_id),
+        )
     return out
 
 
@@ -62,8 +67,9 @@ def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: i
     now = now or utcnow()
     recovered = []
     for task in rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit):
-        error = TaskErrorInfo("worker_lost", f"worker {task.worker_id} stopped renewing its lease "
-                                             f"during attempt {task.attempt}")
+        error = TaskErrorInfo(
+            "worker_lost", f"worker {task.worker_id} stopped renewing its lease during attempt {task.attempt}"
+        )
         changed, token = rt.lifecycle.lost(task, error, 0.0)
         if token is not None:
             rt.runner.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1)

@@ -48,9 +48,7 @@ class ExtensionPoint:
         known = self.known()
         hint = difflib.get_close_matches(name, known, n=1)
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(
-            f"{where}no {self.kind} {name!r}{suggestion} (known: {', '.join(known)})"
-        )
+        raise ConfigError(f"{where}no {self.kind} {name!r}{suggestion} (known: {', '.join(known)})")
 
     def _check_shadowing(self, name: str, where: str) -> None:
         for ep in entry_points(group=self.group):
@@ -117,16 +115,31 @@ BALANCERS = ExtensionPoint(
     "celery_ext.routing.base:LoadBalancer",
 )
 
-EVENT_BUSES = ExtensionPoint("event bus", "celery_ext.eventbus", {
-    "local": "celery_ext.events.local:LocalEventBus",
-    "kombu": "celery_ext.events.kombu:KombuEventBus",
-    "redis": "celery_ext.events.redis:RedisEventBus",
-}, "celery_ext.events:EventBus")
-PLUGINS = ExtensionPoint("plugin", "celery_ext.plugins", {
-    "alert": "celery_ext.plugins.alert:AlertPlugin",
-    "metrics": "celery_ext.plugins.metrics:MetricsPlugin",
-}, "celery_ext.plugins.base:Plugin")
-METRICS = ExtensionPoint("metrics collector", "celery_ext.metrics", {
-    "prometheus": "celery_ext.metrics.prometheus:PrometheusMetrics",
-    "null": "celery_ext.metrics:NullMetrics",
-}, "celery_ext.metrics:MetricsCollector")
+EVENT_BUSES = ExtensionPoint(
+    "event bus",
+    "celery_ext.eventbus",
+    {
+        "local": "celery_ext.events.local:LocalEventBus",
+        "kombu": "celery_ext.events.kombu:KombuEventBus",
+        "redis": "celery_ext.events.redis:RedisEventBus",
+    },
+    "celery_ext.events:EventBus",
+)
+PLUGINS = ExtensionPoint(
+    "plugin",
+    "celery_ext.plugins",
+    {
+        "alert": "celery_ext.plugins.alert:AlertPlugin",
+        "metrics": "celery_ext.plugins.metrics:MetricsPlugin",
+    },
+    "celery_ext.plugins.base:Plugin",
+)
+METRICS = ExtensionPoint(
+    "metrics collector",
+    "celery_ext.metrics",
+    {
+        "prometheus": "celery_ext.metrics.prometheus:PrometheusMetrics",
+        "null": "celery_ext.metrics:NullMetrics",
+    },
+    "celery_ext.metrics:MetricsCollector",
+)

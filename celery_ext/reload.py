@@ -82,8 +82,7 @@ class WorkerReloader:
             try:
                 self._APPLY[key](self, new, value)
             except Exception as exc:  # noqa: BLE001 - a reload must never stop the worker
-                logger.error("config reload: could not apply %s = %r: %s: %s", key, value,
-                             exc.__class__.__name__, exc)
+                logger.error("config reload: could not apply %s = %r: %s: %s", key, value, exc.__class__.__name__, exc)
                 continue
             self.running = _with(self.running, key, value)
             applied.append(key)
@@ -145,18 +144,21 @@ class ConfigWatchStep(bootsteps.StartStopStep):
             try:
                 apply(new)
             except Exception:  # noqa: BLE001 - keep the running config and the worker
-                logger.exception("config %s: could not apply the new config; keeping the running one",
-                                 rt.config.source)
+                logger.exception("config %s: could not apply the new config; keeping the running one", rt.config.source)
 
         def apply(new: Config) -> None:
             applied, restart = reloader.apply(new)
             if restart:
-                logger.warning("config %s changed %s: needs a worker restart to take effect",
-                               rt.config.source, ", ".join(restart))
+                logger.warning(
+                    "config %s changed %s: needs a worker restart to take effect", rt.config.source, ", ".join(restart)
+                )
             if not applied:
                 return
-            logger.warning("config %s reloaded: applied %s", rt.config.source,
-                           ", ".join(f"{k}={_value(reloader.running, k)!r}" for k in applied))
+            logger.warning(
+                "config %s reloaded: applied %s",
+                rt.config.source,
+                ", ".join(f"{k}={_value(reloader.running, k)!r}" for k in applied),
+            )
             seat = seat_of(worker.app)
             if seat is not None:
                 version = hashlib.sha1(reloader.running.model_dump_json().encode()).hexdigest()[:12]  # noqa: S324

@@ -68,8 +68,16 @@ class Outcome:
 
 
 class TaskRunner:
-    def __init__(self, lifecycle: Lifecycle, executors: ExecutorSet, dispatcher: Dispatcher,
-                 config: WorkerConfig, *, default_max_retries: int, default_timeout: float | None) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        executors: ExecutorSet,
+        dispatcher: Dispatcher,
+        config: WorkerConfig,
+        *,
+        default_max_retries: int,
+        default_timeout: float | None,
+    ) -> None:
         self.lifecycle = lifecycle
         self.storage = lifecycle.storage
         self.executors = executors
@@ -88,9 +96,14 @@ class TaskRunner:
         task = self.start(d, worker_id)
         if task is None:
             return self._dropped(d)
-        buffer = TaskLogBuffer(task.task_id, task.attempt, self._write_logs,
-                               max_lines=self.config.max_log_lines_per_task,
-                               max_bytes=self.config.max_log_line_bytes, run=task.run)
+        buffer = TaskLogBuffer(
+            task.task_id,
+            task.attempt,
+            self._write_logs,
+            max_lines=self.config.max_log_lines_per_task,
+            max_bytes=self.config.max_log_line_bytes,
+            run=task.run,
+        )
         try:
             with capture(buffer):
                 result = self._execute(task)
@@ -104,10 +117,21 @@ class TaskRunner:
         """Claim the record the message names, or create it for a plain Celery message."""
         if d.header is not None:
             h = d.header
-            task = Task(task_id=d.task_id, task_type=d.task_type, payload=d.kwargs, args=d.args or None,
-                        attempt=h.attempt, run=h.run, max_retries=h.max_retries, timeout=d.timeout,
-                        priority=d.priority, idempotency_key=h.idempotency_key, parent_id=d.parent_id,
-                        root_id=d.root_id, group_id=d.group_id)
+            task = Task(
+                task_id=d.task_id,
+                task_type=d.task_type,
+                payload=d.kwargs,
+                args=d.args or None,
+                attempt=h.attempt,
+                run=h.run,
+                max_retries=h.max_retries,
+                timeout=d.timeout,
+                priority=d.priority,
+                idempotency_key=h.idempotency_key,
+                parent_id=d.parent_id,
+                root_id=d.root_id,
+                group_id=d.group_id,
+            )
             return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
         # A plain Celery message: record it on receipt, keyed by its Celery task id.
         executor = self.executors.get(d.task_type)
@@ -117,18 +141,36 @@ class TaskRunner:
             max_retries = settings.max_retries
         timeout = d.timeout or (settings.timeout if settings else None) or self.default_timeout
         token = plain_token(self.incarnation, d.task_id)
-        task = Task(task_id=d.task_id, task_type=d.task_type, payload=d.kwargs, args=d.args or None,
-                    attempt=d.retries + 1, max_retries=max(max_retries, d.retries), timeout=timeout,
-                    priority=d.priority, worker_id=worker_id, parent_id=d.parent_id, root_id=d.root_id,
-                    group_id=d.group_id, created_at=utcnow(), dispatch_token=token)
+        task = Task(
+            task_id=d.task_id,
+            task_type=d.task_type,
+            payload=d.kwargs,
+            args=d.args or None,
+            attempt=d.retries + 1,
+            max_retries=max(max_retries, d.retries),
+            timeout=timeout,
+            priority=d.priority,
+            worker_id=worker_id,
+            parent_id=d.parent_id,
+            root_id=d.root_id,
+            group_id=d.group_id,
+            created_at=utcnow(),
+            dispatch_token=token,
+        )
         running = self.lifecycle.received(task, self.lease(task))
         if running is not None:
             return running
         record = self.storage.tasks.get(d.task_id)  # redelivered, or sent again with the same id
         if record is None or record.status not in STARTABLE or record.dispatch_token is None:
             return None
-        return self.lifecycle.claim(record.replace(attempt=record.attempt + 1), record.dispatch_token, worker_id,
-                                    self.lease(record), None, new_token=token)
+        return self.lifecycle.claim(
+            record.replace(attempt=record.attempt + 1),
+            record.dispatch_token,
+            worker_id,
+            self.lease(record),
+            None,
+            new_token=token,
+        )
 
     def lease(self, task: Task) -> float:
         """A running task's lease: its worker's main process renews it while the task runs
@@ -230,8 +272,9 @@ class TaskRunner:
     def publish(self, task: Task, *, attempt: int, countdown: float | None = None) -> None:
         # If this publish fails the record keeps its status and run_at: recovery publishes it.
         try:
-            self.dispatcher.publish(Dispatch(task, task.dispatch_token or "", attempt, countdown=countdown,
-                                             queued_at=utcnow()))
+            self.dispatcher.publish(
+                Dispatch(task, task.dispatch_token or "", attempt, countdown=countdown, queued_at=utcnow())
+            )
         except Exception:  # noqa: BLE001
             logger.exception("could not publish task %s; left for recovery", task.task_id)
 

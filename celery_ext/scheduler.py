@@ -124,8 +124,11 @@ class Scheduler:
         self.config = rt.config.scheduler
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         registry = router_of(rt.celery).registry
-        self.lease = (LeaderLease(registry.client, rt.config.app.name, self.config.leader_lease, self.holder)
-                      if registry is not None else None)
+        self.lease = (
+            LeaderLease(registry.client, rt.config.app.name, self.config.leader_lease, self.holder)
+            if registry is not None
+            else None
+        )
         if self.lease is None:
             logger.warning("no Redis worker registry: this scheduler leads alone (run only one)")
         self.fence = 0
@@ -140,9 +143,13 @@ class Scheduler:
         report = TickReport(leader=fence > 0, fence=fence)
         if not report.leader:
             return report
-        for name, duty in (("offline workers", self._offline), ("expired leases", self._leases),
-                           ("unpublished tasks", self._unpublished), ("lost messages", self._lost_messages),
-                           ("retention", self._retention)):
+        for name, duty in (
+            ("offline workers", self._offline),
+            ("expired leases", self._leases),
+            ("unpublished tasks", self._unpublished),
+            ("lost messages", self._lost_messages),
+            ("retention", self._retention),
+        ):
             try:
                 duty(report)
             except Exception as exc:  # noqa: BLE001 - one failing duty (a server away) must not stop the others
@@ -152,8 +159,12 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         """Tick every ``scheduler.interval`` until ``stop`` is set; then give the lease up."""
-        logger.info("scheduler %s started (interval %ss, lease %ss)", self.holder, self.config.interval,
-                    self.config.leader_lease)
+        logger.info(
+            "scheduler %s started (interval %ss, lease %ss)",
+            self.holder,
+            self.config.interval,
+            self.config.leader_lease,
+        )
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -224,24 +235,29 @@ class Scheduler:
         now = utcnow()
         if self._broker.set(f"{self.rt.config.app.name}.broker.epoch", f"{self.holder}|{now.isoformat()}", nx=True):
             self._lost_before = now
-            logger.warning("the broker has no epoch marker (new, or it lost its data): publishing again every "
-                           "record whose message was waiting there")
+            logger.warning(
+                "the broker has no epoch marker (new, or it lost its data): publishing again every "
+                "record whose message was waiting there"
+            )
         if self._lost_before is None:
             return
-        scans = ((TaskStatus.QUEUED, None), (TaskStatus.RETRYING, None),
-                 (TaskStatus.SCHEDULED, now + timedelta(days=36600)))  # chain steps (run_at empty) wait
+        scans = (
+            (TaskStatus.QUEUED, None),
+            (TaskStatus.RETRYING, None),
+            (TaskStatus.SCHEDULED, now + timedelta(days=36600)),
+        )  # chain steps (run_at empty) wait
         done = True
         for status, due in scans:
-            batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, due_before=due,
-                                               limit=500)
+            batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, due_before=due, limit=500)
             done = done and len(batch) < 500
             for task in batch:
                 token = self.rt.lifecycle.fresh_token(task)
                 if token is None:
                     continue  # it moved on meanwhile
                 wait = (task.run_at - now).total_seconds() if task.run_at else 0.0
-                self.rt.runner.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1,
-                                       countdown=wait if wait > 0 else None)
+                self.rt.runner.publish(
+                    task.replace(dispatch_token=token), attempt=task.attempt + 1, countdown=wait if wait > 0 else None
+                )
                 report.republished.append(task.task_id)
         if done:
             self._lost_before = None

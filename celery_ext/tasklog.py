@@ -26,8 +26,18 @@ class TaskLogBuffer:
     the end of the attempt, and, while the task runs, within ``linger`` seconds of a line being
     logged (by a per-process flusher thread), so a running task's logs can be read as it runs."""
 
-    def __init__(self, task_id: str, attempt: int, writer: Writer, *, max_lines: int, max_bytes: int,
-                 flush_every: int = 200, run: int = 1, linger: float = 1.0) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        attempt: int,
+        writer: Writer,
+        *,
+        max_lines: int,
+        max_bytes: int,
+        flush_every: int = 200,
+        run: int = 1,
+        linger: float = 1.0,
+    ) -> None:
         self.task_id = task_id
         self.attempt = attempt
         self.run = run
@@ -53,8 +63,9 @@ class TaskLogBuffer:
             if not self.lines:
                 self.oldest = time.monotonic()
                 _FLUSHER.watch(self)
-            self.lines.append(TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level,
-                                      message, run=self.run))
+            self.lines.append(
+                TaskLog(self.task_id, self.attempt, datetime.fromtimestamp(created, UTC), level, message, run=self.run)
+            )
             full = len(self.lines) >= self.flush_every
         if full:
             self.flush()
@@ -66,9 +77,16 @@ class TaskLogBuffer:
         with self._lock:
             if self.dropped and self.kept >= self.max_lines:
                 now = datetime.now(UTC)
-                self.lines.append(TaskLog(self.task_id, self.attempt, now, "WARNING",
-                                          f"{self.dropped} more log lines dropped (cap {self.max_lines})",
-                                          run=self.run))
+                self.lines.append(
+                    TaskLog(
+                        self.task_id,
+                        self.attempt,
+                        now,
+                        "WARNING",
+                        f"{self.dropped} more log lines dropped (cap {self.max_lines})",
+                        run=self.run,
+                    )
+                )
                 self.dropped = 0
             lines, self.lines = self.lines, []
             # Under the lock: the flusher thread and the task never write a batch out of order.

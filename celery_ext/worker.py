@@ -52,7 +52,8 @@ class CeleryExtStep(bootsteps.StartStopStep):
         print(
             f"celery_ext: data in {rt.data_dir} | broker {_redact(rt.broker_url)} | "
             f"storage {rt.storage.description} | task types: {', '.join(rt.executors.task_types)}",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
         self.keeper = LeaseKeeper(rt, worker.pool)
         self.keeper.start()
@@ -88,8 +89,12 @@ def install_worker_steps(app: Celery) -> None:
 
     def unknown_task(sender: Any = None, name: str = "", id: str = "", **_: Any) -> None:  # noqa: A002
         # Celery has logged "Received unregistered task of type ..." and dropped the message.
-        logger.error("message %s for unknown task %r rejected: no celery_ext executor runs it here "
-                     "(known: %s)", id, name, ", ".join(runtime_of(app).executors.task_types))
+        logger.error(
+            "message %s for unknown task %r rejected: no celery_ext executor runs it here (known: %s)",
+            id,
+            name,
+            ", ".join(runtime_of(app).executors.task_types),
+        )
         metrics = runtime_of(app).extras.get("metrics")
         if metrics is not None:
             metrics.message_rejected(name, "unknown_task")

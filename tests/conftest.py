@@ -127,8 +127,9 @@ def print_worker_state(request: pytest.FixtureRequest, clusters: list[Cluster]) 
 
 
 @pytest.fixture
-def make_cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
-                 database_urls: dict[str, str]) -> Iterator[Callable[..., Cluster]]:
+def make_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, database_urls: dict[str, str]
+) -> Iterator[Callable[..., Cluster]]:
     """``make_cluster(storage="sqlite", **sections)``: a fresh config (unique queue names) in tmp_path."""
     clusters: list[Cluster] = []
 
@@ -149,12 +150,17 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
 TEST_TASKS = [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]
 
 
-def module_cluster(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str], name: str,
-                   executors: list[dict[str, Any]]) -> Iterator[Cluster]:
+def module_cluster(
+    tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str], name: str, executors: list[dict[str, Any]]
+) -> Iterator[Cluster]:
     """For a module-scoped fixture: one SQLite-backed cluster with one running worker."""
     require("Redis", REDIS_HOST, REDIS_PORT)
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"executors": executors})
+    data = cluster_data(
+        unique("ce"),
+        f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        storage_section("sqlite", database_urls),
+        {"executors": executors},
+    )
     cluster = Cluster(tmp_path_factory.mktemp(name), data)
     cluster.worker()
     yield cluster

@@ -25,6 +25,11 @@ def run(args: argparse.Namespace) -> int:
     rt = runtime(args)
     rt.storage.migrate()
     settings = rt.config.api
-    uvicorn.run(create_api(rt), host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", access_log=False)
+    uvicorn.run(
+        create_api(rt),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level="info",
+        access_log=False,
+    )
     return EXIT_OK

@@ -20,10 +20,17 @@ from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 
 
 @click.command(cls=CeleryCommand)
-@click.option("--once", cls=CeleryOption, is_flag=True, default=False, help_group="Scheduler Options",
-              help="Do one round, print its report as JSON and exit (1 if it was not the leader).")
-@click.option("-l", "--loglevel", cls=CeleryOption, default="INFO", help_group="Scheduler Options",
-              help="Logging level.")
+@click.option(
+    "--once",
+    cls=CeleryOption,
+    is_flag=True,
+    default=False,
+    help_group="Scheduler Options",
+    help="Do one round, print its report as JSON and exit (1 if it was not the leader).",
+)
+@click.option(
+    "-l", "--loglevel", cls=CeleryOption, default="INFO", help_group="Scheduler Options", help="Logging level."
+)
 @click.pass_context
 @handle_preload_options
 def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
@@ -31,13 +38,15 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     from celery_ext.executors.task import runtime_of
     from celery_ext.scheduler import Scheduler
 
-    logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
-                        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    logging.basicConfig(
+        level=loglevel.upper(), stream=sys.stderr, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+    )
     rt = runtime_of(ctx.obj.app)
     if not rt.config.scheduler.enabled:
         # The design's one config for every role: this one runs no scheduler.
         logging.getLogger("celery_ext.scheduler").warning(
-            "scheduler.enabled is false in %s: not starting a scheduler", rt.config.source or "the config")
+            "scheduler.enabled is false in %s: not starting a scheduler", rt.config.source or "the config"
+        )
         ctx.exit(0)
     rt.storage.migrate()
     sched = Scheduler(rt)

@@ -68,11 +68,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         storage.close()
     state = "empty" if version is None else ("up to date" if version >= latest else "migration needed")
     if args.json:
-        print_json({"storage": storage.description, "schema_version": version, "latest_version": latest,
-                    "state": state, "counts": counts})
+        print_json(
+            {
+                "storage": storage.description,
+                "schema_version": version,
+                "latest_version": latest,
+                "state": state,
+                "counts": counts,
+            }
+        )
         return EXIT_OK
-    rows: list[tuple[str, Any]] = [("storage", storage.description), ("schema version", version),
-                                   ("latest version", latest), ("state", state)]
+    rows: list[tuple[str, Any]] = [
+        ("storage", storage.description),
+        ("schema version", version),
+        ("latest version", latest),
+        ("state", state),
+    ]
     rows += [(f"tasks {status}", n) for status, n in sorted((counts or {}).items())]
     print_table("task store", ["", "value"], rows)
     return EXIT_OK

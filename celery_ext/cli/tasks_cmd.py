@@ -28,10 +28,16 @@ FAILED_END = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 def register(sub: Any) -> None:
     p = sub.add_parser("submit", help="submit a task")
     p.add_argument("task_type", metavar="TYPE")
-    p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?", default="{}",
-                   help="a JSON object; @FILE reads it from FILE, - from standard input (default {})")
-    p.add_argument("--priority", type=bounded(int, 0, MAX_PRIORITY), default=0,
-                   help=f"0..{MAX_PRIORITY}, higher runs first")
+    p.add_argument(
+        "payload",
+        metavar="PAYLOAD_JSON",
+        nargs="?",
+        default="{}",
+        help="a JSON object; @FILE reads it from FILE, - from standard input (default {})",
+    )
+    p.add_argument(
+        "--priority", type=bounded(int, 0, MAX_PRIORITY), default=0, help=f"0..{MAX_PRIORITY}, higher runs first"
+    )
     p.add_argument("--delay", type=bounded(float, 0), metavar="SECONDS")
     p.add_argument("--max-retries", type=bounded(int, 0), metavar="N")
     p.add_argument("--timeout", type=bounded(float, 0, strict=True), metavar="SECONDS")
@@ -64,8 +70,9 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("cancel", help="cancel a task")
     p.add_argument("task_id", metavar="ID")
-    p.add_argument("--terminate", action="store_true",
-                   help="if it is running, also kill the pool process running it (SIGTERM)")
+    p.add_argument(
+        "--terminate", action="store_true", help="if it is running, also kill the pool process running it (SIGTERM)"
+    )
     add_json(p)
     p.set_defaults(func=cmd_cancel)
 
@@ -81,8 +88,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_wait)
 
 
-def bounded(kind: Callable[[str], Any], low: float, high: float | None = None, *,
-            strict: bool = False) -> Callable[[str], Any]:
+def bounded(
+    kind: Callable[[str], Any], low: float, high: float | None = None, *, strict: bool = False
+) -> Callable[[str], Any]:
     """An argparse type: a number of ``kind`` within bounds, refused with the bounds named (argparse
     prefixes the option's name: ``argument --priority: must be an integer 0..9 (got -5)``)."""
     noun = "an integer" if kind is int else "a number"
@@ -138,8 +146,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     payload = read_payload(args.payload)
     manager = runtime(args).manager
     task = manager.submit(
-        args.task_type, payload, priority=args.priority, delay=args.delay, max_retries=args.max_retries,
-        timeout=args.timeout, idempotency_key=args.idempotency_key,
+        args.task_type,
+        payload,
+        priority=args.priority,
+        delay=args.delay,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        idempotency_key=args.idempotency_key,
     )
     if args.wait:
         task = manager.wait(task.task_id, args.wait_timeout)
@@ -160,14 +173,27 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     page = runtime(args).manager.list(
-        status=tuple(args.status or ()), task_type=tuple(args.task_type or ()), worker_id=args.worker,
-        limit=args.limit, cursor=args.cursor,
+        status=tuple(args.status or ()),
+        task_type=tuple(args.task_type or ()),
+        worker_id=args.worker,
+        limit=args.limit,
+        cursor=args.cursor,
     )
     if args.json:
         print_json({"items": [t.to_dict() for t in page.items], "next_cursor": page.next_cursor})
         return EXIT_OK
-    rows = [(t.task_id, t.task_type, t.status.value, t.attempt, t.worker_id, t.created_at.isoformat(timespec="seconds"),
-             t.error.reason if t.error else None) for t in page.items]
+    rows = [
+        (
+            t.task_id,
+            t.task_type,
+            t.status.value,
+            t.attempt,
+            t.worker_id,
+            t.created_at.isoformat(timespec="seconds"),
+            t.error.reason if t.error else None,
+        )
+        for t in page.items
+    ]
     print_table(None, ["id", "type", "status", "attempt", "worker", "created", "error"], rows)
     if page.next_cursor:
         print(f"next page: --cursor {page.next_cursor}")
@@ -179,9 +205,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.json:
         print_json([line.to_dict() for line in lines])
     else:
-        print_table(None, ["time", "run", "attempt", "level", "message"],
-                    [(ln.time.isoformat(timespec="milliseconds"), ln.run, ln.attempt, ln.level, ln.message)
-                     for ln in lines])
+        print_table(
+            None,
+            ["time", "run", "attempt", "level", "message"],
+            [(ln.time.isoformat(timespec="milliseconds"), ln.run, ln.attempt, ln.level, ln.message) for ln in lines],
+        )
     return EXIT_OK
 
 

@@ -22,8 +22,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
     rt = runtime(args)
     registry = router_of(rt.celery).registry
     if registry is None:
-        raise CommandError("no worker registry: the broker is not Redis and scheduler.registry_url is not set",
-                           EXIT_UNAVAILABLE)
+        raise CommandError(
+            "no worker registry: the broker is not Redis and scheduler.registry_url is not set", EXIT_UNAVAILABLE
+        )
     try:
         workers = [w for w in registry.all() if args.all or w.online]
     except Exception as exc:  # noqa: BLE001 - any client error means the registry is unreachable
@@ -32,8 +33,21 @@ def cmd_workers(args: argparse.Namespace) -> int:
         print_json([w.to_dict() for w in workers])
         return EXIT_OK
     now = time.time()
-    rows = [(w.id, "online" if w.online else "offline", f"{w.in_flight}/{w.capacity}", w.weight,
-             ",".join(w.supported_types), f"{max(0.0, now - w.heartbeat_at):.1f}s", w.queue) for w in workers]
-    print_table(f"{len(rows)} worker(s), strategy {rt.config.scheduler.load_balance_strategy}",
-                ["worker", "state", "load", "weight", "types", "heartbeat", "queue"], rows)
+    rows = [
+        (
+            w.id,
+            "online" if w.online else "offline",
+            f"{w.in_flight}/{w.capacity}",
+            w.weight,
+            ",".join(w.supported_types),
+            f"{max(0.0, now - w.heartbeat_at):.1f}s",
+            w.queue,
+        )
+        for w in workers
+    ]
+    print_table(
+        f"{len(rows)} worker(s), strategy {rt.config.scheduler.load_balance_strategy}",
+        ["worker", "state", "load", "weight", "types", "heartbeat", "queue"],
+        rows,
+    )
     return EXIT_OK

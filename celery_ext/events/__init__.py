@@ -28,9 +28,23 @@ from celery_ext.events.base import (
 )
 
 __all__ = [
-    "ALL", "CONFIG_RELOADED", "EVENT_TYPES", "SCHEDULER_LEADER_CHANGED", "TASK_CANCELLED", "TASK_COMPLETED",
-    "TASK_CREATED", "TASK_FAILED", "TASK_QUEUED", "TASK_RETRYING", "TASK_STARTED", "WORKER_OFFLINE",
-    "WORKER_ONLINE", "Event", "EventBus", "Handler", "build_event_bus",
+    "ALL",
+    "CONFIG_RELOADED",
+    "EVENT_TYPES",
+    "SCHEDULER_LEADER_CHANGED",
+    "TASK_CANCELLED",
+    "TASK_COMPLETED",
+    "TASK_CREATED",
+    "TASK_FAILED",
+    "TASK_QUEUED",
+    "TASK_RETRYING",
+    "TASK_STARTED",
+    "WORKER_OFFLINE",
+    "WORKER_ONLINE",
+    "Event",
+    "EventBus",
+    "Handler",
+    "build_event_bus",
 ]
 
 

@@ -38,10 +38,21 @@ WORKER_ONLINE = "worker_online"
 WORKER_OFFLINE = "worker_offline"
 SCHEDULER_LEADER_CHANGED = "scheduler_leader_changed"
 CONFIG_RELOADED = "config_reloaded"
-EVENT_TYPES = frozenset({
-    TASK_CREATED, TASK_QUEUED, TASK_STARTED, TASK_RETRYING, TASK_COMPLETED, TASK_FAILED, TASK_CANCELLED,
-    WORKER_ONLINE, WORKER_OFFLINE, SCHEDULER_LEADER_CHANGED, CONFIG_RELOADED,
-})
+EVENT_TYPES = frozenset(
+    {
+        TASK_CREATED,
+        TASK_QUEUED,
+        TASK_STARTED,
+        TASK_RETRYING,
+        TASK_COMPLETED,
+        TASK_FAILED,
+        TASK_CANCELLED,
+        WORKER_ONLINE,
+        WORKER_OFFLINE,
+        SCHEDULER_LEADER_CHANGED,
+        CONFIG_RELOADED,
+    }
+)
 ALL = "*"  # subscribe to every event type
 
 Handler = Callable[["Event"], None]
@@ -57,8 +68,14 @@ class Event:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "task_id": self.task_id, "worker_id": self.worker_id,
-                "data": self.data, "timestamp": self.timestamp, "id": self.id}
+        return {
+            "type": self.type,
+            "task_id": self.task_id,
+            "worker_id": self.worker_id,
+            "data": self.data,
+            "timestamp": self.timestamp,
+            "id": self.id,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
@@ -67,8 +84,14 @@ class Event:
     def from_dict(cls, d: Mapping[str, Any]) -> Event:
         if not isinstance(d.get("type"), str):
             raise ValueError(f"not an event: {dict(d)!r:.200}")
-        return cls(d["type"], d.get("task_id"), d.get("worker_id"), dict(d.get("data") or {}),
-                   float(d.get("timestamp") or time.time()), str(d.get("id") or uuid.uuid4().hex))
+        return cls(
+            d["type"],
+            d.get("task_id"),
+            d.get("worker_id"),
+            dict(d.get("data") or {}),
+            float(d.get("timestamp") or time.time()),
+            str(d.get("id") or uuid.uuid4().hex),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Event:
@@ -98,8 +121,9 @@ class EventBus(abc.ABC):
     # of many tasks, which costs a busy process far less than one send per event.
     linger = 0.05
 
-    def __init__(self, config: Mapping[str, Any] | None = None, *, app_name: str = "celery_ext",
-                 broker_url: str = "") -> None:
+    def __init__(
+        self, config: Mapping[str, Any] | None = None, *, app_name: str = "celery_ext", broker_url: str = ""
+    ) -> None:
         self.config = dict(config or {})
         self.app_name = app_name
         self.broker_url = broker_url
@@ -150,8 +174,7 @@ class EventBus(abc.ABC):
                 self._handlers.pop(event_type, None)
         self._subscriptions_changed()
 
-    def forward_to(self, forward: Callable[[Event], None] | None,
-                   wants: Callable[[str], bool] | None = None) -> None:
+    def forward_to(self, forward: Callable[[Event], None] | None, wants: Callable[[str], bool] | None = None) -> None:
         """Also hand published events that ``wants(type)`` to ``forward`` (a pool child -> its
         parent's handlers).  The transport still gets every event, from this process."""
         self._forward = forward
@@ -234,10 +257,10 @@ class EventBus(abc.ABC):
             # main process's plugins a second time).
             self._handlers = {}
             self._after_fork()
-            threading.Thread(target=self._send_loop, name=f"celery_ext-events-{self.name}-send",
-                             daemon=True).start()
-            threading.Thread(target=self._handle_loop, name=f"celery_ext-events-{self.name}-handle",
-                             daemon=True).start()
+            threading.Thread(target=self._send_loop, name=f"celery_ext-events-{self.name}-send", daemon=True).start()
+            threading.Thread(
+                target=self._handle_loop, name=f"celery_ext-events-{self.name}-handle", daemon=True
+            ).start()
             self._pid = os.getpid()
 
     def _after_fork(self) -> None:  # noqa: B027 - optional hook
@@ -248,8 +271,9 @@ class EventBus(abc.ABC):
             if self._listener is not None:
                 return
             ready = threading.Event()
-            self._listener = threading.Thread(target=self._listen_forever, args=(ready,),
-                                              name=f"celery_ext-events-{self.name}-listen", daemon=True)
+            self._listener = threading.Thread(
+                target=self._listen_forever, args=(ready,), name=f"celery_ext-events-{self.name}-listen", daemon=True
+            )
             self._listener.start()
         # Subscribing returns once the transport delivers: events published after this are seen.
         if not ready.wait(10.0):

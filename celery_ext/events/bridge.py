@@ -58,8 +58,9 @@ class EventBridge(TaskObserver):
         self.metrics = metrics
 
     def _emit(self, kind: str, task: Task, **data: Any) -> None:
-        self.bus.publish(Event(kind, task.task_id, task.worker_id,
-                               {"task_type": task.task_type, "attempt": task.attempt, **data}))
+        self.bus.publish(
+            Event(kind, task.task_id, task.worker_id, {"task_type": task.task_type, "attempt": task.attempt, **data})
+        )
 
     @_safe
     def task_created(self, task: Task) -> None:
@@ -94,12 +95,10 @@ class EventBridge(TaskObserver):
         self.metrics.task_failed(task.task_type, reason)
         self._emit(TASK_FAILED, task, duration=duration, **_error(error))
 
-
     @_safe
     def worker_offline(self, worker_id: str, reason: str) -> None:
         self.metrics.worker_offline(worker_id)
         self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker_id, data={"reason": reason}))
-
 
     @_safe
     def leader_changed(self, node: str, is_leader: bool, **data: Any) -> None:

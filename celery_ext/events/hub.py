@@ -104,8 +104,13 @@ def encode_line(event: Event) -> bytes:
     line = event.to_json().encode()
     if len(line) > _MAX_LINE:
         # Keep the line atomic: drop the data but say so, rather than lose the event.
-        small = Event(event.type, event.task_id, event.worker_id,
-                      {"truncated": True, **{k: v for k, v in event.data.items() if k in ("task_type", "reason")}},
-                      event.timestamp, event.id)
+        small = Event(
+            event.type,
+            event.task_id,
+            event.worker_id,
+            {"truncated": True, **{k: v for k, v in event.data.items() if k in ("task_type", "reason")}},
+            event.timestamp,
+            event.id,
+        )
         line = small.to_json().encode()[:_MAX_LINE]
     return line + b"\n"

@@ -41,8 +41,9 @@ class KombuEventBus(EventBus):
         self.settings = validate_section(KombuBusSettings, self.config, "events.config")
         self.linger = self.settings.linger
         self.url = self.settings.url or self.broker_url
-        self.exchange = Exchange(self.settings.exchange or f"{self.app_name}.events", type="fanout",
-                                 durable=False, auto_delete=False)
+        self.exchange = Exchange(
+            self.settings.exchange or f"{self.app_name}.events", type="fanout", durable=False, auto_delete=False
+        )
         self._conn: Connection | None = None
         self._producer: Producer | None = None
 
@@ -56,8 +57,11 @@ class KombuEventBus(EventBus):
             self.exchange(self._conn.default_channel).declare()
         try:
             # One message per batch: under load this is one broker round trip for many events.
-            self._producer.publish({"origin": self.origin, "events": [e.to_dict() for e in events]}, retry=True,
-                                   retry_policy={"max_retries": 2, "interval_start": 0.2})
+            self._producer.publish(
+                {"origin": self.origin, "events": [e.to_dict() for e in events]},
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2},
+            )
         except Exception:
             self._close_transport()  # reconnect on the next batch
             raise

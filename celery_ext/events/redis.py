@@ -69,8 +69,12 @@ class RedisEventBus(EventBus):
             self._client = self._redis()
         pipe = self._client.pipeline(transaction=False)
         for event in events:
-            pipe.xadd(self.stream, {"origin": self.origin, "event": event.to_json()},
-                      maxlen=self.settings.maxlen, approximate=True)
+            pipe.xadd(
+                self.stream,
+                {"origin": self.origin, "event": event.to_json()},
+                maxlen=self.settings.maxlen,
+                approximate=True,
+            )
         pipe.execute()
 
     def _close_transport(self) -> None:
@@ -110,8 +114,9 @@ class RedisEventBus(EventBus):
         # First what this consumer took but never acknowledged, then new entries.
         pending, cursor = True, "0"
         while not stop.is_set():
-            reply = client.xreadgroup(group, consumer, {self.stream: cursor if pending else ">"}, count=500,
-                                      block=None if pending else 500)
+            reply = client.xreadgroup(
+                group, consumer, {self.stream: cursor if pending else ">"}, count=500, block=None if pending else 500
+            )
             entries = reply[0][1] if reply else []
             if pending and not entries:
                 pending = False

@@ -62,7 +62,8 @@ class Executor(abc.ABC):
                 f"{path}: executor {getattr(cls, 'type', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}): "
                 f"its settings_model {name} must subclass celery_ext.ExecutorSettings, not pydantic's BaseModel "
                 f"(ExecutorSettings adds the timeout and max_retries keys every executor takes): "
-                f"write `class {name}(ExecutorSettings)`")
+                f"write `class {name}(ExecutorSettings)`"
+            )
         return validate_section(model, config, path)
 
     def initialize(self, config: ExecutorSettings) -> None:  # noqa: B027 - optional hook
@@ -102,4 +103,5 @@ def payload_of(task: Task) -> dict[str, Any]:
         "invalid_payload",
         f"{task.task_type} takes a JSON object payload; positional arguments are accepted only as one "
         f"object (a previous chain step's result), got {len(task.args)}: "
-        f"{', '.join(type(a).__name__ for a in task.args)}")
+        f"{', '.join(type(a).__name__ for a in task.args)}",
+    )

@@ -50,8 +50,12 @@ from celery_ext.model import Task, TaskResult
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql",
-            "sqlite": "sqlite"}
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+    "sqlite": "sqlite",
+}
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 Scalar = StrictStr | StrictInt | StrictFloat | StrictBool | None
 
@@ -166,8 +170,12 @@ class DatabaseExecutor(Executor):
             backend = url.get_backend_name()
             kwargs: dict[str, Any] = {"pool_pre_ping": True}
             if backend != "sqlite":
-                kwargs.update(pool_size=self.config.pool_size, max_overflow=self.config.max_overflow,
-                              pool_recycle=1800, connect_args={"connect_timeout": int(self.config.connect_timeout)})
+                kwargs.update(
+                    pool_size=self.config.pool_size,
+                    max_overflow=self.config.max_overflow,
+                    pool_recycle=1800,
+                    connect_args={"connect_timeout": int(self.config.connect_timeout)},
+                )
             try:
                 engines[name] = create_engine(url, **kwargs)
             except ModuleNotFoundError as exc:
@@ -188,21 +196,26 @@ class DatabaseExecutor(Executor):
             return TaskResult.ok(self._batch_insert(parse_payload(BatchPayload, task.payload), task.timeout))
         if "sql" in task.payload:
             if not self.config.allow_raw_sql:
-                raise PermanentError("raw_sql_not_allowed", "raw SQL payloads are refused (allow_raw_sql is false); "
-                                     "send {\"statement\": NAME, \"params\": {...}}")
+                raise PermanentError(
+                    "raw_sql_not_allowed",
+                    'raw SQL payloads are refused (allow_raw_sql is false); send {"statement": NAME, "params": {...}}',
+                )
             raw = parse_payload(RawSqlPayload, task.payload)
             spec = StatementSpec(database=raw.database, sql=raw.sql, max_rows=None, statement_timeout=None)
             return TaskResult.ok(self._run_sql(spec, _param_names(raw.sql), raw.params, "raw SQL", task.timeout))
         p = parse_payload(StatementPayload, task.payload)
         spec_or_none = self.config.statements.get(p.statement)
         if spec_or_none is None:
-            raise PermanentError("unknown_statement", f"payload.statement: no statement named {p.statement!r} "
-                                 "in the catalog")
-        return TaskResult.ok(self._run_sql(spec_or_none, self._params[p.statement], p.params,
-                                           f"statement {p.statement!r}", task.timeout))
+            raise PermanentError(
+                "unknown_statement", f"payload.statement: no statement named {p.statement!r} in the catalog"
+            )
+        return TaskResult.ok(
+            self._run_sql(spec_or_none, self._params[p.statement], p.params, f"statement {p.statement!r}", task.timeout)
+        )
 
-    def _run_sql(self, spec: StatementSpec, names: set[str], params: dict[str, Any], what: str,
-                 task_timeout: float | None) -> dict[str, Any]:
+    def _run_sql(
+        self, spec: StatementSpec, names: set[str], params: dict[str, Any], what: str, task_timeout: float | None
+    ) -> dict[str, Any]:
         from sqlalchemy import text
 
         problems = [f"payload.params.{n}: required by {what}" for n in sorted(names - params.keys())]
@@ -239,8 +252,9 @@ class DatabaseExecutor(Executor):
         if p.table not in self._allowed_tables(p.database):
             raise PermanentError("table_not_allowed", f"payload.table: {p.table!r} is not in allow_tables")
         if len(p.rows) > self.config.max_batch_rows:
-            raise PermanentError("invalid_payload",
-                                 f"payload.rows: {len(p.rows)} rows; max_batch_rows is {self.config.max_batch_rows}")
+            raise PermanentError(
+                "invalid_payload", f"payload.rows: {len(p.rows)} rows; max_batch_rows is {self.config.max_batch_rows}"
+            )
         columns = set(p.rows[0])
         for i, row in enumerate(p.rows):
             if set(row) != columns:
@@ -250,8 +264,9 @@ class DatabaseExecutor(Executor):
             table = self._reflect(conn, p.database, p.table)
             unknown = sorted(columns - set(table.c.keys()))
             if unknown:
-                raise PermanentError("unknown_column",
-                                     f"payload.rows: table {p.table!r} has no column {', '.join(map(repr, unknown))}")
+                raise PermanentError(
+                    "unknown_column", f"payload.rows: table {p.table!r} has no column {', '.join(map(repr, unknown))}"
+                )
             result = conn.execute(insert(table), p.rows)
             return {"rows_affected": result.rowcount if result.rowcount >= 0 else len(p.rows)}
 

@@ -105,8 +105,14 @@ class HttpResponse:
             return None
 
     def to_result(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status, "headers": self.headers, "body": self.text(),
-                               "truncated": self.truncated, "elapsed": round(self.elapsed, 6), "url": self.url}
+        out: dict[str, Any] = {
+            "status": self.status,
+            "headers": self.headers,
+            "body": self.text(),
+            "truncated": self.truncated,
+            "elapsed": round(self.elapsed, 6),
+            "url": self.url,
+        }
         if "json" in self.headers.get("content-type", ""):
             out["json"] = self.json()
         return out
@@ -123,10 +129,15 @@ class HttpClient:
         self.settings = settings
         self._httpx = httpx
         self.client = httpx.Client(
-            transport=guarded_transport(settings.policy(), verify=settings.verify,
-                                        max_connections=settings.max_connections),
-            follow_redirects=settings.max_redirects > 0, max_redirects=settings.max_redirects,
-            headers=settings.headers, trust_env=False, timeout=settings.request_timeout)
+            transport=guarded_transport(
+                settings.policy(), verify=settings.verify, max_connections=settings.max_connections
+            ),
+            follow_redirects=settings.max_redirects > 0,
+            max_redirects=settings.max_redirects,
+            headers=settings.headers,
+            trust_env=False,
+            timeout=settings.request_timeout,
+        )
 
     def url_for(self, endpoint: str, path: str = "") -> str:
         base = self.settings.endpoints.get(endpoint)
@@ -152,14 +163,23 @@ class HttpClient:
         try:
             with self.client.stream(method, url, timeout=timeout, **kwargs) as resp:
                 body, truncated = self._read_capped(resp, start + timeout)
-                return HttpResponse(resp.status_code, _flat_headers(resp.headers), body, truncated,
-                                    time.monotonic() - start, str(resp.url), resp.encoding)
+                return HttpResponse(
+                    resp.status_code,
+                    _flat_headers(resp.headers),
+                    body,
+                    truncated,
+                    time.monotonic() - start,
+                    str(resp.url),
+                    resp.encoding,
+                )
         except httpx.TimeoutException as exc:
             raise TransientError(
-                "timeout", f"{method} {url}: no answer within {timeout:g}s ({exc.__class__.__name__})") from exc
+                "timeout", f"{method} {url}: no answer within {timeout:g}s ({exc.__class__.__name__})"
+            ) from exc
         except httpx.TooManyRedirects as exc:
             raise PermanentError(
-                "too_many_redirects", f"{method} {url}: more than {self.settings.max_redirects} redirects") from exc
+                "too_many_redirects", f"{method} {url}: more than {self.settings.max_redirects} redirects"
+            ) from exc
         except httpx.ConnectError as exc:
             raise TransientError("connect_error", f"{method} {url}: {exc}") from exc
         except httpx.DecodingError as exc:

@@ -152,8 +152,10 @@ class KafkaExecutor(Executor):
             raise PermanentError("topic_not_allowed", f"topic {p.topic!r} is not in allow_topics")
         value = serialize(p.message)
         if len(value) > self.config.max_message_bytes:
-            raise PermanentError("message_too_large",
-                                 f"message is {len(value)} bytes; max_message_bytes is {self.config.max_message_bytes}")
+            raise PermanentError(
+                "message_too_large",
+                f"message is {len(value)} bytes; max_message_bytes is {self.config.max_message_bytes}",
+            )
         msg = self._send(p.topic, value, p.key, p.headers)
         logger.info("delivered to %s [%d] at offset %d", msg.topic(), msg.partition(), msg.offset())
         return TaskResult.ok({"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()})

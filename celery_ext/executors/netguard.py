@@ -81,7 +81,7 @@ class HostPattern:
             end = raw.find("]")
             if end < 0:
                 raise ValueError(f"unclosed '[' in {text!r}")
-            host, rest = raw[1:end], raw[end + 1:]
+            host, rest = raw[1:end], raw[end + 1 :]
             if rest:
                 if not rest.startswith(":"):
                     raise ValueError(f"expected ':port' after ']' in {text!r}")
@@ -89,8 +89,11 @@ class HostPattern:
         elif raw.count(":") == 1:
             host, port_text = raw.split(":")
             port = _port(port_text, text)
-        if not host or any(c in host for c in "/@ ?#") or ("*" in host and host != "*" and
-                                                         not (host.startswith("*.") and "*" not in host[2:])):
+        if (
+            not host
+            or any(c in host for c in "/@ ?#")
+            or ("*" in host and host != "*" and not (host.startswith("*.") and "*" not in host[2:]))
+        ):
             raise ValueError(f"not a host, host:port or *.domain pattern: {text!r}")
         return cls(host, port)
 
@@ -120,8 +123,12 @@ class NetPolicy:
     schemes: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_PORTS))
 
     @classmethod
-    def build(cls, allow_hosts: Sequence[str] | None, allow_networks: Iterable[str | IPNetwork] = (),
-              extra_hosts: Iterable[str] = ()) -> NetPolicy:
+    def build(
+        cls,
+        allow_hosts: Sequence[str] | None,
+        allow_networks: Iterable[str | IPNetwork] = (),
+        extra_hosts: Iterable[str] = (),
+    ) -> NetPolicy:
         hosts = None
         if allow_hosts is not None:
             hosts = tuple(HostPattern.parse(h) for h in (*allow_hosts, *extra_hosts))
@@ -165,8 +172,14 @@ def _make_backend(policy: NetPolicy) -> Any:
     class GuardedBackend(httpcore.SyncBackend):
         """Resolves, checks, then connects to the checked address (never re-resolves)."""
 
-        def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                        local_address: str | None = None, socket_options: Any = None) -> Any:
+        def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> Any:
             try:
                 addresses = resolve(host, port)
             except OSError as exc:
@@ -210,9 +223,12 @@ def guarded_transport(policy: NetPolicy, *, verify: bool | str = True, max_conne
                 except (OSError, ssl.SSLError) as exc:
                     raise ValueError(f"verify: cannot load CA bundle {verify!r}: {exc}") from exc
             self._pool = httpcore.ConnectionPool(
-                ssl_context=context, max_connections=max_connections,
-                max_keepalive_connections=max_connections, keepalive_expiry=5.0,
-                network_backend=_make_backend(policy))
+                ssl_context=context,
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=5.0,
+                network_backend=_make_backend(policy),
+            )
 
         def handle_request(self, request: httpx.Request) -> httpx.Response:
             policy.check_url(request.url.scheme, request.url.host, request.url.port)

@@ -65,8 +65,11 @@ class ExecutorSet:
         with its config path (``Executor.worker_problems``); empty when it can.  Building an
         ``ExecutorSet`` never fails for these (clients do not need the workers' code): the worker
         bootstep checks them at start."""
-        return [f"{path}.{problem}" for ex, path in zip(self.executors, self.paths, strict=True)
-                for problem in ex.worker_problems()]
+        return [
+            f"{path}.{problem}"
+            for ex, path in zip(self.executors, self.paths, strict=True)
+            for problem in ex.worker_problems()
+        ]
 
     def ready(self, executor: Executor) -> str | None:
         """Initialize every executor once in this process; return why ``executor`` is unusable."""

@@ -103,8 +103,9 @@ class TaskFunction(Generic[P, R]):
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         return self.task.apply_async(args, kwargs)
 
-    def apply_async(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
-                    **options: Any) -> AsyncResult[R]:
+    def apply_async(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult[R]:
         return self.task.apply_async(*_call(args, kwargs), **options)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
@@ -115,8 +116,9 @@ class TaskFunction(Generic[P, R]):
         """An immutable signature: it ignores the previous step's result."""
         return self.task.si(*args, **kwargs)
 
-    def signature(self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None,
-                  **options: Any) -> Signature[R]:
+    def signature(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> Signature[R]:
         return self.task.signature(*_call(args, kwargs), **options)
 
     def map(self, it: Iterable[Any]) -> xmap:
@@ -132,8 +134,9 @@ class TaskFunction(Generic[P, R]):
         return self.task.AsyncResult(task_id, **kwargs)
 
 
-def _call(args: Sequence[Any] | None,
-          kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+def _call(
+    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
     return (None if args is None else tuple(args)), (None if kwargs is None else dict(kwargs))
 
 
@@ -232,8 +235,10 @@ class PythonExecutor(Executor):
         missing = sorted(set(self.settings.task_types) - set(_REGISTRY))
         if missing and not self.import_errors:
             modules = ", ".join(self.settings.modules) or "none"
-            problems.append(f"task_types: {', '.join(map(repr, missing))} declared, but no @task_type function "
-                            f"of that name was registered by the modules ({modules})")
+            problems.append(
+                f"task_types: {', '.join(map(repr, missing))} declared, but no @task_type function "
+                f"of that name was registered by the modules ({modules})"
+            )
         return problems
 
     def execute(self, task: Task) -> TaskResult:

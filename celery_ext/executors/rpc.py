@@ -72,26 +72,30 @@ class RpcExecutor(Executor):
         if p.params is not None:
             call["params"] = p.params
         what = f"rpc {p.endpoint}.{p.method}"
-        resp = client.request("POST", url, json=call, headers=p.headers,
-                              timeout=request_timeout(p.timeout, client, task))
+        resp = client.request(
+            "POST", url, json=call, headers=p.headers, timeout=request_timeout(p.timeout, client, task)
+        )
         answer = self._answer(resp, request_id, what)
         if "error" in answer:
             raise self._rpc_error(answer["error"], what)
-        return TaskResult.ok({"result": answer.get("result"), "request_id": request_id,
-                              "elapsed": round(resp.elapsed, 6)})
+        return TaskResult.ok(
+            {"result": answer.get("result"), "request_id": request_id, "elapsed": round(resp.elapsed, 6)}
+        )
 
     def _answer(self, resp: HttpResponse, request_id: str, what: str) -> dict[str, Any]:
         if resp.truncated:
-            raise PermanentError("response_too_large",
-                                 f"{what}: response larger than max_body_bytes", data=resp.to_result())
+            raise PermanentError(
+                "response_too_large", f"{what}: response larger than max_body_bytes", data=resp.to_result()
+            )
         answer = resp.json()
         # Servers often send an error object with a 500: the error object says more than the status.
         if not (isinstance(answer, dict) and answer.get("jsonrpc") == "2.0"):
             check_status(resp, 200 <= resp.status < 300, what)
             raise PermanentError("invalid_response", f"{what}: not a JSON-RPC 2.0 response", data=resp.to_result())
         if answer.get("id") != request_id and not ("error" in answer and answer.get("id") is None):
-            raise PermanentError("invalid_response",
-                                 f"{what}: response id {answer.get('id')!r} is not request id {request_id!r}")
+            raise PermanentError(
+                "invalid_response", f"{what}: response id {answer.get('id')!r} is not request id {request_id!r}"
+            )
         if ("result" in answer) == ("error" in answer):
             raise PermanentError("invalid_response", f"{what}: response must hold exactly one of result and error")
         return answer

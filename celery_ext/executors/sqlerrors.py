@@ -51,8 +51,11 @@ def classify(exc: Exception, timeout: float) -> ExecutorError:
     message = _short(orig, exc)
     sqlstate, number = _codes(orig)
     is_sqlite = type(orig).__module__.startswith("sqlite3")
-    if sqlstate == _PG_TIMEOUT or (not is_sqlite and number in _MYSQL_TIMEOUT) or (
-            is_sqlite and (number == _SQLITE_INTERRUPT or message == "interrupted")):
+    if (
+        sqlstate == _PG_TIMEOUT
+        or (not is_sqlite and number in _MYSQL_TIMEOUT)
+        or (is_sqlite and (number == _SQLITE_INTERRUPT or message == "interrupted"))
+    ):
         return TransientError("statement_timeout", f"statement exceeded statement_timeout of {timeout:g}s: {message}")
     if isinstance(exc, sa.IntegrityError):
         return PermanentError("constraint_violation", message)

@@ -44,12 +44,18 @@ def delivery_of(name: str, request: Any, args: Any, kwargs: Any) -> Delivery:
     task_id = fields.get("id") or request.id
     parent = fields.get("parent_id")
     return Delivery(
-        task_id=task_id, task_type=name, args=args, kwargs=kwargs, header=ExtHeader.parse(fields),
+        task_id=task_id,
+        task_type=name,
+        args=args,
+        kwargs=kwargs,
+        header=ExtHeader.parse(fields),
         retries=retries if isinstance(retries := fields.get("retries"), int) and retries >= 0 else 0,
         timeout=soft_limit(fields.get("timelimit")),
         # A message re-sent from inside its own task (a forward) is given itself as parent by Celery.
         parent_id=parent if parent != task_id else None,
-        root_id=fields.get("root_id"), group_id=fields.get("group"))
+        root_id=fields.get("root_id"),
+        group_id=fields.get("group"),
+    )
 
 
 def chain_ids(chain: Any) -> list[str]:
@@ -65,8 +71,9 @@ def chain_ids(chain: Any) -> list[str]:
 class ExtRequest(Request):
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
-            self._record(lambda rt, d: rt.runner.fail_running(
-                d, "timeout", f"hard time limit of {timeout:g}s exceeded"))
+            self._record(
+                lambda rt, d: rt.runner.fail_running(d, "timeout", f"hard time limit of {timeout:g}s exceeded")
+            )
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -122,8 +129,7 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             # Storage is away before the task could be claimed: put the message back for later.
             logger.warning("task %s postponed: %s", delivery.task_id, exc)
             headers: Any = delivery.header.to_header() if delivery.header else None
-            raise self.retry(countdown=rt.config.worker.retry_backoff_max / 10 or 5, exc=exc,
-                             headers=headers) from exc
+            raise self.retry(countdown=rt.config.worker.retry_backoff_max / 10 or 5, exc=exc, headers=headers) from exc
         return self._celery_outcome(rt, delivery, outcome)
 
     def _forward(self, rt: Runtime, request: Any, args: Any, kwargs: Any) -> None:
@@ -132,8 +138,9 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
         queue = queue_name(rt.config.app.name, self.name)
         header = getattr(request, HEADER, None)
         logger.info("task %s[%s] is not run here; handed to queue %s", self.name, request.id, queue)
-        self.signature_from_request(request, args, kwargs, queue=queue,
-                                    **({"headers": {HEADER: header}} if header else {})).apply_async()
+        self.signature_from_request(
+            request, args, kwargs, queue=queue, **({"headers": {HEADER: header}} if header else {})
+        ).apply_async()
         raise Ignore(f"handed to {queue}")
 
     def _celery_outcome(self, rt: Runtime, d: Delivery, outcome: Outcome) -> Any:
@@ -150,8 +157,12 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             t = outcome.task
             header = ExtHeader(outcome.token or "", t.attempt + 1, t.run, t.max_retries, utcnow(), t.idempotency_key)
             headers: Any = header.to_header()
-            raise self.retry(exc=TaskFailed.of(error.reason, error.message), countdown=outcome.delay,
-                             headers=headers, queue=queue_name(rt.config.app.name, self.name))
+            raise self.retry(
+                exc=TaskFailed.of(error.reason, error.message),
+                countdown=outcome.delay,
+                headers=headers,
+                queue=queue_name(rt.config.app.name, self.name),
+            )
         if outcome.kind == "revoked":
             self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore(outcome.why)

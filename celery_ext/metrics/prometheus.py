@@ -35,8 +35,9 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError as exc:
-        raise ConfigError("metrics.type: prometheus needs prometheus-client: "
-                          "pip install celery-ext[prometheus]") from exc
+        raise ConfigError(
+            "metrics.type: prometheus needs prometheus-client: pip install celery-ext[prometheus]"
+        ) from exc
     return prometheus_client
 
 
@@ -79,21 +80,49 @@ class PrometheusMetrics(MetricsCollector):
             r = self.registry
             self._m = {
                 "created": pc.Counter("celery_ext_task_created", "Tasks created", ["task_type"], registry=r),
-                "duration": pc.Histogram("celery_ext_task_duration_seconds", "Task run time by final status",
-                                         ["task_type", "status"], buckets=self.buckets, registry=r),
-                "failed": pc.Counter("celery_ext_task_failed", "Tasks failed for good, by reason",
-                                     ["task_type", "reason"], registry=r),
-                "load": pc.Gauge("celery_ext_worker_load", "Tasks in flight on a worker", ["worker"],
-                                 registry=r, multiprocess_mode="livemax"),
-                "online": pc.Gauge("celery_ext_worker_online", "1 while a worker is online", ["worker"],
-                                   registry=r, multiprocess_mode="livemax"),
-                "queue": pc.Gauge("celery_ext_queue_length", "Messages waiting in a celery_ext queue", ["queue"],
-                                  registry=r, multiprocess_mode="livemax"),
-                "rejected": pc.Counter("celery_ext_messages_rejected", "Messages refused without running, by "
-                                       "task name and reason (unknown_task, malformed)", ["task_name", "reason"],
-                                       registry=r),
-                "leader": pc.Gauge("celery_ext_scheduler_is_leader", "1 while this scheduler is leader",
-                                   registry=r, multiprocess_mode="livemax"),
+                "duration": pc.Histogram(
+                    "celery_ext_task_duration_seconds",
+                    "Task run time by final status",
+                    ["task_type", "status"],
+                    buckets=self.buckets,
+                    registry=r,
+                ),
+                "failed": pc.Counter(
+                    "celery_ext_task_failed", "Tasks failed for good, by reason", ["task_type", "reason"], registry=r
+                ),
+                "load": pc.Gauge(
+                    "celery_ext_worker_load",
+                    "Tasks in flight on a worker",
+                    ["worker"],
+                    registry=r,
+                    multiprocess_mode="livemax",
+                ),
+                "online": pc.Gauge(
+                    "celery_ext_worker_online",
+                    "1 while a worker is online",
+                    ["worker"],
+                    registry=r,
+                    multiprocess_mode="livemax",
+                ),
+                "queue": pc.Gauge(
+                    "celery_ext_queue_length",
+                    "Messages waiting in a celery_ext queue",
+                    ["queue"],
+                    registry=r,
+                    multiprocess_mode="livemax",
+                ),
+                "rejected": pc.Counter(
+                    "celery_ext_messages_rejected",
+                    "Messages refused without running, by task name and reason (unknown_task, malformed)",
+                    ["task_name", "reason"],
+                    registry=r,
+                ),
+                "leader": pc.Gauge(
+                    "celery_ext_scheduler_is_leader",
+                    "1 while this scheduler is leader",
+                    registry=r,
+                    multiprocess_mode="livemax",
+                ),
             }
         return self._m
 

@@ -38,16 +38,28 @@ class PluginHostStep(bootsteps.StartStopStep):
         self.plugins = PluginManager()
         self.plugins.load(rt.config.plugins)
         rt.extras["plugins"] = self.plugins
-        self.ctx = PluginContext(events=self.bus, metrics=self.metrics, storage=rt.storage, config=rt.config,
-                                 worker_id=worker.hostname, app=worker.app, extras={"worker": worker})
+        self.ctx = PluginContext(
+            events=self.bus,
+            metrics=self.metrics,
+            storage=rt.storage,
+            config=rt.config,
+            worker_id=worker.hostname,
+            app=worker.app,
+            extras={"worker": worker},
+        )
 
     def start(self, worker: Any) -> None:
         if self.hub is not None:
             self.hub.start(self.bus)
         self.plugins.start_all(self.ctx)
         self.metrics.worker_registered(worker.hostname)
-        self.bus.publish(Event(WORKER_ONLINE, worker_id=worker.hostname,
-                               data={"plugins": self.plugins.running, "failed_plugins": self.plugins.failures}))
+        self.bus.publish(
+            Event(
+                WORKER_ONLINE,
+                worker_id=worker.hostname,
+                data={"plugins": self.plugins.running, "failed_plugins": self.plugins.failures},
+            )
+        )
 
     def stop(self, worker: Any) -> None:
         self.metrics.worker_offline(worker.hostname)

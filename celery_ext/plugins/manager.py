@@ -54,8 +54,10 @@ class PluginManager:
             path = f"plugins[{i}]"
             try:
                 if entry.name in holder:
-                    raise ConfigError(f"{path}.name: a plugin named {entry.name!r} is already loaded from "
-                                      f"{holder[entry.name]}; this entry is ignored")
+                    raise ConfigError(
+                        f"{path}.name: a plugin named {entry.name!r} is already loaded from "
+                        f"{holder[entry.name]}; this entry is ignored"
+                    )
                 plugin = build_plugin(entry, path)
                 self.register(plugin)
                 holder[entry.name] = path
@@ -92,8 +94,13 @@ class PluginManager:
     def _fail(self, name: str, stage: str, exc: BaseException, key: str | None = None) -> None:
         message = f"{exc.__class__.__name__}: {exc}"
         self.failures[key or name] = f"{stage}: {message}"
-        logger.error("plugin %r failed in %s and is disabled: %s", name, stage, message,
-                     exc_info=not isinstance(exc, ConfigError))
+        logger.error(
+            "plugin %r failed in %s and is disabled: %s",
+            name,
+            stage,
+            message,
+            exc_info=not isinstance(exc, ConfigError),
+        )
 
     def _stop_quietly(self, plugin: Plugin, ctx: PluginContext) -> None:
         # Let a plugin that failed half-way release what it did open.
@@ -139,8 +146,10 @@ def check_plugins(entries: Sequence[tuple[int, PluginEntry]]) -> tuple[list[str]
             continue
         errors.extend(problems)
         if entry.name in holder:
-            errors.append(f"{path}.name: a plugin named {entry.name!r} is already given by {holder[entry.name]}; "
-                          f"a worker runs only the first")
+            errors.append(
+                f"{path}.name: a plugin named {entry.name!r} is already given by {holder[entry.name]}; "
+                f"a worker runs only the first"
+            )
         elif not problems:
             holder[entry.name] = path
     return errors, warnings

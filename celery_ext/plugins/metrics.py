@@ -48,14 +48,14 @@ class MetricsPlugin(Plugin):
         s: MetricsSettings = self.settings
         collector = ctx.metrics
         if not hasattr(collector, "exposition"):
-            raise ConfigError(f"{self.config_path}: the metrics plugin needs metrics.type prometheus "
-                              f"(got {type(collector).__name__})")
+            raise ConfigError(
+                f"{self.config_path}: the metrics plugin needs metrics.type prometheus (got {type(collector).__name__})"
+            )
         self.server = ThreadingHTTPServer((s.bind, s.prometheus_port), _handler(collector))
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, name="celery_ext-metrics-http", daemon=True).start()
         logger.info("metrics on http://%s:%d/metrics", *self.server.server_address[:2])
-        threading.Thread(target=self._sample_loop, args=(ctx,), name="celery_ext-metrics-sample",
-                         daemon=True).start()
+        threading.Thread(target=self._sample_loop, args=(ctx,), name="celery_ext-metrics-sample", daemon=True).start()
 
     def stop(self, ctx: PluginContext) -> None:
         self._stop.set()

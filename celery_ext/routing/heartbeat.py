@@ -111,8 +111,9 @@ class RegistrationStep(bootsteps.StartStopStep):
     label = "celery_ext.registry"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, c: Any, capacity: int | None = None, weight: int | None = None,
-                 supported_types: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, c: Any, capacity: int | None = None, weight: int | None = None, supported_types: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(c, **kwargs)
         self.seat: Seat | None = None
         self.thread: threading.Thread | None = None
@@ -122,8 +123,10 @@ class RegistrationStep(bootsteps.StartStopStep):
         types = _types(supported_types) or list(conf.supported_types) or known
         unknown = sorted(set(types) - set(known))
         if unknown:
-            raise SystemExit(f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
-                             f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}")
+            raise SystemExit(
+                f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
+                f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}"
+            )
         direct = direct_queue_name(prefix, c.hostname)
         rt.extras["supported_types"] = frozenset(types)  # before the pool forks: children see it
         # Only the shared queues of supported types, plus the direct queue, plus the app's default
@@ -136,15 +139,26 @@ class RegistrationStep(bootsteps.StartStopStep):
             logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
             return
         info = WorkerInfo(
-            id=c.hostname, queue=direct, hostname=c.hostname, weight=weight or conf.weight,
-            capacity=capacity or c.controller.concurrency or conf.capacity, supported_types=tuple(sorted(types)),
+            id=c.hostname,
+            queue=direct,
+            hostname=c.hostname,
+            weight=weight or conf.weight,
+            capacity=capacity or c.controller.concurrency or conf.capacity,
+            supported_types=tuple(sorted(types)),
             config_version=hashlib.sha1(rt.config.model_dump_json().encode()).hexdigest()[:12],  # noqa: S324
-            app_version=rt.config.app.version or "", pid=os.getpid(),
+            app_version=rt.config.app.version or "",
+            pid=os.getpid(),
         )
         redis_broker = c.app.conf.broker_url.startswith(("redis", "rediss"))
         keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
-        self.seat = Seat(WorkerRegistry.from_url(url, prefix), info, conf.offline_threshold,
-                         conf.heartbeat_interval, keys, frozenset(types))
+        self.seat = Seat(
+            WorkerRegistry.from_url(url, prefix),
+            info,
+            conf.offline_threshold,
+            conf.heartbeat_interval,
+            keys,
+            frozenset(types),
+        )
         if not redis_broker:
             self.seat.queued = _queue_depth(c.app, direct)
         rt.extras[SEAT] = self.seat
@@ -157,8 +171,9 @@ class RegistrationStep(bootsteps.StartStopStep):
         self.seat.beat()  # registered before the worker reports ready
         # This worker's config.yaml is the cluster's: long-running producers follow its strategy.
         router_of(c.app).publish_strategy()
-        self.thread = threading.Thread(target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat", daemon=True
+        )
         self.thread.start()
 
     def stop(self, c: Any) -> None:
@@ -172,8 +187,12 @@ class RegistrationStep(bootsteps.StartStopStep):
         seat.stop.set()
         try:
             seat.registry.mark_offline(seat.info.id)
-            moved = move_stranded(seat.registry.client, seat.info.queue, runtime_of(c.app).config.app.name,
-                                  c.app.conf.broker_transport_options)
+            moved = move_stranded(
+                seat.registry.client,
+                seat.info.queue,
+                runtime_of(c.app).config.app.name,
+                c.app.conf.broker_transport_options,
+            )
             if moved:
                 logger.info("handed %d queued task(s) back to the shared queues", moved)
         except Exception as exc:  # noqa: BLE001 - the scheduler's sweep does this later
@@ -211,15 +230,29 @@ def seat_of(app: Any) -> Seat | None:
 
 def install_routing(app: Celery) -> None:
     """Worker options, the two bootsteps, and the in-flight accounting signals."""
-    app.user_options["worker"].add(click.Option(
-        ["--capacity"], type=click.IntRange(min=1), default=None,
-        help="celery_ext: tasks this worker runs at once (pool size; overrides worker.capacity)"))
-    app.user_options["worker"].add(click.Option(
-        ["--weight"], type=click.IntRange(min=1), default=None,
-        help="celery_ext: weight for weighted_round_robin (overrides worker.weight)"))
-    app.user_options["worker"].add(click.Option(
-        ["--supported-types"], default=None,
-        help="celery_ext: comma-separated task types this worker runs (overrides worker.supported_types)"))
+    app.user_options["worker"].add(
+        click.Option(
+            ["--capacity"],
+            type=click.IntRange(min=1),
+            default=None,
+            help="celery_ext: tasks this worker runs at once (pool size; overrides worker.capacity)",
+        )
+    )
+    app.user_options["worker"].add(
+        click.Option(
+            ["--weight"],
+            type=click.IntRange(min=1),
+            default=None,
+            help="celery_ext: weight for weighted_round_robin (overrides worker.weight)",
+        )
+    )
+    app.user_options["worker"].add(
+        click.Option(
+            ["--supported-types"],
+            default=None,
+            help="celery_ext: comma-separated task types this worker runs (overrides worker.supported_types)",
+        )
+    )
     app.steps["worker"].add(CapacityStep)
     app.steps["consumer"].add(RegistrationStep)
 

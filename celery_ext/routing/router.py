@@ -81,8 +81,15 @@ def spec_version(spec: Mapping[str, Any]) -> str:
 class TaskRouter:
     """Routes each celery_ext task to the worker that should run it (see the module doc)."""
 
-    def __init__(self, prefix: str, task_types: Iterable[str], registry: WorkerRegistry | None = None,
-                 balancer: LoadBalancer | None = None, cache_ttl: float = 0.2, shared_state: bool = True) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        task_types: Iterable[str],
+        registry: WorkerRegistry | None = None,
+        balancer: LoadBalancer | None = None,
+        cache_ttl: float = 0.2,
+        shared_state: bool = True,
+    ) -> None:
         from celery_ext.routing.least_task import LeastTaskBalancer
 
         self.prefix = prefix
@@ -96,8 +103,9 @@ class TaskRouter:
         self.balancer.startup()
         # task type -> (the snapshot's pool, its key, the balancer's plan for it, the pool by id,
         # the plan's state field)
-        self._plans: dict[str, tuple[list[WorkerInfo], tuple[str, frozenset[str]], SharedPlan | None,
-                                     dict[str, WorkerInfo], str]] = {}
+        self._plans: dict[
+            str, tuple[list[WorkerInfo], tuple[str, frozenset[str]], SharedPlan | None, dict[str, WorkerInfo], str]
+        ] = {}
         self.cache_ttl = cache_ttl
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -112,12 +120,23 @@ class TaskRouter:
         self._published: str | None = None
 
     @classmethod
-    def from_config(cls, config: Config, broker_url: str, task_types: Iterable[str],
-                    transport_options: Mapping[str, Any] | None = None) -> TaskRouter:
+    def from_config(
+        cls,
+        config: Config,
+        broker_url: str,
+        task_types: Iterable[str],
+        transport_options: Mapping[str, Any] | None = None,
+    ) -> TaskRouter:
         url = registry_url_for(config, broker_url, transport_options)
         registry = WorkerRegistry.from_url(url, config.app.name) if url else None
-        router = cls(config.app.name, task_types, registry, build_balancer(config), config.scheduler.routing_cache,
-                     shared_state=config.scheduler.load_balance_state == "shared")
+        router = cls(
+            config.app.name,
+            task_types,
+            registry,
+            build_balancer(config),
+            config.scheduler.routing_cache,
+            shared_state=config.scheduler.load_balance_state == "shared",
+        )
         if url is not None and url == redis_py_url(broker_url):
             # The registry is the broker: the reservation can see each type's shared-queue backlog.
             router.backlog_keys = {t: queue_keys(q, transport_options) for t, q in router.shared.items()}
@@ -167,12 +186,16 @@ class TaskRouter:
         try:
             balancer = balancer_from(str(data["strategy"]), data.get("config") or {})
         except (ConfigError, KeyError, TypeError) as exc:
-            logger.warning("the cluster's load-balancing strategy changed, but this process cannot use it "
-                           "(keeping %r): %s", self.balancer.state_name, exc)
+            logger.warning(
+                "the cluster's load-balancing strategy changed, but this process cannot use it (keeping %r): %s",
+                self.balancer.state_name,
+                exc,
+            )
             return
         self.set_balancer(balancer, publish=False)
-        logger.warning("load-balancing strategy is now %r (published by the cluster, version %s)",
-                       data["strategy"], version)
+        logger.warning(
+            "load-balancing strategy is now %r (published by the cluster, version %s)", data["strategy"], version
+        )
 
     def close(self) -> None:
         """The process stops: the balancer's ``shutdown`` hook."""
@@ -180,8 +203,9 @@ class TaskRouter:
 
     # --- Celery's router protocol ---------------------------------------------------------
 
-    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
-                 **kw: Any) -> dict[str, Any] | None:
+    def __call__(
+        self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, Any] | None:
         if options.get("queue"):
             return None  # the sender chose the queue (a retry, a forward)
         shared = self.shared.get(name) or self._advertised_queue(name)
@@ -198,8 +222,7 @@ class TaskRouter:
         except Exception as exc:  # noqa: BLE001 - routing must never stop a publish
             # Back off, so a registry outage costs one timeout, not one per publish.
             self._down_until = time.monotonic() + self.retry_after
-            self._warn(f"worker registry unavailable, routing to the shared queues for "
-                       f"{self.retry_after:g}s: {exc}")
+            self._warn(f"worker registry unavailable, routing to the shared queues for {self.retry_after:g}s: {exc}")
             worker = None
         return {"queue": worker.queue if worker else shared}
 
@@ -268,15 +291,17 @@ class TaskRouter:
                 cached = self._plans.get(task_type)
                 if cached is None or cached[0] is not pool:
                     balancer = self.balancer
-                    plan = cached[2] if cached is not None and cached[1] == key else balancer.shared_plan(
-                        pool, task_type)
+                    plan = (
+                        cached[2] if cached is not None and cached[1] == key else balancer.shared_plan(pool, task_type)
+                    )
                     cached = (pool, key, plan, {w.id: w for w in pool}, f"{balancer.state_name}|{task_type}")
                     self._plans[task_type] = cached
         plan = cached[2]
         return None if plan is None else (plan, cached[3], cached[4])
 
-    def _route_shared(self, task_type: str, plan: SharedPlan, by_id: dict[str, WorkerInfo],
-                      state_field: str) -> WorkerInfo | None:
+    def _route_shared(
+        self, task_type: str, plan: SharedPlan, by_id: dict[str, WorkerInfo], state_field: str
+    ) -> WorkerInfo | None:
         assert self.state is not None and self.registry is not None
         reply = self.state.decide(plan, state_field, self.registry.keys[2], self.backlog_keys.get(task_type, ()))
         if isinstance(reply, tuple):
@@ -341,8 +366,13 @@ def _routed(name: str, kwargs: Any, options: Mapping[str, Any]) -> RoutedTask:
     headers = options.get("headers") or {}
     ext = headers.get(HEADER) if isinstance(headers, Mapping) else None
     key = ext.get("idempotency_key") if isinstance(ext, Mapping) else None
-    return RoutedTask(name, options.get("task_id"), kwargs if isinstance(kwargs, Mapping) else {},
-                      key if isinstance(key, str) else None, options.get("priority"))
+    return RoutedTask(
+        name,
+        options.get("task_id"),
+        kwargs if isinstance(kwargs, Mapping) else {},
+        key if isinstance(key, str) else None,
+        options.get("priority"),
+    )
 
 
 def router_of(app: Any) -> TaskRouter:

@@ -76,8 +76,15 @@ def queue_keys(queue: str, transport_options: Mapping[str, Any] | None = None) -
     return [f"{gprefix}{queue}{_suffix(p, sep)}" for p in steps]
 
 
-def move_stranded(client: Any, queue: str, prefix: str, transport_options: Mapping[str, Any] | None = None,
-                  task_types: Iterable[str] | None = None, batch: int = 200, default_queue: str = "celery") -> int:
+def move_stranded(
+    client: Any,
+    queue: str,
+    prefix: str,
+    transport_options: Mapping[str, Any] | None = None,
+    task_types: Iterable[str] | None = None,
+    batch: int = 200,
+    default_queue: str = "celery",
+) -> int:
     """Move every message of ``queue`` (and its unacked ones) to the shared queues; returns how
     many.  Safe to run concurrently with itself and with producers."""
     sep, steps, gprefix = _options(transport_options)
@@ -109,8 +116,14 @@ def _types_seen(client: Any, keys: list[str]) -> list[str]:
     return sorted(names)
 
 
-def _restore_unacked(client: Any, queue: str, prefix: str, transport_options: Mapping[str, Any] | None,
-                     known: list[str], default_queue: str) -> int:
+def _restore_unacked(
+    client: Any,
+    queue: str,
+    prefix: str,
+    transport_options: Mapping[str, Any] | None,
+    known: list[str],
+    default_queue: str,
+) -> int:
     sep, steps, gprefix = _options(transport_options)
     opts = transport_options or {}
     hkey = gprefix + str(opts.get("unacked_key", "unacked"))
@@ -135,8 +148,13 @@ def _restore_unacked(client: Any, queue: str, prefix: str, transport_options: Ma
     return restored
 
 
-def restore_unclaimed(client: Any, prefix: str, transport_options: Mapping[str, Any] | None,
-                      older_than: float, unclaimed: Callable[[str], bool]) -> int:
+def restore_unclaimed(
+    client: Any,
+    prefix: str,
+    transport_options: Mapping[str, Any] | None,
+    older_than: float,
+    unclaimed: Callable[[str], bool],
+) -> int:
     """Return to their queues the messages of this app's shared queues that a worker fetched
     more than ``older_than`` seconds ago and whose task nobody claimed (``unclaimed(task_id)``).
 
@@ -164,8 +182,13 @@ def restore_unclaimed(client: Any, prefix: str, transport_options: Mapping[str, 
             pri = int(message.get("properties", {}).get("priority") or 0)
         except (ValueError, TypeError, AttributeError):
             continue
-        if (not isinstance(routing_key, str) or not routing_key.startswith(shared) or routing_key.startswith(direct)
-                or not isinstance(task_id, str) or not unclaimed(task_id)):
+        if (
+            not isinstance(routing_key, str)
+            or not routing_key.startswith(shared)
+            or routing_key.startswith(direct)
+            or not isinstance(task_id, str)
+            or not unclaimed(task_id)
+        ):
             continue
         step = steps[max(0, bisect.bisect(steps, pri) - 1)]
         dest = f"{gprefix}{routing_key}{_suffix(step, sep)}"

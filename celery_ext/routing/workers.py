@@ -42,7 +42,9 @@ _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] /
 # The truth is held + queued.  The count is reset to it only when it differs by the same amount
 # at two beats in a row: a one-off difference is a task between two steps (popped but not yet
 # held, finished but not yet released), while a leak (a crashed child) persists.
-_HEARTBEAT = _NOW + """
+_HEARTBEAT = (
+    _NOW
+    + """
 local queued = 0
 for i = 6, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
@@ -61,11 +63,14 @@ if not current or (delta ~= 0 and delta == tonumber(ARGV[6])) then
 end
 return {truth - delta, delta}
 """
+)
 
 # KEYS: workers, expiry, inflight, generation, published strategy  ARGV: the caller's generation
 # -> {generation, ids, loads, infos, strategy} of the online workers; infos only when the
 # generation moved; the strategy last published to the cluster (or false)
-_ONLINE = _NOW + """
+_ONLINE = (
+    _NOW
+    + """
 local gen = redis.call('GET', KEYS[4]) or '0'
 local fetch = gen ~= ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
@@ -81,6 +86,7 @@ for i = 1, #ids, 500 do
 end
 return {gen, ids, loads, infos, redis.call('GET', KEYS[5])}
 """
+)
 
 # KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity
 # -> new in-flight; -1 when the worker is full; -2 when work already waits in the shared queue
@@ -103,7 +109,9 @@ return n
 """
 
 # KEYS: workers, expiry, inflight  ARGV: limit -> infos of the workers removed as offline
-_SWEEP = _NOW + """
+_SWEEP = (
+    _NOW
+    + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
 for _, id in ipairs(ids) do
@@ -114,6 +122,7 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+)
 
 
 def direct_queue_name(prefix: str, worker_id: str) -> str:
@@ -172,8 +181,9 @@ class WorkerInfo:
         return cls(**known, in_flight=int(in_flight or 0), online=online)
 
 
-_FIELDS = frozenset(f for f in WorkerInfo.__dataclass_fields__
-                    if f not in ("in_flight", "online", "_types", "heartbeat_at"))
+_FIELDS = frozenset(
+    f for f in WorkerInfo.__dataclass_fields__ if f not in ("in_flight", "online", "_types", "heartbeat_at")
+)
 
 
 class WorkerRegistry:
@@ -182,8 +192,12 @@ class WorkerRegistry:
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self.keys = (f"{prefix}.workers", f"{prefix}.workers.expiry", f"{prefix}.workers.inflight",
-                     f"{prefix}.workers.generation")
+        self.keys = (
+            f"{prefix}.workers",
+            f"{prefix}.workers.expiry",
+            f"{prefix}.workers.inflight",
+            f"{prefix}.workers.generation",
+        )
         # The routing strategy last published to the cluster (see TaskRouter.publish_strategy), as
         # of the last ``online``: producers follow its changes.
         self.strategy_key = f"{prefix}.balance.strategy"
@@ -215,14 +229,17 @@ class WorkerRegistry:
 
     # --- the worker side ------------------------------------------------------------------
 
-    def heartbeat(self, info: WorkerInfo, ttl: float, held: int, queue_keys: Sequence[str] = (),
-                  last_delta: int = 0) -> tuple[int, int]:
+    def heartbeat(
+        self, info: WorkerInfo, ttl: float, held: int, queue_keys: Sequence[str] = (), last_delta: int = 0
+    ) -> tuple[int, int]:
         """Register or refresh ``info`` for ``ttl`` seconds and check its in-flight count against
         the truth (``held`` + queued in ``queue_keys``).  Returns ``(in_flight, delta)``: pass
         ``delta`` back as ``last_delta`` next time; a delta seen twice in a row is corrected."""
         info.ttl = ttl
-        count, delta = self._heartbeat(keys=[*self.keys, self.strategy_key, *queue_keys], args=[
-            info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS, last_delta])
+        count, delta = self._heartbeat(
+            keys=[*self.keys, self.strategy_key, *queue_keys],
+            args=[info.id, info.to_json(), int(ttl * 1000), held, KEEP_KEYS_MS, last_delta],
+        )
         return int(count), int(delta)
 
     def mark_offline(self, worker_id: str) -> None:
@@ -248,8 +265,7 @@ class WorkerRegistry:
     def online(self) -> list[WorkerInfo]:
         """The online workers with their current loads.  The objects are reused from call to
         call (only ``in_flight`` changes) while no worker's static entry changed."""
-        gen, ids, loads, infos, published = self._online(keys=[*self.keys, self.strategy_key],
-                                                         args=[self._generation])
+        gen, ids, loads, infos, published = self._online(keys=[*self.keys, self.strategy_key], args=[self._generation])
         self.published = published or None
         if infos:
             static = {}

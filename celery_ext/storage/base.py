@@ -151,9 +151,32 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 # --- the flat record every backend stores ---------------------------------------------------
 
 _RECORD_FIELDS = frozenset(
-    {"task_id", "task_type", "payload", "priority", "attempt", "max_retries", "timeout", "run_at", "worker_id",
-     "result", "idempotency_key", "dispatch_token", "lease_until", "created_at", "queued_at", "started_at",
-     "finished_at", "updated_at", "run", "args", "parent_id", "root_id", "group_id"})
+    {
+        "task_id",
+        "task_type",
+        "payload",
+        "priority",
+        "attempt",
+        "max_retries",
+        "timeout",
+        "run_at",
+        "worker_id",
+        "result",
+        "idempotency_key",
+        "dispatch_token",
+        "lease_until",
+        "created_at",
+        "queued_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+        "run",
+        "args",
+        "parent_id",
+        "root_id",
+        "group_id",
+    }
+)
 TIME_FIELDS = ("run_at", "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at")
 
 

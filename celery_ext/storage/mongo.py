@@ -149,8 +149,12 @@ class MongoStorage(Storage):
         with self.guard():
             tasks, logs = self.collection("tasks"), self.collection("logs")
             tasks.create_index([("task_id", asc)], unique=True, name="ux_task_id")
-            tasks.create_index([("idempotency_key", asc)], unique=True, name="ux_idempotency_key",
-                               partialFilterExpression={"idempotency_key": {"$type": "string"}})
+            tasks.create_index(
+                [("idempotency_key", asc)],
+                unique=True,
+                name="ux_idempotency_key",
+                partialFilterExpression={"idempotency_key": {"$type": "string"}},
+            )
             for name, keys in (
                 ("ix_created", [("created_at", desc), ("task_id", desc)]),
                 ("ix_status_type_created", [("status", asc), ("task_type", asc), ("created_at", desc)]),
@@ -166,8 +170,10 @@ class MongoStorage(Storage):
             logs.create_index([("task_id", asc), ("seq", asc)], name="ix_task_seq")
             logs.create_index([("time", asc)], name="ix_time")
             self.db["celery_ext_schema"].update_one(
-                {"_id": "schema"}, {"$max": {"version": SCHEMA_VERSION}, "$setOnInsert": {"applied_at": utcnow()}},
-                upsert=True)
+                {"_id": "schema"},
+                {"$max": {"version": SCHEMA_VERSION}, "$setOnInsert": {"applied_at": utcnow()}},
+                upsert=True,
+            )
         return []
 
     def schema_version(self) -> tuple[int | None, int]:
@@ -236,8 +242,7 @@ class MongoTaskRepository(TaskRepository):
             doc = self.col.find_one({"idempotency_key": key})
         return from_doc(doc) if doc else None
 
-    def update(self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None,
-               **fields: Any) -> bool:
+    def update(self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any) -> bool:
         query: dict[str, Any] = {"task_id": task_id, "status": {"$in": values_of(expected)}}
         if token is not None:
             query["dispatch_token"] = token
@@ -278,8 +283,12 @@ class MongoTaskRepository(TaskRepository):
         if flt.cursor:
             at, last_id = decode_cursor(flt.cursor)
             micros = enc(at)
-            query = {"$and": [query, {"$or": [{"created_at": {"$lt": micros}},
-                                              {"created_at": micros, "task_id": {"$lt": last_id}}]}]}
+            query = {
+                "$and": [
+                    query,
+                    {"$or": [{"created_at": {"$lt": micros}}, {"created_at": micros, "task_id": {"$lt": last_id}}]},
+                ]
+            }
         cur = self.col.find(query).sort([("created_at", -1), ("task_id", -1)])
         if flt.offset and not flt.cursor:
             cur = cur.skip(flt.offset)
@@ -290,9 +299,15 @@ class MongoTaskRepository(TaskRepository):
         cursor = encode_cursor(items[-1].created_at, items[-1].task_id) if more and items else None
         return TaskPage(items, cursor)
 
-    def scan(self, statuses: Iterable[TaskStatus], *, due_before: datetime | None = None,
-             lease_expired_before: datetime | None = None, updated_before: datetime | None = None,
-             limit: int = 100) -> builtins.list[Task]:
+    def scan(
+        self,
+        statuses: Iterable[TaskStatus],
+        *,
+        due_before: datetime | None = None,
+        lease_expired_before: datetime | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Task]:
         query: dict[str, Any] = {"status": {"$in": values_of(statuses)}}
         if due_before is not None:
             query["run_at"] = {"$lte": enc(due_before)}
@@ -345,8 +360,18 @@ class MongoTaskLogRepository(TaskLogRepository):
     def append(self, logs: Sequence[TaskLog]) -> None:
         if not logs:
             return
-        docs = [{"task_id": l.task_id, "attempt": l.attempt, "run": l.run, "seq": self._next_seq(),
-                 "time": enc(l.time), "level": l.level, "message": l.message} for l in logs]
+        docs = [
+            {
+                "task_id": l.task_id,
+                "attempt": l.attempt,
+                "run": l.run,
+                "seq": self._next_seq(),
+                "time": enc(l.time),
+                "level": l.level,
+                "message": l.message,
+            }
+            for l in logs
+        ]
         with self.storage.guard():
             self.col.insert_many(docs, ordered=True)
 
@@ -361,9 +386,17 @@ class MongoTaskLogRepository(TaskLogRepository):
             query["run"] = {"$in": [run, None]} if run == 1 else run
         cur = self.col.find(query).sort([("seq", 1)]).skip(offset).limit(limit)
         with self.storage.guard():
-            return [TaskLog(d["task_id"], d["attempt"], dec(d["time"]), d["level"], d["message"],  # type: ignore[arg-type]
-                            run=d.get("run") or 1)
-                    for d in cur]
+            return [
+                TaskLog(
+                    d["task_id"],
+                    d["attempt"],
+                    dec(d["time"]),
+                    d["level"],
+                    d["message"],  # type: ignore[arg-type]
+                    run=d.get("run") or 1,
+                )
+                for d in cur
+            ]
 
     def purge(self, before: datetime, limit: int = 1000) -> int:
         with self.storage.guard():

@@ -49,8 +49,9 @@ def cutoffs(retention: RetentionConfig, now: datetime | None = None) -> dict[str
     return out
 
 
-def purge(storage: Storage, retention: RetentionConfig, *, now: datetime | None = None,
-          max_batches: int | None = None) -> PurgeReport:
+def purge(
+    storage: Storage, retention: RetentionConfig, *, now: datetime | None = None, max_batches: int | None = None
+) -> PurgeReport:
     """Apply ``retention`` until nothing is left to delete (or ``max_batches`` per kind)."""
     started = time.monotonic()
     report = PurgeReport()
@@ -71,7 +72,11 @@ def purge(storage: Storage, retention: RetentionConfig, *, now: datetime | None 
         else:
             report.tasks[key] = total
         if total:
-            logger.info("retention: deleted %d %s older than %s", total,
-                        "log lines" if key == "logs" else f"{key} tasks", before.isoformat())
+            logger.info(
+                "retention: deleted %d %s older than %s",
+                total,
+                "log lines" if key == "logs" else f"{key} tasks",
+                before.isoformat(),
+            )
     report.seconds = time.monotonic() - started
     return report

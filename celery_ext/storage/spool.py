@@ -93,8 +93,12 @@ class LogSpool:
                 self.write(lines)
             except StorageError:
                 if time.monotonic() - since > self.patience:
-                    logger.error("lost %d log lines of task %s: storage unavailable for %.0fs", len(lines),
-                                 lines[0].task_id, self.patience)
+                    logger.error(
+                        "lost %d log lines of task %s: storage unavailable for %.0fs",
+                        len(lines),
+                        lines[0].task_id,
+                        self.patience,
+                    )
                 else:
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)

@@ -329,14 +329,18 @@ class _Reader:
             cursor.execute(self.select.sql, self.select.args({"p_id": task_id}))
             row = cursor.fetchone()
             if self.columns is None:
-                self.columns = [(c.name, c.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]))
-                                for c, d in zip(tasks.columns, cursor.description, strict=True)]
+                self.columns = [
+                    (c.name, c.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]))
+                    for c, d in zip(tasks.columns, cursor.description, strict=True)
+                ]
         finally:
             cursor.close()
         if row is None:
             return None
-        return {name: (process(value) if process is not None else value)
-                for (name, process), value in zip(self.columns, row, strict=True)}
+        return {
+            name: (process(value) if process is not None else value)
+            for (name, process), value in zip(self.columns, row, strict=True)
+        }
 
 
 class SqlTaskRepository(TaskRepository):
@@ -412,13 +416,14 @@ class SqlTaskRepository(TaskRepository):
             row = conn.execute(select(tasks).where(tasks.c.idempotency_key == key)).first()
         return _from_row(row) if row else None
 
-    def update(
-        self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any
-    ) -> bool:
+    def update(self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any) -> bool:
         values = record_changes(fields)
         statuses = status_values(expected)
-        params = {"p_id": task_id, **{f"p_status{i}": s for i, s in enumerate(statuses)},
-                  **{f"v_{k}": v for k, v in values.items()}}
+        params = {
+            "p_id": task_id,
+            **{f"p_status{i}": s for i, s in enumerate(statuses)},
+            **{f"v_{k}": v for k, v in values.items()},
+        }
         if token is not None:
             params["p_token"] = token
         shape = (tuple(values), token is not None, len(statuses))
@@ -536,8 +541,14 @@ class SqlTaskLogRepository(TaskLogRepository):
         if not logs:
             return
         rows = [
-            {"task_id": l.task_id, "attempt": l.attempt, "run": l.run, "time": l.time, "level": l.level,
-             "message": l.message}
+            {
+                "task_id": l.task_id,
+                "attempt": l.attempt,
+                "run": l.run,
+                "time": l.time,
+                "level": l.level,
+                "message": l.message,
+            }
             for l in logs
         ]
         with self.storage.begin() as conn:
@@ -553,9 +564,7 @@ class SqlTaskLogRepository(TaskLogRepository):
             stmt = stmt.where(task_logs.c.run == run)
         stmt = stmt.order_by(task_logs.c.id).limit(limit).offset(offset)
         with self.storage.begin() as conn:
-            return [
-                TaskLog(r.task_id, r.attempt, r.time, r.level, r.message, run=r.run) for r in conn.execute(stmt)
-            ]
+            return [TaskLog(r.task_id, r.attempt, r.time, r.level, r.message, run=r.run) for r in conn.execute(stmt)]
 
     def purge(self, before: datetime, limit: int = 1000) -> int:
         with self.storage.begin() as conn:

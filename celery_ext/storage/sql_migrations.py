@@ -67,8 +67,12 @@ def _v3_runs_and_canvas(conn: Connection) -> None:
 
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
-    Step(3, "runs and Celery canvas ids: tasks(run, args, parent_id, root_id, group_id), task_logs(run), "
-            "indexes tasks(root_id, created_at), tasks(group_id, created_at)", _v3_runs_and_canvas),
+    Step(
+        3,
+        "runs and Celery canvas ids: tasks(run, args, parent_id, root_id, group_id), task_logs(run), "
+        "indexes tasks(root_id, created_at), tasks(group_id, created_at)",
+        _v3_runs_and_canvas,
+    ),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 
@@ -124,8 +128,7 @@ def upgrade(conn: Connection) -> list[Step]:
         if version == 1 and not conn.execute(select(schema_version.c.version)).first():
             conn.execute(insert(schema_version).values(version=1, applied_at=utcnow()))
         if version > SCHEMA_VERSION:
-            logger.warning("task store schema is version %d, newer than this celery_ext (%d)", version,
-                           SCHEMA_VERSION)
+            logger.warning("task store schema is version %d, newer than this celery_ext (%d)", version, SCHEMA_VERSION)
         applied = []
         for step in pending(version):
             logger.warning("migrating task store schema to version %d: %s", step.version, step.description)

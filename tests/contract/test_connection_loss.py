@@ -41,12 +41,23 @@ def kill_other_sessions(kind: str, url: str) -> int:
     try:
         with admin.connect() as conn:
             if kind == "postgresql":
-                return len(conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
-            ids = conn.execute(text(
-                "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"
-            )).scalars().all()
+                return len(
+                    conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    ).all()
+                )
+            ids = (
+                conn.execute(
+                    text(
+                        "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+                    )
+                )
+                .scalars()
+                .all()
+            )
             for pid in ids:
                 conn.execute(text(f"KILL {int(pid)}"))
             return len(ids)
@@ -63,8 +74,7 @@ def test_update_after_the_server_dropped_the_connection(server_storage: tuple[st
     outcomes = []
     for _ in range(2):  # the first statement may fail on the dead connection; the second must not
         try:
-            outcomes.append(storage.tasks.update("t1", [S.RUNNING], token="a", status=S.SUCCEEDED,
-                                                 result={"n": 1}))
+            outcomes.append(storage.tasks.update("t1", [S.RUNNING], token="a", status=S.SUCCEEDED, result={"n": 1}))
         except StorageError as exc:
             assert "task store" in str(exc) and "failed" in str(exc)
             outcomes.append(None)

@@ -22,20 +22,38 @@ def at(seconds: float) -> datetime:
 
 
 def make(i: int, **kw: object) -> Task:
-    fields: dict[str, object] = {"task_id": f"t{i:05d}", "task_type": "echo", "payload": {"i": i},
-                                 "created_at": at(i)}
+    fields: dict[str, object] = {"task_id": f"t{i:05d}", "task_type": "echo", "payload": {"i": i}, "created_at": at(i)}
     fields.update(kw)
     return Task(**fields)  # type: ignore[arg-type]
 
 
 def test_create_and_get_round_trip_every_field(storage: Storage) -> None:
     task = Task(
-        task_id="full", task_type="send_email", payload={"to": ["a@b.c"], "n": 1.5, "nested": {"ok": True}},
-        status=S.RUNNING, priority=7, attempt=2, max_retries=5, timeout=12.5, run_at=at(1), worker_id="w1@h",
-        result=[1, "two", None], error=TaskErrorInfo("boom", "it broke: é ✓"), idempotency_key="idem-1",
-        created_at=at(0), queued_at=at(2), started_at=at(3), finished_at=at(4), updated_at=at(5),
-        dispatch_token="tok", lease_until=at(60), run=3, args=[{"prev": [1, 2]}, "é", 2.5, None, True],
-        parent_id="parent-1", root_id="root-1", group_id="group-1",
+        task_id="full",
+        task_type="send_email",
+        payload={"to": ["a@b.c"], "n": 1.5, "nested": {"ok": True}},
+        status=S.RUNNING,
+        priority=7,
+        attempt=2,
+        max_retries=5,
+        timeout=12.5,
+        run_at=at(1),
+        worker_id="w1@h",
+        result=[1, "two", None],
+        error=TaskErrorInfo("boom", "it broke: é ✓"),
+        idempotency_key="idem-1",
+        created_at=at(0),
+        queued_at=at(2),
+        started_at=at(3),
+        finished_at=at(4),
+        updated_at=at(5),
+        dispatch_token="tok",
+        lease_until=at(60),
+        run=3,
+        args=[{"prev": [1, 2]}, "é", 2.5, None, True],
+        parent_id="parent-1",
+        root_id="root-1",
+        group_id="group-1",
     )
     stored, created = storage.tasks.create(task)
     assert created and stored == task
@@ -59,15 +77,36 @@ def test_new_fields_default_and_round_trip_through_create_many_and_update(storag
     assert got.to_dict()["args"] == [] and got.to_dict()["run"] == 1 and got.to_dict()["root_id"] is None
     as_json = canvas.to_dict()
     assert {k: as_json[k] for k in ("run", "args", "parent_id", "root_id", "group_id")} == {
-        "run": 2, "args": [[1, 2], {"a": "b"}], "parent_id": "t00001", "root_id": "t00001", "group_id": "g"}
+        "run": 2,
+        "args": [[1, 2], {"a": "b"}],
+        "parent_id": "t00001",
+        "root_id": "t00001",
+        "group_id": "g",
+    }
 
     # A manual retry: a new run whose attempts restart; the update path writes every new field.
-    assert storage.tasks.update("t00001", [S.PENDING], status=S.QUEUED, run=2, attempt=0, args=["x", {"y": 1}],
-                                parent_id="p", root_id="r", group_id="g2")
+    assert storage.tasks.update(
+        "t00001",
+        [S.PENDING],
+        status=S.QUEUED,
+        run=2,
+        attempt=0,
+        args=["x", {"y": 1}],
+        parent_id="p",
+        root_id="r",
+        group_id="g2",
+    )
     got = storage.tasks.get("t00001")
     assert got is not None
     assert (got.status, got.run, got.attempt, got.args, got.parent_id, got.root_id, got.group_id) == (
-        S.QUEUED, 2, 0, ["x", {"y": 1}], "p", "r", "g2")
+        S.QUEUED,
+        2,
+        0,
+        ["x", {"y": 1}],
+        "p",
+        "r",
+        "g2",
+    )
     assert storage.tasks.update("t00001", [S.QUEUED], token=None, args=None, parent_id=None, group_id=None)
     got = storage.tasks.get("t00001")
     assert got is not None and (got.args, got.parent_id, got.root_id, got.group_id) == (None, None, "r", None)
@@ -78,7 +117,9 @@ def test_new_fields_default_and_round_trip_through_create_many_and_update(storag
     assert got is not None and (got.status, got.run, got.args) == (S.RUNNING, 5, [7])
     assert storage.tasks.update_many(["t00002", "t00004"], [S.PENDING, S.RUNNING], run=9, root_id="rr") == 2
     assert [(t.run, t.root_id) for t in (storage.tasks.get("t00002"), storage.tasks.get("t00004"))] == [  # type: ignore[union-attr]
-        (9, "rr"), (9, "rr")]
+        (9, "rr"),
+        (9, "rr"),
+    ]
 
 
 def test_idempotency_key_is_unique_and_absent_keys_do_not_collide(storage: Storage) -> None:
@@ -109,12 +150,25 @@ def test_update_is_conditional_on_status_and_token(storage: Storage) -> None:
     assert not storage.tasks.update("t00001", [S.RUNNING], status=S.SUCCEEDED)
     assert not storage.tasks.update("t00001", [S.QUEUED], token="b", status=S.RUNNING)
     assert not storage.tasks.update("nope", [S.QUEUED], status=S.RUNNING)
-    assert storage.tasks.update("t00001", [S.PENDING, S.QUEUED], token="a", status=S.RUNNING, worker_id="w",
-                                error=TaskErrorInfo("r", "m"), result={"x": 1}, started_at=at(9))
+    assert storage.tasks.update(
+        "t00001",
+        [S.PENDING, S.QUEUED],
+        token="a",
+        status=S.RUNNING,
+        worker_id="w",
+        error=TaskErrorInfo("r", "m"),
+        result={"x": 1},
+        started_at=at(9),
+    )
     got = storage.tasks.get("t00001")
     assert got is not None
     assert (got.status, got.worker_id, got.error, got.result, got.started_at) == (
-        S.RUNNING, "w", TaskErrorInfo("r", "m"), {"x": 1}, at(9))
+        S.RUNNING,
+        "w",
+        TaskErrorInfo("r", "m"),
+        {"x": 1},
+        at(9),
+    )
     assert got.updated_at is not None and got.updated_at > at(100)
     assert storage.tasks.update("t00001", [S.RUNNING], error=None, worker_id=None)
     got = storage.tasks.get("t00001")
@@ -144,7 +198,11 @@ def test_update_many_changes_only_expected_statuses(storage: Storage) -> None:
     n = storage.tasks.update_many(["t00001", "t00002", "t00003", "nope"], [S.PENDING], status=S.QUEUED)
     assert n == 2
     assert [storage.tasks.get(f"t0000{i}").status for i in range(1, 5)] == [  # type: ignore[union-attr]
-        S.QUEUED, S.QUEUED, S.RUNNING, S.PENDING]
+        S.QUEUED,
+        S.QUEUED,
+        S.RUNNING,
+        S.PENDING,
+    ]
     assert storage.tasks.update_many([], [S.PENDING], status=S.QUEUED) == 0
 
 
@@ -173,15 +231,25 @@ def dataset() -> list[Task]:
     tasks = []
     for i in range(60):
         # Pairs share a created_at, so ordering must fall back to task_id.
-        tasks.append(make(i, task_type=TYPES[i % 3], status=STATUSES[i % 5], worker_id=WORKERS[(i // 2) % 3],
-                          created_at=at(i // 2), root_id=ROOTS[i % 4], group_id=GROUPS[(i // 3) % 3],
-                          parent_id=PARENTS[(i // 4) % 5]))
+        tasks.append(
+            make(
+                i,
+                task_type=TYPES[i % 3],
+                status=STATUSES[i % 5],
+                worker_id=WORKERS[(i // 2) % 3],
+                created_at=at(i // 2),
+                root_id=ROOTS[i % 4],
+                group_id=GROUPS[(i // 3) % 3],
+                parent_id=PARENTS[(i // 4) % 5],
+            )
+        )
     return tasks
 
 
 def expected(tasks: list[Task], flt: TaskFilter) -> list[str]:
     keep = [
-        t for t in tasks
+        t
+        for t in tasks
         if (not flt.status or t.status in flt.status)
         and (not flt.task_type or t.task_type in flt.task_type)
         and (flt.worker_id is None or t.worker_id == flt.worker_id)
@@ -212,8 +280,11 @@ CANVAS_FILTERS: dict[str, dict[str, object]] = {
     "group": {"group_id": "g2"},
 }
 # Each canvas filter alone, together, and with the other filters (kept short: every backend runs them).
-CANVAS_COMBOS = [(k,) for k in CANVAS_FILTERS] + list(itertools.combinations(CANVAS_FILTERS, 2)) + [
-    tuple(CANVAS_FILTERS), ("root", "status"), ("group", "type"), ("parent", "worker"), ("root", "after", "before")]
+CANVAS_COMBOS = (
+    [(k,) for k in CANVAS_FILTERS]
+    + list(itertools.combinations(CANVAS_FILTERS, 2))
+    + [tuple(CANVAS_FILTERS), ("root", "status"), ("group", "type"), ("parent", "worker"), ("root", "after", "before")]
+)
 
 
 def _check_filter(storage: Storage, keys: tuple[str, ...]) -> list[str]:
@@ -304,16 +375,18 @@ def test_invalid_cursor_is_a_clear_error(storage: Storage) -> None:
 
 def test_scan_finds_due_expired_and_stale_records_oldest_first(storage: Storage) -> None:
     now = at(1000)
-    storage.tasks.create_many([
-        make(1, status=S.SCHEDULED, run_at=now - timedelta(seconds=5)),
-        make(2, status=S.SCHEDULED, run_at=now + timedelta(seconds=5)),
-        make(3, status=S.RETRYING, run_at=now - timedelta(seconds=1)),
-        make(4, status=S.RUNNING, lease_until=now - timedelta(seconds=1)),
-        make(5, status=S.RUNNING, lease_until=now + timedelta(seconds=60)),
-        make(6, status=S.PENDING, updated_at=now - timedelta(seconds=30)),
-        make(7, status=S.PENDING, updated_at=now),
-        make(0, status=S.SCHEDULED, run_at=None),
-    ])
+    storage.tasks.create_many(
+        [
+            make(1, status=S.SCHEDULED, run_at=now - timedelta(seconds=5)),
+            make(2, status=S.SCHEDULED, run_at=now + timedelta(seconds=5)),
+            make(3, status=S.RETRYING, run_at=now - timedelta(seconds=1)),
+            make(4, status=S.RUNNING, lease_until=now - timedelta(seconds=1)),
+            make(5, status=S.RUNNING, lease_until=now + timedelta(seconds=60)),
+            make(6, status=S.PENDING, updated_at=now - timedelta(seconds=30)),
+            make(7, status=S.PENDING, updated_at=now),
+            make(0, status=S.SCHEDULED, run_at=None),
+        ]
+    )
     ids = lambda ts: [t.task_id for t in ts]  # noqa: E731
     assert ids(storage.tasks.scan([S.SCHEDULED, S.RETRYING], due_before=now)) == ["t00001", "t00003"]
     assert ids(storage.tasks.scan([S.SCHEDULED, S.RETRYING], due_before=now, limit=1)) == ["t00001"]

@@ -15,8 +15,14 @@ from tests.support.workers import WorkerProcess, subprocess_env, write_config
 
 
 def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+        env=subprocess_env(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +35,25 @@ def test_submit_wait_json_exit_codes(running: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     record = json.loads(ok.stdout)
     assert record["status"] == "succeeded" and record["result"] == {"a": 1} and record["attempt"] == 1
-    assert set(record) >= {"task_id", "task_type", "payload", "status", "priority", "attempt", "max_retries",
-                           "timeout", "run_at", "worker_id", "result", "error", "idempotency_key",
-                           "created_at", "queued_at", "started_at", "finished_at"}
+    assert set(record) >= {
+        "task_id",
+        "task_type",
+        "payload",
+        "status",
+        "priority",
+        "attempt",
+        "max_retries",
+        "timeout",
+        "run_at",
+        "worker_id",
+        "result",
+        "error",
+        "idempotency_key",
+        "created_at",
+        "queued_at",
+        "started_at",
+        "finished_at",
+    }
 
     failed = cli(running, "submit", "reject", '{"reason": "no"}', "--wait", "--json")
     assert failed.returncode == 1
@@ -66,11 +88,15 @@ def test_get_list_logs_wait_cancel_retry(running: Path) -> None:
 
     logs = json.loads(cli(running, "logs", task_id, "--json").stdout)
     assert [ln["message"] for ln in logs] == [
-        "tests.tasks: line 0", "tests.tasks: line 1", "tests.tasks: done after 2 lines"]
+        "tests.tasks: line 0",
+        "tests.tasks: line 1",
+        "tests.tasks: done after 2 lines",
+    ]
     assert cli(running, "logs", task_id).stdout.count("line") >= 2
 
     listed = json.loads(
-        cli(running, "list", "--type", "chatty", "--status", "succeeded", "--limit", "500", "--json").stdout)
+        cli(running, "list", "--type", "chatty", "--status", "succeeded", "--limit", "500", "--json").stdout
+    )
     assert task_id in [t["task_id"] for t in listed["items"]]
     assert all(t["status"] == "succeeded" and t["task_type"] == "chatty" for t in listed["items"])
     table = cli(running, "list", "--limit", "5")
@@ -94,8 +120,11 @@ def test_config_validate(tmp_path: Path) -> None:
     good = write_config(tmp_path, {"worker": {"capacity": 2}}, "good.yaml")
     ok = validate(good)
     assert ok.returncode == 0 and "valid" in ok.stdout
-    bad = write_config(tmp_path, {"worker": {"capacity": 0, "colour": "red"},
-                                  "executors": [{"type": "pyhton"}], "storage": {"type": "mysql"}}, "bad.yaml")
+    bad = write_config(
+        tmp_path,
+        {"worker": {"capacity": 0, "colour": "red"}, "executors": [{"type": "pyhton"}], "storage": {"type": "mysql"}},
+        "bad.yaml",
+    )
     res = validate(bad)
     assert res.returncode == 2
     assert "worker.capacity: must be >= 1 (got 0)" in res.stderr

@@ -15,7 +15,8 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "greeting_executor"
 def test_entry_point_executor_runs_in_a_real_worker(make_cluster, tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE)],
-        check=True, cwd=tmp_path,
+        check=True,
+        cwd=tmp_path,
     )
     assert "greeting" in EXECUTORS.known()
     c = make_cluster(executors=[{"type": "python"}, {"type": "greeting", "config": {"greeting": "Hi"}}])

@@ -25,8 +25,11 @@ class ApiProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery_ext.cli", "api", "--port", str(self.port)],
-                env=subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path)), cwd=cluster.tmp_path,
-                stdout=log, stderr=subprocess.STDOUT)
+                env=subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path)),
+                cwd=cluster.tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.url = f"http://127.0.0.1:{self.port}"
         poll(self.ready, 30, f"the api on port {self.port}")
 
@@ -113,8 +116,12 @@ def test_bad_input_gets_clear_errors_and_nothing_is_written(api: tuple[Cluster, 
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
     unknown = client.post("/tasks", json={"task_type": "nope"}).json()["error"]
     assert "echo" in unknown["known_types"] and "nope" in unknown["message"]
-    assert client.post("/tasks", content=b"{not json", headers={"Content-Type": "application/json"}).json()[
-        "error"]["code"] == "invalid_json"
+    assert (
+        client.post("/tasks", content=b"{not json", headers={"Content-Type": "application/json"}).json()["error"][
+            "code"
+        ]
+        == "invalid_json"
+    )
     big = client.post("/tasks", json={"task_type": "echo", "payload": {"x": "y" * 2_000_000}})
     assert big.status_code == 413
     assert client.get("/tasks/does-not-exist").status_code == 404

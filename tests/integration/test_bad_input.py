@@ -51,12 +51,17 @@ def test_payload_must_be_a_json_object_within_the_cap(make_cluster) -> None:
 
 def test_storage_down_at_submit_writes_and_publishes_nothing(tmp_path, redis_url) -> None:
     name = unique("ce")
-    config = parse_config({
-        "app": {"name": name},
-        "broker": {"url": redis_url},
-        "storage": {"type": "postgresql",
-                    "config": {"url": "postgresql://postgres:s3cret@127.0.0.1:1/none", "connect_timeout": 1}},
-    }, source=str(tmp_path / "config.yaml"))
+    config = parse_config(
+        {
+            "app": {"name": name},
+            "broker": {"url": redis_url},
+            "storage": {
+                "type": "postgresql",
+                "config": {"url": "postgresql://postgres:s3cret@127.0.0.1:1/none", "connect_timeout": 1},
+            },
+        },
+        source=str(tmp_path / "config.yaml"),
+    )
     manager = create_app(config).celery_ext.manager
     with pytest.raises(StorageError) as info:
         manager.submit("echo", {"a": 1})
@@ -78,8 +83,9 @@ def test_malformed_messages_are_dropped_and_worker_keeps_running(make_cluster) -
     # A celery_ext header that does not hold what it must: rejected, naming the field.
     app.send_task("echo", kwargs={}, queue=queue, headers={"celery_ext": {"v": 1, "token": 7, "attempt": 0}})
     # A well-formed header for a record that does not exist: dropped.
-    app.send_task("echo", kwargs={}, task_id="nope", queue=queue,
-                  headers={"celery_ext": {"v": 1, "token": "x", "attempt": 1}})
+    app.send_task(
+        "echo", kwargs={}, task_id="nope", queue=queue, headers={"celery_ext": {"v": 1, "token": "x", "attempt": 1}}
+    )
     task = c.manager.submit("echo", {"after": "garbage"})
     assert c.manager.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
     failed = c.manager.wait(positional.id, 30)

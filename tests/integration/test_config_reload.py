@@ -78,7 +78,12 @@ def test_changed_paths_names_nested_keys_and_whole_lists() -> None:
     from celery_ext.config import parse_config
 
     old = parse_config({"worker": {"capacity": 2}})
-    new = parse_config({"worker": {"capacity": 3}, "scheduler": {"load_balance_config": {"field": "k"}},
-                        "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]})
+    new = parse_config(
+        {
+            "worker": {"capacity": 3},
+            "scheduler": {"load_balance_config": {"field": "k"}},
+            "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}],
+        }
+    )
     assert changed_paths(old, new) == ["executors", "scheduler.load_balance_config.field", "worker.capacity"]
     assert changed_paths(new, new) == []

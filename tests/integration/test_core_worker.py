@@ -141,8 +141,10 @@ def test_submit_many_and_idempotency(shared_cluster) -> None:
     first = m.submit("echo", {"i": -1}, idempotency_key=key)
     again = m.submit("echo", {"i": -2}, idempotency_key=key)
     assert again.task_id == first.task_id and again.payload == {"i": -1}
-    tasks = m.submit_many([{"task_type": "echo", "payload": {"i": i}} for i in range(30)]
-                          + [{"task_type": "echo", "payload": {"i": 99}, "idempotency_key": key}])
+    tasks = m.submit_many(
+        [{"task_type": "echo", "payload": {"i": i}} for i in range(30)]
+        + [{"task_type": "echo", "payload": {"i": 99}, "idempotency_key": key}]
+    )
     assert len(tasks) == 31 and tasks[-1].task_id == first.task_id
     assert len({t.task_id for t in tasks[:30]}) == 30
     for t in tasks:

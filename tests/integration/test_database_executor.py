@@ -21,7 +21,7 @@ SLEEP = {
     "mysql": "SELECT SLEEP(:seconds)",
     # No sleep function in SQLite: a long recursive count keeps the VM busy instead.
     "sqlite": "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :seconds * 100000000) "
-              "SELECT count(*) FROM n",
+    "SELECT count(*) FROM n",
 }
 CANARY = [(1, "alpha"), (2, "beta"), (3, "gamma")]
 
@@ -29,12 +29,14 @@ CANARY = [(1, "alpha"), (2, "beta"), (3, "gamma")]
 def schema(url: str) -> None:
     engine = create_engine(engine_url(url))
     with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL, "
-                          "email VARCHAR(200) UNIQUE)"))
+        conn.execute(
+            text("CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL, email VARCHAR(200) UNIQUE)")
+        )
         conn.execute(text("CREATE TABLE items (id INTEGER PRIMARY KEY, label VARCHAR(50), qty INTEGER)"))
         conn.execute(text("CREATE TABLE canary (id INTEGER PRIMARY KEY, note VARCHAR(50))"))
-        conn.execute(text("INSERT INTO canary (id, note) VALUES (:id, :note)"),
-                     [{"id": i, "note": n} for i, n in CANARY])
+        conn.execute(
+            text("INSERT INTO canary (id, note) VALUES (:id, :note)"), [{"id": i, "note": n} for i, n in CANARY]
+        )
     engine.dispose()
 
 
@@ -61,8 +63,10 @@ def settings(kind: str, url: str, **extra: Any) -> dict[str, Any]:
     return {
         "databases": {"main": url},
         "statements": {
-            "add_person": {"database": "main",
-                           "sql": "INSERT INTO people (id, name, email) VALUES (:id, :name, :email)"},
+            "add_person": {
+                "database": "main",
+                "sql": "INSERT INTO people (id, name, email) VALUES (:id, :name, :email)",
+            },
             "people": {"database": "main", "sql": "SELECT id, name, email FROM people ORDER BY id"},
             "person": {"database": "main", "sql": "SELECT id, name FROM people WHERE name = :name"},
             "first_two": {"database": "main", "sql": "SELECT id FROM people ORDER BY id", "max_rows": 2},
@@ -97,7 +101,8 @@ def refused(ex: DatabaseExecutor, payload: dict[str, Any], task_type: str = "exe
 def test_named_insert_and_select_with_row_cap(executor: DatabaseExecutor) -> None:
     for i, name in enumerate(["ann", "bob", "cy"], 1):
         assert run(executor, {"statement": "add_person", "params": {"id": i, "name": name, "email": None}}) == {
-            "rows_affected": 1}
+            "rows_affected": 1
+        }
     data = run(executor, {"statement": "people"})
     assert data["columns"] == ["id", "name", "email"]
     assert [r["name"] for r in data["rows"]] == ["ann", "bob", "cy"] and data["truncated"] is False
@@ -108,7 +113,8 @@ def test_named_insert_and_select_with_row_cap(executor: DatabaseExecutor) -> Non
 def test_batch_insert_of_10000_rows_in_one_transaction(executor: DatabaseExecutor, db: tuple[str, str]) -> None:
     rows = [{"id": i, "label": f"item {i}", "qty": i % 7} for i in range(10_000)]
     assert run(executor, {"database": "main", "table": "items", "rows": rows}, "batch_insert") == {
-        "rows_affected": 10_000}
+        "rows_affected": 10_000
+    }
     assert query(db[1], "SELECT count(*), sum(qty) FROM items")[0] == (10_000, sum(i % 7 for i in range(10_000)))
     # A batch with one bad row writes nothing: it is one transaction.
     bad = [{"id": 20_000 + i, "label": "x", "qty": 1} for i in range(50)] + [{"id": 5, "label": "dup", "qty": 1}]
@@ -133,16 +139,28 @@ def test_injection_attempts_leave_the_canary_unchanged(executor: DatabaseExecuto
 
     attempts = [
         ({"statement": "people; DROP TABLE canary"}, "execute_sql", "unknown_statement"),
-        ({"statement": "add_person", "params": {"id": 2, "name": "a", "email": None, "x); DROP TABLE canary;--": 1}},
-         "execute_sql", "invalid_payload"),
+        (
+            {"statement": "add_person", "params": {"id": 2, "name": "a", "email": None, "x); DROP TABLE canary;--": 1}},
+            "execute_sql",
+            "invalid_payload",
+        ),
         ({"sql": "DROP TABLE canary"}, "execute_sql", "raw_sql_not_allowed"),
         ({"database": "main", "sql": "DELETE FROM canary"}, "execute_sql", "raw_sql_not_allowed"),
-        ({"database": "main", "table": "canary", "rows": [{"id": 9, "note": "x"}]}, "batch_insert",
-         "table_not_allowed"),
-        ({"database": "main", "table": "items; DROP TABLE canary", "rows": [{"id": 9}]}, "batch_insert",
-         "table_not_allowed"),
-        ({"database": "main", "table": "items", "rows": [{"id": 9, "qty) VALUES (1); DROP TABLE canary; --": 1}]},
-         "batch_insert", "unknown_column"),
+        (
+            {"database": "main", "table": "canary", "rows": [{"id": 9, "note": "x"}]},
+            "batch_insert",
+            "table_not_allowed",
+        ),
+        (
+            {"database": "main", "table": "items; DROP TABLE canary", "rows": [{"id": 9}]},
+            "batch_insert",
+            "table_not_allowed",
+        ),
+        (
+            {"database": "main", "table": "items", "rows": [{"id": 9, "qty) VALUES (1); DROP TABLE canary; --": 1}]},
+            "batch_insert",
+            "unknown_column",
+        ),
     ]
     for payload, task_type, reason in attempts:
         err = refused(executor, payload, task_type)
@@ -172,8 +190,11 @@ def test_payload_errors_name_the_field(executor: DatabaseExecutor) -> None:
 
 @pytest.mark.parametrize("url", ["postgresql://u:s3cret@127.0.0.1:1/none", "mysql://u:s3cret@127.0.0.1:1/none"])
 def test_unreachable_database_is_a_retried_failure(url: str) -> None:
-    ex = DatabaseExecutor(DatabaseExecutor.parse_settings(
-        {"databases": {"main": url}, "statements": {"one": {"database": "main", "sql": "SELECT 1"}}}))
+    ex = DatabaseExecutor(
+        DatabaseExecutor.parse_settings(
+            {"databases": {"main": url}, "statements": {"one": {"database": "main", "sql": "SELECT 1"}}}
+        )
+    )
     ex.initialize(ex.settings)  # engines connect lazily: a server that is down now may be up later
     try:
         err = refused(ex, {"statement": "one"})
@@ -185,10 +206,13 @@ def test_unreachable_database_is_a_retried_failure(url: str) -> None:
 
 def test_settings_are_validated_with_paths() -> None:
     with pytest.raises(ConfigError) as err:
-        DatabaseExecutor.parse_settings({
-            "databases": {"main": "oracle://db/x"},
-            "statements": {"q": {"database": "nope", "sql": "SELECT 1"}},
-        }, "executors[1].config")
+        DatabaseExecutor.parse_settings(
+            {
+                "databases": {"main": "oracle://db/x"},
+                "statements": {"q": {"database": "nope", "sql": "SELECT 1"}},
+            },
+            "executors[1].config",
+        )
     text_ = str(err.value)
     assert "executors[1].config.databases: main: unsupported database 'oracle'" in text_
     assert "executors[1].config.statements" in text_
@@ -200,8 +224,10 @@ def test_through_a_worker(make_cluster, kind: str) -> None:
     c = None
     try:
         schema(url)
-        c = make_cluster(app={"max_payload_bytes": 2_000_000},
-                         executors=[{"type": "database", "config": settings(kind, url, max_retries=3)}])
+        c = make_cluster(
+            app={"max_payload_bytes": 2_000_000},
+            executors=[{"type": "database", "config": settings(kind, url, max_retries=3)}],
+        )
         c.worker()
         m = c.manager
         ok = m.submit("execute_sql", {"statement": "add_person", "params": {"id": 1, "name": "ann", "email": "a@x"}})

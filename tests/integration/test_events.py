@@ -37,8 +37,10 @@ class Collector:
 
 def subscriber(cluster: Any, **config: Any) -> EventBus:
     """A bus of its own, as a separate subscriber process would build from the same config."""
-    data = {**cluster.data, "events": {**cluster.data["events"], "config": {
-        **cluster.data["events"].get("config", {}), **config}}}
+    data = {
+        **cluster.data,
+        "events": {**cluster.data["events"], "config": {**cluster.data["events"].get("config", {}), **config}},
+    }
     cfg = parse_config(data)
     return build_event_bus(cfg, cfg.broker.url or "")
 

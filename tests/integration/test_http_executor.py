@@ -16,16 +16,20 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def cluster(server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
-            database_urls: dict[str, str]) -> Iterator[Cluster]:
+def cluster(
+    server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]
+) -> Iterator[Cluster]:
     """One worker for the module.  The test server is on loopback, hence allow_networks; the
     metadata address is allowed *by name* so that the address check is what refuses it."""
-    http = {"type": "http", "config": {
-        "allow_networks": ["127.0.0.1/32"],
-        "allow_hosts": ["127.0.0.1", "169.254.169.254"],
-        "endpoints": {"local": server.url("/")},
-        "max_redirects": 3,
-    }}
+    http = {
+        "type": "http",
+        "config": {
+            "allow_networks": ["127.0.0.1/32"],
+            "allow_hosts": ["127.0.0.1", "169.254.169.254"],
+            "endpoints": {"local": server.url("/")},
+            "max_redirects": 3,
+        },
+    }
     yield from module_cluster(tmp_path_factory, database_urls, "http", [http])
 
 
@@ -35,8 +39,16 @@ def run(c: Cluster, payload: dict[str, Any], task_type: str = "http_request", **
 
 
 def test_200_with_json(cluster: Cluster, server: HttpTestServer) -> None:
-    t = run(cluster, {"method": "post", "url": server.url("/json?a=1"), "params": {"b": "2"},
-                      "headers": {"X-Trace": "abc"}, "json": {"hello": "world"}})
+    t = run(
+        cluster,
+        {
+            "method": "post",
+            "url": server.url("/json?a=1"),
+            "params": {"b": "2"},
+            "headers": {"X-Trace": "abc"},
+            "json": {"hello": "world"},
+        },
+    )
     assert t.status is TaskStatus.SUCCEEDED, t.error
     assert t.result["status"] == 200 and t.result["truncated"] is False
     echoed = t.result["json"]
@@ -113,12 +125,15 @@ def test_loopback_refused_without_allow_networks(make_cluster: Callable[..., Clu
     assert "127.0.0.1 is loopback" in t.error.message and t.attempt == 1
 
 
-def test_failing_initialize_marks_only_http_unavailable(make_cluster: Callable[..., Cluster],
-                                                         server: HttpTestServer) -> None:
-    c = make_cluster(executors=[
-        {"type": "http", "config": {"verify": "/nonexistent/ca-bundle.pem", "allow_networks": ["127.0.0.1/32"]}},
-        {"type": "python", "config": {}},
-    ])
+def test_failing_initialize_marks_only_http_unavailable(
+    make_cluster: Callable[..., Cluster], server: HttpTestServer
+) -> None:
+    c = make_cluster(
+        executors=[
+            {"type": "http", "config": {"verify": "/nonexistent/ca-bundle.pem", "allow_networks": ["127.0.0.1/32"]}},
+            {"type": "python", "config": {}},
+        ]
+    )
     w = c.worker()
     t = run(c, {"url": server.url("/json")}, max_retries=0)
     assert t.status is TaskStatus.FAILED and t.error and t.error.reason == "executor_unavailable"

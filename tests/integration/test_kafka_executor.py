@@ -26,8 +26,10 @@ def kafka_entry(broker: TansuBroker, **extra: Any) -> dict[str, Any]:
 def test_delivers_messages_with_keys_and_headers(make_cluster, tansu: TansuBroker) -> None:
     c = make_cluster(executors=[kafka_entry(tansu)])
     c.worker()
-    t1 = c.manager.submit("send_kafka_message",
-                          {"topic": "orders", "message": "plain text", "key": "order-1", "headers": {"source": "test"}})
+    t1 = c.manager.submit(
+        "send_kafka_message",
+        {"topic": "orders", "message": "plain text", "key": "order-1", "headers": {"source": "test"}},
+    )
     t2 = c.manager.submit("publish_event", {"topic": "events.user", "message": {"user": 7, "tags": ["a", "ü"]}})
     done = [c.manager.wait(t.task_id, 60) for t in (t1, t2)]
     assert [d.status for d in done] == [TaskStatus.SUCCEEDED, TaskStatus.SUCCEEDED], [d.error for d in done]
@@ -77,8 +79,10 @@ def test_broker_outage_fails_after_retries_then_recovers(make_cluster, tansu: Ta
         assert done.attempt == 2  # the first attempt and one retry
 
     tansu.start()  # same port, empty broker
-    back = [c.manager.submit("send_kafka_message", {"topic": "orders", "message": f"back {i}"}, max_retries=5)
-            for i in range(3)]
+    back = [
+        c.manager.submit("send_kafka_message", {"topic": "orders", "message": f"back {i}"}, max_retries=5)
+        for i in range(3)
+    ]
     results = [c.manager.wait(t.task_id, 60) for t in back]
     assert all(r.status == TaskStatus.SUCCEEDED for r in results), [r.error for r in results]
     values = sorted(m.value() for m in consume(tansu.bootstrap, "orders", 3))
@@ -86,10 +90,12 @@ def test_broker_outage_fails_after_retries_then_recovers(make_cluster, tansu: Ta
 
 
 def test_unusable_kafka_config_leaves_other_executors_running(make_cluster, tansu: TansuBroker) -> None:
-    c = make_cluster(executors=[
-        kafka_entry(tansu, producer={"no.such.librdkafka.setting": "1"}),
-        {"type": "python"},
-    ])
+    c = make_cluster(
+        executors=[
+            kafka_entry(tansu, producer={"no.such.librdkafka.setting": "1"}),
+            {"type": "python"},
+        ]
+    )
     w = c.worker(concurrency=1)
     k1 = c.manager.submit("send_kafka_message", {"topic": "orders", "message": "x"}, max_retries=2)
     k2 = c.manager.submit("publish_event", {"topic": "orders", "message": "y"})

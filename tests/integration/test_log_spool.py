@@ -18,8 +18,9 @@ def lines(task_id: str, start: int, n: int) -> list[TaskLog]:
 def test_lines_written_during_an_outage_are_spooled_and_flushed_in_order(tmp_path: Path) -> None:
     server = MongoServer(tmp_path).start()
     try:
-        storage = MongoStorage.from_config("mongodb", {"uri": f"{server.url}/spool",
-                                                       "server_selection_timeout": 0.3}, tmp_path)
+        storage = MongoStorage.from_config(
+            "mongodb", {"uri": f"{server.url}/spool", "server_selection_timeout": 0.3}, tmp_path
+        )
         spool = LogSpool(storage.logs.append)
         spool.submit(lines("a", 0, 3))  # store up: written at once
         assert spool.pending_lines == 0 and len(storage.logs.list("a")) == 3
@@ -41,4 +42,3 @@ def test_lines_written_during_an_outage_are_spooled_and_flushed_in_order(tmp_pat
         storage.close()
     finally:
         server.stop()
-

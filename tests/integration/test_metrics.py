@@ -10,8 +10,9 @@ TASKS = [{"type": "python", "config": {"modules": ["tests.support.event_tasks"]}
 
 def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(make_cluster) -> None:
     port = free_port()
-    c = make_cluster(executors=TASKS, plugins=[
-        {"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}])
+    c = make_cluster(
+        executors=TASKS, plugins=[{"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}]
+    )
     # Each child is replaced after 2 tasks: counts of exited children must stay in the scrape.
     w = c.worker(concurrency=2, extra_args=["--max-tasks-per-child=2"])
     ok = [c.manager.submit("whoami", {"seconds": 0.2}) for _ in range(8)]
@@ -23,8 +24,10 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
 
     def counted() -> bool:
         s = scrape(port)
-        return (sample(s, "celery_ext_task_duration_seconds_count", task_type="whoami", status="succeeded") == 8
-                and sample(s, "celery_ext_task_duration_seconds_count", task_type="doomed", status="failed") == 3)
+        return (
+            sample(s, "celery_ext_task_duration_seconds_count", task_type="whoami", status="succeeded") == 8
+            and sample(s, "celery_ext_task_duration_seconds_count", task_type="doomed", status="failed") == 3
+        )
 
     poll(counted, 20, "task counts in the scrape")
     s = scrape(port)
@@ -42,12 +45,14 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
 
 def test_queue_length_reflects_waiting_messages(make_cluster) -> None:
     port = free_port()
-    c = make_cluster(executors=TASKS, worker={"supported_types": ["doomed"]}, plugins=[
-        {"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}])
+    c = make_cluster(
+        executors=TASKS,
+        worker={"supported_types": ["doomed"]},
+        plugins=[{"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}],
+    )
     app = c.data["app"]["name"]
     # The only worker runs "doomed" alone: whoami messages wait in their shared queue.
     c.worker(concurrency=2, extra_args=["-Q", f"{app}.doomed"])
     for _ in range(4):
         c.manager.submit("whoami")
-    poll(lambda: sample(scrape(port), "celery_ext_queue_length", queue=f"{app}.whoami") == 4, 20,
-         "queue length 4")
+    poll(lambda: sample(scrape(port), "celery_ext_queue_length", queue=f"{app}.whoami") == 4, 20, "queue length 4")

@@ -20,9 +20,19 @@ from tests.support.services import unique
 
 def test_host_port_database_and_custom_collection_names(mongo_server: MongoServer, tmp_path: Path) -> None:  # noqa: F811
     db = unique("ce_")
-    storage = open_storage(StorageConfig(type="mongodb", config={
-        "host": "127.0.0.1", "port": mongo_server.port, "database": db,
-        "tasks_collection": "jobs", "logs_collection": "job_lines"}), tmp_path)
+    storage = open_storage(
+        StorageConfig(
+            type="mongodb",
+            config={
+                "host": "127.0.0.1",
+                "port": mongo_server.port,
+                "database": db,
+                "tasks_collection": "jobs",
+                "logs_collection": "job_lines",
+            },
+        ),
+        tmp_path,
+    )
     storage.migrate()
     storage.tasks.create(Task(task_id="x1", task_type="echo", payload={"a": 1}, idempotency_key="k"))
     storage.logs.append([TaskLog("x1", 1, utcnow(), "INFO", "hello")])
@@ -35,9 +45,16 @@ def test_host_port_database_and_custom_collection_names(mongo_server: MongoServe
         # By keys: wire-compatible servers may name indexes their own way.
         indexes = {tuple(i["key"]): i for i in raw["jobs"].list_indexes()}
         assert indexes[("task_id",)].get("unique") and indexes[("idempotency_key",)].get("unique")
-        assert {("status", "task_type", "created_at"), ("worker_id", "created_at"), ("created_at", "task_id"),
-                ("status", "finished_at"), ("status", "run_at"), ("status", "lease_until"),
-                ("root_id", "created_at"), ("group_id", "created_at")} <= set(indexes)
+        assert {
+            ("status", "task_type", "created_at"),
+            ("worker_id", "created_at"),
+            ("created_at", "task_id"),
+            ("status", "finished_at"),
+            ("status", "run_at"),
+            ("status", "lease_until"),
+            ("root_id", "created_at"),
+            ("group_id", "created_at"),
+        } <= set(indexes)
         assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == 2
     finally:
         client.close()
@@ -46,7 +63,8 @@ def test_host_port_database_and_custom_collection_names(mongo_server: MongoServe
 
 
 def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
-    mongo_server: MongoServer, tmp_path: Path  # noqa: F811
+    mongo_server: MongoServer,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     """An upgrade rewrites no document: fields a document lacks read as their defaults, and a
     version-1 store is brought to version 2 by ``migrate``."""
@@ -58,23 +76,46 @@ def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
         raw["celery_ext_schema"].insert_one({"_id": "schema", "version": 1, "applied_at": 0})
         assert storage.schema_version() == (1, 2)
         # As version-1 code wrote them: no run, args, parent_id, root_id, group_id.
-        raw["tasks"].insert_one({"task_id": "old", "task_type": "echo", "payload": {"a": 1}, "status": "failed",
-                                 "attempt": 3, "created_at": 1_700_000_000_000_000,
-                                 "updated_at": 1_700_000_000_000_000})
-        raw["task_logs"].insert_one({"task_id": "old", "attempt": 3, "seq": 1, "time": 1_700_000_000_000_000,
-                                     "level": "INFO", "message": "before runs"})
+        raw["tasks"].insert_one(
+            {
+                "task_id": "old",
+                "task_type": "echo",
+                "payload": {"a": 1},
+                "status": "failed",
+                "attempt": 3,
+                "created_at": 1_700_000_000_000_000,
+                "updated_at": 1_700_000_000_000_000,
+            }
+        )
+        raw["task_logs"].insert_one(
+            {
+                "task_id": "old",
+                "attempt": 3,
+                "seq": 1,
+                "time": 1_700_000_000_000_000,
+                "level": "INFO",
+                "message": "before runs",
+            }
+        )
         storage.migrate()
         assert storage.schema_version() == (2, 2)
         got = storage.tasks.get("old")
         assert got is not None and (got.attempt, got.run, got.args, got.parent_id, got.root_id, got.group_id) == (
-            3, 1, None, None, None, None)
+            3,
+            1,
+            None,
+            None,
+            None,
+            None,
+        )
         storage.logs.append([TaskLog("old", 1, utcnow(), "INFO", "run 2", run=2)])
         assert [(ln.message, ln.run) for ln in storage.logs.list("old")] == [("before runs", 1), ("run 2", 2)]
         assert [ln.message for ln in storage.logs.list("old", run=1)] == ["before runs"]
         assert [ln.message for ln in storage.logs.list("old", run=2)] == ["run 2"]
         # A manual retry on the old document writes the new fields.
-        assert storage.tasks.update("old", [TaskStatus.FAILED], status=TaskStatus.PENDING, run=2, attempt=0,
-                                    root_id="r")
+        assert storage.tasks.update(
+            "old", [TaskStatus.FAILED], status=TaskStatus.PENDING, run=2, attempt=0, root_id="r"
+        )
         assert raw["tasks"].find_one({"task_id": "old"})["run"] == 2
         assert [t.task_id for t in storage.tasks.list(TaskFilter(root_id="r")).items] == ["old"]
     finally:
@@ -83,30 +124,35 @@ def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
 
 
 def test_uri_names_the_database_and_description_hides_the_password(tmp_path: Path) -> None:
-    s = MongoStorage.from_config("mongodb", {"uri": "mongodb://app:hunter2@db.example:27017/tm?authSource=admin"},
-                                 tmp_path)
+    s = MongoStorage.from_config(
+        "mongodb", {"uri": "mongodb://app:hunter2@db.example:27017/tm?authSource=admin"}, tmp_path
+    )
     assert s.database == "tm"
     assert "hunter2" not in s.description and "app:***@db.example:27017/tm" in s.description
     s = MongoStorage.from_config("mongodb", {"host": "db", "user": "u", "password": "p@ss"}, tmp_path)
     assert s.database == "task_manager" and "p@ss" not in s.description and "p%40ss" not in s.description
 
 
-@pytest.mark.parametrize(("config", "needle"), [
-    ({"uri": "http://x/y"}, "storage.config.uri"),
-    ({"uri": "mongodb://h:notaport/db"}, "storage.config.uri: Port contains non-digit"),
-    ({"uri": "mongodb://h/db?bogusOption=1"}, "storage.config.uri: Unknown option"),
-    ({"tasks_collection": "my-tasks"}, "storage.config.tasks_collection"),
-    ({"port": 0}, "storage.config.port"),
-    ({"colour": "x"}, "storage.config.colour"),
-])
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"uri": "http://x/y"}, "storage.config.uri"),
+        ({"uri": "mongodb://h:notaport/db"}, "storage.config.uri: Port contains non-digit"),
+        ({"uri": "mongodb://h/db?bogusOption=1"}, "storage.config.uri: Unknown option"),
+        ({"tasks_collection": "my-tasks"}, "storage.config.tasks_collection"),
+        ({"port": 0}, "storage.config.port"),
+        ({"colour": "x"}, "storage.config.colour"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path: Path, config: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         MongoStorage.from_config("mongodb", config, tmp_path)
 
 
 def test_unreachable_server_is_a_storage_error_naming_it(tmp_path: Path) -> None:
-    s = MongoStorage.from_config("mongodb", {"uri": "mongodb://bob:s3cret@127.0.0.1:1/tm",
-                                             "server_selection_timeout": 0.3}, tmp_path)
+    s = MongoStorage.from_config(
+        "mongodb", {"uri": "mongodb://bob:s3cret@127.0.0.1:1/tm", "server_selection_timeout": 0.3}, tmp_path
+    )
     with pytest.raises(StorageError) as info:
         s.ping()
     assert "127.0.0.1:1/tm" in str(info.value) and "s3cret" not in str(info.value)
@@ -137,16 +183,22 @@ def test_client_is_rebuilt_after_fork(mongo_server: MongoServer, tmp_path: Path)
     storage.close()
 
 
-def test_real_worker_records_tasks_and_logs_in_mongodb(mongo_server: MongoServer, tmp_path: Path,  # noqa: F811
-                                                        redis_url: str) -> None:
+def test_real_worker_records_tasks_and_logs_in_mongodb(
+    mongo_server: MongoServer,
+    tmp_path: Path,  # noqa: F811
+    redis_url: str,
+) -> None:
     from celery_ext.config import parse_config
     from celery_ext.factory import create_app
     from tests.support.workers import WorkerProcess, write_config
 
-    data = {"app": {"name": unique("ce")}, "broker": {"url": redis_url},
-            "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_jitter": False},
-            "storage": {"type": "mongodb", "config": {"uri": f"{mongo_server.url}/{unique('ce_')}"}},
-            "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}]}
+    data = {
+        "app": {"name": unique("ce")},
+        "broker": {"url": redis_url},
+        "worker": {"capacity": 2, "retry_backoff": 0.1, "retry_jitter": False},
+        "storage": {"type": "mongodb", "config": {"uri": f"{mongo_server.url}/{unique('ce_')}"}},
+        "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}],
+    }
     config_path = write_config(tmp_path, data)
     runtime = create_app(parse_config(data, source=str(config_path))).celery_ext  # type: ignore[attr-defined]
     worker = WorkerProcess(config_path, concurrency=2).start()  # prefork: each child builds its own client
@@ -158,7 +210,11 @@ def test_real_worker_records_tasks_and_logs_in_mongodb(mongo_server: MongoServer
             done = m.wait(t.task_id, 30)
             assert done.status is TaskStatus.SUCCEEDED and done.result == 3 and done.worker_id
             assert [ln.message for ln in m.logs(t.task_id)][-4:] == [
-                "tests.tasks: line 0", "tests.tasks: line 1", "tests.tasks: line 2", "tests.tasks: done after 3 lines"]
+                "tests.tasks: line 0",
+                "tests.tasks: line 1",
+                "tests.tasks: line 2",
+                "tests.tasks: done after 3 lines",
+            ]
         done = m.wait(flaky.task_id, 30)
         assert done.status is TaskStatus.SUCCEEDED and done.attempt == 2
         assert [ln.attempt for ln in m.logs(flaky.task_id) if "flaky run" in ln.message] == [1, 2]

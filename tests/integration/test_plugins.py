@@ -28,8 +28,12 @@ def receiver():
 
 
 def test_alert_posts_one_signed_call_per_failed_task(make_cluster, receiver) -> None:
-    c = make_cluster(executors=TASKS, plugins=[{"name": "alert", "config": {
-        "webhook_url": receiver.url, "secret": "s3cret", "dedupe_window": "10m"}}])
+    c = make_cluster(
+        executors=TASKS,
+        plugins=[
+            {"name": "alert", "config": {"webhook_url": receiver.url, "secret": "s3cret", "dedupe_window": "10m"}}
+        ],
+    )
     w = c.worker(concurrency=2)
     failed = [c.manager.submit("doomed", {"reason": f"r{i}"}) for i in range(3)]
     ok = [c.manager.submit("whoami") for _ in range(3)]
@@ -49,11 +53,14 @@ def test_alert_posts_one_signed_call_per_failed_task(make_cluster, receiver) -> 
 
 
 def test_plugin_failing_in_start_is_reported_and_worker_runs_tasks(make_cluster) -> None:
-    c = make_cluster(executors=TASKS, plugins=[
-        {"name": "tests.support.plugins:BoomOnStartPlugin"},
-        {"name": "alert", "config": {}},  # invalid: webhook_url is required
-        {"name": "tests.support.plugins:BoomOnEventPlugin"},
-    ])
+    c = make_cluster(
+        executors=TASKS,
+        plugins=[
+            {"name": "tests.support.plugins:BoomOnStartPlugin"},
+            {"name": "alert", "config": {}},  # invalid: webhook_url is required
+            {"name": "tests.support.plugins:BoomOnEventPlugin"},
+        ],
+    )
     w = c.worker(concurrency=2)
     t = c.manager.submit("whoami")
     assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
@@ -67,11 +74,23 @@ def test_plugin_failing_in_start_is_reported_and_worker_runs_tasks(make_cluster)
 
 def test_third_party_plugin_installed_by_entry_point_starts_from_config(make_cluster, tmp_path) -> None:
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(ROOT / "tests" / "fixtures" / "hello_plugin")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(ROOT / "tests" / "fixtures" / "hello_plugin"),
+        ],
+        check=True,
+    )
     out = tmp_path / "hello.txt"
-    c = make_cluster(executors=TASKS, plugins=[
-        {"name": "hello", "config": {"path": str(out), "greeting": "bonjour"}}])
+    c = make_cluster(executors=TASKS, plugins=[{"name": "hello", "config": {"path": str(out), "greeting": "bonjour"}}])
     pythonpath = os.pathsep.join([str(ROOT), str(site)])
     w = c.worker(concurrency=2, env={"PYTHONPATH": pythonpath})
     t = c.manager.submit("whoami")

@@ -36,15 +36,22 @@ WORKERS = {
 def three(tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]) -> Iterator[Cluster]:
     require("Redis", REDIS_HOST, REDIS_PORT)
     directory = tmp_path_factory.mktemp("routing")
-    data = cluster_data(unique("ce"), f"redis://{REDIS_HOST}:{REDIS_PORT}/0", storage_section("sqlite", database_urls),
-                        {"executors": ROUTING_TASKS, "worker": {"heartbeat_interval": HEARTBEAT}})
+    data = cluster_data(
+        unique("ce"),
+        f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        storage_section("sqlite", database_urls),
+        {"executors": ROUTING_TASKS, "worker": {"heartbeat_interval": HEARTBEAT}},
+    )
     cluster = Cluster(directory, data)
     cluster.ids = {}  # type: ignore[attr-defined]
     cluster.procs = {}  # type: ignore[attr-defined]
     for name, (size, weight, types) in WORKERS.items():
         # -c 1 everywhere: --capacity must set the pool size.
-        w = cluster.worker(hostname=f"{name}@%h", concurrency=1,
-                           extra_args=["--capacity", str(size), "--weight", str(weight), "--supported-types", types])
+        w = cluster.worker(
+            hostname=f"{name}@%h",
+            concurrency=1,
+            extra_args=["--capacity", str(size), "--weight", str(weight), "--supported-types", types],
+        )
         cluster.ids[name] = w.hostname.replace("%h", _host())  # type: ignore[attr-defined]
         cluster.procs[name] = w  # type: ignore[attr-defined]
     yield cluster
@@ -77,8 +84,12 @@ def wait_all(rt: Runtime, ids: list[str], timeout: float = 60) -> list[Any]:
 
 
 def test_workers_register_with_their_capacity_weight_types_and_queue(three: Cluster) -> None:
-    out = subprocess.run([sys.executable, "-m", "celery_ext.cli", "--config", str(three.config_path), "workers",
-                          "--json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "--config", str(three.config_path), "workers", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     listed = {w["id"]: w for w in json.loads(out.stdout)}
     assert set(listed) == set(three.ids.values())
@@ -90,9 +101,13 @@ def test_workers_register_with_their_capacity_weight_types_and_queue(three: Clus
         children = subprocess.run(["pgrep", "-P", str(three.procs[name].pid)], capture_output=True, text=True)
         assert len(children.stdout.split()) == size  # pool processes
     # A worker refuses to start with a type it cannot run, naming it.
-    bad = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "worker", "--supported-types",
-                          "rt_slow,nope"], capture_output=True, text=True, timeout=60,
-                         env={**__import__("os").environ, "CELERY_EXT_CONFIG": str(three.config_path)})
+    bad = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ext", "worker", "--supported-types", "rt_slow,nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "CELERY_EXT_CONFIG": str(three.config_path)},
+    )
     assert bad.returncode != 0 and "worker.supported_types: unknown task type(s) 'nope'" in bad.stdout + bad.stderr
 
 
@@ -140,8 +155,10 @@ def burst(three: Cluster, rt: Runtime, n: int, seconds: float) -> None:
         # by more than one task caught between two steps.
         assert peaks[wid] <= cap + 1, peaks
     gap = longest_idle_slot_while_waiting(timeline, capacity, submitted)
-    print(f"least_task burst of {n}: runs {dict(counts)}, peak in-flight {dict(peaks)}, "
-          f"longest idle slot while work waited {gap * 1000:.0f} ms")
+    print(
+        f"least_task burst of {n}: runs {dict(counts)}, peak in-flight {dict(peaks)}, "
+        f"longest idle slot while work waited {gap * 1000:.0f} ms"
+    )
     assert gap <= HEARTBEAT, f"a slot stayed idle {gap:.2f}s while tasks waited"
 
 
@@ -162,8 +179,9 @@ def longest_idle_slot_while_waiting(timeline: list[dict[str, Any]], capacity: di
     step, t, current, longest = 0.005, t0, 0.0, 0.0
     while t < last_start:
         waiting = any(r["s"] > t for r in timeline)
-        idle = any(sum(1 for r in timeline if r["w"] == wid and r["s"] <= t < r["e"]) < cap
-                   for wid, cap in capacity.items())
+        idle = any(
+            sum(1 for r in timeline if r["w"] == wid and r["s"] <= t < r["e"]) < cap for wid, cap in capacity.items()
+        )
         current = current + step if (waiting and idle) else 0.0
         longest = max(longest, current)
         t += step

@@ -26,8 +26,22 @@ ROUTING_TASKS = [{"type": "python", "config": {"modules": ["tests.support.routin
 def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     src, site = tmp_path / "src", tmp_path / "site"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
     yield site
@@ -44,8 +58,9 @@ def test_entry_point_balancer_is_selected_from_config_and_routes_real_work(make_
     # real worker the lowest-id candidate even when slot releases lag on a loaded machine.
     w = c.worker(pool="threads", concurrency=8)
     # A registered worker that never consumes: any task routed there would never finish.
-    decoy = WorkerInfo(id="~decoy", queue=direct_queue_name(router.prefix, "~decoy"), capacity=100,
-                       supported_types=("rt_slow",))
+    decoy = WorkerInfo(
+        id="~decoy", queue=direct_queue_name(router.prefix, "~decoy"), capacity=100, supported_types=("rt_slow",)
+    )
     router.registry.heartbeat(decoy, 60, 0)
     router.invalidate()
     m = c.manager
@@ -55,14 +70,23 @@ def test_entry_point_balancer_is_selected_from_config_and_routes_real_work(make_
 
 
 def test_balancer_by_module_path_with_settings(make_cluster, installed) -> None:
-    c = make_cluster(executors=ROUTING_TASKS, scheduler={
-        "load_balance_strategy": "celery_ext_lowest_id:LowestIdBalancer",
-        "load_balance_config": {"prefer": "b"}})
+    c = make_cluster(
+        executors=ROUTING_TASKS,
+        scheduler={
+            "load_balance_strategy": "celery_ext_lowest_id:LowestIdBalancer",
+            "load_balance_config": {"prefer": "b"},
+        },
+    )
     router = router_of(c.runtime.celery)
     for wid in ("a1", "b2", "b1"):
-        router.registry.heartbeat(WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), capacity=9,
-                                             supported_types=("rt_slow",)), 60, 0)
+        router.registry.heartbeat(
+            WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), capacity=9, supported_types=("rt_slow",)),
+            60,
+            0,
+        )
     assert router("rt_slow", (), {"payload": {}}, {})["queue"] == direct_queue_name(router.prefix, "b1")
     with pytest.raises(ConfigError, match=r"scheduler.load_balance_config.colour: unknown key"):
-        make_cluster(executors=ROUTING_TASKS, scheduler={
-            "load_balance_strategy": "lowest_id", "load_balance_config": {"colour": "red"}}).runtime
+        make_cluster(
+            executors=ROUTING_TASKS,
+            scheduler={"load_balance_strategy": "lowest_id", "load_balance_config": {"colour": "red"}},
+        ).runtime

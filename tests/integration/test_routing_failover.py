@@ -91,8 +91,9 @@ def test_killing_a_worker_mid_burst_still_finishes_every_task(make_cluster) -> N
     m, rt = c.manager, c.runtime
     key = unique("kill:")
     n = 24
-    tasks = m.submit_many([{"task_type": "rt_slow", "payload": {"key": key, "seconds": 0.3, "tag": str(i)}}
-                           for i in range(n)])
+    tasks = m.submit_many(
+        [{"task_type": "rt_slow", "payload": {"key": key, "seconds": 0.3, "tag": str(i)}} for i in range(n)]
+    )
     deadline = time.monotonic() + 30
     while len(runs(key)) < 6:
         assert time.monotonic() < deadline

@@ -25,16 +25,24 @@ def running(rt, *, worker: str, lease_in: float, max_retries: int = 3) -> str:
     """A record as a worker leaves it when it is SIGKILLed mid-task."""
     task = rt.manager.submit("rt_slow", {"key": "x"}, max_retries=max_retries)
     now = utcnow()
-    assert rt.storage.tasks.update(task.task_id, (TaskStatus.QUEUED,), status=TaskStatus.RUNNING, attempt=1,
-                                   worker_id=worker, started_at=now, lease_until=now + timedelta(seconds=lease_in))
+    assert rt.storage.tasks.update(
+        task.task_id,
+        (TaskStatus.QUEUED,),
+        status=TaskStatus.RUNNING,
+        attempt=1,
+        worker_id=worker,
+        started_at=now,
+        lease_until=now + timedelta(seconds=lease_in),
+    )
     return task.task_id
 
 
 def test_expired_leases_are_redispatched_or_declared_dead(make_cluster) -> None:
     rt = make_cluster(executors=ROUTING_TASKS).runtime
     router = router_of(rt.celery)
-    router.registry.heartbeat(WorkerInfo(id="alive", queue=direct_queue_name(router.prefix, "alive"),
-                                         supported_types=("rt_slow",)), 60, 0)
+    router.registry.heartbeat(
+        WorkerInfo(id="alive", queue=direct_queue_name(router.prefix, "alive"), supported_types=("rt_slow",)), 60, 0
+    )
     lost = running(rt, worker="ghost", lease_in=-1)
     last = running(rt, worker="ghost", lease_in=-1, max_retries=0)
     fresh = running(rt, worker="ghost", lease_in=60)
@@ -82,13 +90,21 @@ def test_a_message_a_dead_worker_fetched_but_never_claimed_is_returned(make_clus
     task = rt.manager.submit("rt_slow", {"key": unique("unclaimed:"), "seconds": 0.01})  # no worker: shared queue
     shared = f"{router.prefix}.rt_slow"
     options = json.dumps(rt.celery.conf.broker_transport_options)
-    fetched = subprocess.run([sys.executable, "-c", FETCH_AND_DIE, c.data["broker"]["url"], shared, options],
-                             capture_output=True, text=True, timeout=60, env=subprocess_env())
+    fetched = subprocess.run(
+        [sys.executable, "-c", FETCH_AND_DIE, c.data["broker"]["url"], shared, options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
     assert fetched.stdout.strip() == "fetched", fetched.stderr
     r = redis.Redis(host="127.0.0.1", port=6379)
     assert sum(r.llen(k) for k in queue_keys(shared, rt.celery.conf.broker_transport_options)) == 0
-    router.registry.heartbeat(WorkerInfo(id=unique("ghost"), queue=direct_queue_name(router.prefix, "ghost"),
-                                         supported_types=("rt_slow",)), 0.3, 0)
+    router.registry.heartbeat(
+        WorkerInfo(id=unique("ghost"), queue=direct_queue_name(router.prefix, "ghost"), supported_types=("rt_slow",)),
+        0.3,
+        0,
+    )
     time.sleep(0.8)
     assert recover_offline_workers(rt)  # the ghost is swept...
     assert sum(r.llen(k) for k in queue_keys(shared, rt.celery.conf.broker_transport_options)) == 1  # ...and it is back

@@ -30,10 +30,17 @@ def producer(make_cluster, strategy: str = "least_task", **scheduler):
     return rt, router_of(rt.celery)
 
 
-def fake(router, wid: str, *, capacity: int = 1000, weight: int = 1, types=("rt_slow",), ttl: float = 30.0,
-         held: int = 0) -> WorkerInfo:
-    info = WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), hostname=wid, weight=weight,
-                      capacity=capacity, supported_types=tuple(types))
+def fake(
+    router, wid: str, *, capacity: int = 1000, weight: int = 1, types=("rt_slow",), ttl: float = 30.0, held: int = 0
+) -> WorkerInfo:
+    info = WorkerInfo(
+        id=wid,
+        queue=direct_queue_name(router.prefix, wid),
+        hostname=wid,
+        weight=weight,
+        capacity=capacity,
+        supported_types=tuple(types),
+    )
     router.registry.heartbeat(info, ttl, held, queue_keys(info.queue, {"sep": ":", "priority_steps": range(10)}))
     return info
 
@@ -189,8 +196,12 @@ def test_stranded_messages_move_to_their_shared_queues_in_order_without_loss(mak
         sent.append((f"t{i}", task_type, i % 4))
     opts = rt.celery.conf.broker_transport_options
     assert sum(r().llen(k) for k in queue_keys(info.queue, opts)) == 30
-    movers = [threading.Thread(target=lambda: moved.append(
-        move_stranded(r(), info.queue, router.prefix, opts, rt.executors.task_types))) for _ in range(3)]
+    movers = [
+        threading.Thread(
+            target=lambda: moved.append(move_stranded(r(), info.queue, router.prefix, opts, rt.executors.task_types))
+        )
+        for _ in range(3)
+    ]
     moved: list[int] = []
     for t in movers:
         t.start()

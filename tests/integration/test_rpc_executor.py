@@ -16,13 +16,16 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def cluster(server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory,
-            database_urls: dict[str, str]) -> Iterator[Cluster]:
-    rpc = {"type": "rpc", "config": {
-        "allow_networks": ["127.0.0.1/32"],  # the test server is on loopback
-        "endpoints": {"main": server.url("/rpc"), "broken": server.url("/status/503"),
-                      "html": server.url("/json")},
-    }}
+def cluster(
+    server: HttpTestServer, tmp_path_factory: pytest.TempPathFactory, database_urls: dict[str, str]
+) -> Iterator[Cluster]:
+    rpc = {
+        "type": "rpc",
+        "config": {
+            "allow_networks": ["127.0.0.1/32"],  # the test server is on loopback
+            "endpoints": {"main": server.url("/rpc"), "broken": server.url("/status/503"), "html": server.url("/json")},
+        },
+    }
     yield from module_cluster(tmp_path_factory, database_urls, "rpc", [rpc])
 
 

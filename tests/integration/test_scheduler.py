@@ -79,8 +79,16 @@ def test_one_holder_leads_renews_hands_over_and_fences(redis_url: str) -> None:
 def orphan(cluster: Cluster, age: float) -> Task:
     """A PENDING record as a producer leaves it when it dies between its insert and its publish."""
     then = utcnow() - timedelta(seconds=age)
-    task = Task(task_id=new_id(), task_type="echo", payload={"orphan": True}, status=TaskStatus.PENDING,
-                max_retries=0, created_at=then, updated_at=then, dispatch_token=new_id())
+    task = Task(
+        task_id=new_id(),
+        task_type="echo",
+        payload={"orphan": True},
+        status=TaskStatus.PENDING,
+        max_retries=0,
+        created_at=then,
+        updated_at=then,
+        dispatch_token=new_id(),
+    )
     cluster.runtime.storage.migrate()  # no worker may have started yet
     cluster.runtime.storage.tasks.create(task)
     return task
@@ -138,9 +146,14 @@ def test_scheduler_processes_elect_one_leader_and_recover_a_killed_workers_task(
 def test_once_prints_the_report_and_says_if_it_led(make_cluster) -> None:
     c = make_cluster(executors=TEST_TASKS, scheduler={"publish_grace": 1})
     task = orphan(c, age=60)
-    run = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "--once"],
-                         env=subprocess_env(CELERY_EXT_CONFIG=str(c.config_path)), cwd=c.tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "--once"],
+        env=subprocess_env(CELERY_EXT_CONFIG=str(c.config_path)),
+        cwd=c.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["leader"] is True and report["published"] == [task.task_id]
@@ -148,9 +161,14 @@ def test_once_prints_the_report_and_says_if_it_led(make_cluster) -> None:
 
     holder = LeaderLease(redis.Redis.from_url(c.data["broker"]["url"]), c.data["app"]["name"], 30, "someone")
     assert holder.acquire()
-    run = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "--once"],
-                         env=subprocess_env(CELERY_EXT_CONFIG=str(c.config_path)), cwd=c.tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "--once"],
+        env=subprocess_env(CELERY_EXT_CONFIG=str(c.config_path)),
+        cwd=c.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1 and json.loads(run.stdout.strip().splitlines()[-1])["leader"] is False
     holder.release()
 

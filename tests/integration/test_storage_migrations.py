@@ -48,7 +48,8 @@ def old_metadata(version: int, with_version_table: bool = True) -> MetaData:
     md = MetaData()
     v2 = version >= 2
     Table(
-        "tasks", md,
+        "tasks",
+        md,
         Column("task_id", String(64), primary_key=True),
         Column("task_type", String(128), nullable=False),
         Column("payload", JsonDoc, nullable=False),
@@ -79,7 +80,8 @@ def old_metadata(version: int, with_version_table: bool = True) -> MetaData:
         *([Index("ix_tasks_status_finished", "status", "finished_at")] if v2 else []),
     )
     Table(
-        "task_logs", md,
+        "task_logs",
+        md,
         Column("id", LogId, primary_key=True, autoincrement=True),
         Column("task_id", String(64), nullable=False),
         Column("attempt", Integer, nullable=False),
@@ -91,7 +93,8 @@ def old_metadata(version: int, with_version_table: bool = True) -> MetaData:
     )
     if with_version_table:
         Table(
-            "celery_ext_schema", md,
+            "celery_ext_schema",
+            md,
             Column("version", Integer, primary_key=True),
             Column("applied_at", UtcDateTime, nullable=False),
         )
@@ -116,8 +119,10 @@ def make_old(storage: SqlStorage, version: int, with_version_table: bool = True)
     with engine.begin() as conn:
         md.create_all(conn)
         if with_version_table:
-            conn.execute(insert(md.tables["celery_ext_schema"]),
-                         [{"version": v, "applied_at": datetime.now(UTC)} for v in range(1, version + 1)])
+            conn.execute(
+                insert(md.tables["celery_ext_schema"]),
+                [{"version": v, "applied_at": datetime.now(UTC)} for v in range(1, version + 1)],
+            )
     engine.dispose()
     return md
 
@@ -127,11 +132,17 @@ def write_old(storage: SqlStorage, md: MetaData, tasks: Sequence[Task] = (), log
     old_tasks, old_logs = md.tables["tasks"], md.tables["task_logs"]
     with storage.begin() as conn:
         if tasks:
-            conn.execute(insert(old_tasks), [{k: v for k, v in to_record(t).items() if k in old_tasks.c}
-                                             for t in tasks])
+            conn.execute(
+                insert(old_tasks), [{k: v for k, v in to_record(t).items() if k in old_tasks.c} for t in tasks]
+            )
         if logs:
-            conn.execute(insert(old_logs), [{"task_id": l.task_id, "attempt": l.attempt, "time": l.time,
-                                             "level": l.level, "message": l.message} for l in logs])
+            conn.execute(
+                insert(old_logs),
+                [
+                    {"task_id": l.task_id, "attempt": l.attempt, "time": l.time, "level": l.level, "message": l.message}
+                    for l in logs
+                ],
+            )
 
 
 def column_names(storage: SqlStorage, table: str) -> set[str]:
@@ -149,8 +160,17 @@ def step_names(after: int) -> list[str]:
 
 
 def old_tasks(prefix: str, n: int) -> list[Task]:
-    return [Task(task_id=f"{prefix}{i}", task_type="echo", payload={"i": i}, status=TaskStatus.SUCCEEDED,
-                 finished_at=datetime.now(UTC) - timedelta(days=1), attempt=2) for i in range(n)]
+    return [
+        Task(
+            task_id=f"{prefix}{i}",
+            task_type="echo",
+            payload={"i": i},
+            status=TaskStatus.SUCCEEDED,
+            finished_at=datetime.now(UTC) - timedelta(days=1),
+            attempt=2,
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("with_version_table", [True, False], ids=["v1", "unversioned"])
@@ -178,18 +198,28 @@ def test_v1_database_is_migrated_in_place_and_keeps_its_tasks(
     storage.close()
 
 
-def test_v2_database_is_migrated_in_place_and_v2_code_keeps_working(
-    sql_config: StorageConfig, tmp_path: Path
-) -> None:
+def test_v2_database_is_migrated_in_place_and_v2_code_keeps_working(sql_config: StorageConfig, tmp_path: Path) -> None:
     storage = open_storage(sql_config, tmp_path)
     assert isinstance(storage, SqlStorage)
     v2 = make_old(storage, 2)
     assert storage.schema_version() == (2, SCHEMA_VERSION)
     assert not set(V3_TASK_COLUMNS) & column_names(storage, "tasks")
-    old = old_tasks("old", 30) + [Task(task_id="running", task_type="echo", payload={"x": [1]},
-                                       status=TaskStatus.RUNNING, dispatch_token="tok", worker_id="w1")]
-    write_old(storage, v2, old, [TaskLog("old1", 1, datetime.now(UTC), "INFO", "one"),
-                                 TaskLog("old1", 2, datetime.now(UTC), "INFO", "two")])
+    old = old_tasks("old", 30) + [
+        Task(
+            task_id="running",
+            task_type="echo",
+            payload={"x": [1]},
+            status=TaskStatus.RUNNING,
+            dispatch_token="tok",
+            worker_id="w1",
+        )
+    ]
+    write_old(
+        storage,
+        v2,
+        old,
+        [TaskLog("old1", 1, datetime.now(UTC), "INFO", "one"), TaskLog("old1", 2, datetime.now(UTC), "INFO", "two")],
+    )
 
     applied = storage.migrate()
     assert applied == step_names(2) and applied[0].startswith("3: ")
@@ -202,13 +232,12 @@ def test_v2_database_is_migrated_in_place_and_v2_code_keeps_working(
         got = storage.tasks.get(task.task_id)
         assert got == task.replace(updated_at=task.created_at)
         assert (got.run, got.args, got.parent_id, got.root_id, got.group_id) == (1, None, None, None, None)
-    assert [(l.message, l.attempt, l.run) for l in storage.logs.list("old1", run=1)] == [
-        ("one", 1, 1), ("two", 2, 1)]
+    assert [(l.message, l.attempt, l.run) for l in storage.logs.list("old1", run=1)] == [("one", 1, 1), ("two", 2, 1)]
     # The new code writes and filters on the new fields...
-    assert storage.tasks.update("running", [TaskStatus.RUNNING], token="tok", status=TaskStatus.SUCCEEDED,
-                                result=3)
-    storage.tasks.create(Task(task_id="child", task_type="echo", payload={}, run=2, args=[3], parent_id="running",
-                              root_id="running"))
+    assert storage.tasks.update("running", [TaskStatus.RUNNING], token="tok", status=TaskStatus.SUCCEEDED, result=3)
+    storage.tasks.create(
+        Task(task_id="child", task_type="echo", payload={}, run=2, args=[3], parent_id="running", root_id="running")
+    )
     got = storage.tasks.get("child")
     assert got is not None and (got.run, got.args, got.root_id) == (2, [3], "running")
     assert [t.task_id for t in storage.tasks.list(TaskFilter(root_id="running")).items] == ["child"]
@@ -259,9 +288,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tup
 
 def test_cli_migrate_status_and_purge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "cli.db"
-    config = write_config(tmp_path, {"storage": {
-        "type": "sqlite", "config": {"path": str(db)},
-        "retention": {"succeeded": "7d", "failed": "30d", "logs": "14d", "batch_size": 2}}})
+    config = write_config(
+        tmp_path,
+        {
+            "storage": {
+                "type": "sqlite",
+                "config": {"path": str(db)},
+                "retention": {"succeeded": "7d", "failed": "30d", "logs": "14d", "batch_size": 2},
+            }
+        },
+    )
     code, status = run_cli(capsys, config, "status")
     assert code == 0 and status["state"] == "empty" and status["schema_version"] is None
 
@@ -275,14 +311,36 @@ def test_cli_migrate_status_and_purge(tmp_path: Path, capsys: pytest.CaptureFixt
 
     now = datetime.now(UTC)
     storage.tasks.create_many(
-        [Task(task_id=f"s{i}", task_type="echo", payload={}, status=TaskStatus.SUCCEEDED,
-              finished_at=now - timedelta(days=8)) for i in range(5)]
-        + [Task(task_id="f1", task_type="echo", payload={}, status=TaskStatus.FAILED,
-                finished_at=now - timedelta(days=8)),
-           Task(task_id="r1", task_type="echo", payload={}, status=TaskStatus.RUNNING,
-                created_at=now - timedelta(days=100))])
-    storage.logs.append([TaskLog("r1", 1, now - timedelta(days=20), "INFO", "old"),
-                         TaskLog("r1", 1, now, "INFO", "new")])
+        [
+            Task(
+                task_id=f"s{i}",
+                task_type="echo",
+                payload={},
+                status=TaskStatus.SUCCEEDED,
+                finished_at=now - timedelta(days=8),
+            )
+            for i in range(5)
+        ]
+        + [
+            Task(
+                task_id="f1",
+                task_type="echo",
+                payload={},
+                status=TaskStatus.FAILED,
+                finished_at=now - timedelta(days=8),
+            ),
+            Task(
+                task_id="r1",
+                task_type="echo",
+                payload={},
+                status=TaskStatus.RUNNING,
+                created_at=now - timedelta(days=100),
+            ),
+        ]
+    )
+    storage.logs.append(
+        [TaskLog("r1", 1, now - timedelta(days=20), "INFO", "old"), TaskLog("r1", 1, now, "INFO", "new")]
+    )
     code, status = run_cli(capsys, config, "status")
     assert status["counts"] == {"succeeded": 5, "failed": 1, "running": 1} and status["state"] == "up to date"
 
@@ -297,8 +355,15 @@ def test_cli_migrate_status_and_purge(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_cli_reports_an_unreachable_store_with_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path, {"storage": {"type": "postgresql", "config": {
-        "url": "postgresql://bob:s3cret@127.0.0.1:1/nowhere", "connect_timeout": 2}}})
+    config = write_config(
+        tmp_path,
+        {
+            "storage": {
+                "type": "postgresql",
+                "config": {"url": "postgresql://bob:s3cret@127.0.0.1:1/nowhere", "connect_timeout": 2},
+            }
+        },
+    )
     assert main(["--config", str(config), "storage", "status"]) == 3
     err = capsys.readouterr().err
     assert "127.0.0.1:1/nowhere" in err and "s3cret" not in err
@@ -321,8 +386,7 @@ def test_workers_starting_together_migrate_once(sql_config: StorageConfig, tmp_p
 
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_migrate, args=(sql_config.model_dump(), str(tmp_path), start, out))
-             for _ in range(3)]
+    procs = [ctx.Process(target=_migrate, args=(sql_config.model_dump(), str(tmp_path), start, out)) for _ in range(3)]
     for p in procs:
         p.start()
     start.set()

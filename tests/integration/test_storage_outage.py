@@ -19,15 +19,21 @@ from tests.support.workers import WorkerProcess, write_config
 DRIP = [{"type": "python", "config": {"modules": ["tests.support.storage_tasks"]}}]
 
 
-@pytest.mark.parametrize("storage", [
-    {"type": "postgresql", "config": {"url": "postgresql://app:s3cret@127.0.0.1:1/tasks", "connect_timeout": 2}},
-    {"type": "mysql", "config": {"url": "mysql://app:s3cret@127.0.0.1:1/tasks", "connect_timeout": 2}},
-    {"type": "mongodb", "config": {"uri": "mongodb://app:s3cret@127.0.0.1:1/tasks", "server_selection_timeout": 1}},
-], ids=lambda s: s["type"])
-def test_worker_refuses_to_start_on_unreachable_storage(tmp_path: Path, redis_url: str,
-                                                        storage: dict[str, Any]) -> None:
-    config = write_config(tmp_path, {"app": {"name": unique("ce")}, "broker": {"url": redis_url},
-                                     "storage": storage, "executors": DRIP})
+@pytest.mark.parametrize(
+    "storage",
+    [
+        {"type": "postgresql", "config": {"url": "postgresql://app:s3cret@127.0.0.1:1/tasks", "connect_timeout": 2}},
+        {"type": "mysql", "config": {"url": "mysql://app:s3cret@127.0.0.1:1/tasks", "connect_timeout": 2}},
+        {"type": "mongodb", "config": {"uri": "mongodb://app:s3cret@127.0.0.1:1/tasks", "server_selection_timeout": 1}},
+    ],
+    ids=lambda s: s["type"],
+)
+def test_worker_refuses_to_start_on_unreachable_storage(
+    tmp_path: Path, redis_url: str, storage: dict[str, Any]
+) -> None:
+    config = write_config(
+        tmp_path, {"app": {"name": unique("ce")}, "broker": {"url": redis_url}, "storage": storage, "executors": DRIP}
+    )
     worker = WorkerProcess(config)
     with pytest.raises(RuntimeError) as info:
         worker.start(timeout=60)
@@ -39,8 +45,12 @@ def test_worker_refuses_to_start_on_unreachable_storage(tmp_path: Path, redis_ur
 
 def _pg_ctl(action: str) -> None:
     version = os.listdir("/etc/postgresql")[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:

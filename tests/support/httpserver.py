@@ -80,9 +80,16 @@ class _Handler(BaseHTTPRequestHandler):
         segments = parts.path.strip("/").split("/")
         try:
             if parts.path == "/json":
-                self._json(200, {"method": self.command, "path": parts.path, "query": query,
-                                 "headers": {k.lower(): v for k, v in self.headers.items()},
-                                 "body": body.decode(errors="replace")})
+                self._json(
+                    200,
+                    {
+                        "method": self.command,
+                        "path": parts.path,
+                        "query": query,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body.decode(errors="replace"),
+                    },
+                )
             elif segments[0] == "status":
                 self._json(int(segments[1]), {"status": int(segments[1])})
             elif segments[0] == "flaky":
@@ -133,8 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _rpc(self, body: bytes) -> None:
         call = json.loads(body)
         with self.server.lock:
-            self.server.seen.append({"rpc_id": call.get("id"), "method": call.get("method"),
-                                     "params": call.get("params")})
+            self.server.seen.append(
+                {"rpc_id": call.get("id"), "method": call.get("method"), "params": call.get("params")}
+            )
         method, params, rid = call.get("method"), call.get("params"), call.get("id")
         if method == "add":
             self._json(200, {"jsonrpc": "2.0", "id": rid, "result": params[0] + params[1]})
@@ -143,8 +151,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "flaky":
             n = self.server.count("rpc:" + params["key"])
             if n <= params.get("fail", 1):
-                self._json(200, {"jsonrpc": "2.0", "id": rid,
-                                 "error": {"code": -32000, "message": f"server busy (call {n})"}})
+                self._json(
+                    200, {"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": f"server busy (call {n})"}}
+                )
             else:
                 self._json(200, {"jsonrpc": "2.0", "id": rid, "result": {"calls": n}})
         elif method == "slow":

@@ -52,9 +52,19 @@ class TansuBroker:
         log = open(self.log_dir / f"tansu-{self.port}.log", "ab") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "CLUSTER_ID": "celery-ext-tests", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.proc = subprocess.Popen(
-            [str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                str(self.binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.wait_ready(timeout)
         return self
@@ -94,15 +104,17 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> li
     """Read ``count`` messages of ``topic`` from the beginning (a fresh consumer group)."""
     from confluent_kafka import Consumer
 
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"test-{uuid.uuid4().hex[:8]}",
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-        # tansu joins a group in about half the session timeout: keep it short.
-        "session.timeout.ms": 2000,
-        "heartbeat.interval.ms": 300,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            # tansu joins a group in about half the session timeout: keep it short.
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 300,
+        }
+    )
     consumer.subscribe([topic])
     out: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -53,9 +53,23 @@ class MongoServer:
         for _ in range(3):  # a port taken between probe and bind: pick another
             self.port = port or _free_port()
             self.proc = subprocess.Popen(
-                [binary, "--db", "memory", "--host", "127.0.0.1", "-p", str(self.port),
-                 "--log-file", str(self.directory / "nx.log"), "--pid-file", str(self.directory / "nx.pid")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                [
+                    binary,
+                    "--db",
+                    "memory",
+                    "--host",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "--log-file",
+                    str(self.directory / "nx.log"),
+                    "--pid-file",
+                    str(self.directory / "nx.pid"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             if self._wait_ready(timeout):
                 return self
             self.stop()

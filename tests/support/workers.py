@@ -33,24 +33,48 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 class WorkerProcess:
     """One worker process; ``stop()`` sends SIGTERM (warm shutdown), ``kill()`` SIGKILL."""
 
-    def __init__(self, config_path: Path, *, hostname: str | None = None, concurrency: int = 2,
-                 pool: str = "prefork", extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        hostname: str | None = None,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config_path = config_path
         self.hostname = hostname or f"{unique('w')}@%h"
         self.log_path = config_path.parent / f"worker-{self.hostname.split('@')[0]}.log"
         self.args = [
-            sys.executable, "-m", "celery", "-A", "celery_ext", "worker",
-            "-n", self.hostname, "-c", str(concurrency), "-P", pool,
-            "-l", "INFO", "--without-mingle", "--without-gossip",
-            "--logfile", str(self.log_path), *extra_args,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_ext",
+            "worker",
+            "-n",
+            self.hostname,
+            "-c",
+            str(concurrency),
+            "-P",
+            pool,
+            "-l",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "--logfile",
+            str(self.log_path),
+            *extra_args,
         ]
         self.env = subprocess_env(CELERY_EXT_CONFIG=str(config_path), **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.log_path.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.config_path.parent,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, cwd=self.config_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self.wait_for_log(" ready.", timeout)
         return self
 

@@ -20,8 +20,9 @@ from celery_ext.routing.workers import WorkerInfo
 
 
 def w(wid: str, in_flight: int = 0, capacity: int = 10, weight: int = 1) -> WorkerInfo:
-    return WorkerInfo(id=wid, queue=f"p.worker.{wid}", weight=weight, capacity=capacity,
-                      supported_types=("t",), in_flight=in_flight)
+    return WorkerInfo(
+        id=wid, queue=f"p.worker.{wid}", weight=weight, capacity=capacity, supported_types=("t",), in_flight=in_flight
+    )
 
 
 T = RoutedTask("t", "id1", {})
@@ -45,8 +46,14 @@ def test_unknown_strategy_lists_the_known_ones() -> None:
 
 
 def test_balancer_settings_are_validated_with_their_path() -> None:
-    config = parse_config({"scheduler": {"load_balance_strategy": "consistent_hash",
-                                         "load_balance_config": {"replicas": 0, "colour": "red"}}})
+    config = parse_config(
+        {
+            "scheduler": {
+                "load_balance_strategy": "consistent_hash",
+                "load_balance_config": {"replicas": 0, "colour": "red"},
+            }
+        }
+    )
     with pytest.raises(ConfigError) as err:
         build_balancer(config)
     assert "scheduler.load_balance_config.replicas: must be >= 1" in str(err.value)

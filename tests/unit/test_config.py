@@ -39,8 +39,20 @@ def test_list_entries_are_indexed() -> None:
     assert "plugins[0].enabeld: unknown key; did you mean 'enabled'?" in errs
 
 
-@pytest.mark.parametrize("text,seconds", [("100ms", 0.1), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
-                                           ("2d", 172800.0), (7, 7.0), (0.5, 0.5), ("1.5s", 1.5), ("12", 12.0)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("100ms", 0.1),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("2d", 172800.0),
+        (7, 7.0),
+        (0.5, 0.5),
+        ("1.5s", 1.5),
+        ("12", 12.0),
+    ],
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 

@@ -27,27 +27,30 @@ def run(ex: HttpExecutor, payload: dict[str, Any], task_type: str = "http_reques
     return ex.execute(Task("t1", task_type, payload)).data
 
 
-@pytest.mark.parametrize("address, kind", [
-    ("8.8.8.8", "public"),
-    ("2606:4700:4700::1111", "public"),
-    ("127.0.0.1", "loopback"),
-    ("127.8.9.10", "loopback"),
-    ("::1", "loopback"),
-    ("10.1.2.3", "private"),
-    ("172.16.0.1", "private"),
-    ("192.168.1.1", "private"),
-    ("fd00::1", "private"),
-    ("169.254.169.254", "link-local"),
-    ("fe80::1", "link-local"),
-    ("0.0.0.0", "unspecified"),
-    ("::", "unspecified"),
-    ("224.0.0.1", "multicast"),
-    ("100.64.0.1", "shared"),
-    ("240.0.0.1", "reserved"),
-    ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped IPv6 reaches the IPv4 address
-    ("::ffff:169.254.169.254", "link-local"),
-    ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 form of 169.254.169.254
-])
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("8.8.8.8", "public"),
+        ("2606:4700:4700::1111", "public"),
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fd00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("100.64.0.1", "shared"),
+        ("240.0.0.1", "reserved"),
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped IPv6 reaches the IPv4 address
+        ("::ffff:169.254.169.254", "link-local"),
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 form of 169.254.169.254
+    ],
+)
 def test_classify(address: str, kind: str) -> None:
     assert classify(ipaddress.ip_address(address)) == kind
 
@@ -61,22 +64,25 @@ def test_allow_networks_admit_listed_non_public_addresses_only() -> None:
     assert "link-local" in (policy.check_address(ipaddress.ip_address("169.254.169.254")) or "")
 
 
-@pytest.mark.parametrize("pattern, host, port, expected", [
-    ("example.com", "example.com", 443, True),
-    ("example.com", "EXAMPLE.com.", 80, True),
-    ("example.com", "api.example.com", 443, False),
-    ("example.com:8443", "example.com", 8443, True),
-    ("example.com:8443", "example.com", 443, False),
-    ("*.example.com", "api.example.com", 443, True),
-    ("*.example.com", "a.b.example.com", 443, True),
-    ("*.example.com", "example.com", 443, False),
-    ("*.example.com", "badexample.com", 443, False),
-    ("*.example.com:443", "api.example.com", 80, False),
-    ("*", "anything.test", 1234, True),
-    ("[::1]:8080", "::1", 8080, True),
-    ("::1", "::1", 9, True),
-    ("127.0.0.1", "127.0.0.1", 5000, True),
-])
+@pytest.mark.parametrize(
+    "pattern, host, port, expected",
+    [
+        ("example.com", "example.com", 443, True),
+        ("example.com", "EXAMPLE.com.", 80, True),
+        ("example.com", "api.example.com", 443, False),
+        ("example.com:8443", "example.com", 8443, True),
+        ("example.com:8443", "example.com", 443, False),
+        ("*.example.com", "api.example.com", 443, True),
+        ("*.example.com", "a.b.example.com", 443, True),
+        ("*.example.com", "example.com", 443, False),
+        ("*.example.com", "badexample.com", 443, False),
+        ("*.example.com:443", "api.example.com", 80, False),
+        ("*", "anything.test", 1234, True),
+        ("[::1]:8080", "::1", 8080, True),
+        ("::1", "::1", 9, True),
+        ("127.0.0.1", "127.0.0.1", 5000, True),
+    ],
+)
 def test_host_patterns(pattern: str, host: str, port: int, expected: bool) -> None:
     assert HostPattern.parse(pattern).matches(host, port) is expected
 
@@ -91,8 +97,12 @@ def test_check_url_scheme_and_allow_list() -> None:
     policy = NetPolicy.build(["api.example.com", "*.hooks.test:8443"])
     policy.check_url("https", "api.example.com", None)
     policy.check_url("https", "x.hooks.test", 8443)
-    for scheme, host, port in [("ftp", "api.example.com", None), ("https", "evil.test", None),
-                               ("https", "x.hooks.test", None), ("file", "", None)]:
+    for scheme, host, port in [
+        ("ftp", "api.example.com", None),
+        ("https", "evil.test", None),
+        ("https", "x.hooks.test", None),
+        ("file", "", None),
+    ]:
         with pytest.raises(DestinationNotAllowedError) as info:
             policy.check_url(scheme, host, port)
         assert info.value.reason == "destination_not_allowed"
@@ -100,11 +110,13 @@ def test_check_url_scheme_and_allow_list() -> None:
 
 
 def test_settings_errors_name_the_key() -> None:
-    cases = [({"allow_hosts": ["a.*.com"]}, "config.allow_hosts"),
-             ({"allow_networks": ["10.0.0.0/33"]}, "config.allow_networks"),
-             ({"endpoints": {"x": "ftp://h/"}}, "config.endpoints"),
-             ({"max_body_bytes": -1}, "config.max_body_bytes"),
-             ({"alow_hosts": []}, "config.alow_hosts")]
+    cases = [
+        ({"allow_hosts": ["a.*.com"]}, "config.allow_hosts"),
+        ({"allow_networks": ["10.0.0.0/33"]}, "config.allow_networks"),
+        ({"endpoints": {"x": "ftp://h/"}}, "config.endpoints"),
+        ({"max_body_bytes": -1}, "config.max_body_bytes"),
+        ({"alow_hosts": []}, "config.alow_hosts"),
+    ]
     for config, path in cases:
         with pytest.raises(ConfigError) as info:
             HttpExecutor.parse_settings(config)
@@ -172,15 +184,18 @@ def test_body_is_capped_and_says_so(server: HttpTestServer) -> None:
     ex.close()
 
 
-@pytest.mark.parametrize("payload, field", [
-    ({"url": "http://h/", "endpoint": "x"}, "exactly one of url or endpoint"),
-    ({}, "exactly one of url or endpoint"),
-    ({"url": "http://h/", "method": "BREW"}, "payload.method"),
-    ({"url": "http://h/", "timeout": -1}, "payload.timeout"),
-    ({"url": "http://h/", "json": {}, "body": "x"}, "json or body"),
-    ({"url": "http://h/", "headerz": {}}, "payload.headerz"),
-    ({"endpoint": "nope"}, "no endpoint 'nope'"),
-])
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"url": "http://h/", "endpoint": "x"}, "exactly one of url or endpoint"),
+        ({}, "exactly one of url or endpoint"),
+        ({"url": "http://h/", "method": "BREW"}, "payload.method"),
+        ({"url": "http://h/", "timeout": -1}, "payload.timeout"),
+        ({"url": "http://h/", "json": {}, "body": "x"}, "json or body"),
+        ({"url": "http://h/", "headerz": {}}, "payload.headerz"),
+        ({"endpoint": "nope"}, "no endpoint 'nope'"),
+    ],
+)
 def test_invalid_payload_names_the_field(payload: dict[str, Any], field: str) -> None:
     ex = executor({})
     with pytest.raises(ExecutorError) as info:
@@ -201,8 +216,13 @@ def test_rpc_payload_names_the_field() -> None:
 
 
 def test_endpoint_hosts_are_allowed_even_with_allow_hosts(server: HttpTestServer) -> None:
-    ex = executor({"allow_hosts": ["api.example.com"], "allow_networks": ["127.0.0.1/32"],
-                   "endpoints": {"local": server.url("/")}})
+    ex = executor(
+        {
+            "allow_hosts": ["api.example.com"],
+            "allow_networks": ["127.0.0.1/32"],
+            "endpoints": {"local": server.url("/")},
+        }
+    )
     assert run(ex, {"endpoint": "local", "path": "json"})["json"]["path"] == "/json"
     with pytest.raises(ExecutorError) as info:
         run(ex, {"url": f"http://localhost:{server.port}/json"})

@@ -34,8 +34,11 @@ def test_names_and_bounded_labels(monkeypatch) -> None:
     m.scheduler_election(True)
     body, content_type = m.exposition()
     assert content_type.startswith("text/plain")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+    }
     assert samples[("celery_ext_task_created_total", (("task_type", "echo"),))] == 1
     assert samples[("celery_ext_task_duration_seconds_count", (("status", "succeeded"), ("task_type", "echo")))] == 1
     reason = "bad_reason_with_spaces" + "x" * 42

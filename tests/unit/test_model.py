@@ -26,7 +26,16 @@ def test_statuses_are_lowercase_strings_in_json() -> None:
     assert "dispatch_token" not in data
     assert data["created_at"].endswith("+00:00")
     assert {s.value for s in TaskStatus} == {
-        "pending", "scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead"}
+        "pending",
+        "scheduled",
+        "queued",
+        "running",
+        "retrying",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "dead",
+    }
 
 
 def test_terminal_states_never_move_forward_except_manual_retry() -> None:
@@ -37,18 +46,21 @@ def test_terminal_states_never_move_forward_except_manual_retry() -> None:
     assert not TaskStatus.RUNNING.terminal
 
 
-@pytest.mark.parametrize("src,dst,ok", [
-    (TaskStatus.PENDING, TaskStatus.QUEUED, True),
-    (TaskStatus.QUEUED, TaskStatus.RUNNING, True),
-    (TaskStatus.RUNNING, TaskStatus.SUCCEEDED, True),
-    (TaskStatus.RUNNING, TaskStatus.RETRYING, True),
-    (TaskStatus.RETRYING, TaskStatus.QUEUED, True),
-    (TaskStatus.SCHEDULED, TaskStatus.QUEUED, True),
-    (TaskStatus.SUCCEEDED, TaskStatus.RUNNING, False),
-    (TaskStatus.FAILED, TaskStatus.RUNNING, False),
-    (TaskStatus.QUEUED, TaskStatus.PENDING, False),
-    (TaskStatus.RUNNING, TaskStatus.PENDING, False),
-])
+@pytest.mark.parametrize(
+    "src,dst,ok",
+    [
+        (TaskStatus.PENDING, TaskStatus.QUEUED, True),
+        (TaskStatus.QUEUED, TaskStatus.RUNNING, True),
+        (TaskStatus.RUNNING, TaskStatus.SUCCEEDED, True),
+        (TaskStatus.RUNNING, TaskStatus.RETRYING, True),
+        (TaskStatus.RETRYING, TaskStatus.QUEUED, True),
+        (TaskStatus.SCHEDULED, TaskStatus.QUEUED, True),
+        (TaskStatus.SUCCEEDED, TaskStatus.RUNNING, False),
+        (TaskStatus.FAILED, TaskStatus.RUNNING, False),
+        (TaskStatus.QUEUED, TaskStatus.PENDING, False),
+        (TaskStatus.RUNNING, TaskStatus.PENDING, False),
+    ],
+)
 def test_transitions(src: TaskStatus, dst: TaskStatus, ok: bool) -> None:
     assert can_transition(src, dst) is ok
 
@@ -57,7 +69,12 @@ def test_startable_and_cancel_sources() -> None:
     assert TaskStatus.RUNNING not in STARTABLE
     assert sources_of(TaskStatus.RUNNING) == STARTABLE
     assert sources_of(TaskStatus.CANCELLED) == {
-        TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING}
+        TaskStatus.PENDING,
+        TaskStatus.SCHEDULED,
+        TaskStatus.QUEUED,
+        TaskStatus.RUNNING,
+        TaskStatus.RETRYING,
+    }
 
 
 def test_task_result_constructors() -> None:

@@ -35,8 +35,13 @@ class Recorder(Plugin):
 
 
 def ctx() -> PluginContext:
-    return PluginContext(events=LocalEventBus(), metrics=NullMetrics(), storage=None, config=Config(),  # type: ignore[arg-type]
-                         worker_id="w1")
+    return PluginContext(
+        events=LocalEventBus(),
+        metrics=NullMetrics(),
+        storage=None,
+        config=Config(),  # type: ignore[arg-type]
+        worker_id="w1",
+    )
 
 
 def test_start_in_order_stop_in_reverse_and_failures_are_isolated() -> None:
@@ -59,8 +64,14 @@ def test_start_in_order_stop_in_reverse_and_failures_are_isolated() -> None:
 
 def test_load_reports_unknown_and_invalid_plugins_without_raising() -> None:
     pm = PluginManager()
-    pm.load([PluginEntry(name="alrt"), PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
-             PluginEntry(name="metrics", enabled=False), PluginEntry(name="metrics", config={"bind": "0.0.0.0"})])
+    pm.load(
+        [
+            PluginEntry(name="alrt"),
+            PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
+            PluginEntry(name="metrics", enabled=False),
+            PluginEntry(name="metrics", config={"bind": "0.0.0.0"}),
+        ]
+    )
     assert "did you mean 'alert'" in pm.failures["alrt"]
     assert "plugins[1].config.webhook_url" in pm.failures["alert"]
     assert pm.names == ["metrics"] and pm.get("metrics").settings.bind == "0.0.0.0"
@@ -69,8 +80,12 @@ def test_load_reports_unknown_and_invalid_plugins_without_raising() -> None:
 def test_an_invalid_entry_never_disables_a_valid_one_of_the_same_name() -> None:
     # Review bug (issue 11): two entries named "alert", one valid, disabled both.
     pm = PluginManager()
-    pm.load([PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
-             PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/hook"})])
+    pm.load(
+        [
+            PluginEntry(name="alert", config={"webhook_url": "ftp://x"}),
+            PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/hook"}),
+        ]
+    )
     assert pm.names == ["alert"] and pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/hook"
     # The failure stays reported, under its entry, since a plugin of that name runs.
     assert list(pm.failures) == ["alert (plugins[0])"]
@@ -85,8 +100,12 @@ def test_an_invalid_entry_never_disables_a_valid_one_of_the_same_name() -> None:
 
 def test_a_second_entry_of_a_loaded_name_is_refused_and_the_first_runs() -> None:
     pm = PluginManager()
-    pm.load([PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/first"}),
-             PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/second"})])
+    pm.load(
+        [
+            PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/first"}),
+            PluginEntry(name="alert", config={"webhook_url": "http://127.0.0.1:9/second"}),
+        ]
+    )
     assert pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/first"
     assert "already loaded from plugins[0]" in pm.failures["alert (plugins[1])"]
     c = ctx()

@@ -54,6 +54,7 @@ def test_same_name_from_another_function_is_refused() -> None:
     def first() -> None: ...
 
     with pytest.raises(ConfigError, match="already registered"):
+
         @task_type("unit_dupe")
         def second() -> None: ...
 

@@ -41,8 +41,10 @@ def install_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: s
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
 
 
-@pytest.mark.parametrize(("name", "cls"), [("sqlite", SqlStorage), ("postgresql", SqlStorage),
-                                           ("mysql", SqlStorage), ("mongodb", MongoStorage)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("sqlite", SqlStorage), ("postgresql", SqlStorage), ("mysql", SqlStorage), ("mongodb", MongoStorage)],
+)
 def test_builtin_names(name: str, cls: type) -> None:
     assert STORAGE.resolve(name, "storage.type") is cls
 
@@ -68,8 +70,9 @@ def test_entry_point_to_a_non_storage_class_is_an_error(tmp_path: Path, monkeypa
 
 
 def test_module_class_path(tmp_path: Path) -> None:
-    storage = open_storage(StorageConfig(type=f"{__name__}:RecordingStorage",
-                                         config={"path": str(tmp_path / "y.db")}), tmp_path)
+    storage = open_storage(
+        StorageConfig(type=f"{__name__}:RecordingStorage", config={"path": str(tmp_path / "y.db")}), tmp_path
+    )
     assert isinstance(storage, RecordingStorage)
     with pytest.raises(ConfigError, match="cannot import 'no.such.module:Storage'"):
         STORAGE.resolve("no.such.module:Storage", "storage.type")
