@@ -23,8 +23,9 @@ test: $(STAMP)  ## the whole suite on real servers (Redis, PostgreSQL, MariaDB, 
 test-fast: $(STAMP)  ## everything but the slow chaos tests
 	$(BIN)/python -m pytest tests -p no:cacheprovider -m "not slow"
 
-check: $(STAMP)  ## lint and type-check
+check: $(STAMP)  ## lint, format check and type-check
 	$(BIN)/ruff check celery_ext tests bench examples
+	$(BIN)/ruff format --check celery_ext tests bench examples
 	$(BIN)/mypy
 
 bench: $(STAMP)  ## core benchmark: bare Celery vs celery_ext, interleaved

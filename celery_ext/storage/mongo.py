@@ -390,9 +390,9 @@ class MongoTaskLogRepository(TaskLogRepository):
                 TaskLog(
                     d["task_id"],
                     d["attempt"],
-                    dec(d["time"]),
+                    dec(d["time"]),  # type: ignore[arg-type]
                     d["level"],
-                    d["message"],  # type: ignore[arg-type]
+                    d["message"],
                     run=d.get("run") or 1,
                 )
                 for d in cur

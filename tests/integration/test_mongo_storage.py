@@ -63,8 +63,8 @@ def test_host_port_database_and_custom_collection_names(mongo_server: MongoServe
 
 
 def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
-    mongo_server: MongoServer,
-    tmp_path: Path,  # noqa: F811
+    mongo_server: MongoServer,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """An upgrade rewrites no document: fields a document lacks read as their defaults, and a
     version-1 store is brought to version 2 by ``migrate``."""
@@ -184,8 +184,8 @@ def test_client_is_rebuilt_after_fork(mongo_server: MongoServer, tmp_path: Path)
 
 
 def test_real_worker_records_tasks_and_logs_in_mongodb(
-    mongo_server: MongoServer,
-    tmp_path: Path,  # noqa: F811
+    mongo_server: MongoServer,  # noqa: F811
+    tmp_path: Path,
     redis_url: str,
 ) -> None:
     from celery_ext.config import parse_config
