@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from celery_ext.completion import Completion
 from celery_ext.errors import StorageError
@@ -154,7 +154,7 @@ class Lifecycle:
         queued_at = queued_at or now
         lease_until = now + timedelta(seconds=lease)
         # A chain or chord step learns its positional arguments (the previous result) only now.
-        extra: dict[str, object] = {"args": task.args} if task.args else {}
+        extra: dict[str, Any] = {"args": task.args} if task.args else {}
         if new_token is not None:
             extra["dispatch_token"] = new_token
         if not self.storage.tasks.update(

@@ -11,11 +11,33 @@ import abc
 import base64
 import builtins
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A leader's fencing token: a write carrying it is refused once storage holds a newer one
+    for ``name`` (a newer leader advanced it), so a leader deposed while paused (GC, SIGSTOP)
+    cannot act late."""
+
+    name: str
+    token: int
+
+
+class FenceRepository(abc.ABC):
+    @abc.abstractmethod
+    def advance(self, fence: Fence) -> int:
+        """Record ``fence.token`` as the newest of ``fence.name`` unless a newer one is stored;
+        returns the newest stored token (above ``fence.token``: this leader is deposed)."""
+
+    @abc.abstractmethod
+    def current(self, name: str) -> int:
+        """The newest token recorded for ``name`` (0 if none)."""
 
 
 class TaskRepository(abc.ABC):
@@ -40,14 +62,18 @@ class TaskRepository(abc.ABC):
         expected: Iterable[TaskStatus],
         *,
         token: str | None = None,
+        fence: Fence | None = None,
         **fields: Any,
     ) -> bool:
         """Set ``fields`` only if the record's status is in ``expected`` (and its dispatch token is
-        ``token`` when given).  Returns whether the record changed."""
+        ``token``, and ``fence`` is not older than the stored fence, when given).  Returns whether
+        the record changed."""
 
     @abc.abstractmethod
-    def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
-        """Conditional update of several records; returns how many changed."""
+    def update_many(
+        self, task_ids: Sequence[str], expected: Iterable[TaskStatus], *, fence: Fence | None = None, **fields: Any
+    ) -> int:
+        """Conditional update of several records (fenced as ``update``); returns how many changed."""
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> bool: ...
@@ -101,6 +127,7 @@ class Storage(abc.ABC):
 
     tasks: TaskRepository
     logs: TaskLogRepository
+    fences: FenceRepository
 
     @classmethod
     @abc.abstractmethod

@@ -33,7 +33,15 @@ from pydantic import Field
 from celery_ext.config import Model, PositiveDuration, validate_section
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
-from celery_ext.storage.base import Storage, TaskLogRepository, TaskRepository, decode_cursor, encode_cursor
+from celery_ext.storage.base import (
+    Fence,
+    FenceRepository,
+    Storage,
+    TaskLogRepository,
+    TaskRepository,
+    decode_cursor,
+    encode_cursor,
+)
 from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc
 
@@ -81,6 +89,8 @@ def _check_uri(uri: str) -> None:
 
 
 class MongoStorage(Storage):
+    fences: MongoFenceRepository
+
     def __init__(self, settings: MongoSettings) -> None:
         self.settings = settings
         if settings.uri:
@@ -98,6 +108,7 @@ class MongoStorage(Storage):
         self._pid = os.getpid()
         self.tasks = MongoTaskRepository(self)
         self.logs = MongoTaskLogRepository(self)
+        self.fences = MongoFenceRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> MongoStorage:
@@ -242,15 +253,27 @@ class MongoTaskRepository(TaskRepository):
             doc = self.col.find_one({"idempotency_key": key})
         return from_doc(doc) if doc else None
 
-    def update(self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any) -> bool:
+    def update(
+        self,
+        task_id: str,
+        expected: Iterable[TaskStatus],
+        *,
+        token: str | None = None,
+        fence: Fence | None = None,
+        **fields: Any,
+    ) -> bool:
         query: dict[str, Any] = {"task_id": task_id, "status": {"$in": values_of(expected)}}
         if token is not None:
             query["dispatch_token"] = token
+        if not self.storage.fences.holds(fence):
+            return False
         with self.storage.guard():
             return int(self.col.update_one(query, set_fields(fields)).matched_count) == 1
 
-    def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
-        if not task_ids:
+    def update_many(
+        self, task_ids: Sequence[str], expected: Iterable[TaskStatus], *, fence: Fence | None = None, **fields: Any
+    ) -> int:
+        if not task_ids or not self.storage.fences.holds(fence):
             return 0
         query = {"task_id": {"$in": list(task_ids)}, "status": {"$in": values_of(expected)}}
         with self.storage.guard():
@@ -337,6 +360,42 @@ class MongoTaskRepository(TaskRepository):
         with self.storage.guard():
             rows = self.col.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
             return {r["_id"]: int(r["n"]) for r in rows}
+
+
+class MongoFenceRepository(FenceRepository):
+    """Fences in the ``celery_ext_fences`` collection.  MongoDB cannot make one task update
+    conditional on another collection's document outside a transaction (which needs a replica
+    set), so a fenced write reads the fence just before it: a leader deposed in the few
+    milliseconds between the two is not caught here; the status and token conditions still
+    keep it from moving a record twice."""
+
+    def __init__(self, storage: MongoStorage) -> None:
+        self.storage = storage
+
+    @property
+    def col(self) -> Any:
+        return self.storage.db["celery_ext_fences"]
+
+    def advance(self, fence: Fence) -> int:
+        errors = _pymongo().errors
+        try:
+            with self.storage.guard():
+                self.col.update_one(
+                    {"_id": fence.name, "fence": {"$lt": fence.token}},
+                    {"$set": {"fence": fence.token, "updated_at": utcnow()}},
+                    upsert=True,
+                )
+        except errors.DuplicateKeyError:
+            pass  # a newer (or the same) token is stored
+        return self.current(fence.name)
+
+    def current(self, name: str) -> int:
+        with self.storage.guard():
+            doc = self.col.find_one({"_id": name})
+        return int(doc["fence"]) if doc else 0
+
+    def holds(self, fence: Fence | None) -> bool:
+        return fence is None or fence.token >= self.current(fence.name)
 
 
 class MongoTaskLogRepository(TaskLogRepository):

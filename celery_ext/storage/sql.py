@@ -30,6 +30,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -39,9 +40,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_ext.config import Model, validate_section
 from celery_ext.errors import ConfigError, StorageError
-from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus
+from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 from celery_ext.storage import sql_migrations
 from celery_ext.storage.base import (
+    Fence,
+    FenceRepository,
     Storage,
     TaskLogRepository,
     TaskRepository,
@@ -52,7 +55,7 @@ from celery_ext.storage.base import (
     status_values,
     to_record,
 )
-from celery_ext.storage.sql_schema import SCHEMA_VERSION, task_logs, tasks
+from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tasks
 
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql"}
@@ -144,6 +147,7 @@ class SqlStorage(Storage):
         self._pid = os.getpid()
         self.tasks = SqlTaskRepository(self)
         self.logs = SqlTaskLogRepository(self)
+        self.fences = SqlFenceRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> SqlStorage:
@@ -275,8 +279,18 @@ def _from_row(row: Any) -> Task:
     return from_record(row._mapping)
 
 
+def _fence_holds() -> Any:
+    """``:p_fence >= the stored fence of :p_fence_name`` (0 when none is stored)."""
+    stored = select(fences.c.fence).where(fences.c.name == bindparam("p_fence_name")).scalar_subquery()
+    return bindparam("p_fence", type_=fences.c.fence.type) >= func.coalesce(stored, literal_column("0"))
+
+
+def _fence_params(fence: Fence | None) -> dict[str, Any]:
+    return {} if fence is None else {"p_fence": fence.token, "p_fence_name": fence.name}
+
+
 @functools.cache
-def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int) -> Any:
+def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int, with_fence: bool = False) -> Any:
     """The conditional UPDATE for one set of columns, built once: the state machine's moves are
     a handful of shapes, run for every task, so statement construction is kept off that path.
     The expected statuses are ``n_status`` plain parameters, not one expanding IN parameter,
@@ -285,6 +299,8 @@ def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int)
     cond = [tasks.c.task_id == bindparam("p_id"), tasks.c.status.in_(statuses)]
     if with_token:
         cond.append(tasks.c.dispatch_token == bindparam("p_token"))
+    if with_fence:
+        cond.append(_fence_holds())
     return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
 
 
@@ -416,17 +432,26 @@ class SqlTaskRepository(TaskRepository):
             row = conn.execute(select(tasks).where(tasks.c.idempotency_key == key)).first()
         return _from_row(row) if row else None
 
-    def update(self, task_id: str, expected: Iterable[TaskStatus], *, token: str | None = None, **fields: Any) -> bool:
+    def update(
+        self,
+        task_id: str,
+        expected: Iterable[TaskStatus],
+        *,
+        token: str | None = None,
+        fence: Fence | None = None,
+        **fields: Any,
+    ) -> bool:
         values = record_changes(fields)
         statuses = status_values(expected)
         params = {
             "p_id": task_id,
             **{f"p_status{i}": s for i, s in enumerate(statuses)},
             **{f"v_{k}": v for k, v in values.items()},
+            **_fence_params(fence),
         }
         if token is not None:
             params["p_token"] = token
-        shape = (tuple(values), token is not None, len(statuses))
+        shape = (tuple(values), token is not None, len(statuses), fence is not None)
         if self.storage.type_name == "mysql":  # no kept connection there (see SqlStorage.single)
             with self.storage.single() as conn:
                 return conn.execute(_update_statement(*shape), params).rowcount == 1
@@ -443,16 +468,17 @@ class SqlTaskRepository(TaskRepository):
             finally:
                 cursor.close()
 
-    def update_many(self, task_ids: Sequence[str], expected: Iterable[TaskStatus], **fields: Any) -> int:
+    def update_many(
+        self, task_ids: Sequence[str], expected: Iterable[TaskStatus], *, fence: Fence | None = None, **fields: Any
+    ) -> int:
         if not task_ids:
             return 0
-        stmt = (
-            update(tasks)
-            .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected)))
-            .values(**record_changes(fields))
-        )
+        cond = [tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected))]
+        if fence is not None:
+            cond.append(_fence_holds())
+        stmt = update(tasks).where(*cond).values(**record_changes(fields))
         with self.storage.begin() as conn:
-            return int(conn.execute(stmt).rowcount)
+            return int(conn.execute(stmt, _fence_params(fence)).rowcount)
 
     def delete(self, task_id: str) -> bool:
         with self.storage.begin() as conn:
@@ -531,6 +557,31 @@ class SqlTaskRepository(TaskRepository):
         with self.storage.begin() as conn:
             rows = conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))
             return {status: int(n) for status, n in rows}
+
+
+class SqlFenceRepository(FenceRepository):
+    def __init__(self, storage: SqlStorage) -> None:
+        self.storage = storage
+
+    def advance(self, fence: Fence) -> int:
+        now = utcnow()
+        if not self.current(fence.name):
+            try:
+                with self.storage.begin() as conn:
+                    conn.execute(insert(fences).values(name=fence.name, fence=fence.token, updated_at=now))
+            except IntegrityError:
+                pass  # another leader inserted it first: compared below
+        with self.storage.begin() as conn:
+            conn.execute(
+                update(fences)
+                .where(fences.c.name == fence.name, fences.c.fence < fence.token)
+                .values(fence=fence.token, updated_at=now)
+            )
+            return int(conn.execute(select(fences.c.fence).where(fences.c.name == fence.name)).scalar() or 0)
+
+    def current(self, name: str) -> int:
+        with self.storage.begin() as conn:
+            return int(conn.execute(select(fences.c.fence).where(fences.c.name == name)).scalar() or 0)
 
 
 class SqlTaskLogRepository(TaskLogRepository):

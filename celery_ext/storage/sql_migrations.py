@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Table, func, insert, inspect, select, text
 from sqlalchemy.schema import CreateColumn
 
 from celery_ext.model import utcnow
-from celery_ext.storage.sql_schema import SCHEMA_VERSION, metadata, schema_version, task_logs, tasks
+from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, metadata, schema_version, task_logs, tasks
 
 logger = logging.getLogger("celery_ext.storage.migrations")
 _LOCK = "celery_ext_migrate"
@@ -65,6 +65,10 @@ def _v3_runs_and_canvas(conn: Connection) -> None:
     _create_indexes(conn, tasks, ["ix_tasks_root", "ix_tasks_group"])
 
 
+def _v4_fences(conn: Connection) -> None:
+    fences.create(conn, checkfirst=True)
+
+
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
     Step(
@@ -73,6 +77,7 @@ STEPS: list[Step] = [
         "indexes tasks(root_id, created_at), tasks(group_id, created_at)",
         _v3_runs_and_canvas,
     ),
+    Step(4, "leader fencing tokens: celery_ext_fences(name, fence)", _v4_fences),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

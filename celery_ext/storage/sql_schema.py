@@ -25,7 +25,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 
 # Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -111,6 +111,16 @@ task_logs = Table(
     Column("run", Integer, nullable=False, default=1, server_default=text("1")),  # v3
     Index("ix_task_logs_task", "task_id", "id"),
     Index("ix_task_logs_time", "time"),  # v2: retention purges
+)
+
+# v4: the newest fencing token of each leader role (``scheduler``): a write only a leader may make
+# carries its token and is refused once a newer leader has recorded a higher one.
+fences = Table(
+    "celery_ext_fences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("fence", BigInteger, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
 
 schema_version = Table(

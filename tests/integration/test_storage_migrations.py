@@ -223,7 +223,7 @@ def test_v2_database_is_migrated_in_place_and_v2_code_keeps_working(sql_config: 
 
     applied = storage.migrate()
     assert applied == step_names(2) and applied[0].startswith("3: ")
-    assert storage.schema_version() == (3, SCHEMA_VERSION)
+    assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
     assert set(V3_TASK_COLUMNS) <= column_names(storage, "tasks")
     assert "run" in column_names(storage, "task_logs")
     assert set(V3_INDEXES) <= index_names(storage, "tasks")
