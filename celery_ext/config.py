@@ -87,6 +87,15 @@ class SchedulerConfig(Model):
     leader_lease: PositiveDuration = 10.0
     publish_grace: PositiveDuration = 30.0
     retention_interval: PositiveDuration = 300.0
+    # Delays (submit delay/run_at, retry backoffs) up to this are published at once with a
+    # Celery countdown and wait in a worker; longer ones wait in storage (SCHEDULED/RETRYING with
+    # run_at) and the leader publishes them when due, this far ahead with the rest as countdown.
+    max_countdown: Duration = 1.0
+    # Due records published per batch (one query, one conditional update, one producer batch).
+    due_batch: int = Field(1000, ge=1, le=100_000)
+    # Run a scheduler thread inside each worker (it leads only when elected): "auto" does so
+    # when the broker is the embedded default, so delayed tasks need no extra command there.
+    in_worker: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="before")
     @classmethod

@@ -136,6 +136,7 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
             config.worker,
             default_max_retries=config.worker.default_max_retries,
             default_timeout=config.worker.default_timeout,
+            max_countdown=config.scheduler.max_countdown,
         ),
         manager=TaskManager(config, lifecycle, executors, dispatcher),
     )

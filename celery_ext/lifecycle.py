@@ -29,12 +29,13 @@ from celery_ext.model import (
     utcnow,
 )
 from celery_ext.observer import NULL_OBSERVER, TaskObserver
-from celery_ext.storage.base import Storage
+from celery_ext.storage.base import Fence, Storage
 
 logger = logging.getLogger("celery_ext.lifecycle")
 
 T = TypeVar("T")
 RUNNING = (TaskStatus.RUNNING,)
+DUE = (TaskStatus.SCHEDULED, TaskStatus.RETRYING)  # what waits in storage for its run_at
 REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 
 
@@ -219,7 +220,9 @@ class Lifecycle:
             self.completion.notify(task.task_id)
         return changed
 
-    def fail(self, task: Task, error: TaskErrorInfo, data: object = None, *, dead: bool = False) -> bool:
+    def fail(
+        self, task: Task, error: TaskErrorInfo, data: object = None, *, dead: bool = False, fence: Fence | None = None
+    ) -> bool:
         """RUNNING -> FAILED (or DEAD, after the worker was lost on the last attempt)."""
         now = utcnow()
         status = TaskStatus.DEAD if dead else TaskStatus.FAILED
@@ -228,6 +231,7 @@ class Lifecycle:
                 task.task_id,
                 RUNNING,
                 token=task.dispatch_token,
+                fence=fence,
                 status=status,
                 result=data,
                 error=error,
@@ -240,21 +244,33 @@ class Lifecycle:
             self.completion.notify(task.task_id)
         return changed
 
-    def retry_later(self, task: Task, error: TaskErrorInfo | None, delay: float, data: object = None) -> str | None:
+    def retry_later(
+        self,
+        task: Task,
+        error: TaskErrorInfo | None,
+        delay: float,
+        data: object = None,
+        *,
+        hold: bool = False,
+        fence: Fence | None = None,
+    ) -> str | None:
         """RUNNING -> RETRYING under a new dispatch token (returned), due in ``delay`` seconds.
-        The caller publishes the next attempt; if that publish is lost, the record keeps its
-        ``run_at`` for recovery."""
+
+        With ``hold`` the next attempt waits in storage (``run_at`` set) and the scheduler's
+        leader publishes it when due; otherwise the caller publishes it at once with a countdown,
+        and ``run_at`` stays empty: the message holds the time, and the due scan leaves it be."""
         token = new_id()
         changed = self._write(
             lambda: self.storage.tasks.update(
                 task.task_id,
                 RUNNING,
                 token=task.dispatch_token,
+                fence=fence,
                 status=TaskStatus.RETRYING,
                 dispatch_token=token,
                 error=error,
                 result=data,
-                run_at=utcnow() + timedelta(seconds=delay),
+                run_at=utcnow() + timedelta(seconds=delay) if hold else None,
                 lease_until=None,
             )
         )
@@ -297,24 +313,57 @@ class Lifecycle:
 
     # --- recovery (scheduler) -------------------------------------------------------------
 
-    def lost(self, task: Task, error: TaskErrorInfo, delay: float) -> tuple[bool, str | None]:
+    def lost(
+        self, task: Task, error: TaskErrorInfo, delay: float, *, hold: bool = False, fence: Fence | None = None
+    ) -> tuple[bool, str | None]:
         """A RUNNING task whose worker was lost: RETRYING under a new token while attempts are
-        left (returned, for the caller to publish), else DEAD.  Returns (changed, token)."""
+        left (returned, for the caller to publish unless ``hold``), else DEAD.  Returns
+        (changed, token)."""
         if task.attempt <= task.max_retries:
-            token = self.retry_later(task, error, delay)
+            token = self.retry_later(task, error, delay, hold=hold, fence=fence)
             return token is not None, token
-        return self.fail(task, error, dead=True), None
+        return self.fail(task, error, dead=True, fence=fence), None
 
-    def fresh_token(self, task: Task) -> str | None:
+    def fresh_token(self, task: Task, *, fence: Fence | None = None) -> str | None:
         """The same status under a new dispatch token, for a record whose message is gone or
         never was (lost by the broker; a PENDING record nobody published).  It is published
         again by the caller: a copy of an earlier message, if one exists after all, is stale."""
         token = new_id()
         if self.storage.tasks.update(
-            task.task_id, (task.status,), token=task.dispatch_token, dispatch_token=token, lease_until=None
+            task.task_id,
+            (task.status,),
+            token=task.dispatch_token,
+            fence=fence,
+            dispatch_token=token,
+            lease_until=None,
         ):
             return token
         return None
+
+    def due(self, tasks: Sequence[Task], fence: Fence | None = None) -> tuple[str, list[Task]]:
+        """SCHEDULED or RETRYING records whose time has come -> QUEUED, all under one new dispatch
+        token (returned, with the records that moved), in one conditional update: the caller
+        publishes them.  A record cancelled or started meanwhile does not move; with a ``fence``
+        that storage refuses (a newer leader), none does."""
+        token, now = new_id(), utcnow()
+        ids = [t.task_id for t in tasks]
+        changed = self.storage.tasks.update_many(
+            ids, DUE, fence=fence, status=TaskStatus.QUEUED, dispatch_token=token, queued_at=now
+        )
+        moved = [t.replace(status=TaskStatus.QUEUED, dispatch_token=token, queued_at=now) for t in tasks]
+        if changed != len(ids):  # some moved on meanwhile: publish only what is ours
+            ours = {t.task_id for t in tasks if (r := self.storage.tasks.get(t.task_id)) and r.dispatch_token == token}
+            moved = [t for t in moved if t.task_id in ours]
+        for t in moved:
+            self.observer.task_queued(t)
+        return token, moved
+
+    def undue(self, moved: Sequence[tuple[Task, TaskStatus]]) -> None:
+        """Put records ``due`` moved back to the status they waited in (the publish failed), so
+        that the next round publishes them; one a worker claimed meanwhile stays claimed."""
+        for status in {s for _, s in moved}:
+            ids = [t.task_id for t, s in moved if s is status]
+            self.storage.tasks.update_many(ids, (TaskStatus.QUEUED,), status=status, queued_at=None)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -344,6 +393,9 @@ for _src, _dst in (
     (TaskStatus.RUNNING, TaskStatus.DEAD),
     (TaskStatus.RUNNING, TaskStatus.RETRYING),
     (TaskStatus.SCHEDULED, TaskStatus.FAILED),
+    *((s, TaskStatus.QUEUED) for s in DUE),
+    (TaskStatus.QUEUED, TaskStatus.SCHEDULED),
+    (TaskStatus.QUEUED, TaskStatus.RETRYING),
     *((s, TaskStatus.RUNNING) for s in STARTABLE),
     *((s, TaskStatus.PENDING) for s in REOPENABLE),
     *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL),

@@ -89,6 +89,8 @@ class TaskManager:
         if not created:
             return stored
         self.lifecycle.created([task])
+        if task.status is TaskStatus.SCHEDULED:
+            return task  # waits in storage: the scheduler's leader publishes it when due
         return self._publish([(task, countdown)])[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
@@ -104,8 +106,9 @@ class TaskManager:
         results = self.storage.tasks.create_many([t for t, _ in built])
         fresh = [(t, c) for (t, c), (_, created) in zip(built, results, strict=True) if created]
         self.lifecycle.created([t for t, _ in fresh])
-        published = iter(self._publish(fresh)) if fresh else iter(())
-        return [next(published) if created else stored for stored, created in results]
+        now = [(t, c) for t, c in fresh if t.status is not TaskStatus.SCHEDULED]  # the rest wait in storage
+        published = {t.task_id: t for t in self._publish(now)} if now else {}
+        return [published.get(stored.task_id, stored) if created else stored for stored, created in results]
 
     def build_specs(
         self, specs: Iterable[Mapping[str, Any]], *, forbid: frozenset[str] = frozenset()
@@ -201,7 +204,10 @@ class TaskManager:
             task_id=new_id(),
             task_type=task_type,
             payload=payload,
-            status=TaskStatus.SCHEDULED if delay else TaskStatus.PENDING,
+            # Longer than scheduler.max_countdown: held in storage until due (no message yet).
+            status=TaskStatus.SCHEDULED
+            if delay and delay > self.config.scheduler.max_countdown
+            else TaskStatus.PENDING,
             priority=priority,
             max_retries=max_retries
             if max_retries is not None

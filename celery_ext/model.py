@@ -47,7 +47,8 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.PENDING: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     # FAILED without running: a chain or chord step whose previous step failed (parent_failed).
     TaskStatus.SCHEDULED: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    # Back to SCHEDULED/RETRYING: the scheduler moved a due record but could not publish it.
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.SCHEDULED, TaskStatus.RETRYING}),
     TaskStatus.RUNNING: frozenset(
         {
             TaskStatus.SUCCEEDED,

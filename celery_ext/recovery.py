@@ -13,6 +13,7 @@ The scheduler calls both on its interval; they are safe to call from several pro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from celery_ext.model import STARTABLE, TaskErrorInfo, TaskStatus, utcnow
 from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import move_stranded, restore_unclaimed
 from celery_ext.routing.workers import WorkerInfo
+from celery_ext.storage.base import Fence
 
 if TYPE_CHECKING:
     from celery_ext.factory import Runtime
@@ -57,7 +59,14 @@ def _unclaimed(rt: Runtime, task_id: str) -> bool:
     return record is not None and record.status in STARTABLE
 
 
-def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> list[str]:
+def recover_expired_leases(
+    rt: Runtime,
+    *,
+    now: datetime | None = None,
+    limit: int = 100,
+    fence: Fence | None = None,
+    check: Callable[[], None] | None = None,
+) -> list[str]:
     """Re-dispatch (or declare DEAD) RUNNING tasks whose lease expired; returns their ids.
 
     A running task's worker renews its lease (``lease.py``), so an expired lease means that worker
@@ -70,11 +79,13 @@ def recover_expired_leases(rt: Runtime, *, now: datetime | None = None, limit: i
         error = TaskErrorInfo(
             "worker_lost", f"worker {task.worker_id} stopped renewing its lease during attempt {task.attempt}"
         )
-        changed, token = rt.lifecycle.lost(task, error, 0.0)
+        changed, token = rt.lifecycle.lost(task, error, 0.0, fence=fence)
         if token is not None:
             rt.runner.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1)
         if changed:
             recovered.append(task.task_id)
+        elif check is not None:
+            check()  # refused: a newer leader (the caller's check raises), or it moved on
     if recovered:
         logger.warning("recovered %d task(s) whose worker was lost", len(recovered))
     return recovered

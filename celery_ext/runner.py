@@ -13,13 +13,14 @@ import logging
 import random
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_ext.config import WorkerConfig
 from celery_ext.dispatch import Dispatch, Dispatcher
-from celery_ext.errors import ExecutorError
+from celery_ext.errors import ExecutorError, StorageError
 from celery_ext.executors.base import payload_of
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.lifecycle import Lifecycle
@@ -53,7 +54,8 @@ class Outcome:
     """What became of a delivery: ``kind`` is one of
 
     - ``succeeded`` (``data`` is the result), ``failed`` (``error``),
-    - ``retry`` (``token``, ``delay``: the next attempt must be published),
+    - ``retry`` (``token``, ``delay``: the next attempt must be published with that countdown,
+      unless ``held``: it waits in storage and the scheduler publishes it when due),
     - ``revoked`` (the task was cancelled; nothing of this run is recorded),
     - ``dropped`` (a stale or duplicate message; ``why`` says which).
     """
@@ -65,6 +67,7 @@ class Outcome:
     token: str | None = None
     delay: float = 0.0
     why: str = ""
+    held: bool = False
 
 
 class TaskRunner:
@@ -77,6 +80,7 @@ class TaskRunner:
         *,
         default_max_retries: int,
         default_timeout: float | None,
+        max_countdown: float = 1.0,
     ) -> None:
         self.lifecycle = lifecycle
         self.storage = lifecycle.storage
@@ -85,6 +89,8 @@ class TaskRunner:
         self.config = config
         self.default_max_retries = default_max_retries
         self.default_timeout = default_timeout
+        # A retry due later than this waits in storage for the scheduler (scheduler.max_countdown).
+        self.max_countdown = max_countdown
         self.log_spool = LogSpool(self.storage.logs.append)
         # This worker process's name for its runs of plain messages (lease.py); the worker's
         # bootstep sets it before the pool forks.
@@ -219,9 +225,10 @@ class TaskRunner:
         elif result.retryable and task.attempt <= task.max_retries:
             delay = self.backoff(task.attempt)
             logger.warning("attempt %d failed (%s); retrying in %.2fs", task.attempt, error.reason, delay)
-            token = self.lifecycle.retry_later(task, error, delay, result.data)
+            hold = delay > self.max_countdown
+            token = self.lifecycle.retry_later(task, error, delay, result.data, hold=hold)
             if token is not None:
-                return Outcome("retry", task, error=error, token=token, delay=delay)
+                return Outcome("retry", task, error=error, token=token, delay=delay, held=hold)
         elif self.lifecycle.fail(task, error, result.data):
             return Outcome("failed", task, data=result.data, error=error)
         return self.discarded(task)
@@ -252,9 +259,11 @@ class TaskRunner:
         if task is None:
             return
         error = TaskErrorInfo("worker_lost", f"the worker process died during attempt {task.attempt}")
-        changed, token = self.lifecycle.lost(task, error, self.backoff(task.attempt))
-        if token is not None:
-            self.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1)
+        delay = self.backoff(task.attempt)
+        hold = delay > self.max_countdown  # else published now, with the backoff as countdown
+        changed, token = self.lifecycle.lost(task, error, delay, hold=hold)
+        if token is not None and not hold:
+            self.publish(task.replace(dispatch_token=token), attempt=task.attempt + 1, countdown=delay or None)
         elif not changed:
             # Cancelled while it ran: give up the lease, publishing a retry that waited for it.
             self.discarded(task)
@@ -270,13 +279,25 @@ class TaskRunner:
         self.discarded(record)
 
     def publish(self, task: Task, *, attempt: int, countdown: float | None = None) -> None:
-        # If this publish fails the record keeps its status and run_at: recovery publishes it.
         try:
             self.dispatcher.publish(
                 Dispatch(task, task.dispatch_token or "", attempt, countdown=countdown, queued_at=utcnow())
             )
         except Exception:  # noqa: BLE001
-            logger.exception("could not publish task %s; left for recovery", task.task_id)
+            # A retry waits in storage instead (run_at set): the scheduler publishes it when due.
+            held = self._hold(task, countdown)
+            logger.exception(
+                "could not publish task %s; %s", task.task_id, "the scheduler will" if held else "left for recovery"
+            )
+
+    def _hold(self, task: Task, countdown: float | None) -> bool:
+        due = utcnow() + timedelta(seconds=countdown or 0.0)
+        try:
+            return self.storage.tasks.update(
+                task.task_id, (TaskStatus.RETRYING,), token=task.dispatch_token, run_at=due
+            )
+        except StorageError:
+            return False
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -7,11 +7,20 @@ the server's clock in milliseconds).  If the leader dies, another takes over onc
 runs out.  Every action below is a conditional update on the task record (expected status and
 dispatch token), so a deposed leader that acts late can not run a task twice.
 
-Each tick (``scheduler.interval``), the leader:
+Each tick (``scheduler.interval``), the leader records its token in storage as the newest
+(``storage.fences``), then makes every write below carrying it: storage refuses a write whose
+token is older than the stored one, so a leader that was paused past its lease (GC, SIGSTOP) and
+resumes mid-round has its late writes refused, and stops.
+
+Each tick, the leader:
   - sweeps the worker registry for workers that stopped heartbeating (``worker_offline``) and
     moves the messages stranded in their direct queues back to the shared queues;
   - re-dispatches RUNNING tasks whose lease expired, their worker gone (a new attempt, or
     ``dead`` past the attempt cap);
+  - publishes the delayed work that waits in storage (SCHEDULED tasks and RETRYING ones waiting
+    out a backoff) once due, ``scheduler.max_countdown`` ahead with the rest as a countdown: in
+    batches of ``scheduler.due_batch``, each one indexed query on ``run_at``, one conditional
+    update and one producer batch;
   - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
     record and died (or lost the broker) before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
@@ -34,10 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_ext.dispatch import Dispatch
+from celery_ext.lifecycle import DUE
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.router import router_of
 from celery_ext.storage import retention
+from celery_ext.storage.base import Fence
 from celery_ext.transport import is_redis_url, redis_py_url
 
 if TYPE_CHECKING:
@@ -105,6 +117,14 @@ class LeaderLease:
         return held.decode() if isinstance(held, bytes) else held
 
 
+class Deposed(Exception):
+    """Storage refused this leader's write: a newer leader recorded a newer fencing token."""
+
+    def __init__(self, fence: int, newest: int) -> None:
+        super().__init__(f"a newer leader holds fencing token {newest} (this one has {fence}): its writes are refused")
+        self.fence, self.newest = fence, newest
+
+
 @dataclass
 class TickReport:
     leader: bool
@@ -112,6 +132,7 @@ class TickReport:
     offline_workers: list[str] = field(default_factory=list)
     moved_messages: int = 0
     recovered: list[str] = field(default_factory=list)
+    due: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
     purged: dict[str, Any] | None = None
@@ -132,6 +153,8 @@ class Scheduler:
         if self.lease is None:
             logger.warning("no Redis worker registry: this scheduler leads alone (run only one)")
         self.fence = 0
+        self.fence_name = f"scheduler:{rt.config.app.name}"[:64]
+        self.refused = 0  # rounds cut short because storage refused a write as deposed
         self._last_purge: float | None = None
         self._lost_before: datetime | None = None
         broker = str(rt.celery.conf.broker_url)
@@ -144,18 +167,46 @@ class Scheduler:
         if not report.leader:
             return report
         for name, duty in (
+            ("fence", self._record_fence),
             ("offline workers", self._offline),
             ("expired leases", self._leases),
+            ("due tasks", self._due),
             ("unpublished tasks", self._unpublished),
             ("lost messages", self._lost_messages),
             ("retention", self._retention),
         ):
             try:
                 duty(report)
+            except Deposed as exc:
+                # Paused past the lease while another took over: stop at once, lead no more.
+                logger.warning("scheduler %s: %s failed: %s", self.holder, name, exc)
+                report.errors.append(f"{name}: deposed: {exc}")
+                report.leader = False
+                self._deposed(exc)
+                break
             except Exception as exc:  # noqa: BLE001 - one failing duty (a server away) must not stop the others
                 logger.warning("scheduler: %s failed: %s: %s", name, exc.__class__.__name__, exc)
                 report.errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
         return report
+
+    @property
+    def fenced(self) -> Fence:
+        """This leader's fence, for the writes only a leader may make."""
+        return Fence(self.fence_name, self.fence)
+
+    def check_fence(self) -> None:
+        """Raise ``Deposed`` if storage holds a newer fencing token than ours (after a write was
+        refused, to tell that from a record that merely moved on)."""
+        newest = self.rt.storage.fences.current(self.fence_name)
+        if newest > self.fence:
+            raise Deposed(self.fence, newest)
+
+    def _deposed(self, exc: Deposed) -> None:
+        self.refused += 1
+        self.fence = 0
+        notify = getattr(self.rt.extras.get("observer"), "leader_changed", None)
+        if notify is not None:
+            notify(self.holder, False, fence=exc.fence)
 
     def run(self, stop: threading.Event) -> None:
         """Tick every ``scheduler.interval`` until ``stop`` is set; then give the lease up."""
@@ -200,13 +251,55 @@ class Scheduler:
         self.fence = fence
         return fence
 
+    def _record_fence(self, report: TickReport) -> None:
+        newest = self.rt.storage.fences.advance(self.fenced)
+        if newest > self.fence:
+            raise Deposed(self.fence, newest)
+
     def _offline(self, report: TickReport) -> None:
         for worker, moved in recover_offline_workers(self.rt):
             report.offline_workers.append(worker.id)
             report.moved_messages += moved
 
     def _leases(self, report: TickReport) -> None:
-        report.recovered = recover_expired_leases(self.rt)
+        report.recovered = recover_expired_leases(self.rt, fence=self.fenced, check=self.check_fence)
+
+    def _due(self, report: TickReport) -> None:
+        """Publish the records waiting in storage whose ``run_at`` has come (within
+        ``max_countdown``, the rest as a countdown), batch by batch, for at most a few rounds'
+        time so that the other duties are not starved."""
+        ahead = timedelta(seconds=self.config.max_countdown)
+        budget = time.monotonic() + max(5.0, 5 * self.config.interval)
+        lifecycle, dispatcher = self.rt.lifecycle, self.rt.dispatcher
+        while True:
+            now = utcnow()
+            batch = self.rt.storage.tasks.scan(DUE, due_before=now + ahead, limit=self.config.due_batch)
+            if not batch:
+                return
+            token, moved = lifecycle.due(batch, fence=self.fenced)
+            if not moved:
+                self.check_fence()
+                return  # all moved on meanwhile (cancelled, started)
+            dispatches = [
+                Dispatch(t, token, t.attempt + 1, countdown=_until(t.run_at, now), queued_at=now) for t in moved
+            ]
+            try:
+                dispatcher.publish_many(dispatches)
+            except Exception:
+                lifecycle.undue([(t, orig.status) for t, orig in zip(moved, _originals(batch, moved), strict=True)])
+                raise
+            self._due_lag(moved, now)
+            report.due.extend(t.task_id for t in moved)
+            if len(batch) < self.config.due_batch or time.monotonic() > budget:
+                return
+
+    def _due_lag(self, tasks: list[Any], now: datetime) -> None:
+        observe = getattr(self.rt.extras.get("metrics"), "due_lag", None)
+        if observe is None:
+            return
+        for t in tasks:
+            if t.run_at is not None:
+                observe(max(0.0, (now - t.run_at).total_seconds()))
 
     def _unpublished(self, report: TickReport) -> None:
         """The outbox case: a PENDING record nobody published.  A fresh dispatch token first, so
@@ -216,8 +309,9 @@ class Scheduler:
         for task in self.rt.storage.tasks.scan((TaskStatus.PENDING,), updated_before=cutoff, limit=100):
             if task.lease_until is not None and task.lease_until > now:
                 continue  # a manual retry waiting for a cancelled run to end (lifecycle.reopen)
-            token = self.rt.lifecycle.fresh_token(task)
+            token = self.rt.lifecycle.fresh_token(task, fence=self.fenced)
             if token is None:
+                self.check_fence()
                 continue  # published, started or cancelled meanwhile
             self.rt.manager.publish_pending(task.replace(dispatch_token=token))
             report.published.append(task.task_id)
@@ -241,18 +335,18 @@ class Scheduler:
             )
         if self._lost_before is None:
             return
-        scans = (
-            (TaskStatus.QUEUED, None),
-            (TaskStatus.RETRYING, None),
-            (TaskStatus.SCHEDULED, now + timedelta(days=36600)),
-        )  # chain steps (run_at empty) wait
+        # Messages were waiting for QUEUED records and for retries published with a countdown
+        # (RETRYING without run_at); the rest of the delayed work waits in storage, not the broker.
         done = True
-        for status, due in scans:
-            batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, due_before=due, limit=500)
+        for status in (TaskStatus.QUEUED, TaskStatus.RETRYING):
+            batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, limit=500)
             done = done and len(batch) < 500
             for task in batch:
-                token = self.rt.lifecycle.fresh_token(task)
+                if status is TaskStatus.RETRYING and task.run_at is not None:
+                    continue  # held in storage: the due duty publishes it
+                token = self.rt.lifecycle.fresh_token(task, fence=self.fenced)
                 if token is None:
+                    self.check_fence()
                     continue  # it moved on meanwhile
                 wait = (task.run_at - now).total_seconds() if task.run_at else 0.0
                 self.rt.runner.publish(
@@ -273,3 +367,13 @@ class Scheduler:
             return
         self._last_purge = now
         report.purged = retention.purge(self.rt.storage, policy, max_batches=10).to_dict()
+
+
+def _until(when: datetime | None, now: datetime) -> float | None:
+    wait = (when - now).total_seconds() if when is not None else 0.0
+    return wait if wait > 0 else None
+
+
+def _originals(batch: list[Any], moved: list[Any]) -> list[Any]:
+    by_id = {t.task_id: t for t in batch}
+    return [by_id[t.task_id] for t in moved]

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
 from celery.signals import task_unknown, worker_process_init, worker_process_shutdown
 
 from celery_ext import tasklog
+from celery_ext.config import Config
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import runtime_of
 from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
 from celery_ext.plugins.host import install_plugin_host
 from celery_ext.routing.heartbeat import install_routing
+from celery_ext.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from celery_ext.factory import Runtime
 
 logger = logging.getLogger("celery_ext.worker")
 
@@ -34,6 +40,7 @@ class CeleryExtStep(bootsteps.StartStopStep):
         rt = runtime_of(worker.app)
         rt.runner.incarnation = new_incarnation()  # before the pool forks: children share it
         self.keeper: LeaseKeeper | None = None
+        self.scheduler: InWorkerScheduler | None = None
         # Only a worker needs the users' task modules (clients build the same executors and
         # tolerate a failed import); a worker must be able to run every type it advertises.
         problems = rt.executors.worker_problems()
@@ -57,13 +64,47 @@ class CeleryExtStep(bootsteps.StartStopStep):
         )
         self.keeper = LeaseKeeper(rt, worker.pool)
         self.keeper.start()
+        if scheduler_in_worker(rt.config):
+            self.scheduler = InWorkerScheduler(rt)
+            self.scheduler.start()
 
     def stop(self, worker: Any) -> None:
         if self.keeper is not None:
             self.keeper.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         rt = runtime_of(worker.app)
         rt.executors.close()
         rt.storage.close()
+
+
+def scheduler_in_worker(config: Config) -> bool:
+    """``scheduler.in_worker``: "auto" runs one on the embedded default (no ``broker.url``)."""
+    wanted = config.scheduler.in_worker
+    return config.scheduler.enabled and (not config.broker.url if wanted == "auto" else bool(wanted))
+
+
+class InWorkerScheduler:
+    """A scheduler in a thread of the worker's main process (``scheduler.in_worker``); it stands
+    by unless elected, like a scheduler process, and gives the lease up when the worker stops."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.scheduler = Scheduler(rt)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="celery_ext-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.scheduler.run(self._stop)
+        except Exception:  # noqa: BLE001 - the worker goes on; its tasks do not depend on this thread
+            logger.exception("the in-worker scheduler stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
 
 
 def _redact(url: str) -> str:

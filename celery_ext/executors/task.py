@@ -10,11 +10,12 @@ what a pool child cannot: a hard time limit, or the child's death.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 
@@ -153,6 +154,13 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             rt.lifecycle.fail_waiting(chain_ids(self.request.chain), outcome.task, why)
         if outcome.kind == "failed" and error is not None:
             raise TaskFailed.of(error.reason, error.message)
+        if outcome.kind == "retry" and error is not None and outcome.task is not None and outcome.held:
+            # Celery's RETRY (state, task-retried event, message acked) without the ETA message
+            # Task.retry would publish: the next attempt waits in storage (RETRYING with run_at)
+            # and the scheduler's leader publishes it when due.
+            raise Retry(
+                exc=TaskFailed.of(error.reason, error.message), when=utcnow() + timedelta(seconds=outcome.delay)
+            )
         if outcome.kind == "retry" and error is not None and outcome.task is not None:
             t = outcome.task
             header = ExtHeader(outcome.token or "", t.attempt + 1, t.run, t.max_retries, utcnow(), t.idempotency_key)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from celery_ext.model import TaskStatus
@@ -91,17 +89,21 @@ def test_cancel_before_start_never_runs(make_cluster) -> None:
     m = c.manager
     key = unique("cancelled:")
     queued = m.submit("record", {"key": key, "value": "ran"})
+    # Up to scheduler.max_countdown (1 s) a delay is a Celery countdown on a published message.
     delayed = m.submit("record", {"key": key, "value": "ran-delayed"}, delay=1.0)
-    assert delayed.status is TaskStatus.SCHEDULED
-    assert m.cancel(queued.task_id).status is TaskStatus.CANCELLED
-    assert m.cancel(delayed.task_id).status is TaskStatus.CANCELLED
+    assert delayed.status is TaskStatus.QUEUED and delayed.run_at is not None
+    # Longer, the task waits in storage for the scheduler; no message exists yet.
+    held = m.submit("record", {"key": key, "value": "ran-held"}, delay=5.0)
+    assert held.status is TaskStatus.SCHEDULED
+    for t in (queued, delayed, held):
+        assert m.cancel(t.task_id).status is TaskStatus.CANCELLED
     c.worker()
-    marker = m.submit("record", {"key": key, "value": "marker"}, delay=1.5)
+    marker = m.submit("record", {"key": key, "value": "marker"}, delay=1.0)
     assert m.wait(marker.task_id, 30).status is TaskStatus.SUCCEEDED
     assert r().lrange(key, 0, -1) == ["marker"]
-    assert m.get(queued.task_id).status is TaskStatus.CANCELLED
-    assert m.get(delayed.task_id).status is TaskStatus.CANCELLED
-    assert m.get(queued.task_id).started_at is None
+    for t in (queued, delayed, held):
+        record = m.get(t.task_id)
+        assert record.status is TaskStatus.CANCELLED and record.started_at is None
 
 
 def test_log_capture_is_capped_per_task(make_cluster) -> None:

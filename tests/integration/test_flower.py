@@ -250,7 +250,8 @@ def test_retries_are_counted(flower_cluster: tuple[Cluster, FlowerProcess]) -> N
 def test_cancelled_task_is_revoked(flower_cluster: tuple[Cluster, FlowerProcess]) -> None:
     cluster, flower = flower_cluster
     m = cluster.manager
-    task_id = m.submit("echo", {"never": "runs"}, delay=2).task_id
+    # A countdown message (a longer delay waits in storage, and Flower hears of it only when due).
+    task_id = m.submit("echo", {"never": "runs"}, delay=1).task_id
     m.cancel(task_id)
     task = flower_task(flower, task_id, ("SUCCESS", "FAILURE", "REVOKED"))
     assert task["state"] == "REVOKED", task
