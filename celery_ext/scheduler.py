@@ -117,6 +117,10 @@ class LeaderLease:
         return held.decode() if isinstance(held, bytes) else held
 
 
+#: Batches of due records one round publishes at most (``scheduler.due_batch`` each).
+MAX_DUE_BATCHES = 20
+
+
 class Deposed(Exception):
     """Storage refused this leader's write: a newer leader recorded a newer fencing token."""
 
@@ -170,9 +174,10 @@ class Scheduler:
             ("fence", self._record_fence),
             ("offline workers", self._offline),
             ("expired leases", self._leases),
+            # First: on a broker that lost its data, what this round publishes is not lost.
+            ("lost messages", self._lost_messages),
             ("due tasks", self._due),
             ("unpublished tasks", self._unpublished),
-            ("lost messages", self._lost_messages),
             ("retention", self._retention),
         ):
             try:
@@ -266,12 +271,11 @@ class Scheduler:
 
     def _due(self, report: TickReport) -> None:
         """Publish the records waiting in storage whose ``run_at`` has come (within
-        ``max_countdown``, the rest as a countdown), batch by batch, for at most a few rounds'
-        time so that the other duties are not starved."""
+        ``max_countdown``, the rest as a countdown), batch by batch, at most ``MAX_DUE_BATCHES``
+        a round so that the other duties are not starved."""
         ahead = timedelta(seconds=self.config.max_countdown)
-        budget = time.monotonic() + max(5.0, 5 * self.config.interval)
         lifecycle, dispatcher = self.rt.lifecycle, self.rt.dispatcher
-        while True:
+        for _ in range(MAX_DUE_BATCHES):
             now = utcnow()
             batch = self.rt.storage.tasks.scan(DUE, due_before=now + ahead, limit=self.config.due_batch)
             if not batch:
@@ -290,7 +294,7 @@ class Scheduler:
                 raise
             self._due_lag(moved, now)
             report.due.extend(t.task_id for t in moved)
-            if len(batch) < self.config.due_batch or time.monotonic() > budget:
+            if len(batch) < self.config.due_batch:
                 return
 
     def _due_lag(self, tasks: list[Any], now: datetime) -> None:

@@ -17,6 +17,7 @@ from celery_ext.events.base import SCHEDULER_LEADER_CHANGED, Event
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.scheduler import LeaderLease, Scheduler
 from tests.conftest import TEST_TASKS, Cluster
+from tests.support.schedulers import SchedulerProcess
 from tests.support.scrape import poll
 from tests.support.services import unique
 from tests.support.workers import subprocess_env
@@ -26,36 +27,6 @@ pytestmark = pytest.mark.timeout(180)
 # Offline after 2s without a heartbeat; a killed task's lease runs out after 2s.
 FAST = {"heartbeat_interval": 0.5, "offline_after": 2, "task_lease": 2}
 FAST_SCHEDULER = {"interval": 0.2, "leader_lease": 1.5, "publish_grace": 1}
-
-
-class SchedulerProcess:
-    def __init__(self, cluster: Cluster, *extra: str) -> None:
-        self.log_path = cluster.tmp_path / f"scheduler-{unique('s')}.log"
-        self.args = [sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "-l", "INFO", *extra]
-        self.env = subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path))
-        self.cwd = cluster.tmp_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> SchedulerProcess:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
-        def shown() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, f"scheduler exited:\n{self.log()}"
-            return needle in self.log()
-
-        poll(shown, timeout, f"{needle!r} in the scheduler log")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(20)
 
 
 def test_one_holder_leads_renews_hands_over_and_fences(redis_url: str) -> None:

@@ -1,0 +1,45 @@
+"""``celery -A celery_ext scheduler`` as a process of a test cluster, with its log."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from tests.support.scrape import poll
+from tests.support.services import unique
+from tests.support.workers import subprocess_env
+
+if TYPE_CHECKING:
+    from tests.conftest import Cluster
+
+
+class SchedulerProcess:
+    def __init__(self, cluster: Cluster, *extra: str) -> None:
+        self.log_path = cluster.tmp_path / f"scheduler-{unique('s')}.log"
+        self.args = [sys.executable, "-m", "celery", "-A", "celery_ext", "scheduler", "-l", "INFO", *extra]
+        self.env = subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path))
+        self.cwd = cluster.tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SchedulerProcess:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
+        def shown() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"scheduler exited:\n{self.log()}"
+            return needle in self.log()
+
+        poll(shown, timeout, f"{needle!r} in the scheduler log")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(20)
