@@ -70,3 +70,23 @@ def test_embedded_commands_refuse_a_configured_broker(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"broker": {"url": "redis://127.0.0.1:6379/0"}})
     res = cli(config, "embedded", "status")
     assert res.returncode == 2 and "broker.url is set" in res.stderr
+
+
+def test_delayed_tasks_run_on_the_embedded_default_with_only_a_worker(tmp_path: Path) -> None:
+    """The worker runs a scheduler thread on the embedded default (scheduler.in_worker: auto):
+    a delay longer than scheduler.max_countdown waits in storage and still runs, no other command."""
+    config = write_config(tmp_path, {"app": {"name": unique("emb")}, "executors": TEST_TASKS})
+    worker = WorkerProcess(config, concurrency=1)
+    try:
+        worker.start()
+        res = cli(config, "submit", "echo", '{"later": true}', "--delay", "3", "--json")
+        assert res.returncode == 0, res.stderr
+        submitted = json.loads(res.stdout)
+        assert submitted["status"] == "scheduled"
+        done = cli(config, "wait", submitted["task_id"], "--timeout", "30", "--json")
+        assert done.returncode == 0, done.stderr
+        record = json.loads(done.stdout)
+        assert record["status"] == "succeeded" and record["result"] == {"later": True}
+        assert record["started_at"] >= record["run_at"]
+    finally:
+        worker.stop()
