@@ -29,10 +29,11 @@ Every error, an unknown route and a wrong method included, is ``{"error": {"code
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response, Security
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -441,8 +443,17 @@ class ErrorRoute(APIRoute):
 
 
 def create_api(rt: Runtime) -> FastAPI:
+    """The API over ``rt``; the app owns it: its shutdown closes ``rt`` (``Runtime.close``), so the
+    events of the last requests are sent before the process exits."""
     settings = rt.config.api
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(rt.close)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="celery_ext",
         version=__version__,
         openapi_url="/openapi.json",

@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,13 @@ from celery_ext.executors.pool import ExecutorSet
 from celery_ext.executors.task import register_task_types
 from celery_ext.lifecycle import Lifecycle
 from celery_ext.manager import TaskManager
-from celery_ext.routing.router import TaskRouter, registry_url_for
+from celery_ext.routing.router import TaskRouter, registry_url_for, router_of
 from celery_ext.runner import TaskRunner
 from celery_ext.storage import Storage, open_storage
 from celery_ext.transport import install as install_transport
 from celery_ext.transport import is_redis_url
+
+logger = logging.getLogger("celery_ext")
 
 
 @dataclass
@@ -44,10 +49,42 @@ class Runtime:
     runner: TaskRunner
     manager: TaskManager
     extras: dict[str, Any] = field(default_factory=dict)
+    closed: bool = field(default=False, init=False, repr=False)
 
     @property
     def data_dir(self) -> Path:
         return self.config.data_dir
+
+    def close(self, timeout: float = 5.0) -> None:
+        """The end of a process that used this runtime (the CLI, the REST API, the scheduler, a
+        program that submits tasks): send the events still queued (up to ``timeout`` seconds),
+        then release connections: event transport, completion listener, router, executors,
+        storage pools, the broker connection pool.  Idempotent; a failing part is logged and the
+        others still close.  A worker's parts are closed by its bootsteps (``worker.py``)."""
+        if self.closed:
+            return
+        self.closed = True
+        parts: list[tuple[str, Callable[[], object]]] = []
+        bus = self.extras.get("events")
+        if bus is not None:
+            parts.append(("event bus", functools.partial(bus.close, timeout)))
+        parts += [
+            ("completion listener", self.lifecycle.completion.close),
+            ("router", lambda: router_of(self.celery).close()),
+            ("executors", self.executors.close),
+            ("storage", self.storage.close),
+            ("broker connections", self._close_broker_pool),
+        ]
+        for name, close in parts:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - close the other parts anyway
+                logger.exception("closing the %s failed", name)
+
+    def _close_broker_pool(self) -> None:
+        pool = getattr(self.celery, "_pool", None)  # Celery makes its pool on first publish
+        if pool is not None:
+            pool.force_close_all()
 
 
 def broker_for(config: Config) -> tuple[str, dict[str, Any]]:

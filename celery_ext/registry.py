@@ -119,11 +119,11 @@ EVENT_BUSES = ExtensionPoint(
     "event bus",
     "celery_ext.eventbus",
     {
-        "local": "celery_ext.events.local:LocalEventBus",
-        "kombu": "celery_ext.events.kombu:KombuEventBus",
-        "redis": "celery_ext.events.redis:RedisEventBus",
+        "local": "celery_ext.events.local:LocalTransport",
+        "kombu": "celery_ext.events.kombu:KombuTransport",
+        "redis": "celery_ext.events.redis:RedisTransport",
     },
-    "celery_ext.events:EventBus",
+    "celery_ext.events.transport:Transport",
 )
 PLUGINS = ExtensionPoint(
     "plugin",

@@ -21,7 +21,6 @@ what was applied and what waits for a restart.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ from celery import bootsteps
 
 from celery_ext.config import Config, YamlConfigLoader
 from celery_ext.executors.task import runtime_of
-from celery_ext.routing.heartbeat import seat_of
+from celery_ext.routing.heartbeat import config_version, seat_of
 from celery_ext.routing.router import build_balancer, router_of
 
 logger = logging.getLogger("celery_ext.reload")
@@ -161,8 +160,7 @@ class ConfigWatchStep(bootsteps.StartStopStep):
             )
             seat = seat_of(worker.app)
             if seat is not None:
-                version = hashlib.sha1(reloader.running.model_dump_json().encode()).hexdigest()[:12]  # noqa: S324
-                seat.info = dataclasses.replace(seat.info, config_version=version)
+                seat.info = dataclasses.replace(seat.info, config_version=config_version(reloader.running))
             notify = getattr(rt.extras.get("observer"), "config_reloaded", None)
             if notify is not None:
                 notify(worker.hostname, applied=applied, restart_needed=restart)

@@ -24,11 +24,20 @@ class CommandError(Exception):
 
 
 def runtime(args: argparse.Namespace) -> Runtime:
-    from celery_ext.factory import create_app
+    """The command's runtime, built on first use; ``main`` closes it when the command ends
+    (``close_runtime``), so the events it published are sent before the process exits."""
+    rt: Runtime | None = getattr(args, "runtime", None)
+    if rt is None:
+        from celery_ext.factory import create_app
 
-    app = create_app(config_path=args.config)
-    rt: Runtime = app.celery_ext  # type: ignore[attr-defined]
+        rt = args.runtime = create_app(config_path=args.config).celery_ext  # type: ignore[attr-defined]
     return rt
+
+
+def close_runtime(args: argparse.Namespace) -> None:
+    rt: Runtime | None = getattr(args, "runtime", None)
+    if rt is not None:
+        rt.close()
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

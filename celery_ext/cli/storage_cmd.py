@@ -6,11 +6,13 @@ They open only the task store named by ``storage`` in the config (no broker need
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from celery_ext.cli.common import EXIT_OK, add_json, print_json, print_table
 from celery_ext.config import Config, load_config
 from celery_ext.storage import Storage, open_storage
+from celery_ext.storage.base import TaskMaintenance, missing_capability
 
 
 def register(sub: Any) -> None:
@@ -63,7 +65,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         storage.ping()
         version, latest = storage.schema_version()
-        counts = None if args.no_counts or version is None else storage.tasks.count_by_status()
+        counts = None
+        if not args.no_counts and version is not None:
+            if isinstance(storage.tasks, TaskMaintenance):
+                counts = storage.tasks.count_by_status()
+            else:
+                need = "counting records by status (--no-counts skips it)"
+                print(f"note: {missing_capability(storage, storage.tasks, TaskMaintenance, need)}", file=sys.stderr)
     finally:
         storage.close()
     state = "empty" if version is None else ("up to date" if version >= latest else "migration needed")

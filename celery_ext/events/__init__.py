@@ -1,14 +1,16 @@
-"""Events: ``Event``, the ``EventBus`` ABC, and ``build_event_bus(config)``.
+"""Events: ``Event`` (the model), ``EventBus`` (the one bus class), the ``Transport`` ABC that
+moves events between processes, and ``build_event_bus(config)``.
 
-Built-in buses (``events.type``): ``local`` (in process), ``kombu`` (fanout exchange on the
-broker), ``redis`` (Redis Streams with consumer groups).  Third parties register a bus under the
-``celery_ext.eventbus`` entry-point group or are named as ``module:Class``.
+Built-in transports (``events.type``): ``local`` (in process), ``kombu`` (fanout exchange on the
+broker), ``redis`` (Redis Streams with consumer groups).  Third parties subclass ``Transport`` and
+register it under the ``celery_ext.eventbus`` entry-point group or name it as ``module:Class``.
 """
 
 from __future__ import annotations
 
 from celery_ext.config import Config
-from celery_ext.events.base import (
+from celery_ext.events.base import EventBus
+from celery_ext.events.model import (
     ALL,
     CONFIG_RELOADED,
     EVENT_TYPES,
@@ -23,9 +25,9 @@ from celery_ext.events.base import (
     WORKER_OFFLINE,
     WORKER_ONLINE,
     Event,
-    EventBus,
     Handler,
 )
+from celery_ext.events.transport import Receive, Transport
 
 __all__ = [
     "ALL",
@@ -44,14 +46,17 @@ __all__ = [
     "Event",
     "EventBus",
     "Handler",
+    "Receive",
+    "Transport",
     "build_event_bus",
 ]
 
 
 def build_event_bus(config: Config, broker_url: str) -> EventBus:
-    """The bus named by ``events.type``; builds no connection (they open on first use)."""
+    """A bus over the transport named by ``events.type``; builds no connection (they open on
+    first use)."""
     from celery_ext.registry import EVENT_BUSES
 
     cls = EVENT_BUSES.resolve(config.events.type, "events.type")
-    bus: EventBus = cls(config.events.config, app_name=config.app.name, broker_url=broker_url)
-    return bus
+    transport: Transport = cls(config.events.config, app_name=config.app.name, broker_url=broker_url)
+    return EventBus(transport)

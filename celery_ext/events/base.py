@@ -1,19 +1,21 @@
-"""``Event`` and the ``EventBus`` ABC: publish off the hot path, handlers on a background thread.
+"""``EventBus``, the one bus class: publish off the hot path, handlers on a background thread.
 
-A bus does three things per process:
-  * ``publish(event)`` only enqueues; a sender thread hands batches to the transport (``_send``),
-    so a slow or absent broker never slows a task down (a full outbox drops and counts).
-  * handlers subscribed in this process get this process's own events (``local``) and, unless
-    ``local_only``, events from other processes via the transport's listener thread (``_listen``).
+A bus carries ``Event``s (``celery_ext.events.model``) over a ``Transport``
+(``celery_ext.events.transport``: ``local``, ``kombu``, ``redis`` or a third party's), and does
+three things per process:
+  * ``publish(event)`` only enqueues; a sender thread hands batches to ``transport.send``, so a
+    slow or absent broker never slows a task down (a full outbox drops and counts).
+  * handlers subscribed in this process get this process's own events and, unless
+    ``local_only``, events from other processes via ``transport.listen`` on a listener thread.
   * a failing handler is logged and counted in ``stats``; it never reaches the publisher.
 
 Threads and connections are per process: after a fork they are rebuilt on first use.
+``close()`` sends what is still queued first: a producer that exits right after publishing
+(``Runtime.close``) loses no event.
 """
 
 from __future__ import annotations
 
-import abc
-import json
 import logging
 import os
 import queue
@@ -21,81 +23,25 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from celery_ext.events.local import LocalTransport
+from celery_ext.events.model import ALL, Event, Handler
+from celery_ext.events.transport import Transport
 
 logger = logging.getLogger("celery_ext.events")
 
-TASK_CREATED = "task_created"
-TASK_QUEUED = "task_queued"
-TASK_STARTED = "task_started"
-TASK_RETRYING = "task_retrying"
-TASK_COMPLETED = "task_completed"
-TASK_FAILED = "task_failed"
-TASK_CANCELLED = "task_cancelled"
-WORKER_ONLINE = "worker_online"
-WORKER_OFFLINE = "worker_offline"
-SCHEDULER_LEADER_CHANGED = "scheduler_leader_changed"
-CONFIG_RELOADED = "config_reloaded"
-EVENT_TYPES = frozenset(
-    {
-        TASK_CREATED,
-        TASK_QUEUED,
-        TASK_STARTED,
-        TASK_RETRYING,
-        TASK_COMPLETED,
-        TASK_FAILED,
-        TASK_CANCELLED,
-        WORKER_ONLINE,
-        WORKER_OFFLINE,
-        SCHEDULER_LEADER_CHANGED,
-        CONFIG_RELOADED,
-    }
-)
-ALL = "*"  # subscribe to every event type
 
-Handler = Callable[["Event"], None]
+def __getattr__(name: str) -> Any:
+    """The event model's names (``Event``, ``TASK_CREATED``, ...), for code that imports them from
+    here, where they were before the model got a module of its own (``celery_ext.events.model``)."""
+    from celery_ext.events import model
 
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    type: str
-    task_id: str | None = None
-    worker_id: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    timestamp: float = field(default_factory=time.time)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "task_id": self.task_id,
-            "worker_id": self.worker_id,
-            "data": self.data,
-            "timestamp": self.timestamp,
-            "id": self.id,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Event:
-        if not isinstance(d.get("type"), str):
-            raise ValueError(f"not an event: {dict(d)!r:.200}")
-        return cls(
-            d["type"],
-            d.get("task_id"),
-            d.get("worker_id"),
-            dict(d.get("data") or {}),
-            float(d.get("timestamp") or time.time()),
-            str(d.get("id") or uuid.uuid4().hex),
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Event:
-        return cls.from_dict(json.loads(text))
+    if name.startswith("_") or not hasattr(model, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(model, name)
 
 
 @dataclass
@@ -111,22 +57,15 @@ class BusStats:
 _STOP = object()
 
 
-class EventBus(abc.ABC):
-    """Base of every bus.  Subclasses implement ``_send`` and, to receive remote events, ``_listen``."""
+class EventBus:
+    """Publishes and subscribes over ``transport`` (default: a ``LocalTransport``, events stay
+    in this process).  ``build_event_bus(config, broker_url)`` builds the configured one."""
 
-    name = "abstract"
-    transports = True  # False: events stay in this process (the local bus)
     max_outbox = 10000
-    # After the first event of a batch, wait this long for more: one send then carries the events
-    # of many tasks, which costs a busy process far less than one send per event.
-    linger = 0.05
 
-    def __init__(
-        self, config: Mapping[str, Any] | None = None, *, app_name: str = "celery_ext", broker_url: str = ""
-    ) -> None:
-        self.config = dict(config or {})
-        self.app_name = app_name
-        self.broker_url = broker_url
+    def __init__(self, transport: Transport | None = None) -> None:
+        self.transport = transport if transport is not None else LocalTransport()
+        self.name = self.transport.name
         self.stats = BusStats()
         self.origin = uuid.uuid4().hex  # tells this bus's own events apart when they come back
         self._handlers: dict[str, list[tuple[Handler, bool]]] = {}
@@ -150,7 +89,7 @@ class EventBus(abc.ABC):
         self._ensure_threads()
         self.stats.published += 1
         try:
-            if self.transports or self._forward is not None:
+            if self.transport.remote or self._forward is not None:
                 self._outbox.put_nowait(event)
             if event.type in self._handlers or ALL in self._handlers:
                 self._inbox.put_nowait((event, None, False))
@@ -216,21 +155,10 @@ class EventBus(abc.ABC):
         self._stop.set()
         self._outbox.put(_STOP)  # type: ignore[arg-type]
         self._inbox.put((_STOP, None, False))
-        self._close_transport()
+        self.transport.close()
         self._closed = True
 
-    # --- transport hooks --------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def _send(self, events: list[Event]) -> None:
-        """Put ``events`` on the transport (called on the sender thread)."""
-
-    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
-        """Receive remote events until ``stop``; call ``self._received`` for each; set ``ready``."""
-        ready.set()
-
-    def _close_transport(self) -> None:  # noqa: B027 - optional hook
-        """Release connections (called on close)."""
+    # --- what the transport hands in --------------------------------------------------------
 
     def _received(self, event: Event, origin: str | None, ack: Callable[[], None] | None = None) -> None:
         if origin == self.origin:
@@ -256,15 +184,12 @@ class EventBus(abc.ABC):
             # Handlers subscribed in a parent process belong to it (a pool child must not run the
             # main process's plugins a second time).
             self._handlers = {}
-            self._after_fork()
+            self.transport.after_fork()
             threading.Thread(target=self._send_loop, name=f"celery_ext-events-{self.name}-send", daemon=True).start()
             threading.Thread(
                 target=self._handle_loop, name=f"celery_ext-events-{self.name}-handle", daemon=True
             ).start()
             self._pid = os.getpid()
-
-    def _after_fork(self) -> None:  # noqa: B027 - optional hook
-        """Drop connections inherited from a parent process (their sockets are shared)."""
 
     def _ensure_listener(self) -> None:
         with self._lock:
@@ -283,7 +208,7 @@ class EventBus(abc.ABC):
         delay = 0.5
         while not self._stop.is_set():
             try:
-                self._listen(self._stop, ready)
+                self.transport.listen(self._received, self._stop, ready)
                 return
             except Exception as exc:  # noqa: BLE001 - a broker outage must not end the listener
                 logger.warning("event bus %s: listener error, reconnecting in %.1fs: %s", self.name, delay, exc)
@@ -294,8 +219,9 @@ class EventBus(abc.ABC):
         outbox = self._outbox
         while True:
             batch = [outbox.get()]
-            if self.linger and batch[0] is not _STOP and not self._stop.is_set():
-                self._stop.wait(self.linger)
+            linger = self.transport.linger
+            if linger and batch[0] is not _STOP and not self._stop.is_set():
+                self._stop.wait(linger)
             while len(batch) < 500:
                 try:
                     batch.append(outbox.get_nowait())
@@ -318,8 +244,8 @@ class EventBus(abc.ABC):
                 for event in events:
                     if self._wants(event.type):
                         self._forward(event)
-            if self.transports:
-                self._send(events)
+            if self.transport.remote:
+                self.transport.send(events, self.origin)
             self.stats.sent += len(events)
         except Exception as exc:  # noqa: BLE001 - events are best effort; tasks go on
             self.stats.send_errors += 1

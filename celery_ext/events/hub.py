@@ -20,7 +20,8 @@ import struct
 import threading
 from collections.abc import Iterable
 
-from celery_ext.events.base import ALL, EVENT_TYPES, Event, EventBus
+from celery_ext.events.base import EventBus
+from celery_ext.events.model import ALL, EVENT_TYPES, Event
 
 logger = logging.getLogger("celery_ext.events")
 

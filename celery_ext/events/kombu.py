@@ -1,4 +1,4 @@
-"""The ``kombu`` event bus: a fanout exchange on the configured broker (Redis or RabbitMQ).
+"""The ``kombu`` event transport: a fanout exchange on the configured broker (Redis or RabbitMQ).
 
 Every subscriber gets every event published after it subscribed.  On RabbitMQ a named ``queue``
 keeps events for a subscriber that is away; on Redis, fanout is pub/sub and an absent subscriber
@@ -13,16 +13,20 @@ Config keys (``events.config``):
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 from pydantic import BaseModel, ConfigDict
 
 from celery_ext.config import Duration, validate_section
-from celery_ext.events.base import Event, EventBus
+from celery_ext.events.model import Event
+from celery_ext.events.transport import Receive, Transport
+
+logger = logging.getLogger("celery_ext.events")
 
 
 class KombuBusSettings(BaseModel):
@@ -33,7 +37,7 @@ class KombuBusSettings(BaseModel):
     queue: str | None = None
 
 
-class KombuEventBus(EventBus):
+class KombuTransport(Transport):
     name = "kombu"
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -47,10 +51,10 @@ class KombuEventBus(EventBus):
         self._conn: Connection | None = None
         self._producer: Producer | None = None
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         self._conn = self._producer = None
 
-    def _send(self, events: list[Event]) -> None:
+    def send(self, events: Sequence[Event], origin: str) -> None:
         if self._producer is None:
             self._conn = Connection(self.url, transport_options={"confirm_publish": False})
             self._producer = Producer(self._conn.default_channel, exchange=self.exchange, serializer="json")
@@ -58,15 +62,15 @@ class KombuEventBus(EventBus):
         try:
             # One message per batch: under load this is one broker round trip for many events.
             self._producer.publish(
-                {"origin": self.origin, "events": [e.to_dict() for e in events]},
+                {"origin": origin, "events": [e.to_dict() for e in events]},
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2},
             )
         except Exception:
-            self._close_transport()  # reconnect on the next batch
+            self.close()  # reconnect on the next batch
             raise
 
-    def _close_transport(self) -> None:
+    def close(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
         if conn is not None:
             try:
@@ -74,7 +78,7 @@ class KombuEventBus(EventBus):
             except Exception:  # noqa: BLE001, S110 - closing a broken connection
                 pass
 
-    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+    def listen(self, receive: Receive, stop: threading.Event, ready: threading.Event) -> None:
         name = self.settings.queue or f"{self.exchange.name}.{uuid.uuid4().hex[:12]}"
         private = self.settings.queue is None
         queue = Queue(name, exchange=self.exchange, durable=not private, exclusive=private, auto_delete=private)
@@ -82,10 +86,8 @@ class KombuEventBus(EventBus):
         def on_message(body: Any, message: Any) -> None:
             try:
                 for item in body["events"]:
-                    self._received(Event.from_dict(item), body.get("origin"))
+                    receive(Event.from_dict(item), body.get("origin"), None)
             except (KeyError, TypeError, ValueError) as exc:
-                from celery_ext.events.base import logger
-
                 logger.warning("event bus kombu: malformed message dropped: %s", exc)
             message.ack()
 

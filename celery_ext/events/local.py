@@ -1,4 +1,4 @@
-"""The ``local`` event bus: events reach handlers in the publishing process only.
+"""The ``local`` transport: events reach handlers in the publishing process only.
 
 In a prefork worker, pool children forward their events to the worker's main process (see
 ``events.hub``), so plugins hosted there see every task of that worker.  No config keys.
@@ -6,12 +6,15 @@ In a prefork worker, pool children forward their events to the worker's main pro
 
 from __future__ import annotations
 
-from celery_ext.events.base import Event, EventBus
+from collections.abc import Sequence
+
+from celery_ext.events.model import Event
+from celery_ext.events.transport import Transport
 
 
-class LocalEventBus(EventBus):
+class LocalTransport(Transport):
     name = "local"
-    transports = False
+    remote = False
 
-    def _send(self, events: list[Event]) -> None:
+    def send(self, events: Sequence[Event], origin: str) -> None:
         """Nothing leaves the process."""

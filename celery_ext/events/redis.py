@@ -1,4 +1,4 @@
-"""The ``redis`` event bus: a Redis Stream, bounded with ``MAXLEN ~``.
+"""The ``redis`` event transport: a Redis Stream, bounded with ``MAXLEN ~``.
 
 Without ``group`` a subscriber reads events published after it subscribed.  With ``group`` it
 reads through a consumer group: a subscriber that was down gets what it missed on restart (as
@@ -16,17 +16,22 @@ Config keys (``events.config``):
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from celery_ext.config import Duration, validate_section
 from celery_ext.errors import ConfigError
-from celery_ext.events.base import Event, EventBus, logger
+from celery_ext.events.model import Event
+from celery_ext.events.transport import Receive, Transport
 from celery_ext.forksafe import fork_safe
+from celery_ext.transport import is_redis_url, redis_py_url
+
+logger = logging.getLogger("celery_ext.events")
 
 
 class RedisBusSettings(BaseModel):
@@ -39,7 +44,7 @@ class RedisBusSettings(BaseModel):
     consumer: str | None = None
 
 
-class RedisEventBus(EventBus):
+class RedisTransport(Transport):
     name = "redis"
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -47,11 +52,9 @@ class RedisEventBus(EventBus):
         self.settings = validate_section(RedisBusSettings, self.config, "events.config")
         self.linger = self.settings.linger
         url = self.settings.url or self.broker_url
-        if url.startswith("redis+socket://"):  # kombu's spelling, used by the embedded broker
-            url = "unix://" + url.removeprefix("redis+socket://")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if not (is_redis_url(url) or url.startswith("unix://")):  # kombu's or redis-py's spelling
             raise ConfigError(f"events.config.url: the redis event bus needs a Redis URL (got {url!r})")
-        self.url = url
+        self.url = redis_py_url(url)
         self.stream = self.settings.stream or f"{self.app_name}.events"
         self._client: Any = None
 
@@ -61,47 +64,49 @@ class RedisEventBus(EventBus):
         # fork_safe: the sender thread may be inside the pool when the worker forks a pool process.
         return fork_safe(redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=5))
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         self._client = None
 
-    def _send(self, events: list[Event]) -> None:
+    def send(self, events: Sequence[Event], origin: str) -> None:
         if self._client is None:
             self._client = self._redis()
         pipe = self._client.pipeline(transaction=False)
         for event in events:
             pipe.xadd(
                 self.stream,
-                {"origin": self.origin, "event": event.to_json()},
+                {"origin": origin, "event": event.to_json()},
                 maxlen=self.settings.maxlen,
                 approximate=True,
             )
         pipe.execute()
 
-    def _close_transport(self) -> None:
+    def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             client.close()
 
-    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+    def listen(self, receive: Receive, stop: threading.Event, ready: threading.Event) -> None:
         client = self._redis()
         try:
             if self.settings.group:
-                self._listen_group(client, self.settings.group, stop, ready)
+                self._listen_group(client, self.settings.group, receive, stop, ready)
             else:
-                self._listen_live(client, stop, ready)
+                self._listen_live(client, receive, stop, ready)
         finally:
             client.close()
 
-    def _listen_live(self, client: Any, stop: threading.Event, ready: threading.Event) -> None:
+    def _listen_live(self, client: Any, receive: Receive, stop: threading.Event, ready: threading.Event) -> None:
         last = self._last_id(client)
         ready.set()
         while not stop.is_set():
             for _stream, entries in client.xread({self.stream: last}, count=500, block=500) or ():
                 for entry_id, fields in entries:
                     last = entry_id
-                    self._take(fields)
+                    _take(receive, fields)
 
-    def _listen_group(self, client: Any, group: str, stop: threading.Event, ready: threading.Event) -> None:
+    def _listen_group(
+        self, client: Any, group: str, receive: Receive, stop: threading.Event, ready: threading.Event
+    ) -> None:
         import redis
 
         consumer = self.settings.consumer or socket.gethostname()
@@ -124,19 +129,20 @@ class RedisEventBus(EventBus):
             for entry_id, fields in entries:
                 if pending:
                     cursor = entry_id
-                self._take(fields, lambda i=entry_id: client.xack(self.stream, group, i))
+                _take(receive, fields, lambda i=entry_id: client.xack(self.stream, group, i))
 
     def _last_id(self, client: Any) -> Any:
         entries = client.xrevrange(self.stream, count=1)
         return entries[0][0] if entries else "0-0"
 
-    def _take(self, fields: Mapping[bytes, bytes], ack: Any = None) -> None:
-        try:
-            event = Event.from_json(fields[b"event"])
-        except (KeyError, ValueError) as exc:
-            logger.warning("event bus redis: malformed entry dropped: %s", exc)
-            if ack:
-                ack()
-            return
-        origin = fields.get(b"origin")
-        self._received(event, origin.decode() if origin else None, ack)
+
+def _take(receive: Receive, fields: Mapping[bytes, bytes], ack: Any = None) -> None:
+    try:
+        event = Event.from_json(fields[b"event"])
+    except (KeyError, ValueError) as exc:
+        logger.warning("event bus redis: malformed entry dropped: %s", exc)
+        if ack:
+            ack()
+        return
+    origin = fields.get(b"origin")
+    receive(event, origin.decode() if origin else None, ack)

@@ -25,6 +25,11 @@ reason ``invalid_payload``: that check happens here, in the worker.  Built-in ty
 ``@task_type`` returns a ``TaskFunction``: called directly it just runs the function (no worker,
 no storage), and it is also a Celery task (``.delay``, ``.apply_async``, ``.s``, ``.si``,
 ``.signature``, ``.name``, canvas) of the celery_ext app in use (``celery_ext.factory.current_app``).
+
+What an executor runs is its own table, ``PythonExecutor.functions`` (name -> function), fixed when
+it is built, as arq's ``Worker(functions=...)``: the built-ins, then what ``@task_type`` defined in
+this process once its ``modules`` were imported (``defined_functions()``), or exactly the
+``functions=`` it was given.
 """
 
 from __future__ import annotations
@@ -54,7 +59,14 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+# What ``@task_type`` defined in this process, by name.  This one table stays process-wide
+# because of what it serves: the decorator runs when a module is imported, before any executor
+# (or app) exists, and a module is imported once per process (importing it again for a second
+# executor runs nothing), so a definition can only be recorded where every later executor finds
+# it; and a second function under a name already taken is refused at definition time, which
+# needs every earlier definition.  Nothing executes from it: each ``PythonExecutor`` copies what
+# it runs into its own ``functions`` when it is built.
+_DEFINED: dict[str, Callable[..., Any]] = {}
 
 
 class TaskFunction(Generic[P, R]):
@@ -147,10 +159,10 @@ def task_type(name: str) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
     def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
         if isinstance(fn, TaskFunction):
             fn = fn.fn
-        existing = _REGISTRY.get(name)
+        existing = _DEFINED.get(name)
         if existing is not None and existing is not fn and _qualname(existing) != _qualname(fn):
             raise ConfigError(f"task type {name!r} is already registered by {_qualname(existing)}")
-        _REGISTRY[name] = fn
+        _DEFINED[name] = fn
         return TaskFunction(name, fn)
 
     return decorate
@@ -160,8 +172,9 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
-def registered_types() -> list[str]:
-    return sorted(_REGISTRY)
+def defined_functions() -> dict[str, Callable[..., Any]]:
+    """A copy of what ``@task_type`` has defined in this process so far, by name."""
+    return dict(_DEFINED)
 
 
 @task_type("echo")
@@ -215,24 +228,33 @@ class PythonExecutor(Executor):
     settings_model = PythonSettings
     accepts_args = True
 
-    def __init__(self, settings: ExecutorSettings | None = None) -> None:
+    def __init__(
+        self, settings: ExecutorSettings | None = None, *, functions: Iterable[TaskFunction[..., Any]] | None = None
+    ) -> None:
+        """``functions``: exactly the task functions to run (no module is imported then); by
+        default, after importing ``settings.modules``, every one defined in this process (the
+        built-ins ``echo`` and ``sleep`` among them)."""
         super().__init__(settings)
         assert isinstance(self.settings, PythonSettings)
         self.import_errors: dict[str, str] = {}
+        if functions is not None:
+            self.functions = {f.name: f.fn for f in functions}
+            return
         for module in self.settings.modules:
             error = import_module(module)
             if error is not None:
                 self.import_errors[module] = error
+        self.functions = defined_functions()
 
     @property
     def supported_task_types(self) -> list[str]:
         assert isinstance(self.settings, PythonSettings)
-        return sorted(set(registered_types()) | set(self.settings.task_types))
+        return sorted(set(self.functions) | set(self.settings.task_types))
 
     def worker_problems(self) -> list[str]:
         assert isinstance(self.settings, PythonSettings)
         problems = [f"modules: {error}" for error in self.import_errors.values()]
-        missing = sorted(set(self.settings.task_types) - set(_REGISTRY))
+        missing = sorted(set(self.settings.task_types) - set(self.functions))
         if missing and not self.import_errors:
             modules = ", ".join(self.settings.modules) or "none"
             problems.append(
@@ -242,7 +264,7 @@ class PythonExecutor(Executor):
         return problems
 
     def execute(self, task: Task) -> TaskResult:
-        fn = _REGISTRY.get(task.task_type)
+        fn = self.functions.get(task.task_type)
         if fn is None:
             raise PermanentError("unknown_task_type", f"no python function for {task.task_type!r}")
         args = task.args or ()

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from celery_ext.config import Duration, PositiveDuration
-from celery_ext.events.base import EVENT_TYPES, TASK_FAILED, WORKER_OFFLINE, Event
+from celery_ext.events.model import EVENT_TYPES, TASK_FAILED, WORKER_OFFLINE, Event
 from celery_ext.plugins.base import Plugin, PluginContext
 
 logger = logging.getLogger("celery_ext.plugins.alert")

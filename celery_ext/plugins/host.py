@@ -14,8 +14,8 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from celery_ext.events.base import WORKER_OFFLINE, WORKER_ONLINE, Event
 from celery_ext.events.hub import ProcessHub
+from celery_ext.events.model import WORKER_OFFLINE, WORKER_ONLINE, Event
 from celery_ext.executors.task import runtime_of
 from celery_ext.plugins.base import PluginContext
 from celery_ext.plugins.manager import PluginManager

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from celery import Celery, bootsteps
@@ -38,9 +38,19 @@ from celery_ext.executors.task import runtime_of
 from celery_ext.routing.router import registry_url_for, router_of
 from celery_ext.routing.stranded import move_stranded, queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
+from celery_ext.transport import is_redis_url
+
+if TYPE_CHECKING:
+    from celery_ext.config import Config
 
 logger = logging.getLogger("celery_ext.routing")
 SEAT = "routing.seat"
+
+
+def config_version(config: Config) -> str:
+    """Names a config in the worker registry (``WorkerInfo.config_version``): equal configs,
+    equal versions, in every process."""
+    return hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:12]  # noqa: S324 - a name, not a secret
 
 
 @dataclass
@@ -145,11 +155,11 @@ class RegistrationStep(bootsteps.StartStopStep):
             weight=weight or conf.weight,
             capacity=capacity or c.controller.concurrency or conf.capacity,
             supported_types=tuple(sorted(types)),
-            config_version=hashlib.sha1(rt.config.model_dump_json().encode()).hexdigest()[:12],  # noqa: S324
+            config_version=config_version(rt.config),
             app_version=rt.config.app.version or "",
             pid=os.getpid(),
         )
-        redis_broker = c.app.conf.broker_url.startswith(("redis", "rediss"))
+        redis_broker = is_redis_url(c.app.conf.broker_url)
         keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
         self.seat = Seat(
             WorkerRegistry.from_url(url, prefix),

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery_ext.forksafe import fork_safe
+from celery_ext.transport import redis_py_url
 
 logger = logging.getLogger("celery_ext.routing")
 
@@ -221,11 +222,9 @@ class WorkerRegistry:
     def from_url(cls, url: str, prefix: str) -> WorkerRegistry:
         import redis
 
-        # kombu spells the unix-socket scheme redis+socket://; redis-py spells it unix://
-        if url.startswith("redis+socket://"):
-            url = "unix://" + url.removeprefix("redis+socket://")
         # fork_safe: the heartbeat thread may be inside the pool when the worker forks a pool process.
-        return cls(fork_safe(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)), prefix)
+        client = redis.Redis.from_url(redis_py_url(url), socket_timeout=2, socket_connect_timeout=1)
+        return cls(fork_safe(client), prefix)
 
     # --- the worker side ------------------------------------------------------------------
 

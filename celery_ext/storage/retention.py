@@ -5,19 +5,25 @@ that terminal status is kept after it finished), ``logs`` (how long a log line i
 was written), each a duration such as ``7d``; unset keeps forever.  ``batch_size`` (default 1000)
 bounds each delete so a purge never holds long locks.  Non-terminal tasks are never touched;
 deleting a task deletes its log lines.  Run by ``celery-ext storage purge`` (and periodically by
-the scheduler).
+the scheduler).  It needs the storage capabilities ``TaskMaintenance`` (for the task keys) and
+``LogMaintenance`` (for ``logs``): a backend without the one a configured key needs is a
+``ConfigError`` saying so, before anything is deleted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from celery_ext.config import RetentionConfig
+from celery_ext.errors import ConfigError
 from celery_ext.model import TaskStatus, utcnow
-from celery_ext.storage.base import Storage
+from celery_ext.storage.base import LogMaintenance, Storage, TaskMaintenance, missing_capability
 
 logger = logging.getLogger("celery_ext.storage.retention")
 
@@ -56,13 +62,12 @@ def purge(
     started = time.monotonic()
     report = PurgeReport()
     limit = retention.batch_size
-    for key, before in cutoffs(retention, now).items():
+    due = cutoffs(retention, now)
+    batch_of = purgers(storage, due)
+    for key, before in due.items():
         total, batches = 0, 0
         while max_batches is None or batches < max_batches:
-            if key == "logs":
-                n = storage.logs.purge(before, limit)
-            else:
-                n = storage.tasks.purge(TaskStatus(key), before, limit)
+            n = batch_of[key](before, limit)
             total += n
             batches += 1
             if n < limit:
@@ -80,3 +85,28 @@ def purge(
             )
     report.seconds = time.monotonic() - started
     return report
+
+
+def purgers(storage: Storage, keys: Iterable[str]) -> dict[str, Callable[[datetime, int], int]]:
+    """For each retention key, the call that deletes one batch ``(before, limit)`` of it; a
+    ``ConfigError`` when the backend lacks the capability a key needs."""
+    tasks, logs = storage.tasks, storage.logs
+    out: dict[str, Callable[[datetime, int], int]] = {}
+    problems: dict[type[Any], str] = {}
+    for key in keys:
+        if key == "logs":
+            if isinstance(logs, LogMaintenance):
+                out[key] = logs.purge
+            else:
+                problems[LogMaintenance] = missing_capability(
+                    storage, logs, LogMaintenance, "purging log lines (storage.retention.logs)"
+                )
+        elif isinstance(tasks, TaskMaintenance):
+            out[key] = functools.partial(tasks.purge, TaskStatus(key))
+        else:
+            problems[TaskMaintenance] = missing_capability(
+                storage, tasks, TaskMaintenance, "purging tasks (storage.retention)"
+            )
+    if problems:
+        raise ConfigError(list(problems.values()))
+    return out

@@ -10,6 +10,7 @@ import pytest
 from celery_ext.config import parse_config
 from celery_ext.events import ALL, Event, EventBus, build_event_bus
 from celery_ext.model import TaskStatus
+from tests.integration.test_celery_native import cli
 from tests.support.scrape import poll
 from tests.support.services import RABBIT_URL, require, unique
 
@@ -115,4 +116,23 @@ def test_events_of_replaced_pool_children_are_not_lost(make_cluster) -> None:
     pids = {c.manager.wait(t.task_id, 30).result["pid"] for t in tasks}
     assert len(pids) == 4
     poll(lambda: all(seen.types_of(t.task_id) == ["task_completed"] for t in tasks), 20, "every completion")
+    bus.close()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_cli_submit_sends_its_task_created_before_the_process_exits(make_cluster, redis_url, broker) -> None:
+    """``celery-ext submit`` is a producer that exits right after publishing: it closes its runtime
+    on the way out (``Runtime.close``), which sends the events it still holds."""
+    url = redis_url
+    if broker == "rabbitmq":
+        require("RabbitMQ", "127.0.0.1", 5672)
+        url = RABBIT_URL
+    c = make_cluster(executors=TASKS, broker={"url": url}, events={"type": "kombu"})
+    bus, seen = subscriber(c), Collector()
+    bus.subscribe("task_created", seen)
+    done = cli(c, "submit", "whoami")  # no worker: the event is the producer's own
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.strip()
+    poll(lambda: seen.types_of(task_id) == ["task_created"], 20, "task_created of the CLI's task")
+    assert seen.of_type("task_created")[0].data["task_type"] == "whoami"
     bus.close()

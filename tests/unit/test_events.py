@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import pytest
 
 from celery_ext.config import Config, parse_config
 from celery_ext.errors import ConfigError
-from celery_ext.events import ALL, Event, EventBus, build_event_bus
+from celery_ext.events import ALL, Event, EventBus, Receive, Transport, build_event_bus
 from celery_ext.events.hub import ProcessHub, encode_line
-from celery_ext.events.local import LocalEventBus
-from celery_ext.events.redis import RedisEventBus
+from celery_ext.events.local import LocalTransport
+from celery_ext.events.redis import RedisTransport
 
 
 def test_event_json_round_trip() -> None:
@@ -23,7 +26,7 @@ def test_event_json_round_trip() -> None:
 
 
 def test_handlers_run_off_the_publishing_thread_and_failures_are_counted() -> None:
-    bus = LocalEventBus()
+    bus = EventBus()
     threads, got = [], []
 
     def good(event: Event) -> None:
@@ -52,7 +55,7 @@ def test_handlers_run_off_the_publishing_thread_and_failures_are_counted() -> No
 
 
 def test_local_only_handlers_skip_events_from_other_processes() -> None:
-    bus = LocalEventBus()
+    bus = EventBus()
     seen_local, seen_all = [], []
     bus.subscribe(ALL, seen_local.append, local_only=True)
     bus.subscribe(ALL, seen_all.append)
@@ -66,16 +69,16 @@ def test_local_only_handlers_skip_events_from_other_processes() -> None:
 
 
 def test_build_event_bus_names_and_errors() -> None:
-    assert isinstance(build_event_bus(Config(), "redis://x"), LocalEventBus)
+    assert isinstance(build_event_bus(Config(), "redis://x").transport, LocalTransport)
     cfg = parse_config({"events": {"type": "redis"}})
-    assert isinstance(build_event_bus(cfg, "redis://127.0.0.1:6379/0"), RedisEventBus)
+    assert isinstance(build_event_bus(cfg, "redis://127.0.0.1:6379/0").transport, RedisTransport)
     with pytest.raises(ConfigError, match="events.type: no event bus 'kombo'; did you mean 'kombu'"):
         build_event_bus(parse_config({"events": {"type": "kombo"}}), "redis://x")
     with pytest.raises(ConfigError, match="events.config.url: the redis event bus needs a Redis URL"):
         build_event_bus(cfg, "amqp://guest@localhost//")
     with pytest.raises(ConfigError, match="events.config.maxlen"):
         build_event_bus(parse_config({"events": {"type": "redis", "config": {"maxlen": 0}}}), "redis://x")
-    assert issubclass(LocalEventBus, EventBus)
+    assert issubclass(LocalTransport, Transport)
 
 
 def test_hub_lines_stay_atomic_and_reach_the_parent_bus() -> None:
@@ -84,7 +87,7 @@ def test_hub_lines_stay_atomic_and_reach_the_parent_bus() -> None:
     assert len(line) <= 4096 and line.endswith(b"\n")
     assert Event.from_json(line).data == {"truncated": True, "task_type": "x", "reason": "r"}
 
-    hub, parent = ProcessHub(), LocalEventBus()
+    hub, parent = ProcessHub(), EventBus()
     got: list[Event] = []
     parent.subscribe(ALL, got.append)
     hub.start(parent)
@@ -101,7 +104,7 @@ def test_hub_lines_stay_atomic_and_reach_the_parent_bus() -> None:
 
 
 def test_hub_forwards_only_what_the_parent_subscribed_to() -> None:
-    hub, parent = ProcessHub(), LocalEventBus()
+    hub, parent = ProcessHub(), EventBus()
     hub.start(parent)
     assert not hub.wants("task_failed")
     parent.subscribe("task_failed", lambda e: None, local_only=True)
@@ -112,3 +115,68 @@ def test_hub_forwards_only_what_the_parent_subscribed_to() -> None:
     assert hub.wants("task_started")
     hub.close()
     parent.close()
+
+
+class PipeTransport(Transport):
+    """A third party's transport, written against the public ``Transport`` ABC only: every
+    ``send`` reaches every ``listen`` in this process (a stand-in for a broker's fanout)."""
+
+    name = "pipe"
+    listeners: ClassVar[list[queue.Queue[tuple[str, list[Event]]]]] = []
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.linger = float(self.config.get("linger", 0.0))
+        self.closed = False
+
+    def send(self, events: Sequence[Event], origin: str) -> None:
+        for listener in self.listeners:
+            listener.put((origin, list(events)))
+
+    def listen(self, receive: Receive, stop: threading.Event, ready: threading.Event) -> None:
+        mine: queue.Queue[tuple[str, list[Event]]] = queue.Queue()
+        self.listeners.append(mine)
+        ready.set()
+        try:
+            while not stop.is_set():
+                try:
+                    origin, events = mine.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                for event in events:
+                    receive(event, origin, None)
+        finally:
+            self.listeners.remove(mine)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_third_party_transport_carries_events_between_buses() -> None:
+    cfg = parse_config({"app": {"name": "pipes"}, "events": {"type": f"{__name__}:PipeTransport"}})
+    publisher, subscriber = build_event_bus(cfg, ""), build_event_bus(cfg, "")
+    assert isinstance(subscriber.transport, PipeTransport) and subscriber.transport.app_name == "pipes"
+    got: list[Event] = []
+    subscriber.subscribe(ALL, got.append)
+    mine: list[Event] = []
+    publisher.subscribe(ALL, mine.append)  # it also listens: its own event comes back to it
+    publisher.publish(Event("task_created", "t1"))
+    assert publisher.flush(5)
+    pause = threading.Event()
+    for _ in range(100):
+        if got:
+            break
+        pause.wait(0.05)
+    pause.wait(0.2)  # time for the echo to reach the publisher's listener
+    assert publisher.flush(5) and subscriber.flush(5)
+    assert [e.task_id for e in got] == ["t1"] and [e.task_id for e in mine] == ["t1"]  # once each
+    assert publisher.stats.sent == 1 and publisher.stats.send_errors == 0
+    publisher.close()
+    subscriber.close()
+    assert publisher.transport.closed and subscriber.transport.closed  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="not a subclass of Transport"):
+        build_event_bus(parse_config({"events": {"type": f"{__name__}:OldStyleBus"}}), "")
+
+
+class OldStyleBus(EventBus):
+    """A bus written the old way (a subclass of the bus, not a transport): refused by name."""

@@ -10,8 +10,7 @@ import pytest
 
 from celery_ext.config import Config, PluginEntry
 from celery_ext.errors import ConfigError
-from celery_ext.events import Event
-from celery_ext.events.local import LocalEventBus
+from celery_ext.events import Event, EventBus
 from celery_ext.metrics import NullMetrics
 from celery_ext.plugins import Plugin, PluginContext, PluginManager
 from celery_ext.plugins.alert import AlertPlugin, sign
@@ -36,7 +35,7 @@ class Recorder(Plugin):
 
 def ctx() -> PluginContext:
     return PluginContext(
-        events=LocalEventBus(),
+        events=EventBus(),
         metrics=NullMetrics(),
         storage=None,
         config=Config(),  # type: ignore[arg-type]

@@ -66,3 +66,23 @@ def test_modules_are_imported_and_bad_module_named() -> None:
     # worker refuses to start on it (see test_task_function.py and tests/e2e/test_worker_only_modules.py).
     bad = PythonExecutor(PythonSettings(modules=["no.such.module"]))
     assert bad.worker_problems() == ["modules: cannot import 'no.such.module': No module named 'no'"]
+
+
+def test_an_executor_runs_its_own_table_of_functions() -> None:
+    @task_type("unit_own_table")
+    def double(n: int) -> int:
+        return n * 2
+
+    only = PythonExecutor(functions=[double])  # explicit, as arq's Worker(functions=...)
+    assert only.supported_task_types == ["unit_own_table"] and only.functions == {"unit_own_table": double.fn}
+    assert only.execute(Task(new_id(), "unit_own_table", {"n": 2})).data == 4  # type: ignore[attr-defined]
+    with pytest.raises(PermanentError, match="no python function for 'echo'"):
+        only.execute(Task(new_id(), "echo", {}))
+
+    built_before = PythonExecutor()
+
+    @task_type("unit_defined_later")
+    def later() -> None: ...
+
+    assert "unit_defined_later" not in built_before.supported_task_types  # its table is its own
+    assert "unit_defined_later" in PythonExecutor().supported_task_types

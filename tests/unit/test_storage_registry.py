@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from celery_ext.config import StorageConfig
 from celery_ext.errors import ConfigError
 from celery_ext.registry import STORAGE
 from celery_ext.storage import open_storage
-from celery_ext.storage.mongo import MongoStorage
+from celery_ext.storage.base import LogMaintenance, TaskLogRepository, TaskMaintenance, TaskRepository
+from celery_ext.storage.mongo import MongoStorage, MongoTaskLogRepository, MongoTaskRepository
 from celery_ext.storage.sql import SqlStorage, SqlTaskLogRepository, SqlTaskRepository
 
 
@@ -30,6 +32,27 @@ class RecordingStorage(SqlStorage):
 
 class NotAStorage:
     pass
+
+
+def bare(repository: object, required: type) -> Any:
+    """``repository`` behind only the ABC every backend must implement: no optional capability."""
+
+    def forward(name: str) -> Any:
+        return lambda self, *args, **kwargs: getattr(repository, name)(*args, **kwargs)
+
+    methods = {name: forward(name) for name in required.__abstractmethods__}  # type: ignore[attr-defined]
+    return type(f"Bare{required.__name__}", (required,), methods)()
+
+
+class BareStorage(SqlStorage):
+    """A third-party backend with only what every backend must have (SQLite underneath)."""
+
+    @classmethod
+    def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> SqlStorage:
+        storage = super().from_config("sqlite", config, data_dir)
+        storage.tasks = bare(storage.tasks, TaskRepository)
+        storage.logs = bare(storage.logs, TaskLogRepository)
+        return storage
 
 
 def install_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, target: str) -> None:
@@ -85,3 +108,39 @@ def test_unknown_name_lists_the_known_ones() -> None:
     assert message.startswith("storage.type: no storage backend 'mongo'; did you mean 'mongodb'?")
     for name in ("mongodb", "mysql", "postgresql", "sqlite"):
         assert name in message
+
+
+def test_a_backend_without_the_maintenance_capabilities_is_named_by_the_commands_that_need_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from celery_ext.cli import main
+
+    for repository, capability in (
+        (SqlTaskRepository, TaskMaintenance),
+        (SqlTaskLogRepository, LogMaintenance),
+        (MongoTaskRepository, TaskMaintenance),
+        (MongoTaskLogRepository, LogMaintenance),
+    ):
+        assert issubclass(repository, capability)  # the built-in backends have both
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"app: {{data_dir: {tmp_path}}}\n"
+        f"storage: {{type: '{__name__}:BareStorage', retention: {{succeeded: 1d, logs: 7d}}}}\n"
+    )
+    assert main(["--config", str(path), "storage", "migrate"]) == 0
+    capsys.readouterr()
+
+    assert main(["--config", str(path), "storage", "status", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["counts"] is None and json.loads(out)["state"] == "up to date"
+    assert (
+        "BareTaskRepository does not implement celery_ext.storage.base.TaskMaintenance, needed for counting "
+        "records by status (--no-counts skips it)"
+    ) in err
+
+    assert main(["--config", str(path), "storage", "purge"]) == 2  # a config problem, said before any delete
+    err = capsys.readouterr().err
+    assert (
+        "BareTaskRepository does not implement celery_ext.storage.base.TaskMaintenance, needed for purging tasks" in err
+    )
+    assert "BareTaskLogRepository does not implement celery_ext.storage.base.LogMaintenance" in err
