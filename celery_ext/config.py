@@ -1,8 +1,8 @@
 """Typed configuration: config.yaml loading, ``${ENV}`` interpolation, validation, and watching.
 
 Sections: ``app``, ``broker``, ``scheduler``, ``worker``, ``executors``, ``plugins``, ``storage``,
-``events``, ``metrics``, ``api``.  Every model is frozen and forbids unknown keys; a validation error names
-the YAML path, e.g. ``worker.capacity: must be >= 1 (got 0)``.
+``events``, ``metrics``, ``api``, ``schedules``.  Every model is frozen and forbids unknown keys; a
+validation error names the YAML path, e.g. ``worker.capacity: must be >= 1 (got 0)``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from celery_ext.errors import ConfigError
 
@@ -84,7 +94,8 @@ class SchedulerConfig(Model):
     registry_url: str | None = None
     routing_cache: Duration = 0.2
     interval: PositiveDuration = 1.0
-    leader_lease: PositiveDuration = 10.0
+    # A dead leader is replaced within this (and a round): three renewals at the default interval.
+    leader_lease: PositiveDuration = 3.0
     publish_grace: PositiveDuration = 30.0
     retention_interval: PositiveDuration = 300.0
     # Delays (submit delay/run_at, retry backoffs) up to this are published at once with a
@@ -188,6 +199,51 @@ class ApiConfig(Model):
     max_body_bytes: int = Field(1_048_576, ge=1024)
 
 
+class ScheduleEntry(Model):
+    """One periodic schedule (celery_ext/schedules): ``task_type`` fired on ``cron`` or ``every``."""
+
+    name: str
+    task_type: str = Field(min_length=1, max_length=128)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    cron: str | None = None  # 5 fields: minute hour day-of-month month day-of-week
+    every: PositiveDuration | None = None
+    timezone: str = "UTC"  # IANA name; cron times are wall-clock times there
+    catch_up: Literal["skip", "once"] = "skip"  # fire times missed while no scheduler ran
+    paused: bool = False
+    priority: int = Field(0, ge=0, le=9)
+    max_retries: int | None = Field(None, ge=0)
+    timeout: PositiveDuration | None = None
+
+    @field_validator("name", "cron", "timezone")
+    @classmethod
+    def _schedule_field(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Checked as an API schedule is (celery_ext/schedules/model.py)."""
+        from celery_ext.schedules.model import cron_problem, name_problem, timezone_problem
+
+        check = {"name": name_problem, "cron": cron_problem, "timezone": timezone_problem}[str(info.field_name)]
+        problem = None if value is None else check(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> ScheduleEntry:
+        from celery_ext.schedules.model import timing_problem
+
+        problem = timing_problem(self.cron, self.every)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _unique_names(entries: list[ScheduleEntry]) -> list[ScheduleEntry]:
+    names = [e.name for e in entries]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"schedule names must be unique (got {', '.join(twice)} more than once)")
+    return entries
+
+
 class Config(Model):
     app: AppConfig = Field(default_factory=AppConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -199,6 +255,7 @@ class Config(Model):
     events: EventsConfig = Field(default_factory=EventsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    schedules: Annotated[list[ScheduleEntry], AfterValidator(_unique_names)] = Field(default_factory=list)
     source: str | None = Field(None, exclude=True)
 
     @property

@@ -7,6 +7,9 @@ CeleryExtError
 │   ├── InvalidPayloadError     payload not a JSON object, too large, or failing a schema
 │   ├── TaskNotFoundError       no record with that id
 │   └── InvalidTransitionError  cancel/retry of a task in a state that forbids it
+├── ScheduleError               something about one periodic schedule
+│   ├── InvalidScheduleError    a bad field (cron, time zone, name, ...), named
+│   └── ScheduleNotFoundError   no schedule of that name
 ├── StorageError                the task store cannot be reached or refused a write
 ├── PublishError                the record was written but the broker refused the message
 ├── TaskWaitTimeoutError        wait() gave up before a terminal status
@@ -62,6 +65,22 @@ class InvalidTransitionError(TaskError):
         self.status = status
         self.action = action
         super().__init__(f"cannot {action} task {task_id}: it is {status}")
+
+
+class ScheduleError(CeleryExtError):
+    """A problem with one periodic schedule."""
+
+
+class InvalidScheduleError(ScheduleError):
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"invalid schedule: {field + ': ' if field else ''}{message}")
+
+
+class ScheduleNotFoundError(ScheduleError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no schedule named {name!r}")
 
 
 class StorageError(CeleryExtError):

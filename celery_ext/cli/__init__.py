@@ -13,11 +13,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from celery_ext.cli import api_cmd, config_cmd, embedded_cmd, storage_cmd, tasks_cmd, workers_cmd
-from celery_ext.cli.common import EXIT_TASK_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, CommandError
-from celery_ext.errors import CeleryExtError, ConfigError, PublishError, StorageError, TaskError
+from celery_ext.cli import api_cmd, config_cmd, embedded_cmd, schedules_cmd, storage_cmd, tasks_cmd, workers_cmd
+from celery_ext.cli.common import EXIT_TASK_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, close_runtime
+from celery_ext.errors import CeleryExtError, ConfigError, PublishError, ScheduleError, StorageError, TaskError
 
-MODULES = [tasks_cmd, config_cmd, storage_cmd, workers_cmd, api_cmd, embedded_cmd]
+MODULES = [tasks_cmd, config_cmd, storage_cmd, workers_cmd, schedules_cmd, api_cmd, embedded_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _run(args)
+    finally:
+        close_runtime(args)  # a producer's last events are sent before it exits
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         code: int = args.func(args)
         return code
     except CommandError as exc:
         return _fail(exc, exc.code)
-    except (ConfigError, TaskError) as exc:
+    except (ConfigError, TaskError, ScheduleError) as exc:
         return _fail(exc, EXIT_USAGE)
     except (StorageError, PublishError) as exc:
         return _fail(exc, EXIT_UNAVAILABLE)

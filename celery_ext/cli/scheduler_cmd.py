@@ -54,6 +54,7 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
         report = sched.tick()
         if sched.lease is not None and report.leader:
             sched.lease.release()
+        rt.close()  # the round's events go out before the process exits
         click.echo(json.dumps(asdict(report), default=str))
         ctx.exit(0 if report.leader else 1)
     stop = threading.Event()
@@ -64,10 +65,13 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from celery_ext.plugins.metrics import scheduler_metrics
+
+    metrics = scheduler_metrics(rt.config, rt.extras.get("metrics"))
     try:
         sched.run(stop)
     finally:
-        bus = rt.extras.get("events")
-        if bus is not None:
-            bus.close(5.0)  # the last leader_changed event goes out
-        rt.storage.close()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        rt.close()  # the last leader_changed event goes out

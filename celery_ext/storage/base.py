@@ -1,5 +1,12 @@
 """The storage extension point: ``TaskRepository``, ``TaskLogRepository`` and ``Storage``.
 
+What every backend must do is in those ABCs.  What a backend may do besides is a capability ABC
+of its own, which its repository also inherits and callers test with ``isinstance`` (as with
+``collections.abc``): ``TaskMaintenance`` (retention purges, counts by status) for a task
+repository, ``LogMaintenance`` (retention purges) for a log repository.  The built-in SQL and
+MongoDB backends have both; a backend without one still stores and runs tasks, and the commands
+that need it say so (``missing_capability``).
+
 Every status change is a conditional update: it names the statuses it expects (and, for moves
 driven by a broker message, the dispatch token), so a duplicated or stale message can never
 move a record backwards.
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from celery_ext.model import Task, TaskErrorInfo, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
+from celery_ext.schedules.model import Schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,54 @@ class FenceRepository(abc.ABC):
     @abc.abstractmethod
     def current(self, name: str) -> int:
         """The newest token recorded for ``name`` (0 if none)."""
+
+
+class ScheduleRepository(abc.ABC):
+    """Periodic schedules (``celery_ext.schedules``), keyed by name.  ``advance`` and ``fired`` are
+    the leader's writes: fenced like task updates, and ``advance`` is also conditional on the
+    fire time it expects, so two leaders (or a deposed one) never both fire one time."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Schedule]:
+        """Every schedule, by name."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> Schedule | None: ...
+
+    @abc.abstractmethod
+    def save(self, schedule: Schedule) -> Schedule:
+        """Insert ``schedule`` or replace the definition stored under its name; returns what is
+        stored.  A replaced schedule whose timing (cron, every, timezone) is unchanged keeps its
+        stored ``next_fire_at``; its last fire and task are always kept."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def set_paused(self, name: str, paused: bool) -> bool:
+        """Returns whether a schedule of that name exists."""
+
+    @abc.abstractmethod
+    def due(self, now: datetime, limit: int = 100) -> builtins.list[Schedule]:
+        """Schedules not paused whose ``next_fire_at <= now``, the most overdue first."""
+
+    @abc.abstractmethod
+    def advance(
+        self,
+        name: str,
+        expected_next_fire_at: datetime,
+        new_next_fire_at: datetime,
+        last_fire_at: datetime | None,
+        fence: Fence,
+    ) -> bool:
+        """Move ``next_fire_at`` from ``expected_next_fire_at`` to ``new_next_fire_at`` unless
+        another leader moved it or ``fence`` is older than the stored one.  With ``last_fire_at``
+        (a fire decided) also record it and clear ``last_task_id`` until ``fired``; without, the
+        last fire is kept (missed times skipped).  Returns whether the schedule changed."""
+
+    @abc.abstractmethod
+    def fired(self, name: str, fire_at: datetime, task_id: str, fence: Fence) -> bool:
+        """Record the task of the fire at ``fire_at`` (if it is still the last fire; fenced)."""
 
 
 class TaskRepository(abc.ABC):
@@ -94,15 +150,20 @@ class TaskRepository(abc.ABC):
     ) -> builtins.list[Task]:
         """Records the scheduler must act on: due, lease-expired or stale, oldest first."""
 
+
+class TaskMaintenance(abc.ABC):
+    """Capability of a task repository: retention purges and counts by status (``celery-ext
+    storage purge | status``, the scheduler's periodic purge)."""
+
+    @abc.abstractmethod
     def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
         """Delete up to ``limit`` tasks of the terminal ``status`` that finished before
         ``finished_before``, with their log lines; returns how many.  Never touches a
         non-terminal task (``ValueError``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support retention purges")
 
+    @abc.abstractmethod
     def count_by_status(self) -> dict[str, int]:
         """How many records there are of each status (for ``celery-ext storage status``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot count records")
 
 
 class TaskLogRepository(abc.ABC):
@@ -117,17 +178,31 @@ class TaskLogRepository(abc.ABC):
         """Log lines of one task in the order they were written, optionally of one ``run`` and/or
         ``attempt`` only (an attempt number alone matches that attempt of every run)."""
 
+
+class LogMaintenance(abc.ABC):
+    """Capability of a log repository: retention purges (``celery-ext storage purge``)."""
+
+    @abc.abstractmethod
     def purge(self, before: datetime, limit: int = 1000) -> int:
         """Delete up to ``limit`` log lines written before ``before``; returns how many."""
-        raise NotImplementedError(f"{type(self).__name__} does not support retention purges")
+
+
+def missing_capability(storage: Storage, repository: object, capability: type[Any], needed_for: str) -> str:
+    """Why ``repository`` of ``storage`` cannot do ``needed_for``: one line naming the backend and
+    the capability it lacks."""
+    return (
+        f"storage {storage.description}: {type(repository).__name__} does not implement "
+        f"{capability.__module__}.{capability.__name__}, needed for {needed_for}"
+    )
 
 
 class Storage(abc.ABC):
-    """A backend: both repositories over one connection pool."""
+    """A backend: its repositories over one connection pool."""
 
     tasks: TaskRepository
     logs: TaskLogRepository
     fences: FenceRepository
+    schedules: ScheduleRepository
 
     @classmethod
     @abc.abstractmethod

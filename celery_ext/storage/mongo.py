@@ -36,18 +36,22 @@ from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, Task
 from celery_ext.storage.base import (
     Fence,
     FenceRepository,
+    LogMaintenance,
     Storage,
     TaskLogRepository,
+    TaskMaintenance,
     TaskRepository,
     decode_cursor,
     encode_cursor,
 )
 from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc
+from celery_ext.storage.mongo_schedules import MongoScheduleRepository
 
-# 1: collections and indexes; 2: indexes on root_id and group_id.  Documents are never rewritten:
-# one lacking a later field (run, args, parent_id, root_id, group_id) reads as its default.
-SCHEMA_VERSION = 2
+# 1: collections and indexes; 2: indexes on root_id and group_id; 3: the schedules collection's
+# index.  Documents are never rewritten: one lacking a later field (run, args, parent_id, root_id,
+# group_id) reads as its default.
+SCHEMA_VERSION = 3
 _NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # portable across MongoDB and wire-compatible servers
 
 
@@ -90,6 +94,7 @@ def _check_uri(uri: str) -> None:
 
 class MongoStorage(Storage):
     fences: MongoFenceRepository
+    schedules: MongoScheduleRepository
 
     def __init__(self, settings: MongoSettings) -> None:
         self.settings = settings
@@ -109,6 +114,7 @@ class MongoStorage(Storage):
         self.tasks = MongoTaskRepository(self)
         self.logs = MongoTaskLogRepository(self)
         self.fences = MongoFenceRepository(self)
+        self.schedules = MongoScheduleRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> MongoStorage:
@@ -180,6 +186,7 @@ class MongoStorage(Storage):
                 tasks.create_index(keys, name=name)
             logs.create_index([("task_id", asc), ("seq", asc)], name="ix_task_seq")
             logs.create_index([("time", asc)], name="ix_time")
+            self.schedules.create_indexes()  # v3
             self.db["celery_ext_schema"].update_one(
                 {"_id": "schema"},
                 {"$max": {"version": SCHEMA_VERSION}, "$setOnInsert": {"applied_at": utcnow()}},
@@ -202,7 +209,7 @@ class MongoStorage(Storage):
         self._client = None
 
 
-class MongoTaskRepository(TaskRepository):
+class MongoTaskRepository(TaskRepository, TaskMaintenance):
     def __init__(self, storage: MongoStorage) -> None:
         self.storage = storage
 
@@ -398,7 +405,7 @@ class MongoFenceRepository(FenceRepository):
         return fence is None or fence.token >= self.current(fence.name)
 
 
-class MongoTaskLogRepository(TaskLogRepository):
+class MongoTaskLogRepository(TaskLogRepository, LogMaintenance):
     """Lines are ordered by ``seq``: a clock in microseconds that never repeats or goes back within
     a process; one attempt's lines come from one process, and attempts follow each other in time."""
 

@@ -30,7 +30,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    literal_column,
     or_,
     select,
     update,
@@ -45,8 +44,10 @@ from celery_ext.storage import sql_migrations
 from celery_ext.storage.base import (
     Fence,
     FenceRepository,
+    LogMaintenance,
     Storage,
     TaskLogRepository,
+    TaskMaintenance,
     TaskRepository,
     decode_cursor,
     encode_cursor,
@@ -55,6 +56,8 @@ from celery_ext.storage.base import (
     status_values,
     to_record,
 )
+from celery_ext.storage.sql_fence import fence_holds, fence_params
+from celery_ext.storage.sql_schedules import SqlScheduleRepository
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tasks
 
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
@@ -148,6 +151,7 @@ class SqlStorage(Storage):
         self.tasks = SqlTaskRepository(self)
         self.logs = SqlTaskLogRepository(self)
         self.fences = SqlFenceRepository(self)
+        self.schedules = SqlScheduleRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> SqlStorage:
@@ -279,16 +283,6 @@ def _from_row(row: Any) -> Task:
     return from_record(row._mapping)
 
 
-def _fence_holds() -> Any:
-    """``:p_fence >= the stored fence of :p_fence_name`` (0 when none is stored)."""
-    stored = select(fences.c.fence).where(fences.c.name == bindparam("p_fence_name")).scalar_subquery()
-    return bindparam("p_fence", type_=fences.c.fence.type) >= func.coalesce(stored, literal_column("0"))
-
-
-def _fence_params(fence: Fence | None) -> dict[str, Any]:
-    return {} if fence is None else {"p_fence": fence.token, "p_fence_name": fence.name}
-
-
 @functools.cache
 def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int, with_fence: bool = False) -> Any:
     """The conditional UPDATE for one set of columns, built once: the state machine's moves are
@@ -300,7 +294,7 @@ def _update_statement(columns: tuple[str, ...], with_token: bool, n_status: int,
     if with_token:
         cond.append(tasks.c.dispatch_token == bindparam("p_token"))
     if with_fence:
-        cond.append(_fence_holds())
+        cond.append(fence_holds())
     return update(tasks).where(*cond).values({c: bindparam(f"v_{c}", type_=tasks.c[c].type) for c in columns})
 
 
@@ -359,7 +353,7 @@ class _Reader:
         }
 
 
-class SqlTaskRepository(TaskRepository):
+class SqlTaskRepository(TaskRepository, TaskMaintenance):
     def __init__(self, storage: SqlStorage) -> None:
         self.storage = storage
         self._compiled: dict[tuple[Any, ...], _Compiled] = {}
@@ -447,7 +441,7 @@ class SqlTaskRepository(TaskRepository):
             "p_id": task_id,
             **{f"p_status{i}": s for i, s in enumerate(statuses)},
             **{f"v_{k}": v for k, v in values.items()},
-            **_fence_params(fence),
+            **fence_params(fence),
         }
         if token is not None:
             params["p_token"] = token
@@ -475,10 +469,10 @@ class SqlTaskRepository(TaskRepository):
             return 0
         cond = [tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected))]
         if fence is not None:
-            cond.append(_fence_holds())
+            cond.append(fence_holds())
         stmt = update(tasks).where(*cond).values(**record_changes(fields))
         with self.storage.begin() as conn:
-            return int(conn.execute(stmt, _fence_params(fence)).rowcount)
+            return int(conn.execute(stmt, fence_params(fence)).rowcount)
 
     def delete(self, task_id: str) -> bool:
         with self.storage.begin() as conn:
@@ -584,7 +578,7 @@ class SqlFenceRepository(FenceRepository):
             return int(conn.execute(select(fences.c.fence).where(fences.c.name == name)).scalar() or 0)
 
 
-class SqlTaskLogRepository(TaskLogRepository):
+class SqlTaskLogRepository(TaskLogRepository, LogMaintenance):
     def __init__(self, storage: SqlStorage) -> None:
         self.storage = storage
 

@@ -22,7 +22,15 @@ from sqlalchemy import Connection, Table, func, insert, inspect, select, text
 from sqlalchemy.schema import CreateColumn
 
 from celery_ext.model import utcnow
-from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, metadata, schema_version, task_logs, tasks
+from celery_ext.storage.sql_schema import (
+    SCHEMA_VERSION,
+    fences,
+    metadata,
+    schedules,
+    schema_version,
+    task_logs,
+    tasks,
+)
 
 logger = logging.getLogger("celery_ext.storage.migrations")
 _LOCK = "celery_ext_migrate"
@@ -69,6 +77,11 @@ def _v4_fences(conn: Connection) -> None:
     fences.create(conn, checkfirst=True)
 
 
+def _v5_schedules(conn: Connection) -> None:
+    schedules.create(conn, checkfirst=True)
+    _create_indexes(conn, schedules, ["ix_schedules_due"])  # a table made by a step that stopped half-way
+
+
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
     Step(
@@ -78,6 +91,7 @@ STEPS: list[Step] = [
         _v3_runs_and_canvas,
     ),
     Step(4, "leader fencing tokens: celery_ext_fences(name, fence)", _v4_fences),
+    Step(5, "periodic schedules: celery_ext_schedules, index (paused, next_fire_at)", _v5_schedules),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

@@ -8,8 +8,10 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    Double,
     Float,
     Index,
     Integer,
@@ -25,7 +27,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 
 # Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -121,6 +123,30 @@ fences = Table(
     Column("name", String(64), primary_key=True),
     Column("fence", BigInteger, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# v5: periodic schedules (celery_ext/schedules); ``advance`` is conditional on next_fire_at and fenced.
+schedules = Table(
+    "celery_ext_schedules",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("task_type", String(128), nullable=False),
+    Column("payload", JsonDoc, nullable=False),
+    Column("cron", String(255), nullable=True),
+    Column("every", Double, nullable=True),
+    Column("timezone", String(64), nullable=False),
+    Column("catch_up", String(8), nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("priority", SmallInteger, nullable=False),
+    Column("max_retries", Integer, nullable=True),
+    Column("timeout", Double, nullable=True),
+    Column("source", String(16), nullable=False),
+    Column("next_fire_at", UtcDateTime, nullable=True),
+    Column("last_fire_at", UtcDateTime, nullable=True),
+    Column("last_task_id", String(64), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_schedules_due", "paused", "next_fire_at"),
 )
 
 schema_version = Table(

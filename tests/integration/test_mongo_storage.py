@@ -13,7 +13,7 @@ from celery_ext.config import StorageConfig
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import Task, TaskFilter, TaskLog, TaskStatus, utcnow
 from celery_ext.storage import open_storage
-from celery_ext.storage.mongo import MongoStorage
+from celery_ext.storage.mongo import SCHEMA_VERSION, MongoStorage
 from tests.support.mongo import MongoServer, mongo_server  # noqa: F401 - fixture
 from tests.support.services import unique
 
@@ -55,10 +55,12 @@ def test_host_port_database_and_custom_collection_names(mongo_server: MongoServe
             ("root_id", "created_at"),
             ("group_id", "created_at"),
         } <= set(indexes)
-        assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == 2
+        schedule_indexes = {tuple(i["key"]) for i in raw["celery_ext_schedules"].list_indexes()}
+        assert ("paused", "next_fire_at") in schedule_indexes  # v3
+        assert raw["celery_ext_schema"].find_one({"_id": "schema"})["version"] == SCHEMA_VERSION
     finally:
         client.close()
-    assert storage.schema_version() == (2, 2)
+    assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
     storage.close()
 
 
@@ -67,14 +69,14 @@ def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
     tmp_path: Path,
 ) -> None:
     """An upgrade rewrites no document: fields a document lacks read as their defaults, and a
-    version-1 store is brought to version 2 by ``migrate``."""
+    version-1 store is brought to the latest version by ``migrate``."""
     db = unique("ce_")
     storage = open_storage(StorageConfig(type="mongodb", config={"uri": f"{mongo_server.url}/{db}"}), tmp_path)
     client = pymongo.MongoClient(f"{mongo_server.url}/{db}")
     try:
         raw = client[db]
         raw["celery_ext_schema"].insert_one({"_id": "schema", "version": 1, "applied_at": 0})
-        assert storage.schema_version() == (1, 2)
+        assert storage.schema_version() == (1, SCHEMA_VERSION)
         # As version-1 code wrote them: no run, args, parent_id, root_id, group_id.
         raw["tasks"].insert_one(
             {
@@ -98,7 +100,7 @@ def test_documents_written_before_runs_and_canvas_ids_read_with_defaults(
             }
         )
         storage.migrate()
-        assert storage.schema_version() == (2, 2)
+        assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
         got = storage.tasks.get("old")
         assert got is not None and (got.attempt, got.run, got.args, got.parent_id, got.root_id, got.group_id) == (
             3,

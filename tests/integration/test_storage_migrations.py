@@ -227,6 +227,7 @@ def test_v2_database_is_migrated_in_place_and_v2_code_keeps_working(sql_config: 
     assert set(V3_TASK_COLUMNS) <= column_names(storage, "tasks")
     assert "run" in column_names(storage, "task_logs")
     assert set(V3_INDEXES) <= index_names(storage, "tasks")
+    assert "ix_schedules_due" in index_names(storage, "celery_ext_schedules")  # v5
     # Every record kept, the new fields at their defaults.
     for task in old:
         got = storage.tasks.get(task.task_id)

@@ -39,12 +39,16 @@ class Backend:
         if self.kind == "mongodb":
             s.collection("tasks").delete_many({})
             s.collection("logs").delete_many({})
+            s.db["celery_ext_schedules"].delete_many({})
+            s.db["celery_ext_fences"].delete_many({})
             return
-        from celery_ext.storage.sql_schema import task_logs, tasks
+        from celery_ext.storage.sql_schema import fences, schedules, task_logs, tasks
 
         with s.begin() as conn:
             conn.execute(delete(task_logs))
             conn.execute(delete(tasks))
+            conn.execute(delete(schedules))
+            conn.execute(delete(fences))
 
 
 def storage_config(kind: str, tmp: Path, request: pytest.FixtureRequest) -> tuple[StorageConfig, list[Any]]:
