@@ -10,7 +10,10 @@ call these methods; none of them writes a status itself.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -39,6 +42,71 @@ DUE = (TaskStatus.SCHEDULED, TaskStatus.RETRYING)  # what waits in storage for i
 REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 
 
+class QueuedMarks:
+    """The PENDING -> QUEUED writes of published tasks, batched by a thread of the producer.
+
+    One conditional ``UPDATE`` per batch (``MARK_DELAY`` after the first publish of the batch)
+    instead of one per submit, off the caller's path: submit-to-result latency loses a database
+    round trip and a burst of submits costs one write.  Readers in this process see their own
+    submits queued (``flush`` before reading).  If the process dies before a batch is written,
+    its records stay PENDING with their messages published: the worker claims them from PENDING
+    all the same, and the scheduler republishes the ones still waiting after
+    ``scheduler.publish_grace`` under a fresh token (the first message is then stale), so
+    nothing is lost or run twice.
+    """
+
+    MARK_DELAY = 0.02
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._pending: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, task_ids: Sequence[str], queued_at: datetime) -> None:
+        if not task_ids:
+            return
+        with self._lock:
+            for task_id in task_ids:
+                self._pending[task_id] = queued_at
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()  # a forked child starts its own thread
+                self._thread = threading.Thread(target=self._run, name="celery_ext-queued-marks", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.MARK_DELAY)  # let a burst of submits join the batch
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending mark now (before reading records, and at exit)."""
+        with self._lock:
+            if not self._pending:
+                return
+            pending, self._pending = self._pending, {}
+        by_time: dict[datetime, list[str]] = {}
+        for task_id, at in pending.items():
+            by_time.setdefault(at, []).append(task_id)
+        try:
+            for at, ids in by_time.items():
+                if len(ids) == 1:  # the per-task fast path of the backends
+                    self.storage.tasks.update(ids[0], (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=at)
+                else:
+                    self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=at)
+        except StorageError as exc:
+            # Published all the same: the worker claims them from PENDING (see the class doc).
+            logger.warning("could not mark %d published task(s) queued: %s", len(pending), exc)
+        except Exception:  # noqa: BLE001 - a marker thread must not die
+            logger.exception("could not mark published tasks queued")
+
+
 class Lifecycle:
     def __init__(self, storage: Storage, completion: Completion | None = None) -> None:
         self.storage = storage
@@ -46,23 +114,21 @@ class Lifecycle:
         self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
         # Outcome writes are retried this long when storage is away, before giving up to recovery.
         self.write_patience = 30.0
+        self.marks = QueuedMarks(storage)
 
     # --- producer side --------------------------------------------------------------------
 
     def created(self, tasks: Sequence[Task]) -> None:
         for t in tasks:
             self.observer.task_created(t)
+            if t.status is TaskStatus.SCHEDULED and t.run_at is not None:  # a chain step has none
+                self.observer.task_scheduled(t)
 
     def mark_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
-        """PENDING -> QUEUED after a publish.  A worker that claimed first already set
-        ``queued_at`` from the message, so the time is never lost."""
-        pending = [t.task_id for t in tasks if t.status is TaskStatus.PENDING]
-        if len(pending) == 1:  # the per-task fast path of the backends
-            self.storage.tasks.update(pending[0], (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at)
-        elif pending:
-            self.storage.tasks.update_many(
-                pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at
-            )
+        """PENDING -> QUEUED after a publish, written off the submit path (``QueuedMarks``): the
+        producer returns as soon as the message is out.  A worker that claims first moves the
+        record PENDING -> RUNNING and sets ``queued_at`` from the message, so nothing is lost."""
+        self.marks.add([t.task_id for t in tasks if t.status is TaskStatus.PENDING], queued_at)
         out = [
             t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
             for t in tasks
@@ -341,21 +407,21 @@ class Lifecycle:
         return None
 
     def due(self, tasks: Sequence[Task], fence: Fence | None = None) -> tuple[str, list[Task]]:
-        """SCHEDULED or RETRYING records whose time has come -> QUEUED, all under one new dispatch
-        token (returned, with the records that moved), in one conditional update: the caller
-        publishes them.  A record cancelled or started meanwhile does not move; with a ``fence``
-        that storage refuses (a newer leader), none does."""
+        """SCHEDULED or RETRYING records whose time has come -> PENDING, all under one new
+        dispatch token (returned, with the records that moved), in one conditional update; the
+        caller publishes them, then ``mark_queued``.  PENDING, as a submit's record before its
+        publish: a leader that dies in between leaves them to the outbox duty (published again
+        after ``publish_grace``), so none is lost.  A record cancelled or started meanwhile does
+        not move; with a ``fence`` that storage refuses (a newer leader), none does."""
         token, now = new_id(), utcnow()
         ids = [t.task_id for t in tasks]
         changed = self.storage.tasks.update_many(
-            ids, DUE, fence=fence, status=TaskStatus.QUEUED, dispatch_token=token, queued_at=now
+            ids, DUE, fence=fence, status=TaskStatus.PENDING, dispatch_token=token, queued_at=now
         )
-        moved = [t.replace(status=TaskStatus.QUEUED, dispatch_token=token, queued_at=now) for t in tasks]
+        moved = [t.replace(status=TaskStatus.PENDING, dispatch_token=token, queued_at=now) for t in tasks]
         if changed != len(ids):  # some moved on meanwhile: publish only what is ours
             ours = {t.task_id for t in tasks if (r := self.storage.tasks.get(t.task_id)) and r.dispatch_token == token}
             moved = [t for t in moved if t.task_id in ours]
-        for t in moved:
-            self.observer.task_queued(t)
         return token, moved
 
     def undue(self, moved: Sequence[tuple[Task, TaskStatus]]) -> None:
@@ -363,7 +429,7 @@ class Lifecycle:
         that the next round publishes them; one a worker claimed meanwhile stays claimed."""
         for status in {s for _, s in moved}:
             ids = [t.task_id for t, s in moved if s is status]
-            self.storage.tasks.update_many(ids, (TaskStatus.QUEUED,), status=status, queued_at=None)
+            self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=status, queued_at=None)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -393,9 +459,8 @@ for _src, _dst in (
     (TaskStatus.RUNNING, TaskStatus.DEAD),
     (TaskStatus.RUNNING, TaskStatus.RETRYING),
     (TaskStatus.SCHEDULED, TaskStatus.FAILED),
-    *((s, TaskStatus.QUEUED) for s in DUE),
-    (TaskStatus.QUEUED, TaskStatus.SCHEDULED),
-    (TaskStatus.QUEUED, TaskStatus.RETRYING),
+    *((s, TaskStatus.PENDING) for s in DUE),
+    *((TaskStatus.PENDING, s) for s in DUE),
     *((s, TaskStatus.RUNNING) for s in STARTABLE),
     *((s, TaskStatus.PENDING) for s in REOPENABLE),
     *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL),

@@ -37,6 +37,8 @@ from celery_ext.model import (
     utcnow,
 )
 from celery_ext.routing.router import router_of
+from celery_ext.schedules import admin as schedule_admin
+from celery_ext.schedules.model import Schedule
 from celery_ext.validation import (
     MAX_DELAY,
     MAX_KEY_LENGTH,
@@ -276,6 +278,7 @@ class TaskManager:
     def get(self, task_id: str) -> Task:
         if not storable_id(task_id, MAX_KEY_LENGTH):  # NUL, a lone surrogate: no record has such an id
             raise TaskNotFoundError(task_id)
+        self.lifecycle.marks.flush()  # this process's submits read back as queued
         task = self.storage.tasks.get(task_id)
         if task is None:
             raise TaskNotFoundError(task_id)
@@ -291,6 +294,7 @@ class TaskManager:
                 filters["status"] = tuple(TaskStatus(s) for s in filters["status"])
             flt = TaskFilter(**filters)
         check_filter(flt)
+        self.lifecycle.marks.flush()
         return self.storage.tasks.list(flt)
 
     def logs(
@@ -347,3 +351,51 @@ class TaskManager:
         if fresh.lease_until is None:
             self._publish([(fresh, None)])
         return self.get(task_id)
+
+    # --- periodic schedules (celery_ext/schedules) ----------------------------------------
+
+    def add_schedule(
+        self,
+        name: str,
+        task_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        timezone: str = "UTC",
+        catch_up: str = "skip",
+        paused: bool = False,
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+    ) -> Schedule:
+        """Create or replace a schedule firing ``task_type`` on ``cron`` (5 fields, wall-clock time
+        in ``timezone``) or ``every`` N seconds; ``catch_up`` ``skip`` or ``once``.  The task is
+        checked as a submit's is.  A replaced schedule keeps its next fire time if its timing is
+        unchanged.  Stored durably: the scheduler's leader fires it."""
+        options: dict[str, Any] = {"priority": priority, "max_retries": max_retries, "timeout": timeout}
+        task, _ = self.build_specs([{"task_type": task_type, "payload": payload, **options}])[0]
+        schedule = Schedule(name, task_type, task.payload, cron, every, timezone, catch_up, paused, **options)
+        self.ensure_schema()
+        return schedule_admin.add(self.storage, schedule, utcnow())
+
+    def remove_schedule(self, name: str) -> None:
+        self.ensure_schema()
+        schedule_admin.remove(self.storage, name)
+
+    def pause_schedule(self, name: str) -> Schedule:
+        self.ensure_schema()
+        return schedule_admin.set_paused(self.storage, name, True)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Fire again; times missed while paused are handled by its ``catch_up``."""
+        self.ensure_schema()
+        return schedule_admin.set_paused(self.storage, name, False)
+
+    def get_schedule(self, name: str) -> Schedule:
+        self.ensure_schema()
+        return schedule_admin.get(self.storage, name)
+
+    def list_schedules(self) -> builtins.list[Schedule]:
+        self.ensure_schema()
+        return self.storage.schedules.list()

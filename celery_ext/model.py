@@ -44,11 +44,16 @@ STARTABLE = frozenset({TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEU
 
 # Every allowed move; each is applied as a conditional update on the expected status.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.PENDING: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    # Back to SCHEDULED/RETRYING: the scheduler took a due record to publish it and could not.
+    TaskStatus.PENDING: frozenset(
+        {TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.SCHEDULED, TaskStatus.RETRYING}
+    ),
     # FAILED without running: a chain or chord step whose previous step failed (parent_failed).
-    TaskStatus.SCHEDULED: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
-    # Back to SCHEDULED/RETRYING: the scheduler moved a due record but could not publish it.
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.SCHEDULED, TaskStatus.RETRYING}),
+    # PENDING: taken by the scheduler's leader to be published (then QUEUED), as a submit is.
+    TaskStatus.SCHEDULED: frozenset(
+        {TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}
+    ),
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset(
         {
             TaskStatus.SUCCEEDED,
@@ -59,7 +64,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
             TaskStatus.QUEUED,  # released after the worker was lost, to be redelivered
         }
     ),
-    TaskStatus.RETRYING: frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    TaskStatus.RETRYING: frozenset({TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     # A manual retry re-opens a finished task as PENDING, then publishes it like a new one.
     TaskStatus.FAILED: frozenset({TaskStatus.PENDING}),
     TaskStatus.DEAD: frozenset({TaskStatus.PENDING}),

@@ -27,7 +27,7 @@ def running(rt, *, worker: str, lease_in: float, max_retries: int = 3) -> str:
     now = utcnow()
     assert rt.storage.tasks.update(
         task.task_id,
-        (TaskStatus.QUEUED,),
+        (TaskStatus.PENDING, TaskStatus.QUEUED),  # its queued mark may not be written yet
         status=TaskStatus.RUNNING,
         attempt=1,
         worker_id=worker,
