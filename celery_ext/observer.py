@@ -19,6 +19,9 @@ class TaskObserver:
     def task_queued(self, task: Task) -> None:
         """Its message was published."""
 
+    def task_scheduled(self, task: Task) -> None:
+        """It waits in storage until its ``run_at`` (a delay longer than scheduler.max_countdown)."""
+
     def task_cancelled(self, task: Task) -> None:
         """It was cancelled before finishing."""
 

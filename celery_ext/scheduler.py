@@ -25,6 +25,9 @@ Each tick, the leader:
     record and died (or lost the broker) before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
     held (an epoch marker key in the broker tells);
+  - fires the periodic schedules that are due (``celery_ext.schedules``; config.yaml's are
+    synced into storage when it takes the lead), each fire a task with the idempotency key
+    ``schedule:<name>:<fire time>``;
   - applies ``storage.retention`` every ``scheduler.retention_interval``.
 Without a Redis registry (a RabbitMQ broker and no ``scheduler.registry_url``) there is nothing
 to elect with: the scheduler then leads alone and says so.
@@ -48,6 +51,7 @@ from celery_ext.lifecycle import DUE
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.router import router_of
+from celery_ext.schedules import fire_due, resubmit_last, sync_config_schedules
 from celery_ext.storage import retention
 from celery_ext.storage.base import Fence
 from celery_ext.transport import is_redis_url, redis_py_url
@@ -137,6 +141,7 @@ class TickReport:
     moved_messages: int = 0
     recovered: list[str] = field(default_factory=list)
     due: list[str] = field(default_factory=list)
+    fired: list[dict[str, Any]] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
     purged: dict[str, Any] | None = None
@@ -159,6 +164,7 @@ class Scheduler:
         self.fence = 0
         self.fence_name = f"scheduler:{rt.config.app.name}"[:64]
         self.refused = 0  # rounds cut short because storage refused a write as deposed
+        self._synced_fence = 0  # the fence under which config schedules were last synced
         self._last_purge: float | None = None
         self._lost_before: datetime | None = None
         broker = str(rt.celery.conf.broker_url)
@@ -178,6 +184,7 @@ class Scheduler:
             ("lost messages", self._lost_messages),
             ("due tasks", self._due),
             ("unpublished tasks", self._unpublished),
+            ("schedules", self._schedules),
             ("retention", self._retention),
         ):
             try:
@@ -209,6 +216,7 @@ class Scheduler:
     def _deposed(self, exc: Deposed) -> None:
         self.refused += 1
         self.fence = 0
+        logger.warning("scheduler %s is no longer the leader (deposed)", self.holder)
         notify = getattr(self.rt.extras.get("observer"), "leader_changed", None)
         if notify is not None:
             notify(self.holder, False, fence=exc.fence)
@@ -292,18 +300,39 @@ class Scheduler:
             except Exception:
                 lifecycle.undue([(t, orig.status) for t, orig in zip(moved, _originals(batch, moved), strict=True)])
                 raise
+            lifecycle.mark_queued(moved, now)
             self._due_lag(moved, now)
             report.due.extend(t.task_id for t in moved)
             if len(batch) < self.config.due_batch:
                 return
 
+    def _schedules(self, report: TickReport) -> None:
+        """Fire the periodic schedules that are due (``celery_ext.schedules``).  On taking the
+        lead, first bring config.yaml's schedules into storage and submit a last fire a previous
+        leader recorded but did not submit (same idempotency key: never twice)."""
+        storage, manager = self.rt.storage, self.rt.manager
+        fired = []
+        if self._synced_fence != self.fence:
+            sync = sync_config_schedules(storage, self.rt.config)
+            if sync.saved or sync.removed:
+                logger.info("schedules from config: saved %s, removed %s", sync.saved, sync.removed)
+            fired += resubmit_last(storage, manager, self.fenced)
+            self._synced_fence = self.fence
+        fired += fire_due(storage, manager, self.fenced, utcnow())
+        for f in fired:
+            logger.info("schedule %s fired for %s: task %s", f.schedule, f.fire_at.isoformat(), f.task_id)
+            report.fired.append(f.to_dict())
+            notify = getattr(self.rt.extras.get("observer"), "schedule_fired", None)
+            if notify is not None:
+                notify(f)
+            if f.error is not None:
+                self._synced_fence = 0  # resubmit on the next round
+        self.check_fence()  # an advance refused as deposed looks like one another leader made
+
     def _due_lag(self, tasks: list[Any], now: datetime) -> None:
-        observe = getattr(self.rt.extras.get("metrics"), "due_lag", None)
-        if observe is None:
-            return
-        for t in tasks:
-            if t.run_at is not None:
-                observe(max(0.0, (now - t.run_at).total_seconds()))
+        observe = getattr(self.rt.extras.get("observer"), "due_published", None)
+        if observe is not None:
+            observe([(now - t.run_at).total_seconds() for t in tasks if t.run_at is not None])
 
     def _unpublished(self, report: TickReport) -> None:
         """The outbox case: a PENDING record nobody published.  A fresh dispatch token first, so

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery_ext.events import build_event_bus
-from celery_ext.events.base import (
+from celery_ext.events.base import EventBus
+from celery_ext.events.model import (
     CONFIG_RELOADED,
+    SCHEDULE_FIRED,
     SCHEDULER_LEADER_CHANGED,
     TASK_CANCELLED,
     TASK_COMPLETED,
@@ -23,10 +25,10 @@ from celery_ext.events.base import (
     TASK_FAILED,
     TASK_QUEUED,
     TASK_RETRYING,
+    TASK_SCHEDULED,
     TASK_STARTED,
     WORKER_OFFLINE,
     Event,
-    EventBus,
 )
 from celery_ext.metrics import MetricsCollector, build_metrics
 from celery_ext.model import Task, TaskErrorInfo
@@ -72,6 +74,10 @@ class EventBridge(TaskObserver):
         self._emit(TASK_QUEUED, task)
 
     @_safe
+    def task_scheduled(self, task: Task) -> None:
+        self._emit(TASK_SCHEDULED, task, run_at=task.run_at.isoformat() if task.run_at else None)
+
+    @_safe
     def task_cancelled(self, task: Task) -> None:
         self._emit(TASK_CANCELLED, task)
 
@@ -105,6 +111,18 @@ class EventBridge(TaskObserver):
         """For the scheduler: this node gained or lost leadership."""
         self.metrics.scheduler_election(is_leader)
         self.bus.publish(Event(SCHEDULER_LEADER_CHANGED, worker_id=node, data={"is_leader": is_leader, **data}))
+
+    @_safe
+    def schedule_fired(self, fired: Any) -> None:
+        """For the scheduler: a periodic schedule fired (``celery_ext.schedules.FiredSchedule``)."""
+        self.metrics.schedule_fired(fired.schedule, "failed" if fired.error else "fired")
+        self.bus.publish(Event(SCHEDULE_FIRED, task_id=fired.task_id, data=fired.to_dict()))
+
+    @_safe
+    def due_published(self, lags: list[float]) -> None:
+        """For the scheduler: due records published, each this many seconds after its run_at."""
+        for lag in lags:
+            self.metrics.due_lag(lag)
 
     @_safe
     def config_reloaded(self, node: str, **data: Any) -> None:

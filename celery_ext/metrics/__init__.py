@@ -50,6 +50,12 @@ class MetricsCollector(abc.ABC):
         """A message was refused without running: ``unknown_task`` (no worker task of that name)
         or ``malformed`` (its celery_ext header or arguments are unusable)."""
 
+    def due_lag(self, seconds: float) -> None:  # noqa: B027 - optional hook
+        """The scheduler published a delayed record ``seconds`` after it was due (0 if ahead)."""
+
+    def schedule_fired(self, schedule: str, outcome: str) -> None:  # noqa: B027 - optional hook
+        """A periodic schedule fired (``outcome``: fired, failed)."""
+
     def startup(self) -> None:  # noqa: B027 - optional hook
         """Called once in a worker's main process before its pool starts."""
 

@@ -117,6 +117,18 @@ class PrometheusMetrics(MetricsCollector):
                     ["task_name", "reason"],
                     registry=r,
                 ),
+                "due_lag": pc.Histogram(
+                    "celery_ext_due_lag_seconds",
+                    "From a delayed task's run_at to its publish by the scheduler (0 when published ahead)",
+                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf")),
+                    registry=r,
+                ),
+                "fired": pc.Counter(
+                    "celery_ext_schedule_fired",
+                    "Periodic schedule fires, by schedule and outcome (fired, failed)",
+                    ["schedule", "outcome"],
+                    registry=r,
+                ),
                 "leader": pc.Gauge(
                     "celery_ext_scheduler_is_leader",
                     "1 while this scheduler is leader",
@@ -152,6 +164,12 @@ class PrometheusMetrics(MetricsCollector):
 
     def scheduler_election(self, is_leader: bool) -> None:
         self._metrics()["leader"].set(1 if is_leader else 0)
+
+    def due_lag(self, seconds: float) -> None:
+        self._metrics()["due_lag"].observe(max(0.0, seconds))
+
+    def schedule_fired(self, schedule: str, outcome: str) -> None:
+        self._metrics()["fired"].labels(_bounded(schedule), outcome).inc()
 
     def message_rejected(self, task_name: str, reason: str) -> None:
         # Any producer can send any name: the label is bounded like a reason code.

@@ -30,6 +30,9 @@ logger = logging.getLogger("celery_ext.plugins.metrics")
 class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     prometheus_port: int = Field(9808, ge=0, le=65535)
+    # Where ``celery -A celery_ext scheduler`` serves its own metrics (leader gauge, due lag,
+    # schedule fires); another port, so that it can run next to a worker.  0 picks a free one.
+    scheduler_port: int = Field(9809, ge=0, le=65535)
     bind: str = "127.0.0.1"
     sample_interval: PositiveDuration = 5.0
 
@@ -51,10 +54,7 @@ class MetricsPlugin(Plugin):
             raise ConfigError(
                 f"{self.config_path}: the metrics plugin needs metrics.type prometheus (got {type(collector).__name__})"
             )
-        self.server = ThreadingHTTPServer((s.bind, s.prometheus_port), _handler(collector))
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, name="celery_ext-metrics-http", daemon=True).start()
-        logger.info("metrics on http://%s:%d/metrics", *self.server.server_address[:2])
+        self.server = serve(collector, s.bind, s.prometheus_port)
         threading.Thread(target=self._sample_loop, args=(ctx,), name="celery_ext-metrics-sample", daemon=True).start()
 
     def stop(self, ctx: PluginContext) -> None:
@@ -89,6 +89,25 @@ class MetricsPlugin(Plugin):
         with ctx.app.connection_for_read() as conn:
             for name in names:
                 ctx.metrics.queue_length(name, _length(conn, name))
+
+
+def serve(collector: Any, bind: str, port: int) -> ThreadingHTTPServer:
+    """Serve ``collector``'s exposition at ``/metrics`` from a daemon thread."""
+    server = ThreadingHTTPServer((bind, port), _handler(collector))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="celery_ext-metrics-http", daemon=True).start()
+    logger.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+    return server
+
+
+def scheduler_metrics(config: Any, collector: Any) -> ThreadingHTTPServer | None:
+    """The scheduler process's metrics endpoint, when the ``metrics`` plugin is enabled in its
+    config (``plugins[].config.scheduler_port``, bound like the workers' endpoint)."""
+    entry = next((p for p in config.plugins if p.name == "metrics" and p.enabled), None)
+    if entry is None or not hasattr(collector, "exposition"):
+        return None
+    s = MetricsSettings.model_validate(entry.config or {})
+    return serve(collector, s.bind, s.scheduler_port)
 
 
 def _length(conn: Any, name: str) -> int:

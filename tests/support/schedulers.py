@@ -43,3 +43,13 @@ class SchedulerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(20)
+
+
+def leading(among: list[SchedulerProcess]) -> list[SchedulerProcess]:
+    return [s for s in among if s.log().count("is the leader") > s.log().count("is no longer the leader")]
+
+
+def leader_of(schedulers: list[SchedulerProcess], among: list[SchedulerProcess]) -> SchedulerProcess:
+    """The one of ``among`` that leads now (waiting out a hand-over in progress)."""
+    poll(lambda: len(leading(among)) == 1, 30, f"one leader: {[s.log()[-1500:] for s in schedulers]}")
+    return leading(among)[0]
