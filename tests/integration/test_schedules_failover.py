@@ -139,8 +139,9 @@ def test_a_schedule_added_by_the_cli_survives_a_restart_of_everything(make_clust
             poll(lambda before=before: pulses() >= before + 2, 30, "the schedule to fire")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{scheduler.log()[-3000:]}") from None
-        scheduler.stop()
-        worker.stop()
+        finally:
+            scheduler.stop()
+            worker.stop()
     listed = cli(c.config_path, "schedules", "list", "--json")
     assert listed.returncode == 0 and [s["name"] for s in json.loads(listed.stdout)] == ["pulse"], listed.stdout
     done = [
