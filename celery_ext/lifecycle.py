@@ -43,11 +43,9 @@ REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 
 
 class QueuedMarks:
-    """The PENDING -> QUEUED writes of published tasks, batched by a thread of the producer.
-
-    One conditional ``UPDATE`` per batch (``MARK_DELAY`` after the first publish of the batch)
-    instead of one per submit, off the caller's path: submit-to-result latency loses a database
-    round trip and a burst of submits costs one write.  Readers in this process see their own
+    """The PENDING -> QUEUED writes of tasks submitted one at a time, made by a thread of the
+    producer: off the caller's path (submit-to-result latency loses a database round trip), and
+    the submits of a burst (many threads, a web process) share one conditional ``UPDATE``.  Readers in this process see their own
     submits queued (``flush`` before reading).  If the process dies before a batch is written,
     its records stay PENDING with their messages published: the worker claims them from PENDING
     all the same, and the scheduler republishes the ones still waiting after
@@ -55,7 +53,7 @@ class QueuedMarks:
     nothing is lost or run twice.
     """
 
-    MARK_DELAY = 0.02
+    MARK_DELAY = 0.002
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -125,10 +123,19 @@ class Lifecycle:
                 self.observer.task_scheduled(t)
 
     def mark_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
-        """PENDING -> QUEUED after a publish, written off the submit path (``QueuedMarks``): the
-        producer returns as soon as the message is out.  A worker that claims first moves the
-        record PENDING -> RUNNING and sets ``queued_at`` from the message, so nothing is lost."""
-        self.marks.add([t.task_id for t in tasks if t.status is TaskStatus.PENDING], queued_at)
+        """PENDING -> QUEUED after a publish.  One task's mark is written off the submit path
+        (``QueuedMarks``): the producer returns as soon as the message is out.  A batch's is
+        written at once, in one statement, before its workers get far: written later, it would
+        hold the row locks of hundreds of records their claims are waiting for.  A worker that
+        claims first moves the record PENDING -> RUNNING and sets ``queued_at`` from the message,
+        so nothing is lost either way."""
+        pending = [t.task_id for t in tasks if t.status is TaskStatus.PENDING]
+        if len(pending) == 1:
+            self.marks.add(pending, queued_at)
+        elif pending:
+            self.storage.tasks.update_many(
+                pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at
+            )
         out = [
             t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
             for t in tasks
