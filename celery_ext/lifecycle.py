@@ -45,12 +45,12 @@ REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 class QueuedMarks:
     """The PENDING -> QUEUED writes of tasks submitted one at a time, made by a thread of the
     producer: off the caller's path (submit-to-result latency loses a database round trip), and
-    the submits of a burst (many threads, a web process) share one conditional ``UPDATE``.  Readers in this process see their own
-    submits queued (``flush`` before reading).  If the process dies before a batch is written,
-    its records stay PENDING with their messages published: the worker claims them from PENDING
-    all the same, and the scheduler republishes the ones still waiting after
-    ``scheduler.publish_grace`` under a fresh token (the first message is then stale), so
-    nothing is lost or run twice.
+    the submits of a burst (many threads, a web process) share one conditional ``UPDATE``.
+    Readers in this process see their own submits queued (``flush`` before reading).  If the
+    process dies before a batch is written, its records stay PENDING with their messages
+    published: the worker claims them from PENDING all the same, and the scheduler republishes
+    the ones still waiting after ``scheduler.publish_grace`` under a fresh token (the first
+    message is then stale), so nothing is lost or run twice.
     """
 
     MARK_DELAY = 0.002
@@ -59,6 +59,8 @@ class QueuedMarks:
         self.storage = storage
         self._pending: dict[str, datetime] = {}
         self._lock = threading.Lock()
+        # Held while a batch is written: a reader's flush waits for the thread's write in progress.
+        self._writing = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -84,7 +86,13 @@ class QueuedMarks:
             self.flush()
 
     def flush(self) -> None:
-        """Write every pending mark now (before reading records, and at exit)."""
+        """Write every pending mark now (before reading records, and at exit); returns once the
+        marks of every submit made before the call are written, including a batch that the
+        thread is writing."""
+        with self._writing:
+            self._write()
+
+    def _write(self) -> None:
         with self._lock:
             if not self._pending:
                 return
