@@ -50,6 +50,9 @@ class MetricsCollector(abc.ABC):
         """A message was refused without running: ``unknown_task`` (no worker task of that name)
         or ``malformed`` (its celery_ext header or arguments are unusable)."""
 
+    def app_info(self, app: str, version: str) -> None:  # noqa: B027 - optional hook
+        """This process serves ``app`` (``app.name``) at ``version`` (``app.version``)."""
+
     def due_lag(self, seconds: float) -> None:  # noqa: B027 - optional hook
         """The scheduler published a delayed record ``seconds`` after it was due (0 if ahead)."""
 

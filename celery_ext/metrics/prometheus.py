@@ -117,6 +117,13 @@ class PrometheusMetrics(MetricsCollector):
                     ["task_name", "reason"],
                     registry=r,
                 ),
+                "info": pc.Gauge(
+                    "celery_ext_app_info",
+                    "1, labelled with the app's name and app.version",
+                    ["app", "version"],
+                    registry=r,
+                    multiprocess_mode="livemax",
+                ),
                 "due_lag": pc.Histogram(
                     "celery_ext_due_lag_seconds",
                     "From a delayed task's run_at to its publish by the scheduler (0 when published ahead)",
@@ -164,6 +171,9 @@ class PrometheusMetrics(MetricsCollector):
 
     def scheduler_election(self, is_leader: bool) -> None:
         self._metrics()["leader"].set(1 if is_leader else 0)
+
+    def app_info(self, app: str, version: str) -> None:
+        self._metrics()["info"].labels(_bounded(app), _bounded(version) if version else "").set(1)
 
     def due_lag(self, seconds: float) -> None:
         self._metrics()["due_lag"].observe(max(0.0, seconds))

@@ -54,6 +54,7 @@ class MetricsPlugin(Plugin):
             raise ConfigError(
                 f"{self.config_path}: the metrics plugin needs metrics.type prometheus (got {type(collector).__name__})"
             )
+        collector.app_info(ctx.config.app.name, ctx.config.app.version or "")
         self.server = serve(collector, s.bind, s.prometheus_port)
         threading.Thread(target=self._sample_loop, args=(ctx,), name="celery_ext-metrics-sample", daemon=True).start()
 
@@ -107,6 +108,7 @@ def scheduler_metrics(config: Any, collector: Any) -> ThreadingHTTPServer | None
     if entry is None or not hasattr(collector, "exposition"):
         return None
     s = MetricsSettings.model_validate(entry.config or {})
+    collector.app_info(config.app.name, config.app.version or "")
     return serve(collector, s.bind, s.scheduler_port)
 
 

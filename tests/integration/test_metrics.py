@@ -13,6 +13,10 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
     c = make_cluster(
         executors=TASKS, plugins=[{"name": "metrics", "config": {"prometheus_port": port, "sample_interval": 0.2}}]
     )
+    c.data["app"]["version"] = "2.4.1"  # reported as celery_ext_app_info{app, version}
+    from tests.support.workers import write_config
+
+    write_config(c.tmp_path, c.data)
     # Each child is replaced after 2 tasks: counts of exited children must stay in the scrape.
     w = c.worker(concurrency=2, extra_args=["--max-tasks-per-child=2"])
     ok = [c.manager.submit("whoami", {"seconds": 0.2}) for _ in range(8)]
@@ -39,6 +43,7 @@ def test_one_scrape_counts_tasks_of_every_pool_child_including_replaced_ones(mak
     queues = {dict(labels)["queue"] for name, labels in s if name == "celery_ext_queue_length"}
     app = c.data["app"]["name"]
     assert {f"{app}.whoami", f"{app}.doomed", "celery"} <= queues
+    assert sample(s, "celery_ext_app_info", app=app, version="2.4.1") == 1
     # No task ids in any label.
     assert not any(t.task_id in str(labels) for _, labels in s for t in ok)
 

@@ -114,6 +114,7 @@ def test_the_scheduler_publishes_its_events_and_serves_its_metrics(make_cluster)
         poll(lambda: "celery_ext_due_lag_seconds_count 1.0" in scrape(), 20, "the due lag observed")
         text = scrape()
         assert "celery_ext_scheduler_is_leader 1.0" in text
+        assert f'celery_ext_app_info{{app="{c.data["app"]["name"]}",version=""}} 1.0' in text
         assert 'celery_ext_schedule_fired_total{outcome="fired",schedule="beat"}' in text
     finally:
         scheduler.stop()
