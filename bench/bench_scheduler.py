@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS, wait_until  # noqa: E402
+from tests.support.schedulers import due_records  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, subprocess_env, write_config  # noqa: E402
-
-
-def due_records(rt: Any, n: int, first: float, last: float) -> None:
-    """``n`` SCHEDULED records with ``run_at`` spread evenly from now+first to now+last seconds."""
-    from celery_ext.model import Task, TaskStatus, new_id, utcnow
-
-    now = utcnow()
-    step = (last - first) / max(1, n - 1)
-    tasks = [
-        Task(
-            task_id=new_id(),
-            task_type="echo",
-            payload={"i": i},
-            status=TaskStatus.SCHEDULED,
-            run_at=now + timedelta(seconds=first + i * step),
-            created_at=now,
-            dispatch_token=new_id(),
-        )
-        for i in range(n)
-    ]
-    for i in range(0, n, 5000):
-        rt.storage.tasks.create_many(tasks[i : i + 5000])
 
 
 def dispatch_rate(rt: Any, n: int) -> float:
     from celery_ext.scheduler import Scheduler
 
-    due_records(rt, n, -5.0, -1.0)
+    due_records(rt.storage, n, -5.0, -1.0)
     scheduler = Scheduler(rt)
     start = time.perf_counter()
     published = 0

@@ -181,34 +181,19 @@ class Lifecycle:
         now = now or utcnow()
         still_running = task.status is TaskStatus.CANCELLED and task.lease_until is not None and task.lease_until > now
         token = task.dispatch_token if still_running else new_id()
-        fresh = task.replace(
-            status=TaskStatus.PENDING,
-            dispatch_token=token,
-            attempt=0,
-            run=task.run + 1,
-            error=None,
-            result=None,
-            started_at=None,
-            finished_at=None,
-            run_at=None,
-            worker_id=None,
-            queued_at=None,
-        )
+        changes: dict[str, Any] = {
+            "status": TaskStatus.PENDING,
+            "dispatch_token": token,
+            "attempt": 0,
+            "run": task.run + 1,
+            **dict.fromkeys(("error", "result", "started_at", "finished_at", "run_at", "worker_id", "queued_at")),
+        }
+        fresh = task.replace(**changes)
         changed = self.storage.tasks.update(
             task.task_id,
             (task.status,),
             token=task.dispatch_token,
-            status=TaskStatus.PENDING,
-            dispatch_token=token,
-            attempt=0,
-            run=fresh.run,
-            error=None,
-            result=None,
-            started_at=None,
-            finished_at=None,
-            run_at=None,
-            worker_id=None,
-            queued_at=None,
+            **changes,
             **({} if still_running else {"lease_until": None}),
         )
         if not changed:

@@ -12,10 +12,10 @@ from datetime import timedelta
 import pytest
 import redis
 
-from celery_ext.model import Task, TaskStatus, new_id, utcnow
+from celery_ext.model import TaskStatus, utcnow
 from celery_ext.storage.base import Fence
 from tests.conftest import TEST_TASKS, Cluster
-from tests.support.schedulers import SchedulerProcess, leader_of
+from tests.support.schedulers import SchedulerProcess, due_records, leader_of
 from tests.support.scrape import poll
 from tests.support.services import unique
 
@@ -118,27 +118,6 @@ def test_a_retry_backoff_waits_in_storage_and_survives_killing_every_worker(make
         scheduler.stop()
 
 
-def due_records(c: Cluster, n: int) -> list[str]:
-    """``n`` records already due, written straight to storage (as many producers would have)."""
-    now = utcnow()
-    tasks = [
-        Task(
-            task_id=new_id(),
-            task_type="echo",
-            payload={"i": i},
-            status=TaskStatus.SCHEDULED,
-            run_at=now - timedelta(seconds=1),
-            created_at=now,
-            dispatch_token=new_id(),
-        )
-        for i in range(n)
-    ]
-    c.runtime.storage.migrate()
-    for i in range(0, n, 5000):
-        c.runtime.storage.tasks.create_many(tasks[i : i + 5000])
-    return [t.task_id for t in tasks]
-
-
 def count(c: Cluster, status: TaskStatus, ids: list[str]) -> int:
     """How many of ``ids`` have ``status`` (the PostgreSQL database is shared with other tests)."""
     from sqlalchemy import text
@@ -159,7 +138,7 @@ def test_a_leader_paused_past_its_lease_has_its_late_writes_refused(make_cluster
         scheduler={"interval": 0.2, "leader_lease": 1.5, "due_batch": 100},
     )
     n = 20_000
-    ids = due_records(c, n)
+    ids = due_records(c.runtime.storage, n)
     schedulers = [SchedulerProcess(c).start() for _ in range(3)]
     try:
         poll(lambda: count(c, TaskStatus.SCHEDULED, ids) <= n - 500, 60, "the leader to start publishing")

@@ -6,8 +6,11 @@ import atexit
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from celery_ext.model import Task, TaskStatus, new_id, utcnow
+from celery_ext.storage.base import Storage
 from tests.support.scrape import poll
 from tests.support.services import unique
 from tests.support.workers import subprocess_env
@@ -60,3 +63,25 @@ def leader_of(schedulers: list[SchedulerProcess], among: list[SchedulerProcess])
     """The one of ``among`` that leads now (waiting out a hand-over in progress)."""
     poll(lambda: len(leading(among)) == 1, 30, f"one leader: {[s.log()[-1500:] for s in schedulers]}")
     return leading(among)[0]
+
+
+def due_records(storage: Storage, n: int, first: float = -1.0, last: float = -1.0) -> list[str]:
+    """``n`` SCHEDULED ``echo`` records written straight to storage (as many producers would
+    have), their ``run_at`` spread evenly from now+``first`` to now+``last`` seconds; their ids."""
+    now, step = utcnow(), (last - first) / max(1, n - 1)
+    tasks = [
+        Task(
+            task_id=new_id(),
+            task_type="echo",
+            payload={"i": i},
+            status=TaskStatus.SCHEDULED,
+            run_at=now + timedelta(seconds=first + i * step),
+            created_at=now,
+            dispatch_token=new_id(),
+        )
+        for i in range(n)
+    ]
+    storage.migrate()
+    for i in range(0, n, 5000):
+        storage.tasks.create_many(tasks[i : i + 5000])
+    return [t.task_id for t in tasks]
