@@ -91,6 +91,9 @@ def move_stranded(
     known = sorted(set(task_types)) if task_types is not None else []
     if task_types is None:
         known = _types_seen(client, queue_keys(queue, transport_options))
+    # The unacknowledged messages are read before the queue moves: a message moved to a shared
+    # queue keeps its routing key, and a live worker that fetches it there must keep it.
+    fetched = _unacked_of(client, queue, transport_options)
     script = client.register_script(_MOVE)
     suffixes = [_suffix(p, sep) for p in steps]
     args = [gprefix + prefix, gprefix + default_queue, batch, len(steps), *suffixes, *known]
@@ -101,7 +104,7 @@ def move_stranded(
         total += moved
         if moved < batch:
             break
-    return total + _restore_unacked(client, queue, prefix, transport_options, known, default_queue)
+    return total + _restore_unacked(client, queue, prefix, transport_options, known, default_queue, fetched)
 
 
 def _types_seen(client: Any, keys: list[str]) -> list[str]:
@@ -116,6 +119,23 @@ def _types_seen(client: Any, keys: list[str]) -> list[str]:
     return sorted(names)
 
 
+def _unacked_of(
+    client: Any, queue: str, transport_options: Mapping[str, Any] | None
+) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """kombu's unacknowledged entries (tag, raw entry, message) fetched from ``queue``."""
+    opts = transport_options or {}
+    hkey = _options(transport_options)[2] + str(opts.get("unacked_key", "unacked"))
+    found = []
+    for tag, raw in client.hscan_iter(hkey, count=500):
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        if routing_key == queue and isinstance(message, dict):
+            found.append((tag, raw, message))
+    return found
+
+
 def _restore_unacked(
     client: Any,
     queue: str,
@@ -123,6 +143,7 @@ def _restore_unacked(
     transport_options: Mapping[str, Any] | None,
     known: list[str],
     default_queue: str,
+    fetched: list[tuple[Any, Any, dict[str, Any]]],
 ) -> int:
     sep, steps, gprefix = _options(transport_options)
     opts = transport_options or {}
@@ -130,11 +151,8 @@ def _restore_unacked(
     ikey = gprefix + str(opts.get("unacked_index_key", "unacked_index"))
     script = client.register_script(_RESTORE)
     restored = 0
-    for tag, raw in client.hscan_iter(hkey, count=500):
+    for tag, raw, message in fetched:
         try:
-            message, _exchange, routing_key = json.loads(raw)
-            if routing_key != queue:
-                continue
             task = message.get("headers", {}).get("task")
             pri = int(message.get("properties", {}).get("priority") or 0)
         except (ValueError, TypeError, AttributeError):
@@ -142,6 +160,7 @@ def _restore_unacked(
         step = steps[max(0, bisect.bisect(steps, pri) - 1)]
         base = f"{prefix}.{task}" if task in known else default_queue
         dest = f"{gprefix}{base}{_suffix(step, sep)}"
+        # Only if the entry is still the one read: a worker may have acknowledged it since.
         restored += int(script(keys=[hkey, ikey, dest], args=[tag, raw, json.dumps(message)]))
     if restored:
         logger.info("returned %d unacknowledged message(s) of %s to the shared queues", restored, queue)
