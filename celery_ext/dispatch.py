@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
+from kombu.common import maybe_declare
 
 from celery_ext.config import Config
 from celery_ext.message import ExtHeader
@@ -86,9 +87,87 @@ class Dispatcher:
         self.app.send_task(d.task.task_type, **self.options(d))
 
     def publish_many(self, batch: Sequence[Dispatch]) -> None:
-        """One producer for all; on Redis, kombu's publish batch sends the messages (and their
-        task-sent events) through one pipeline, so a batch costs a round trip per
-        ``PUBLISH_BATCH`` commands instead of two per message."""
+        """Publish a batch over one producer.  On Redis, kombu's publish batch sends the messages
+        (and their task-sent events) through one pipeline, a round trip per ``PUBLISH_BATCH``
+        commands instead of two per message.
+
+        Each message is still routed by the app's router and built by Celery
+        (``amqp.create_task_message``) and sent by Celery's ``send_task_message``, with its
+        task-sent event.  What a batch skips is the per-message overhead around them (profiled in
+        docs/benchmarks.md): ``send_task``'s option merging, and a copy-and-bind of the queue and
+        the event exchange for every message (``maybe_declare`` on unbound entities); both are
+        declared once per batch instead.  Anything that changes the message takes Celery's
+        ``send_task`` instead: a publish signal receiver (``before_task_publish``, ...), a call from
+        inside a worker's task (Celery links the parent), a broker other than Redis (quorum queues
+        and native delayed delivery).
+        """
+        if not batch:
+            return
+        if not self._lean_batches():
+            with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+                for d in batch:
+                    self.app.send_task(d.task.task_type, producer=producer, **self.options(d))
+            return
+        amqp, conf = self.app.amqp, self.app.conf
+        reply_to, backend = self.app.thread_oid, self.app.backend
         with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+            channel = producer.channel
+            evd = self.app.events.Dispatcher(enabled=False)
+            evd.exchange = evd.exchange(channel)  # bound once: no copy per event
+            maybe_declare(evd.exchange, channel)
+            declared: dict[str, Any] = {}
             for d in batch:
-                self.app.send_task(d.task.task_type, producer=producer, **self.options(d))
+                opts = self.options(d)
+                name = d.task.task_type
+                route = amqp.router.route({}, name, opts["args"], opts["kwargs"])
+                queue = route.pop("queue")
+                if queue.name not in declared:
+                    declared[queue.name] = maybe_declare(queue(channel), channel)
+                message = amqp.create_task_message(
+                    opts["task_id"],
+                    name,
+                    opts["args"],
+                    opts["kwargs"],
+                    opts.get("countdown"),
+                    None,
+                    opts.get("group_id"),
+                    None,
+                    None,
+                    opts["retries"],
+                    None,
+                    None,
+                    None,
+                    reply_to,
+                    opts.get("time_limit"),
+                    opts.get("soft_time_limit"),
+                    conf.task_send_sent_event,
+                    opts.get("root_id"),
+                    opts.get("parent_id"),
+                    None,
+                    None,
+                    ignore_result=None,
+                    priority=opts["priority"],
+                    **route,
+                )
+                backend.on_task_call(producer, opts["task_id"])
+                amqp.send_task_message(
+                    producer,
+                    name,
+                    message,
+                    queue=queue,
+                    declare=[],
+                    retry=False,
+                    event_dispatcher=evd,
+                    headers=opts["headers"],
+                    priority=opts["priority"],
+                    **route,
+                )
+
+    def _lean_batches(self) -> bool:
+        return (
+            self.redis_priorities
+            and not signals.before_task_publish.receivers
+            and not signals.after_task_publish.receivers
+            and not signals.task_sent.receivers
+            and self.app.current_worker_task is None
+        )
