@@ -82,9 +82,23 @@ class Runtime:
                 logger.exception("closing the %s failed", name)
 
     def _close_broker_pool(self) -> None:
-        pool = getattr(self.celery, "_pool", None)  # Celery makes its pool on first publish
-        if pool is not None:
-            pool.force_close_all()
+        """Close this app's broker connections.  Celery takes its pools from kombu's process-wide
+        groups, keyed by the broker URL, so they also leave those groups: another app of this
+        process on the same broker (a test, a program with two configs) gets fresh pools instead
+        of closed ones ("Acquire on closed pool")."""
+        from kombu import pools
+
+        app: Any = self.celery
+        pool: Any = getattr(app, "_pool", None)  # Celery makes its pool on first publish
+        if pool is None:
+            return
+        for group in (pools.producers, pools.connections):
+            for key, value in list(dict.items(group)):
+                if value is pool or getattr(value, "connections", None) is pool:
+                    dict.__delitem__(group, key)
+        pool.force_close_all()
+        app._pool = None
+        app.amqp._producer_pool = None
 
 
 def broker_for(config: Config) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,144 @@
+"""A batch publish (``Dispatcher.publish_many``: the scheduler's due work, ``submit_many``) sends
+the same messages and task-sent events as Celery's ``send_task`` does, read back raw from Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import signals
+
+from celery_ext.config import parse_config
+from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher
+from celery_ext.factory import create_app
+from celery_ext.model import Task, new_id, utcnow
+from tests.support.services import REDIS_HOST, REDIS_PORT, unique
+
+DB = 11  # a Redis database of its own: the test reads every list and event in it
+
+
+@pytest.fixture()
+def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
+        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
+    }
+    rt: Any = create_app(parse_config(data, source="test")).celery_ext  # type: ignore[attr-defined]
+    yield rt.dispatcher
+    rt.close()
+
+
+def send_task_path(d: Dispatcher, batch: list[Dispatch]) -> None:
+    """What publish_many did before it had a lean path: Celery's send_task per message."""
+    with d.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        for item in batch:
+            d.app.send_task(item.task.task_type, producer=producer, **d.options(item))
+
+
+def dispatch(countdown: float | None) -> Dispatch:
+    task = Task(task_id=new_id(), task_type="echo", payload={"i": 1}, timeout=30, parent_id="p", priority=7)
+    return Dispatch(task, new_id(), 2, countdown, utcnow())
+
+
+class Captured:
+    """Every list entry and every Celery event of the test's Redis database."""
+
+    def __init__(self) -> None:
+        self.client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
+        self.client.flushdb()
+        self.events: list[dict[str, Any]] = []
+        self._pubsub = self.client.pubsub()
+        self._pubsub.psubscribe(f"/{DB}.celeryev/*")  # kombu names event channels by database
+        while self._pubsub.get_message(timeout=1.0) is None:
+            pass  # the subscription's confirmation
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            m = self._pubsub.get_message(timeout=0.1)
+            if m is not None and m["type"] == "pmessage":
+                self.events.append(decoded(json.loads(m["data"])))
+
+    def messages(self) -> list[dict[str, Any]]:
+        found = []
+        for key in self.client.keys("*"):
+            if self.client.type(key) == b"list":
+                found += [decoded(json.loads(raw)) for raw in self.client.lrange(key, 0, -1)]
+        return found
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+        self.client.flushdb()
+
+
+def decoded(message: dict[str, Any]) -> dict[str, Any]:
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+    return message
+
+
+VARYING = {"delivery_tag", "eta", "clock", "timestamp"}
+
+
+def same_but_varying(a: Any, b: Any) -> list[str]:
+    """Paths where ``a`` and ``b`` differ, except the per-message fields (tags, times)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [f"{k}: {d}" for k in set(a) | set(b) if k not in VARYING for d in same_but_varying(a.get(k), b.get(k))]
+    return [] if a == b else [f"{a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("countdown", [None, 0.5])
+def test_publish_many_sends_what_send_task_sends(dispatcher: Dispatcher, countdown: float | None) -> None:
+    cap = Captured()
+    try:
+        first = dispatch(countdown)
+        send_task_path(dispatcher, [first])
+        dispatcher.publish_many([first])  # the same record, token and attempt again
+        deadline = time.monotonic() + 10
+        while len(cap.events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old, new = cap.messages()
+        assert old["headers"]["id"] == new["headers"]["id"] == first.task.task_id
+        assert not same_but_varying(old, new), same_but_varying(old, new)
+        assert (new["headers"]["eta"] is None) is (countdown is None)
+        assert new["headers"]["celery_ext"]["token"] == first.token
+        assert new["headers"]["timelimit"] == [30 + dispatcher.grace, 30]
+        sent = [e for e in cap.events if e["body"]["type"] == "task-sent"]
+        assert len(sent) == 2, cap.events
+        assert not same_but_varying(sent[0]["body"], sent[1]["body"])
+        assert sent[1]["body"]["uuid"] == first.task.task_id and sent[1]["body"]["queue"]
+    finally:
+        cap.close()
+
+
+def test_a_publish_signal_receiver_sees_every_batch_message(dispatcher: Dispatcher) -> None:
+    """With a ``before_task_publish`` receiver (tracing, for one), the batch goes through
+    ``send_task``, so the receiver sees (and may change) every message."""
+    seen: list[str] = []
+
+    def receiver(headers: dict[str, Any], **_: Any) -> None:
+        seen.append(headers["id"])
+        headers["traced"] = "yes"
+
+    signals.before_task_publish.connect(receiver, weak=False)
+    cap = Captured()
+    try:
+        batch = [dispatch(None) for _ in range(3)]
+        dispatcher.publish_many(batch)
+        assert seen == [d.task.task_id for d in batch]
+        assert [m["headers"].get("traced") for m in cap.messages()] == ["yes"] * 3
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+        cap.close()
