@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import yaml
 
 from celery_ext.metrics.cluster import ClusterCounters
 from tests.conftest import TEST_TASKS
@@ -57,31 +59,38 @@ def cli_submits(config: Any, n: int, task_type: str = "echo") -> None:
         assert p.returncode == 0, err.decode()
 
 
-@pytest.mark.slow
-def test_task_created_total_counts_every_producer_once_across_scheduler_restarts(make_cluster) -> None:
-    worker_port, port_a, port_b = free_port(), free_port(), free_port()
+def two_schedulers(make_cluster: Any) -> tuple[Any, list[int], SchedulerProcess, SchedulerProcess]:
+    """A cluster with a worker and two schedulers, the first leading; the metrics ports of the
+    worker, the first and the second scheduler."""
+    ports = [free_port(), free_port(), free_port()]
     c = make_cluster(
         executors=TEST_TASKS,
         plugins=[
             {
                 "name": "metrics",
-                "config": {"prometheus_port": worker_port, "scheduler_port": port_a, "sample_interval": 0.5},
+                "config": {"prometheus_port": ports[0], "scheduler_port": ports[1], "sample_interval": 0.5},
             }
         ],
     )
-    # A second scheduler of the same cluster, its endpoint on another port.
+    # The second scheduler of the same cluster, its endpoint on another port.
     other = c.tmp_path / "b"
     other.mkdir()
     data_b = copy.deepcopy(c.data)
-    data_b["plugins"][0]["config"]["scheduler_port"] = port_b
+    data_b["plugins"][0]["config"]["scheduler_port"] = ports[2]
     b_config = SimpleNamespace(tmp_path=other, config_path=write_config(other, data_b))
-    a = SchedulerProcess(c).start()  # type: ignore[arg-type]
+    a = SchedulerProcess(c).start()
     a.wait_for_log("is the leader")
     b = SchedulerProcess(b_config).start()  # type: ignore[arg-type]
     c.worker()
+    poll(lambda: created(ports[2]) is not None and created(ports[0]) is not None, 60, "the endpoints")
+    return c, ports, a, b
+
+
+@pytest.mark.slow
+def test_task_created_total_counts_every_producer_once_across_scheduler_restarts(make_cluster) -> None:
+    c, (worker_port, port_a, port_b), a, b = two_schedulers(make_cluster)
     api = ApiProcess(c)
     try:
-        poll(lambda: created(port_b) is not None and created(worker_port) is not None, 60, "the endpoints")
         cli_submits(c.config_path, 4)
         with httpx.Client(base_url=api.url, timeout=30) as client:
             for _ in range(5):
@@ -101,7 +110,7 @@ def test_task_created_total_counts_every_producer_once_across_scheduler_restarts
         # count (neither 0 nor doubled); a restarted scheduler stands by and exports nothing.
         a.stop(signal.SIGKILL)
         poll(lambda: created(port_b) == expected, 60, f"{expected} on the new leader: {created(port_b)}")
-        a = SchedulerProcess(c).start()  # type: ignore[arg-type]
+        a = SchedulerProcess(c).start()
         poll(lambda: created(port_a) is not None, 60, "the restarted scheduler's endpoint")
         assert created(port_a) == {}
         cli_submits(c.config_path, 3)
@@ -117,6 +126,89 @@ def test_task_created_total_counts_every_producer_once_across_scheduler_restarts
         api.stop()
         a.stop()
         b.stop()
+
+
+PROMETHEUS = Path("/opt/prometheus-deb/usr/bin/prometheus")  # .ci/run unpacks Debian's package there
+
+
+@pytest.mark.slow
+def test_a_real_prometheus_sums_every_target_to_the_clusters_count(make_cluster, tmp_path: Path) -> None:
+    """Prometheus scrapes the worker and both schedulers: sum() over them is the number of tasks
+    submitted, before and after the exporting scheduler is killed."""
+    if not PROMETHEUS.exists():
+        pytest.skip("no prometheus binary (apt-get download prometheus; dpkg-deb -x ... /opt/prometheus-deb)")
+    c, ports, a, b = two_schedulers(make_cluster)
+    web = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": "celery_ext", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}]}
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        prometheus = subprocess.Popen(
+            [
+                str(PROMETHEUS),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{web}/api/v1/query", params={"query": expr}, timeout=5)
+        except httpx.TransportError:
+            return []
+        return r.json()["data"]["result"] if r.status_code == 200 else []  # type: ignore[no-any-return]
+
+    def total() -> float | None:
+        result = query("sum(celery_ext_task_created_total)")
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        poll(lambda: len(query("up == 1")) == 3, 90, "prometheus scraping the three targets")
+        cli_submits(c.config_path, 2)
+        for _ in range(3):
+            c.manager.submit("echo", {})
+        poll(lambda: total() == 5, 60, f"sum() of 5 in prometheus: {total()}")
+        [series] = query("celery_ext_task_created_total")  # one series, from the leader
+        assert series["metric"]["instance"] == f"127.0.0.1:{ports[1]}"
+
+        a.stop(signal.SIGKILL)  # its series goes stale; the new leader's carries the same count
+        poll(
+            lambda: (
+                [s["metric"]["instance"] for s in query("celery_ext_task_created_total")] == [f"127.0.0.1:{ports[2]}"]
+            ),
+            90,
+            "the series from the new leader only",
+        )
+        assert total() == 5
+        c.manager.submit("echo", {})
+        poll(lambda: total() == 6, 60, f"sum() of 6 in prometheus: {total()}")
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+        a.stop()
+        b.stop()
+
+
+def test_a_worker_whose_scheduler_thread_leads_exports_the_clusters_count(make_cluster) -> None:
+    port = free_port()
+    c = make_cluster(
+        executors=TEST_TASKS,
+        scheduler={"in_worker": True},
+        plugins=[{"name": "metrics", "config": {"prometheus_port": port}}],
+    )
+    w = c.worker()
+    w.wait_for_log("is the leader", 60)
+    cli_submits(c.config_path, 1)
+    for _ in range(2):
+        c.manager.submit("echo", {})
+    poll(lambda: created(port) == {"echo": 3.0}, 30, f"3 created on the worker's endpoint: {created(port)}")
 
 
 def test_counts_are_batched_kept_through_a_redis_outage_and_never_applied_twice(private_redis) -> None:  # noqa: F811
