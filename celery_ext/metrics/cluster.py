@@ -52,23 +52,21 @@ _ALL: weakref.WeakSet[ClusterCounters] = weakref.WeakSet()
 class ClusterCounters:
     FLUSH_DELAY = 0.5
     RETRY_DELAY = 2.0
-    # A process's last batch number is kept this long: far longer than any retry takes.
+    # A process's last batch number (``<app.name>.metrics.batch.<process>``) is kept this long:
+    # far longer than any retry takes.
     KEEP_BATCH_MS = 24 * 3600 * 1000
 
     def __init__(self, client: Any, app_name: str) -> None:
         self.client = client
         self.prefix = f"{app_name}.metrics"
         self._apply = client.register_script(_APPLY)
-        self._lock = threading.Lock()
-        self._writing = threading.Lock()  # held while a batch is written: flush waits for it
-        self._wake = threading.Event()
         self._reset()
         _ALL.add(self)
 
     def _reset(self) -> None:
         """A fresh process's state (and a forked child's: what it inherited is the parent's)."""
         self._lock = threading.Lock()
-        self._writing = threading.Lock()
+        self._writing = threading.Lock()  # held while a batch is written: flush waits for it
         self._wake = threading.Event()
         self._pending: Counts = {}
         self._batch: tuple[int, Counts] | None = None  # written, not yet acknowledged
