@@ -57,10 +57,11 @@ class Runtime:
 
     def close(self, timeout: float = 5.0) -> None:
         """The end of a process that used this runtime (the CLI, the REST API, the scheduler, a
-        program that submits tasks): send the events still queued (up to ``timeout`` seconds),
-        then release connections: event transport, completion listener, router, executors,
-        storage pools, the broker connection pool.  Idempotent; a failing part is logged and the
-        others still close.  A worker's parts are closed by its bootsteps (``worker.py``)."""
+        program that submits tasks): send the events still queued (up to ``timeout`` seconds)
+        and the metric counts held (``metrics.cluster``), then release connections: event
+        transport, completion listener, router, executors, storage pools, the broker connection
+        pool.  Idempotent; a failing part is logged and the others still close.  A worker's
+        parts are closed by its bootsteps (``worker.py``)."""
         if self.closed:
             return
         self.closed = True
@@ -68,6 +69,9 @@ class Runtime:
         bus = self.extras.get("events")
         if bus is not None:
             parts.append(("event bus", functools.partial(bus.close, timeout)))
+        metrics = self.extras.get("metrics")
+        if metrics is not None:
+            parts.append(("metrics", metrics.flush))
         parts += [
             ("completion listener", self.lifecycle.completion.close),
             ("router", lambda: router_of(self.celery).close()),

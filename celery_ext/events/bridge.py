@@ -139,6 +139,11 @@ def _error(error: TaskErrorInfo | None) -> dict[str, Any]:
 def install(runtime: Runtime) -> EventBridge:
     bus = build_event_bus(runtime.config, runtime.broker_url)
     metrics = build_metrics(runtime.config)
+    from celery_ext.routing.router import registry_url_for
+
+    url = registry_url_for(runtime.config, runtime.broker_url)
+    if url is not None:
+        metrics.share_counters(url, runtime.config.app.name)  # producers' counts reach the leader
     bridge = EventBridge(bus, metrics)
     runtime.extras.update(events=bus, metrics=metrics, observer=bridge)
     runtime.lifecycle.observer = bridge

@@ -59,6 +59,13 @@ class MetricsCollector(abc.ABC):
     def schedule_fired(self, schedule: str, outcome: str) -> None:  # noqa: B027 - optional hook
         """A periodic schedule fired (``outcome``: fired, failed)."""
 
+    def share_counters(self, url: str, app_name: str) -> None:  # noqa: B027 - optional hook
+        """The cluster has a Redis registry at ``url``: sum the counts that producers make there
+        (``celery_ext.metrics.cluster``), for one process to export."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Write the counts held in this process (a producer's end, ``Runtime.close``)."""
+
     def startup(self) -> None:  # noqa: B027 - optional hook
         """Called once in a worker's main process before its pool starts."""
 

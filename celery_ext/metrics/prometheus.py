@@ -6,6 +6,10 @@ every pool child writes its counts to files there and one scrape of the main pro
 A replaced child's counts stay (its files remain); its live gauges are dropped at the next scrape
 (``mark_process_dead``).  Without a multiprocess directory the collector is a plain registry.
 
+Counts made in producers (``task_created``) are summed in Redis when the cluster has a registry
+(``share_counters``, see ``metrics.cluster``): no process counts them locally then, and only the
+scheduler leader exports them, so that the series exists once in Prometheus.
+
 Config keys (``metrics.config``):
   buckets: histogram buckets in seconds for ``celery_ext_task_duration_seconds``
 """
@@ -20,10 +24,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery_ext.errors import ConfigError
 from celery_ext.metrics import MetricsCollector
+
+if TYPE_CHECKING:
+    from celery_ext.metrics.cluster import ClusterCounters
 
 logger = logging.getLogger("celery_ext.metrics")
 
@@ -50,6 +57,14 @@ class PrometheusMetrics(MetricsCollector):
         self.buckets = tuple(buckets)
         self._m: dict[str, Any] | None = None
         self._private_dir: str | None = None
+        self.cluster: ClusterCounters | None = None
+        self.leader = False  # this process's scheduler leads: it exports the cluster counters
+
+    def share_counters(self, url: str, app_name: str) -> None:
+        from celery_ext.metrics.cluster import ClusterCounters
+
+        self.cluster = ClusterCounters.from_url(url, app_name)
+        self._m = None  # no local task_created counter now
 
     # --- process setup --------------------------------------------------------------------
 
@@ -63,7 +78,12 @@ class PrometheusMetrics(MetricsCollector):
             values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
         self._m = None
 
+    def flush(self) -> None:
+        if self.cluster is not None:
+            self.cluster.flush()
+
     def shutdown(self) -> None:
+        self.flush()
         if self._private_dir and os.environ.get(ENV) == self._private_dir:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             del os.environ[ENV]
@@ -79,7 +99,6 @@ class PrometheusMetrics(MetricsCollector):
             self.registry = pc.CollectorRegistry()
             r = self.registry
             self._m = {
-                "created": pc.Counter("celery_ext_task_created", "Tasks created", ["task_type"], registry=r),
                 "duration": pc.Histogram(
                     "celery_ext_task_duration_seconds",
                     "Task run time by final status",
@@ -143,12 +162,19 @@ class PrometheusMetrics(MetricsCollector):
                     multiprocess_mode="livemax",
                 ),
             }
+            if self.cluster is None:
+                self._m["created"] = pc.Counter("celery_ext_task_created", "Tasks created", ["task_type"], registry=r)
+            else:
+                r.register(_ClusterExport(self))
         return self._m
 
     # --- collecting -----------------------------------------------------------------------
 
     def task_created(self, task_type: str) -> None:
-        self._metrics()["created"].labels(task_type).inc()
+        if self.cluster is not None:
+            self.cluster.inc("task_created", (task_type,))
+        else:
+            self._metrics()["created"].labels(task_type).inc()
 
     def task_completed(self, task_type: str, status: str, duration: float | None) -> None:
         self._metrics()["duration"].labels(task_type, status).observe(max(0.0, duration or 0.0))
@@ -170,6 +196,7 @@ class PrometheusMetrics(MetricsCollector):
         self._metrics()["queue"].labels(queue).set(length)
 
     def scheduler_election(self, is_leader: bool) -> None:
+        self.leader = is_leader
         self._metrics()["leader"].set(1 if is_leader else 0)
 
     def app_info(self, app: str, version: str) -> None:
@@ -198,9 +225,42 @@ class PrometheusMetrics(MetricsCollector):
 
             registry = pc.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+            if self.cluster is not None:
+                registry.register(_ClusterExport(self))
         else:
             registry = self.registry
         return pc.generate_latest(registry), pc.CONTENT_TYPE_LATEST
+
+
+#: The counters summed in Redis (``share_counters``): name, help, label names.
+CLUSTER_COUNTERS = {
+    "task_created": ("celery_ext_task_created", "Tasks created, by every process of the cluster", ("task_type",)),
+}
+
+
+class _ClusterExport:
+    """The cluster's sums from Redis, in the scrape of the scheduler leader only."""
+
+    def __init__(self, owner: PrometheusMetrics) -> None:
+        self.owner = owner
+
+    def collect(self) -> Any:
+        cluster = self.owner.cluster
+        if cluster is None or not self.owner.leader:
+            return
+        from prometheus_client.core import CounterMetricFamily
+
+        for counter, (name, documentation, labels) in CLUSTER_COUNTERS.items():
+            try:
+                totals = cluster.totals(counter)
+            except Exception as exc:  # noqa: BLE001 - the rest of the scrape is still served
+                logger.warning("could not read the cluster's %s counts: %s", counter, exc)
+                continue
+            family = CounterMetricFamily(name, documentation, labels=list(labels))
+            for values, total in sorted(totals.items()):
+                if len(values) == len(labels):
+                    family.add_metric(list(values), total)
+            yield family
 
 
 _PID = re.compile(r"_(\d+)\.db$")

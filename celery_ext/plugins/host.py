@@ -84,8 +84,11 @@ def install_plugin_host(app: Celery) -> None:
             hub.attach_child(rt.extras["events"])
 
     def child_exit(**_: Any) -> None:
-        # A child replaced after --max-tasks-per-child still holds its last events (batched).
-        runtime_of(app).extras["events"].flush(2.0)
+        # A child replaced after --max-tasks-per-child still holds its last events (batched) and
+        # the counts of tasks its tasks created (metrics.cluster).
+        rt = runtime_of(app)
+        rt.extras["events"].flush(2.0)
+        rt.extras["metrics"].flush()
 
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.events_child.{id(app)}")
     worker_process_shutdown.connect(child_exit, weak=False, dispatch_uid=f"celery_ext.events_exit.{id(app)}")

@@ -163,8 +163,11 @@ def test_compose_runs_the_whole_cluster() -> None:
     metrics = next(p for p in config["plugins"] if p["name"] == "metrics")["config"]
     assert metrics["bind"] == "0.0.0.0"
     scrape = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())["scrape_configs"]
-    targets = {t for job in scrape for group in job["static_configs"] for t in group["targets"]}
+    targets = {t for job in scrape for group in job.get("static_configs", []) for t in group["targets"]}
     assert targets == {f"{name}:{metrics['prometheus_port']}" for name in workers}
+    # Every scheduler replica (the leader exports the cluster's task_created counts).
+    [schedulers] = [sd for job in scrape for sd in job.get("dns_sd_configs", [])]
+    assert (schedulers["names"], schedulers["port"]) == (["scheduler"], metrics["scheduler_port"])
 
 
 def test_kubernetes_has_every_part_with_probes_and_grace() -> None:

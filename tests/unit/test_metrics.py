@@ -49,3 +49,32 @@ def test_names_and_bounded_labels(monkeypatch) -> None:
     assert samples[("celery_ext_scheduler_is_leader", ())] == 1
     m.worker_offline("w1")
     assert b'celery_ext_worker_online{worker="w1"} 0.0' in m.exposition()[0]
+
+
+def test_producers_count_for_the_cluster_in_its_redis_else_in_the_process(tmp_path, monkeypatch) -> None:
+    from celery_ext.factory import create_app
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+    def collector(broker: str, **scheduler: str) -> PrometheusMetrics:
+        config = parse_config(
+            {
+                "app": {"name": "cm", "data_dir": str(tmp_path)},
+                "broker": {"url": broker},
+                "scheduler": scheduler,
+                "plugins": [{"name": "metrics"}],
+            }
+        )
+        m = create_app(config).celery_ext.extras["metrics"]  # type: ignore[attr-defined]
+        assert isinstance(m, PrometheusMetrics)
+        return m
+
+    on_redis = collector("redis://127.0.0.1:6379/0")
+    assert on_redis.cluster is not None and on_redis.cluster.key("task_created") == "cm.metrics.task_created"
+    registry = collector("amqp://guest:guest@127.0.0.1:5672//", registry_url="redis://127.0.0.1:6379/1")
+    assert registry.cluster is not None
+    # No Redis at all: counted in the process, as the fallback documented in docs/metrics.md.
+    alone = collector("amqp://guest:guest@127.0.0.1:5672//")
+    assert alone.cluster is None
+    alone.task_created("echo")
+    assert b'celery_ext_task_created_total{task_type="echo"} 1.0' in alone.exposition()[0]
