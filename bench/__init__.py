@@ -15,3 +15,18 @@ def wait_until(predicate: Callable[[], object], timeout: float = 600.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark tasks did not finish in time")
         time.sleep(0.01)
+
+
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and its children (a prefork worker and its pool), MB:
+    pages shared after the fork count once across the tree, unlike RSS."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            continue
+    return total / 2**20

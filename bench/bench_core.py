@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import REDIS, wait_until  # noqa: E402
+from bench import REDIS, tree_pss_mb, wait_until  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
 
@@ -163,6 +163,8 @@ def main() -> None:
                 flush=True,
             )
         latency = latencies(rt.manager, rt.celery, bare, args.latency_n)
+        time.sleep(2)  # idle after the run
+        memory = {"bare": tree_pss_mb(bare_worker.pid), "ext": tree_pss_mb(ext_worker.pid)}
     finally:
         bare_worker.stop()
         ext_worker.stop()
@@ -181,6 +183,9 @@ def main() -> None:
     print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
     for key, values in latency.items():
         print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
+    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
+    print(f"  bare Celery : {memory['bare']:6.1f} MB")
+    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
     print("\nsubmit rate (no worker running):")
     for key, value in rates.items():
         print(f"  {key:<20}: {value:8.0f} /s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -53,6 +54,11 @@ class CeleryExtStep(bootsteps.StartStopStep):
             raise SystemExit(f"celery_ext: cannot start worker: {exc}") from exc
         level = logging.getLevelName(rt.config.app.log_level.upper())
         tasklog.install(level if isinstance(level, int) else logging.INFO)
+        # The pool forks after this: objects made until now move to the collector's permanent
+        # generation, so a child's collections do not write to (and copy) the pages it shares
+        # with the main process (docs/benchmarks.md, worker memory).
+        gc.collect()
+        gc.freeze()
 
     def start(self, worker: Any) -> None:
         rt = runtime_of(worker.app)
