@@ -454,7 +454,8 @@ class ConfigLoader(abc.ABC):
         """``Config.source`` of what this loader loads (shown in logs, never a password)."""
         from kombu.utils.url import maybe_sanitize_url
 
-        return str(maybe_sanitize_url(self.location))
+        url, hash_, fragment = self.location.partition("#")
+        return f"{maybe_sanitize_url(url)}{hash_}{fragment}"
 
     def load(self) -> Config:
         return parse_config(self.read()[0], source=self.source)

@@ -115,13 +115,14 @@ class Reloader:
     def __init__(self, running: Config, pinned: set[str] | frozenset[str] = frozenset()) -> None:
         self.running = running  # the startup config with the live keys as last applied
         self.pinned = pinned  # keys fixed by the command line
+        self.ignored: tuple[str, ...] = self.IGNORED
         self.restart_needed: list[str] = []
 
     def _live(self, path: str) -> str | None:
         return next((key for key in self.LIVE if path == key or path.startswith(key + ".")), None)
 
     def _ignored(self, path: str) -> str | None:
-        return next((key for key in self.IGNORED if path == key or path.startswith(key + ".")), None)
+        return next((key for key in self.ignored if path == key or path.startswith(key + ".")), None)
 
     def apply(self, new: Config) -> tuple[list[str], list[str]]:
         """Returns (applied keys, keys that need a restart)."""
@@ -171,14 +172,28 @@ class WorkerReloader(Reloader):
         "plugins": "_plugins",
         "app.log_level": "_log_level",
     }
-    IGNORED = ("api",)
+    IGNORED = ("api", "scheduler.enabled")
+    #: What only a scheduler uses (ignored unless this worker runs one: ``scheduler.in_worker``).
+    SCHEDULER_ONLY = (
+        "scheduler.interval",
+        "scheduler.leader_lease",
+        "scheduler.publish_grace",
+        "scheduler.retention_interval",
+        "scheduler.due_batch",
+        "schedules",
+        "storage.retention",
+    )
     #: Keys that live in the pool's processes: applying one restarts them (gracefully).
     IN_POOL = frozenset({"executors", "app.log_level", "worker.supported_types"})
 
     def __init__(self, worker: Any, running: Config, pinned: set[str] | frozenset[str] = frozenset()) -> None:
+        from celery_ext.worker import scheduler_in_worker
+
         super().__init__(running, pinned)
         self.worker = worker
         self.rt: Runtime = runtime_of(worker.app)
+        if not scheduler_in_worker(running):
+            self.ignored = (*self.IGNORED, *self.SCHEDULER_ONLY)
 
     def _capacity(self, new: Config, value: int) -> None:
         pool = self.worker.pool
@@ -294,7 +309,7 @@ class SchedulerReloader(Reloader):
         "scheduler.interval": "_interval",
         "app.log_level": "_log_level",
     }
-    IGNORED = ("api", "worker.capacity", "worker.weight", "worker.supported_types", "worker.pool")
+    IGNORED = ("api", "worker.enabled", "worker.capacity", "worker.weight", "worker.supported_types", "worker.pool")
 
     def __init__(self, scheduler: Scheduler, running: Config) -> None:
         super().__init__(running)
