@@ -3,7 +3,6 @@ executor settings, supported_types, and a key that waits for a restart."""
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -11,28 +10,12 @@ import pytest
 
 from celery_ext.config import config_version, parse_config
 from celery_ext.model import TaskStatus
-from celery_ext.routing.router import router_of
-from tests.conftest import TEST_TASKS, Cluster
+from tests.conftest import TEST_TASKS
+from tests.integration.test_config_reload import FAST, entry, registered, rewrite
 from tests.support.httpserver import HttpTestServer
-from tests.support.scrape import poll
-from tests.support.workers import write_config
+from tests.support.scrape import free_port, poll, scrape
 
 pytestmark = pytest.mark.timeout(240)
-
-FAST = {"heartbeat_interval": 0.5}
-
-
-def change(cluster: Cluster, **sections: Any) -> None:
-    """Replace sections of the workers' config file (a list whole, a mapping key by key)."""
-    for key, value in sections.items():
-        current = cluster.data.get(key)
-        cluster.data[key] = {**current, **value} if isinstance(current, dict) else value
-    write_config(cluster.tmp_path, cluster.data)
-
-
-def entry(cluster: Cluster, worker_id: str) -> Any:
-    registry = router_of(cluster.runtime.celery).registry
-    return next((w for w in registry.all() if w.id == worker_id and w.online), None)
 
 
 def http(allow_hosts: list[str]) -> dict[str, Any]:
@@ -48,7 +31,7 @@ def test_http_allowlist_tightened_live_refuses_the_next_task(make_cluster, serve
     # A request in flight while the executors are rebuilt finishes on the old settings.
     slow = c.manager.submit("http_request", {"url": server.url("/slow?seconds=4")})
     poll(lambda: c.manager.get(slow.task_id).status is TaskStatus.RUNNING, 30, "the slow request running")
-    change(c, executors=[http(["api.example.com"])])
+    rewrite(c, executors=[http(["api.example.com"])])
     w.wait_for_log("reloaded: applied executors=", 30)
     w.wait_for_log("pool processes replaced: the new config is in effect", 60)
     assert c.manager.wait(slow.task_id, 60).status is TaskStatus.SUCCEEDED
@@ -60,7 +43,7 @@ def test_http_allowlist_tightened_live_refuses_the_next_task(make_cluster, serve
     assert server.seen.count({"method": "GET", "path": "/json"}) == 1  # the refused one never left
 
     # An executor setting that does not validate is refused; the worker keeps the tight list.
-    change(c, executors=[{"type": "http", "config": {"allow_hosts": ["127.0.0.1"], "request_timeout": -1}}])
+    rewrite(c, executors=[{"type": "http", "config": {"allow_hosts": ["127.0.0.1"], "request_timeout": -1}}])
     w.wait_for_log("could not apply executors", 30)
     again = c.manager.wait(c.manager.submit("http_request", {"url": server.url("/json")}).task_id, 60)
     assert again.status is TaskStatus.FAILED and again.error is not None
@@ -69,9 +52,7 @@ def test_http_allowlist_tightened_live_refuses_the_next_task(make_cluster, serve
 
 def test_supported_types_change_moves_consumption(make_cluster) -> None:
     c = make_cluster(executors=TEST_TASKS, worker={**FAST, "supported_types": ["echo"]})
-    w = c.worker(concurrency=1)
-    worker_id = w.hostname.replace("%h", socket.gethostname())
-    poll(lambda: entry(c, worker_id) is not None, 30, "registration")
+    w, worker_id = registered(c, concurrency=1)
     assert entry(c, worker_id).supported_types == ("echo",)
 
     # No worker runs "add": it waits in its shared queue ...
@@ -79,7 +60,7 @@ def test_supported_types_change_moves_consumption(make_cluster) -> None:
     time.sleep(2)
     assert c.manager.get(waiting.task_id).status is not TaskStatus.SUCCEEDED
     # ... until the worker takes the type on, and gives echo up.
-    change(c, worker={"supported_types": ["add"]})
+    rewrite(c, worker={"supported_types": ["add"]})
     w.wait_for_log("reloaded: applied worker.supported_types=['add']", 30)
     done = c.manager.wait(waiting.task_id, 60)
     assert done.status is TaskStatus.SUCCEEDED and done.result == 3
@@ -91,22 +72,20 @@ def test_supported_types_change_moves_consumption(make_cluster) -> None:
     assert "Canceling queue" in w.log()
 
     # An unknown type is refused with the known ones; the worker keeps consuming "add".
-    change(c, worker={"supported_types": ["add", "nope"]})
+    rewrite(c, worker={"supported_types": ["add", "nope"]})
     w.wait_for_log("worker.supported_types: unknown task type(s) 'nope'", 30)
     assert c.manager.wait(c.manager.submit("add", {"x": 2, "y": 2}).task_id, 60).result == 4
 
 
 def test_a_restart_only_key_is_reported_and_not_applied(make_cluster) -> None:
     c = make_cluster(executors=TEST_TASKS, worker={**FAST, "capacity": 1})
-    w = c.worker(concurrency=1)
-    worker_id = w.hostname.replace("%h", socket.gethostname())
-    poll(lambda: entry(c, worker_id) is not None, 30, "registration")
+    w, worker_id = registered(c, concurrency=1)
     before = entry(c, worker_id)
     assert before.restart_needed == ()
 
     # One change: a live key, a restart-only key, and executors whose task types would change.
     extra = [*TEST_TASKS, http(["127.0.0.1"])]
-    change(c, worker={"capacity": 2, "task_lease": 20}, executors=extra)
+    rewrite(c, worker={"capacity": 2, "task_lease": 20}, executors=extra)
     w.wait_for_log("reloaded: applied worker.capacity=2", 30)
     w.wait_for_log("executors cannot change live (the task types would change", 10)
     w.wait_for_log("changed executors, worker.task_lease: needs a worker restart", 10)
@@ -118,6 +97,39 @@ def test_a_restart_only_key_is_reported_and_not_applied(make_cluster) -> None:
     assert "http_request" not in entry(c, worker_id).supported_types
 
     # Changed back, nothing waits for a restart any more.
-    change(c, worker={"task_lease": 15.0}, executors=TEST_TASKS)
+    rewrite(c, worker={"task_lease": 15.0}, executors=TEST_TASKS)
     poll(lambda: entry(c, worker_id).restart_needed == (), 30, "nothing waits")
     assert entry(c, worker_id).config_version == config_version(running)
+
+
+def serving(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:
+        return False
+    return True
+
+
+def test_plugins_enabled_reconfigured_and_disabled_live(make_cluster) -> None:
+    first, second = free_port(), free_port()
+    # The collector is chosen at start (a restart-only key): prometheus, for the plugin to come.
+    c = make_cluster(executors=TEST_TASKS, worker=FAST, metrics={"type": "prometheus"})
+    w, _ = registered(c, concurrency=1)
+    assert not serving(first)
+
+    # Enabled: the metrics endpoint comes up and counts tasks.
+    rewrite(c, plugins=[{"name": "metrics", "config": {"prometheus_port": first}}])
+    w.wait_for_log("plugins now running: metrics", 30)
+    poll(lambda: serving(first), 30, "the metrics endpoint")
+    # Re-configured: it moves to another port.
+    rewrite(c, plugins=[{"name": "metrics", "config": {"prometheus_port": second}}])
+    poll(lambda: serving(second) and not serving(first), 30, "the endpoint on the new port only")
+    # A list that does not check is refused: the running plugin stays.
+    rewrite(c, plugins=[{"name": "metrics", "config": {"prometheus_port": second}}, {"name": "alrt"}])
+    w.wait_for_log("plugins[1].name: no plugin 'alrt'", 30)
+    assert serving(second)
+    # Disabled: the endpoint goes away; the worker works on.
+    rewrite(c, plugins=[{"name": "metrics", "enabled": False, "config": {"prometheus_port": second}}])
+    w.wait_for_log("plugins now running: none", 30)
+    poll(lambda: not serving(second), 30, "the endpoint gone")
+    assert c.manager.wait(c.manager.submit("echo", {"still": "here"}).task_id, 60).status is TaskStatus.SUCCEEDED
