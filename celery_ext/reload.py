@@ -26,11 +26,13 @@ its pool processes gracefully (each leaves after its current task; in-flight tas
 dropped), and the new ones start from the new config.  A scheduler applies the strategy,
 ``scheduler.interval`` and ``app.log_level``.
 
-Anything else (storage, broker, ...) needs a restart: the process logs the keys that changed,
-keeps its running values for them (a key is applied whole or not at all) and reports them
-(``restart_needed`` in its registry entry, ``celery-ext config status``).  ``--capacity`` /
-``--weight`` / ``--supported-types`` given on the command line win over the config.  Each applied
-reload publishes a ``config_reloaded`` event with what was applied and what waits for a restart.
+Keys a process does not use are taken silently (``IGNORED``: the API's, and the scheduler's own
+in a worker that runs no scheduler thread).  Anything else (storage, broker, ...) needs a
+restart: the process logs the keys that changed, keeps its running values for them (a key is
+applied whole or not at all) and reports them (``restart_needed`` in its registry entry,
+``celery-ext config status``).  ``--capacity`` / ``--weight`` / ``--supported-types`` given on the
+command line win over the config.  Each reload a worker applies publishes a ``config_reloaded``
+event with what was applied and what waits for a restart.
 """
 
 from __future__ import annotations
