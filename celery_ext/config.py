@@ -550,9 +550,11 @@ def loader_for(location: str | os.PathLike[str] | None = None, poll_interval: fl
     scheme = text.split("://", 1)[0] if text and "://" in text else ""
     if not scheme or scheme == "file":
         return YamlConfigLoader(text, poll_interval)
+    from kombu.utils.url import maybe_sanitize_url
+
     from celery_ext.registry import CONFIG_LOADERS
 
-    cls = CONFIG_LOADERS.resolve(scheme, "--config / CELERY_EXT_CONFIG")
+    cls = CONFIG_LOADERS.resolve(scheme, f"config location {maybe_sanitize_url(text)!r}")
     loader: ConfigLoader = cls(text, poll_interval)
     return loader
 

@@ -53,9 +53,12 @@ def check_file(path: str | os.PathLike[str] | None = None) -> Report:
     there is none)."""
     try:
         loader = loader_for(path)
+    except ConfigError as exc:
+        return Report(errors=list(exc.errors))
+    try:
         data = loader.read()[0]
     except ConfigError as exc:
-        return Report(errors=list(exc.errors), source=str(path) if path else None)
+        return Report(errors=list(exc.errors), source=loader.source)
     return check_config(data, source=loader.source)
 
 
