@@ -545,10 +545,10 @@ class YamlConfigLoader(ConfigLoader):
 def loader_for(location: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> ConfigLoader:
     """The loader of ``--config`` (``location``), else ``$CELERY_EXT_CONFIG``, else ``./config.yaml``:
     a path or ``file://`` is the YAML file loader; ``<scheme>://...`` the loader registered for
-    that scheme (built-in: ``redis``, ``rediss``; then the ``celery_ext.config_loaders`` group)."""
+    that scheme (built-in: ``redis``, ``rediss``, ``unix``; then the ``celery_ext.config_loaders`` group)."""
     text = str(location) if location else os.environ.get(ENV_VAR) or None
     scheme = text.split("://", 1)[0] if text and "://" in text else ""
-    if not scheme or scheme == "file":
+    if text is None or not scheme or scheme == "file":
         return YamlConfigLoader(text, poll_interval)
     from kombu.utils.url import maybe_sanitize_url
 
