@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -260,7 +261,8 @@ class Config(Model):
 
     @property
     def data_dir(self) -> Path:
-        base = Path(self.source).parent if self.source else Path.cwd()
+        # A file's directory; the working directory for defaults and loaders that are not files.
+        base = Path(self.source).parent if self.source and "://" not in self.source else Path.cwd()
         return (base / self.app.data_dir).resolve()
 
 
@@ -391,15 +393,22 @@ def parse_config(data: Any, *, source: str | None = None, env: Mapping[str, str]
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    return parse_yaml(raw, path)
+
+
+def parse_yaml(raw: bytes, where: object) -> Any:
+    """A config document (YAML, or JSON, which is YAML) as a tree; errors name ``where``."""
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+        raise ConfigError(f"{where}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
 
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -412,59 +421,85 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     return local if local.is_file() else None
 
 
+def config_version(config: Config) -> str:
+    """Names a config: equal configs, equal versions, in every process (the worker registry's
+    ``config_version``, ``celery-ext config apply`` and ``config status``)."""
+    return hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:12]  # noqa: S324 - a name, not a secret
+
+
 class ConfigLoader(abc.ABC):
-    """Loads the config and reports valid changes."""
+    """Where a process's config comes from: the ``celery_ext.config_loaders`` extension point.
 
-    @abc.abstractmethod
-    def load(self) -> Config: ...
+    ``--config`` / ``$CELERY_EXT_CONFIG`` is a path (the YAML file loader) or a URL whose scheme
+    names a loader (``redis://host:6379/0#key``: the Redis key loader, ``celery_ext.config_store``).
+    A loader implements ``read``; ``load`` and ``watch`` (a poll of ``read``'s version every
+    ``poll_interval``) come with it.
+    """
 
-    @abc.abstractmethod
-    def watch(self, callback: Callable[[Config], None]) -> Callable[[], None]:
-        """Call ``callback`` with each new valid config; returns a function that stops watching."""
-
-
-class YamlConfigLoader(ConfigLoader):
-    """YAML file with ``${ENV}`` interpolation; ``watch`` polls the file's content."""
-
-    def __init__(self, path: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> None:
-        self.path = find_config_file(path)
+    def __init__(self, location: str, poll_interval: float = 1.0) -> None:
+        self.location = location
         self.poll_interval = poll_interval
 
+    @abc.abstractmethod
+    def read(self) -> tuple[Any, str]:
+        """The config tree as parsed, before ``${ENV}`` interpolation (None: empty), and a version
+        (an ETag) that changes whenever the tree does.  ``ConfigError`` when it cannot be read."""
+
+    def version(self) -> str:
+        """The version ``read`` would return, maybe cheaper (what ``watch`` polls)."""
+        return self.read()[1]
+
+    @property
+    def source(self) -> str | None:
+        """``Config.source`` of what this loader loads (shown in logs, never a password)."""
+        from kombu.utils.url import maybe_sanitize_url
+
+        url, hash_, fragment = self.location.partition("#")
+        return f"{maybe_sanitize_url(url)}{hash_}{fragment}"
+
     def load(self) -> Config:
-        if self.path is None:
-            return Config()
-        return parse_config(read_yaml(self.path), source=str(self.path.resolve()))
+        return parse_config(self.read()[0], source=self.source)
 
     def watch(self, callback: Callable[[Config], None]) -> Callable[[], None]:
+        """Call ``callback`` with each new valid config; returns a function that stops watching.
+        An invalid or unreadable change is logged and the running config stays."""
         stop = threading.Event()
-        path = self.path
 
-        def content() -> bytes | None:
+        def version() -> str | None:
             try:
-                return path.read_bytes() if path else None
-            except OSError:
+                return self.version()
+            except Exception:  # noqa: BLE001 - unreadable (a file being replaced, Redis away): next round
                 return None
 
+        seen = version()  # before returning: a change made once watch() returned is seen
+        settle = min(0.1, self.poll_interval)
+
         def loop() -> None:
-            # By content, not mtime: two edits within a filesystem's mtime granularity (a second
-            # on some) would look like one.  The file is small; one read per interval is nothing.
-            seen = content()
+            nonlocal seen
             while not stop.wait(self.poll_interval):
-                current = content()
+                current = version()
                 if current is None or current == seen:
                     continue
+                # A file being written (not renamed into place) changes twice in a row: wait
+                # until it holds still, never apply a half-written one.
+                if stop.wait(settle) or version() != current:
+                    continue
                 seen = current
-                # Nothing may end this thread (a later valid edit must still apply): any failure
-                # to read, parse or apply a file is logged and the running config stays.
+                # Nothing may end this thread (a later valid change must still apply): any
+                # failure to read, parse or apply a change is logged and the running config stays.
                 try:
-                    config = self.load()
+                    data = self.read()[0]
+                    if data is None:
+                        logger.error("config %s is empty, keeping the last good config", self.source)
+                        continue
+                    config = parse_config(data, source=self.source)
                 except ConfigError as exc:
-                    logger.error("config %s is invalid, keeping the last good config:\n%s", path, exc)
+                    logger.error("config %s is invalid, keeping the last good config:\n%s", self.source, exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - e.g. RecursionError from a pathological YAML
                     logger.error(
                         "config %s could not be read (%s: %s), keeping the last good config",
-                        path,
+                        self.source,
                         exc.__class__.__name__,
                         exc,
                     )
@@ -472,11 +507,57 @@ class YamlConfigLoader(ConfigLoader):
                 try:
                     callback(config)
                 except Exception:  # noqa: BLE001
-                    logger.exception("config %s: applying the new config failed; keeping the running one", path)
+                    logger.exception("config %s: applying the new config failed; keeping the running one", self.source)
 
         threading.Thread(target=loop, name="celery_ext-config-watch", daemon=True).start()
         return stop.set
 
 
+class YamlConfigLoader(ConfigLoader):
+    """The ``file`` loader: a YAML file with ``${ENV}`` interpolation, versioned by its content
+    (not its mtime: two edits within a filesystem's mtime granularity would look like one)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> None:
+        if isinstance(path, str) and path.startswith("file://"):
+            path = path.removeprefix("file://")
+        self.path = find_config_file(path)
+        super().__init__(str(self.path or ""), poll_interval)
+
+    @property
+    def source(self) -> str | None:
+        return str(self.path.resolve()) if self.path is not None else None
+
+    def read(self) -> tuple[Any, str]:
+        if self.path is None:
+            return None, ""
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read config file ({exc.strerror})") from None
+        return parse_yaml(raw, self.path), hashlib.sha1(raw).hexdigest()  # noqa: S324 - an ETag
+
+    def version(self) -> str:
+        if self.path is None:
+            return ""
+        return hashlib.sha1(self.path.read_bytes()).hexdigest()  # noqa: S324 - an ETag
+
+
+def loader_for(location: str | os.PathLike[str] | None = None, poll_interval: float = 1.0) -> ConfigLoader:
+    """The loader of ``--config`` (``location``), else ``$CELERY_EXT_CONFIG``, else ``./config.yaml``:
+    a path or ``file://`` is the YAML file loader; ``<scheme>://...`` the loader registered for
+    that scheme (built-in: ``redis``, ``rediss``, ``unix``; then the ``celery_ext.config_loaders`` group)."""
+    text = str(location) if location else os.environ.get(ENV_VAR) or None
+    scheme = text.split("://", 1)[0] if text and "://" in text else ""
+    if text is None or not scheme or scheme == "file":
+        return YamlConfigLoader(text, poll_interval)
+    from kombu.utils.url import maybe_sanitize_url
+
+    from celery_ext.registry import CONFIG_LOADERS
+
+    cls = CONFIG_LOADERS.resolve(scheme, f"config location {maybe_sanitize_url(text)!r}")
+    loader: ConfigLoader = cls(text, poll_interval)
+    return loader
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    return YamlConfigLoader(path).load()
+    return loader_for(path).load()

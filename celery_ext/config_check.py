@@ -30,10 +30,9 @@ from celery_ext.config import (
     Config,
     ExecutorEntry,
     PluginEntry,
-    find_config_file,
     format_errors,
     interpolate,
-    read_yaml,
+    loader_for,
 )
 from celery_ext.errors import ConfigError
 
@@ -50,15 +49,17 @@ class Report:
 
 
 def check_file(path: str | os.PathLike[str] | None = None) -> Report:
-    """Check the file ``--config`` would load (built-in defaults when there is none)."""
-    found = find_config_file(path)
-    if found is None:
-        return check_config({})
+    """Check what ``--config`` would load: a file or a loader's URL (built-in defaults when
+    there is none)."""
     try:
-        data = read_yaml(found)
+        loader = loader_for(path)
     except ConfigError as exc:
-        return Report(errors=list(exc.errors), source=str(found))
-    return check_config(data, source=str(found.resolve()))
+        return Report(errors=list(exc.errors))
+    try:
+        data = loader.read()[0]
+    except ConfigError as exc:
+        return Report(errors=list(exc.errors), source=loader.source)
+    return check_config(data, source=loader.source)
 
 
 def check_config(data: Any, *, source: str | None = None, env: Mapping[str, str] | None = None) -> Report:

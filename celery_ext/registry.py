@@ -143,3 +143,15 @@ METRICS = ExtensionPoint(
     },
     "celery_ext.metrics:MetricsCollector",
 )
+
+CONFIG_LOADERS = ExtensionPoint(
+    "config loader",
+    "celery_ext.config_loaders",
+    {
+        "file": "celery_ext.config:YamlConfigLoader",
+        "redis": "celery_ext.config_store:RedisConfigLoader",
+        "rediss": "celery_ext.config_store:RedisConfigLoader",
+        "unix": "celery_ext.config_store:RedisConfigLoader",
+    },
+    "celery_ext.config:ConfigLoader",
+)

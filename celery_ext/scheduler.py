@@ -40,6 +40,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,8 @@ class Scheduler:
         self._synced_fence = 0  # the fence under which config schedules were last synced
         self._last_purge: float | None = None
         self._lost_before: datetime | None = None
+        # Called after each round with its report (the scheduler command announces itself there).
+        self.after_tick: Callable[[TickReport], None] | None = None
         broker = str(rt.celery.conf.broker_url)
         self._broker: Any = redis.Redis.from_url(redis_py_url(broker)) if is_redis_url(broker) else None
 
@@ -232,7 +235,12 @@ class Scheduler:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                self.tick()
+                report = self.tick()
+                if self.after_tick is not None:
+                    try:
+                        self.after_tick(report)
+                    except Exception as exc:  # noqa: BLE001 - a report must not stop the scheduler
+                        logger.warning("scheduler: after-round hook failed: %s: %s", exc.__class__.__name__, exc)
                 stop.wait(max(0.0, self.config.interval - (time.monotonic() - started)))
         finally:
             if self.lease is not None and self.fence:

@@ -63,7 +63,8 @@ class CeleryExtStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         rt = runtime_of(worker.app)
         print(
-            f"celery_ext: data in {rt.data_dir} | broker {_redact(rt.broker_url)} | "
+            f"celery_ext: config {rt.config.source or '(built-in defaults)'} | data in {rt.data_dir} | "
+            f"broker {_redact(rt.broker_url)} | "
             f"storage {rt.storage.description} | task types: {', '.join(rt.executors.task_types)}",
             file=sys.stderr,
             flush=True,

@@ -68,10 +68,54 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     from celery_ext.plugins.metrics import scheduler_metrics
 
     metrics = scheduler_metrics(rt.config, rt.extras.get("metrics"))
+    stop_watching = follow_config(sched)
     try:
         sched.run(stop)
     finally:
+        stop_watching()
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()
         rt.close()  # the last leader_changed event goes out
+
+
+def follow_config(sched: Any) -> Any:
+    """Apply live config changes (its source's and ``config apply``'s: celery_ext/reload.py) and
+    announce this scheduler's config version for ``celery-ext config status`` every round."""
+    from celery_ext.config_store import SchedulerPresence
+    from celery_ext.reload import SchedulerReloader, config_loaders, watch
+
+    rt = sched.rt
+    reloader = SchedulerReloader(sched, rt.config)
+    log = logging.getLogger("celery_ext.scheduler")
+
+    def on_change(new: Any) -> None:
+        applied, restart = reloader.apply(new)
+        if restart:
+            log.warning(
+                "config %s changed %s: needs a scheduler restart to take effect", new.source, ", ".join(restart)
+            )
+        if applied:
+            log.warning("config %s reloaded: applied %s", new.source, ", ".join(applied))
+
+    stop = watch(config_loaders(rt), on_change)
+    presence = None
+    if sched.lease is not None:
+        presence = SchedulerPresence(sched.lease.client, rt.config.app.name, sched.holder, 3 * sched.config.interval)
+        current = presence
+
+        def announce(report: Any) -> None:
+            current.ttl = 3 * sched.config.interval
+            current.announce(reloader.version, reloader.restart_needed, report.leader)
+
+        sched.after_tick = announce
+
+    def stop_all() -> None:
+        stop()
+        if presence is not None:
+            try:
+                presence.withdraw()
+            except Exception:  # noqa: BLE001, S110 - its entry ages out
+                pass
+
+    return stop_all

@@ -33,6 +33,7 @@ class ExecutorSet:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._unavailable: dict[int, str] = {}
+        self._retired: list[Executor] = []  # replaced by a config reload, closed with the set
 
     @classmethod
     def from_config(cls, config: Config) -> ExecutorSet:
@@ -90,12 +91,24 @@ class ExecutorSet:
                 self._unavailable[id(ex)] = reason
         self._pid = os.getpid()
 
+    def replace(self, other: ExecutorSet) -> None:
+        """Take ``other``'s executors in place (a config reload; the runner, the manager and the
+        runtime hold this object).  Each process initializes them at its next task; a task
+        running on an old executor finishes on it (in this process they close with the set)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                self._retired.extend(self.executors)
+            self.executors, self.paths, self.by_type = other.executors, other.paths, other.by_type
+            self._unavailable = {}
+            self._pid = None
+
     def close(self) -> None:
         if self._pid != os.getpid():
             return
-        for ex in self.executors:
+        for ex in [*self._retired, *self.executors]:
             try:
                 ex.close()
             except Exception:  # noqa: BLE001
                 logger.exception("executor %r failed to close", ex.type)
+        self._retired.clear()
         self._pid = None

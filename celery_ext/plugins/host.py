@@ -47,6 +47,7 @@ class PluginHostStep(bootsteps.StartStopStep):
             app=worker.app,
             extras={"worker": worker},
         )
+        rt.extras["plugin_context"] = self.ctx  # a config reload restarts the plugins with it
 
     def start(self, worker: Any) -> None:
         if self.hub is not None:
@@ -66,7 +67,8 @@ class PluginHostStep(bootsteps.StartStopStep):
         self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker.hostname, data={"reason": "shutdown"}))
         # Let plugins see the last events (worker_offline included) before they stop.
         self.bus.flush(5.0)
-        self.plugins.stop_all(self.ctx)
+        # The plugins a config reload started, if any (celery_ext/reload.py).
+        runtime_of(worker.app).extras.get("plugins", self.plugins).stop_all(self.ctx)
         self.bus.close(5.0)
         self.metrics.shutdown()
         if self.hub is not None:

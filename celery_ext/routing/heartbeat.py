@@ -19,20 +19,20 @@ carries ``app.version``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from celery import Celery, bootsteps
 from celery.signals import task_postrun, task_received
 from celery.worker import state
 
+from celery_ext.config import config_version
 from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.executors.task import runtime_of
 from celery_ext.routing.router import registry_url_for, router_of
@@ -40,17 +40,8 @@ from celery_ext.routing.stranded import move_stranded, queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
 from celery_ext.transport import is_redis_url
 
-if TYPE_CHECKING:
-    from celery_ext.config import Config
-
 logger = logging.getLogger("celery_ext.routing")
 SEAT = "routing.seat"
-
-
-def config_version(config: Config) -> str:
-    """Names a config in the worker registry (``WorkerInfo.config_version``): equal configs,
-    equal versions, in every process."""
-    return hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:12]  # noqa: S324 - a name, not a secret
 
 
 @dataclass

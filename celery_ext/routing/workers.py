@@ -143,6 +143,7 @@ class WorkerInfo:
     supported_types: tuple[str, ...] = ()
     in_flight: int = 0
     config_version: str = ""
+    restart_needed: tuple[str, ...] = ()  # config keys changed since start that wait for a restart
     app_version: str = ""  # app.version of the worker's config
     heartbeat_at: float = 0.0  # from the expiry score: Redis time of the last heartbeat
     ttl: float = 0.0
@@ -152,6 +153,7 @@ class WorkerInfo:
 
     def __post_init__(self) -> None:
         self.supported_types = tuple(self.supported_types)
+        self.restart_needed = tuple(self.restart_needed)
         self._types = frozenset(self.supported_types)
 
     def supports(self, task_type: str) -> bool:
@@ -172,6 +174,7 @@ class WorkerInfo:
         data = asdict(self)
         data.pop("_types")
         data["supported_types"] = list(self.supported_types)
+        data["restart_needed"] = list(self.restart_needed)
         return data
 
     @classmethod

@@ -12,7 +12,7 @@ from celery_ext.reload import changed_paths
 from celery_ext.routing.router import router_of
 from tests.conftest import TEST_TASKS, Cluster
 from tests.support.scrape import poll
-from tests.support.workers import write_config
+from tests.support.workers import WorkerProcess, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,9 +20,11 @@ FAST = {"heartbeat_interval": 0.5}
 
 
 def rewrite(cluster: Cluster, **sections: Any) -> None:
-    """Change sections of the worker's config file (the worker notices by content)."""
+    """Change sections of the worker's config file, a mapping key by key, a list whole (the
+    worker notices by content)."""
     for key, value in sections.items():
-        cluster.data[key] = {**cluster.data.get(key, {}), **value}
+        current = cluster.data.get(key)
+        cluster.data[key] = {**current, **value} if isinstance(current, dict) else value
     write_config(cluster.tmp_path, cluster.data)
 
 
@@ -31,11 +33,17 @@ def entry(cluster: Cluster, worker_id: str) -> Any:
     return next((w for w in registry.all() if w.id == worker_id), None)
 
 
+def registered(cluster: Cluster, **kwargs: Any) -> tuple[WorkerProcess, str]:
+    """A started worker, once it is in the registry, and its registry id."""
+    w = cluster.worker(**kwargs)
+    worker_id = w.hostname.replace("%h", socket.gethostname())
+    poll(lambda: entry(cluster, worker_id) is not None, 30, "registration")
+    return w, worker_id
+
+
 def test_capacity_and_weight_change_live_and_the_rest_waits_for_a_restart(make_cluster) -> None:
     c = make_cluster(executors=TEST_TASKS, worker={**FAST, "capacity": 1})
-    w = c.worker(concurrency=1)
-    worker_id = w.hostname.replace("%h", socket.gethostname())
-    poll(lambda: entry(c, worker_id) is not None, 30, "registration")
+    w, worker_id = registered(c, concurrency=1)
     before = entry(c, worker_id)
     assert (before.capacity, before.weight) == (1, 1)
 
@@ -65,9 +73,7 @@ def test_capacity_and_weight_change_live_and_the_rest_waits_for_a_restart(make_c
 
 def test_command_line_capacity_wins_over_the_file(make_cluster) -> None:
     c = make_cluster(executors=TEST_TASKS, worker=FAST)
-    w = c.worker(extra_args=["--capacity", "2"])
-    worker_id = w.hostname.replace("%h", socket.gethostname())
-    poll(lambda: entry(c, worker_id) is not None, 30, "registration")
+    w, worker_id = registered(c, extra_args=["--capacity", "2"])
     rewrite(c, worker={"capacity": 4, "weight": 2})
     w.wait_for_log("reloaded: applied worker.weight=2", 30)
     poll(lambda: entry(c, worker_id).weight == 2, 30, "new weight")
