@@ -17,7 +17,7 @@ document needs ``Authorization: Bearer <token>`` (the scheme in any case).
   POST /tasks/{id}/cancel?terminate=    the record (409 when it already finished)
   POST /tasks/{id}/retry           the record (409 unless it failed, was cancelled or is dead)
   GET  /workers                    the worker registry
-  GET  /healthz                    alive: {"status": "ok"}, no I/O
+  GET  /healthz                    alive: {"status": "ok", "config_version", "app_version"}, no I/O
   GET  /readyz                     storage and broker reachable, or 503 naming what is down
   GET  /health                     storage reachable (kept for existing monitors)
   GET  /openapi.json               the OpenAPI 3.1 document
@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from celery_ext import __version__
-from celery_ext.config import ERROR_MESSAGES
+from celery_ext.config import ERROR_MESSAGES, config_version
 from celery_ext.dispatch import MAX_PRIORITY
 from celery_ext.errors import (
     InvalidPayloadError,
@@ -211,6 +211,10 @@ class WorkerList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+    config_version: str | None = Field(
+        None, description="the config this API process runs (`celery-ext config status`)"
+    )
+    app_version: str | None = Field(None, description="`app.version` of that config")
     checks: dict[str, str] | None = Field(None, description="each dependency checked: ok")
 
 
@@ -624,9 +628,11 @@ def _worker_routes(tasks: APIRouter, rt: Runtime) -> None:
 
 
 def _probe_routes(probes: APIRouter, rt: Runtime) -> None:
+    running_version = config_version(rt.config)
+
     @probes.get("/healthz", response_model=Health, response_model_exclude_none=True, summary="Alive (no I/O)")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", "config_version": running_version, "app_version": rt.config.app.version}
 
     @probes.get(
         "/readyz",

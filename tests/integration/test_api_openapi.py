@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from celery_ext.config import config_version, parse_config
 from tests.conftest import TEST_TASKS, Cluster, cluster_data, storage_section
 from tests.integration.test_api import ApiProcess, wait_done
 from tests.support.scrape import free_port, poll
@@ -148,7 +149,10 @@ def test_cancel_can_terminate_a_running_task(live: tuple[Cluster, ApiProcess], c
 
 def test_probes(live: tuple[Cluster, ApiProcess], client: httpx.Client, tmp_path: Path) -> None:
     base = str(client.base_url)
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    cluster = live[0]
+    # The API knows the config it runs: the same version a worker started from it reports.
+    expected = config_version(parse_config(cluster.data, source=str(cluster.config_path)))
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "config_version": expected}
     assert httpx.get(f"{base}/readyz").json() == {"status": "ok", "checks": {"storage": "ok", "broker": "ok"}}
 
     # The same cluster with its broker gone: alive, not ready, and the answer says why.
