@@ -97,6 +97,12 @@ class SchedulerConfig(Model):
     # A dead leader is replaced within this (and a round): three renewals at the default interval.
     leader_lease: PositiveDuration = 3.0
     publish_grace: PositiveDuration = 30.0
+    # A QUEUED record older than this whose message is in no queue (a queue purged on its own) is
+    # published again; the oldest ``lost_batch`` are checked each time, unless this app's queues
+    # hold more than ``lost_scan_limit`` messages (routing/presence.py).
+    lost_after: PositiveDuration = 300.0
+    lost_batch: int = Field(500, ge=1, le=100_000)
+    lost_scan_limit: int = Field(20_000, ge=1)
     retention_interval: PositiveDuration = 300.0
     # Delays (submit delay/run_at, retry backoffs) up to this are published at once with a
     # Celery countdown and wait in a worker; longer ones wait in storage (SCHEDULED/RETRYING with
