@@ -136,6 +136,9 @@ class WorkerConfig(Model):
     heartbeat_interval: PositiveDuration = 1.0
     offline_after: PositiveDuration | None = None
     task_lease: PositiveDuration = 15.0
+    # A worker whose consumer took no message for this long while messages wait in its queues
+    # and pool slots are free is reported unhealthy in the registry (0: never).
+    stall_after: Duration = 60.0
     default_max_retries: int = Field(3, ge=0)
     default_timeout: PositiveDuration | None = None
     hard_timeout_grace: Duration = 5.0

@@ -172,6 +172,10 @@ class WorkerInfo:
     in_flight: int = 0
     config_version: str = ""
     app_version: str = ""  # app.version of the worker's config
+    # False while the worker's consumer takes nothing though work waits and slots are free
+    # (``heartbeat.Progress``); ``problem`` says why.
+    healthy: bool = True
+    problem: str = ""
     heartbeat_at: float = 0.0  # from the expiry score: Redis time of the last heartbeat
     ttl: float = 0.0
     pid: int = 0
