@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from celery_ext.model import TaskStatus
 from celery_ext.routing.router import router_of
@@ -68,3 +69,32 @@ def test_a_worker_whose_consumer_is_wedged_is_reported_unhealthy(make_cluster, p
         assert c.manager.wait(t.task_id, 60).status is TaskStatus.SUCCEEDED
     poll(lambda: entry(c, wid).healthy, 20, "the worker to be healthy again")
     assert worker.alive()
+
+
+def test_progress_reports_a_stall_only_while_work_waits_slots_are_free_and_nothing_is_taken(redis_url) -> None:
+    from celery_ext.routing.heartbeat import Progress
+    from celery_ext.routing.workers import WorkerInfo
+    from tests.support.services import unique
+
+    client = redis.Redis.from_url(redis_url)
+    key = unique("stall-q.")
+    info = WorkerInfo(id="w@test", queue=key, capacity=2)
+    progress = Progress([key], stall_after=10.0)
+    try:
+        progress.check(client, info, reserved=0, now=0.0)
+        progress.check(client, info, reserved=0, now=100.0)
+        assert info.healthy  # nothing waits: idle, not stalled
+        client.lpush(key, b"{}")
+        progress.check(client, info, reserved=0, now=100.0)
+        progress.check(client, info, reserved=2, now=200.0)
+        assert info.healthy  # every slot busy: not the consumer's fault
+        progress.check(client, info, reserved=1, now=201.0)
+        progress.check(client, info, reserved=1, now=209.0)
+        assert info.healthy  # not yet stall_after
+        progress.check(client, info, reserved=1, now=212.0)
+        assert not info.healthy and "consumer stalled" in info.problem
+        progress.taken += 1  # it took a message
+        progress.check(client, info, reserved=1, now=213.0)
+        assert info.healthy and info.problem == ""
+    finally:
+        client.delete(key)
