@@ -203,6 +203,8 @@ class WorkerRecord(BaseModel):
     ttl: float
     pid: int
     online: bool
+    healthy: bool = Field(True, description="false while its consumer takes nothing though work waits")
+    problem: str = Field("", description="why it is unhealthy")
 
 
 class WorkerList(BaseModel):

@@ -98,6 +98,12 @@ class SchedulerConfig(Model):
     # A dead leader is replaced within this (and a round): three renewals at the default interval.
     leader_lease: PositiveDuration = 3.0
     publish_grace: PositiveDuration = 30.0
+    # A QUEUED record older than this whose message is in no queue (a queue purged on its own) is
+    # published again; the oldest ``lost_batch`` are checked each time, unless this app's queues
+    # hold more than ``lost_scan_limit`` messages (routing/presence.py).
+    lost_after: PositiveDuration = 300.0
+    lost_batch: int = Field(500, ge=1, le=100_000)
+    lost_scan_limit: int = Field(20_000, ge=1)
     retention_interval: PositiveDuration = 300.0
     # Delays (submit delay/run_at, retry backoffs) up to this are published at once with a
     # Celery countdown and wait in a worker; longer ones wait in storage (SCHEDULED/RETRYING with
@@ -131,6 +137,9 @@ class WorkerConfig(Model):
     heartbeat_interval: PositiveDuration = 1.0
     offline_after: PositiveDuration | None = None
     task_lease: PositiveDuration = 15.0
+    # A worker whose consumer took no message for this long while messages wait in its queues
+    # and pool slots are free is reported unhealthy in the registry (0: never).
+    stall_after: Duration = 60.0
     default_max_retries: int = Field(3, ge=0)
     default_timeout: PositiveDuration | None = None
     hard_timeout_grace: Duration = 5.0

@@ -14,6 +14,14 @@ instead of running beside the new attempt.  The window that remains is the time 
 recovery and the resumed main process's next renewal, at most a third of ``task_lease``.  (A run
 cancelled without ``terminate`` keeps its token and goes on, as cancel promises.)
 
+While storage is away, nothing can be renewed there: each renewal round then holds the running
+tasks in the worker registry instead (``WorkerRegistry.hold``, for ``task_lease``), and a run
+that ends keeps its outcome in its process's spool, held the same way (``storage/spool.py``).
+Recovery leaves held tasks be, so a storage outage longer than ``task_lease`` does not make it
+re-run the tasks of live workers when storage returns; a worker that dies stops renewing its
+holds, and recovery takes its tasks once they run out.  Without a Redis registry there are no
+holds: a late outcome is then refused if recovery re-dispatched the task first.
+
 The token of a run: the message's celery_ext header holds it; a plain Celery message (recorded on
 receipt) gets ``<incarnation>:<task id>``, where the incarnation names this worker process
 (hostname, pid, start time), so a redelivery to a new incarnation is a new run.
@@ -32,6 +40,7 @@ from celery.worker import state
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import ExecutorTask, delivery_of
 from celery_ext.model import TaskStatus, utcnow
+from celery_ext.routing.router import router_of
 
 if TYPE_CHECKING:
     from celery_ext.factory import Runtime
@@ -47,6 +56,7 @@ class LeaseKeeper:
         self.pool = pool
         self.lease = rt.config.worker.task_lease
         self.interval = self.lease / 3
+        self.registry = router_of(rt.celery).registry
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,7 +75,7 @@ class LeaseKeeper:
             try:
                 self.renew()
             except StorageError as exc:
-                logger.warning("could not renew task leases (storage unavailable): %s", exc)
+                logger.warning("could not renew task leases (storage unavailable; %s): %s", self.hold_running(), exc)
             except Exception:  # noqa: BLE001 - the renewer must outlive any one failure
                 logger.exception("lease renewal failed")
 
@@ -84,6 +94,17 @@ class LeaseKeeper:
             elif time.time() - request.time_start > self.interval:
                 self._superseded(request, token)
         return renewed
+
+    def hold_running(self) -> str:
+        """Storage is away: hold the running tasks in the registry instead; says what it did."""
+        if self.registry is None:
+            return "no registry to hold them in"
+        ids = [r.id for r in list(state.active_requests) if isinstance(r.task, ExecutorTask) and r.time_start]
+        try:
+            self.registry.hold(ids, self.lease)
+        except Exception as exc:  # noqa: BLE001 - the registry may be away as well
+            return f"could not hold them in the registry either: {exc}"
+        return f"{len(ids)} held in the registry"
 
     def token_of(self, request: Any) -> str | None:
         try:

@@ -33,10 +33,12 @@ from celery_ext.model import (
 )
 from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Fence, Storage
+from celery_ext.storage.spool import Spool
 
 logger = logging.getLogger("celery_ext.lifecycle")
 
 T = TypeVar("T")
+Then = Callable[[bool], None] | None  # called once a spooled outcome was applied: whether it took
 RUNNING = (TaskStatus.RUNNING,)
 DUE = (TaskStatus.SCHEDULED, TaskStatus.RETRYING)  # what waits in storage for its run_at
 REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
@@ -118,9 +120,12 @@ class Lifecycle:
         self.storage = storage
         self.completion = completion or Completion(None, "")
         self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
-        # Outcome writes are retried this long when storage is away, before giving up to recovery.
+        # Writes made for the scheduler and the main process (not a run's outcome, which is
+        # spooled) are retried this long when storage is away.
         self.write_patience = 30.0
         self.marks = QueuedMarks(storage)
+        # A run's log lines and, while storage is away, its outcome (``settle``).
+        self.spool = Spool(storage.logs.append)
 
     # --- producer side --------------------------------------------------------------------
 
@@ -267,10 +272,12 @@ class Lifecycle:
         self.observer.task_started(running)
         return running
 
-    def succeed(self, task: Task, data: object) -> bool:
+    def succeed(self, task: Task, data: object, *, spool: bool = False, then: Then = None) -> bool | None:
+        """RUNNING -> SUCCEEDED.  With ``spool``, the run's outcome: see ``settle``."""
         now = utcnow()
-        changed = self._write(
-            lambda: self.storage.tasks.update(
+
+        def write(late: bool) -> bool:
+            changed = self.storage.tasks.update(
                 task.task_id,
                 RUNNING,
                 token=task.dispatch_token,
@@ -280,20 +287,31 @@ class Lifecycle:
                 finished_at=now,
                 lease_until=None,
             )
-        )
-        if changed:
-            self.observer.task_completed(task, _since(task.started_at, now))
-            self.completion.notify(task.task_id)
-        return changed
+            if changed:
+                self.observer.task_completed(task, _since(task.started_at, now))
+                self.completion.notify(task.task_id)
+            return changed
+
+        return self.settle(task.task_id, write, then) if spool else self._write(lambda: write(False))
 
     def fail(
-        self, task: Task, error: TaskErrorInfo, data: object = None, *, dead: bool = False, fence: Fence | None = None
-    ) -> bool:
-        """RUNNING -> FAILED (or DEAD, after the worker was lost on the last attempt)."""
+        self,
+        task: Task,
+        error: TaskErrorInfo,
+        data: object = None,
+        *,
+        dead: bool = False,
+        fence: Fence | None = None,
+        spool: bool = False,
+        then: Then = None,
+    ) -> bool | None:
+        """RUNNING -> FAILED (or DEAD, after the worker was lost on the last attempt).  With
+        ``spool``, the run's outcome: see ``settle``."""
         now = utcnow()
         status = TaskStatus.DEAD if dead else TaskStatus.FAILED
-        changed = self._write(
-            lambda: self.storage.tasks.update(
+
+        def write(late: bool) -> bool:
+            changed = self.storage.tasks.update(
                 task.task_id,
                 RUNNING,
                 token=task.dispatch_token,
@@ -304,11 +322,12 @@ class Lifecycle:
                 finished_at=now,
                 lease_until=None,
             )
-        )
-        if changed:
-            self.observer.task_failed(task, error, _since(task.started_at, now))
-            self.completion.notify(task.task_id)
-        return changed
+            if changed:
+                self.observer.task_failed(task, error, _since(task.started_at, now))
+                self.completion.notify(task.task_id)
+            return changed
+
+        return self.settle(task.task_id, write, then) if spool else self._write(lambda: write(False))
 
     def retry_later(
         self,
@@ -325,9 +344,28 @@ class Lifecycle:
         With ``hold`` the next attempt waits in storage (``run_at`` set) and the scheduler's
         leader publishes it when due; otherwise the caller publishes it at once with a countdown,
         and ``run_at`` stays empty: the message holds the time, and the due scan leaves it be."""
+        token, _ = self.retry_settle(task, error, delay, data, hold=hold, fence=fence)
+        return token
+
+    def retry_settle(
+        self,
+        task: Task,
+        error: TaskErrorInfo | None,
+        delay: float,
+        data: object = None,
+        *,
+        hold: bool = False,
+        fence: Fence | None = None,
+        spool: bool = False,
+        then: Then = None,
+    ) -> tuple[str | None, bool]:
+        """``retry_later``, and with ``spool`` the run's outcome (``settle``): returns the token
+        and whether the write was spooled.  A spooled retry is always held (it waits in storage
+        for the scheduler): no message may carry a token that its record does not hold yet."""
         token = new_id()
-        changed = self._write(
-            lambda: self.storage.tasks.update(
+
+        def write(late: bool) -> bool:
+            changed = self.storage.tasks.update(
                 task.task_id,
                 RUNNING,
                 token=task.dispatch_token,
@@ -336,14 +374,17 @@ class Lifecycle:
                 dispatch_token=token,
                 error=error,
                 result=data,
-                run_at=utcnow() + timedelta(seconds=delay) if hold else None,
+                run_at=utcnow() + timedelta(seconds=delay) if hold or late else None,
                 lease_until=None,
             )
-        )
-        if not changed:
-            return None
-        self.observer.task_retrying(task, error, delay)
-        return token
+            if changed:
+                self.observer.task_retrying(task, error, delay)
+            return changed
+
+        if not spool:
+            return (token if self._write(lambda: write(False)) else None), False
+        changed = self.settle(task.task_id, write, then)
+        return (token if changed is not False else None), changed is None
 
     def release(self, task: Task) -> str | None:
         """The run of ``task`` ended but its outcome was not recorded (the task was cancelled
@@ -364,18 +405,24 @@ class Lifecycle:
             )
         return None
 
-    def fail_waiting(self, task_ids: Sequence[str], parent: Task, why: str) -> int:
+    def fail_waiting(self, task_ids: Sequence[str], parent: Task, why: str) -> None:
         """Chain or chord steps still waiting for ``parent`` (SCHEDULED, never run) fail without
-        running, because ``parent`` ended ``why`` (failed, dead or cancelled)."""
+        running, because ``parent`` ended ``why`` (failed, dead or cancelled).  Part of the
+        parent's outcome: spooled behind it while storage is away (``settle``)."""
         if not task_ids:
-            return 0
+            return
         error = TaskErrorInfo("parent_failed", f"previous step {parent.task_type}[{parent.task_id}] {why}")
-        changed = self.storage.tasks.update_many(
-            list(task_ids), (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error, finished_at=utcnow()
-        )
-        for task_id in task_ids:
-            self.completion.notify(task_id)
-        return changed
+        now = utcnow()
+
+        def write(late: bool) -> bool:
+            changed = self.storage.tasks.update_many(
+                list(task_ids), (TaskStatus.SCHEDULED,), status=TaskStatus.FAILED, error=error, finished_at=now
+            )
+            for task_id in task_ids:
+                self.completion.notify(task_id)
+            return changed > 0
+
+        self.settle(parent.task_id, write, None)
 
     # --- recovery (scheduler) -------------------------------------------------------------
 
@@ -388,7 +435,7 @@ class Lifecycle:
         if task.attempt <= task.max_retries:
             token = self.retry_later(task, error, delay, hold=hold, fence=fence)
             return token is not None, token
-        return self.fail(task, error, dead=True, fence=fence), None
+        return bool(self.fail(task, error, dead=True, fence=fence)), None
 
     def fresh_token(self, task: Task, *, fence: Fence | None = None) -> str | None:
         """The same status under a new dispatch token, for a record whose message is gone or
@@ -432,6 +479,31 @@ class Lifecycle:
             self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=status, queued_at=None)
 
     # --- helpers --------------------------------------------------------------------------
+
+    def settle(self, task_id: str, write: Callable[[bool], bool], then: Then) -> bool | None:
+        """Write an outcome of a run of ``task_id`` now: returns whether the record took it (a
+        conditional update on the run's dispatch token).  If storage is away, or earlier writes
+        wait in the spool, the write is spooled instead (returns ``None``): it is applied in order
+        when storage returns, as ``write(True)``, still conditional, so it never overwrites a newer
+        dispatch; then ``then(changed)`` is called.  Never raises StorageError."""
+        if not self.spool.busy:
+            try:
+                return write(False)
+            except StorageError as exc:
+                logger.warning("storage unavailable: outcome of task %s spooled until it returns: %s", task_id, exc)
+
+        def late() -> None:
+            changed = write(True)
+            if not changed:
+                logger.warning("spooled outcome of task %s refused: the record moved on meanwhile", task_id)
+            if then is not None:
+                try:
+                    then(changed)
+                except Exception:  # noqa: BLE001 - the outcome is written; what follows may fail alone
+                    logger.exception("after the spooled outcome of task %s", task_id)
+
+        self.spool.keep(task_id, late)
+        return None
 
     def _write(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.write_patience

@@ -71,11 +71,20 @@ def recover_expired_leases(
 
     A running task's worker renews its lease (``lease.py``), so an expired lease means that worker
     process is gone or stalled, whatever worker is online under its name now.  A stalled one that
-    resumes finds its run superseded and stops it.
+    resumes finds its run superseded and stops it.  A task a live worker holds in the registry
+    (storage was away: its outcome waits in a spool, or its lease could not be renewed) is left
+    be until the hold runs out.
     """
     now = now or utcnow()
     recovered = []
-    for task in rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit):
+    expired = rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit)
+    registry = router_of(rt.celery).registry
+    held = registry.held([t.task_id for t in expired]) if registry is not None and expired else set()
+    if held:
+        logger.info("%d task(s) with an expired lease are held by a live worker (storage was away)", len(held))
+    for task in expired:
+        if task.task_id in held:
+            continue
         error = TaskErrorInfo(
             "worker_lost", f"worker {task.worker_id} stopped renewing its lease during attempt {task.attempt}"
         )

@@ -26,7 +26,6 @@ from celery_ext.executors.pool import ExecutorSet
 from celery_ext.lifecycle import Lifecycle
 from celery_ext.message import ExtHeader, new_incarnation, plain_token
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, utcnow
-from celery_ext.storage.spool import LogSpool
 from celery_ext.tasklog import TaskLogBuffer, capture
 
 logger = logging.getLogger("celery_ext.runner")
@@ -91,7 +90,8 @@ class TaskRunner:
         self.default_timeout = default_timeout
         # A retry due later than this waits in storage for the scheduler (scheduler.max_countdown).
         self.max_countdown = max_countdown
-        self.log_spool = LogSpool(self.storage.logs.append)
+        # Log lines and outcomes that could not be written yet, in order (storage/spool.py).
+        self.spool = lifecycle.spool
         # This worker process's name for its runs of plain messages (lease.py); the worker's
         # bootstep sets it before the pool forks.
         self.incarnation = new_incarnation()
@@ -218,18 +218,27 @@ class TaskRunner:
     # --- outcomes -------------------------------------------------------------------------
 
     def finish(self, task: Task, result: TaskResult) -> Outcome:
+        """Record the outcome of the run.  With storage away, it is spooled (``Lifecycle.settle``)
+        and reported to Celery as if written: it is applied, fenced by the run's token, when
+        storage returns (a refused one then gives up the lease like a cancelled run)."""
         error = result.error or TaskErrorInfo("exception", "failed without an error")
+        lifecycle = self.lifecycle
+
+        def then(changed: bool) -> None:
+            if not changed:
+                self.discarded(task)
+
         if result.success:
-            if self.lifecycle.succeed(task, result.data):
+            if lifecycle.succeed(task, result.data, spool=True, then=then) is not False:
                 return Outcome("succeeded", task, data=result.data)
         elif result.retryable and task.attempt <= task.max_retries:
             delay = self.backoff(task.attempt)
             logger.warning("attempt %d failed (%s); retrying in %.2fs", task.attempt, error.reason, delay)
             hold = delay > self.max_countdown
-            token = self.lifecycle.retry_later(task, error, delay, result.data, hold=hold)
+            token, spooled = lifecycle.retry_settle(task, error, delay, result.data, hold=hold, spool=True, then=then)
             if token is not None:
-                return Outcome("retry", task, error=error, token=token, delay=delay, held=hold)
-        elif self.lifecycle.fail(task, error, result.data):
+                return Outcome("retry", task, error=error, token=token, delay=delay, held=hold or spooled)
+        elif lifecycle.fail(task, error, result.data, spool=True, then=then) is not False:
             return Outcome("failed", task, data=result.data, error=error)
         return self.discarded(task)
 
@@ -251,7 +260,7 @@ class TaskRunner:
     def fail_running(self, d: Delivery, reason: str, message: str) -> bool:
         """Record a failure decided outside the task (hard time limit)."""
         task = self._running_task(d)
-        return task is not None and self.lifecycle.fail(task, TaskErrorInfo(reason, message))
+        return task is not None and bool(self.lifecycle.fail(task, TaskErrorInfo(reason, message)))
 
     def worker_lost(self, d: Delivery) -> None:
         """The pool process running ``d`` died: retry it under a new token, or declare it dead."""
@@ -321,4 +330,4 @@ class TaskRunner:
 
     def _write_logs(self, lines: Any) -> None:
         # Never blocks the task on an outage: the spool keeps the lines in order and retries.
-        self.log_spool.submit(lines)
+        self.spool.submit(lines)

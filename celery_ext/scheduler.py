@@ -25,6 +25,9 @@ Each tick, the leader:
     record and died (or lost the broker) before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
     held (an epoch marker key in the broker tells);
+  - publishes again, under fresh tokens, QUEUED records older than ``scheduler.lost_after``
+    whose message is in none of the queues it may wait in, nor fetched by a worker (a queue
+    purged on its own; Redis brokers only: ``routing/presence.py``);
   - fires the periodic schedules that are due (``celery_ext.schedules``; config.yaml's are
     synced into storage when it takes the lead), each fire a task with the idempotency key
     ``schedule:<name>:<fire time>``;
@@ -47,11 +50,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from celery_ext.dispatch import Dispatch
+from celery_ext.dispatch import Dispatch, plain_queues, queue_name
 from celery_ext.lifecycle import DUE
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
+from celery_ext.routing.presence import present, unacked_key
 from celery_ext.routing.router import router_of
+from celery_ext.routing.stranded import queue_keys
 from celery_ext.schedules import fire_due, resubmit_last, sync_config_schedules
 from celery_ext.storage import retention
 from celery_ext.storage.base import Fence
@@ -170,6 +175,8 @@ class Scheduler:
         self._lost_before: datetime | None = None
         # Called after each round with its report (the scheduler command announces itself there).
         self.after_tick: Callable[[TickReport], None] | None = None
+        self._missing: dict[str, str | None] = {}  # task id -> token, missing at the last check
+        self._last_presence: float | None = None
         broker = str(rt.celery.conf.broker_url)
         self._broker: Any = redis.Redis.from_url(redis_py_url(broker)) if is_redis_url(broker) else None
 
@@ -185,6 +192,7 @@ class Scheduler:
             ("expired leases", self._leases),
             # First: on a broker that lost its data, what this round publishes is not lost.
             ("lost messages", self._lost_messages),
+            ("purged queues", self._purged),
             ("due tasks", self._due),
             ("unpublished tasks", self._unpublished),
             ("schedules", self._schedules),
@@ -385,19 +393,71 @@ class Scheduler:
             for task in batch:
                 if status is TaskStatus.RETRYING and task.run_at is not None:
                     continue  # held in storage: the due duty publishes it
-                token = self.rt.lifecycle.fresh_token(task, fence=self.fenced)
-                if token is None:
-                    self.check_fence()
-                    continue  # it moved on meanwhile
-                wait = (task.run_at - now).total_seconds() if task.run_at else 0.0
-                self.rt.runner.publish(
-                    task.replace(dispatch_token=token), attempt=task.attempt + 1, countdown=wait if wait > 0 else None
-                )
-                report.republished.append(task.task_id)
+                self._republish(task, now, report)
         if done:
             self._lost_before = None
         if report.republished:
             logger.warning("published again %d task(s) whose message the broker lost", len(report.republished))
+
+    def _purged(self, report: TickReport) -> None:
+        """A queue purged on its own keeps the epoch marker: QUEUED records older than
+        ``lost_after`` (the oldest ``lost_batch``) whose message is in none of the queues it may
+        wait in, nor in kombu's unacked hash, are published again under a fresh token.  Checked
+        every ``lost_after / 10`` (at least every round), and a task must be missing at two
+        checks in a row, with the same token, so that a message between two lists is not taken
+        for lost.  A wrong verdict costs a second message, never a second run: the first one
+        carries the old token and is dropped as stale."""
+        if self._broker is None:
+            return  # RabbitMQ: no cheap way to look into a queue (docs/scheduler.md)
+        started = time.monotonic()
+        every = max(self.config.interval, self.config.lost_after / 10)
+        if self._last_presence is not None and started - self._last_presence < every:
+            return
+        self._last_presence = started
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.config.lost_after)
+        old = self.rt.storage.tasks.scan((TaskStatus.QUEUED,), updated_before=cutoff, limit=self.config.lost_batch)
+        if not old:
+            self._missing = {}
+            return
+        options = self.rt.celery.conf.broker_transport_options
+        queues = {queue_name(self.rt.config.app.name, t.task_type) for t in old}
+        queues.update(plain_queues(self.rt.config))
+        registry = router_of(self.rt.celery).registry
+        if registry is not None:
+            queues.update(w.queue for w in registry.all() if w.queue)
+        lists = [key for q in sorted(queues) for key in queue_keys(q, options)]
+        seen = present(self._broker, lists, unacked_key(options), self.config.lost_scan_limit)
+        if seen is None:
+            logger.warning(
+                "purged queues: more than %d messages wait in this app's queues; not checked this round",
+                self.config.lost_scan_limit,
+            )
+            return
+        missing = {t.task_id: t.dispatch_token for t in old if t.task_id not in seen}
+        confirmed = [t for t in old if t.task_id in missing and self._missing.get(t.task_id) == t.dispatch_token]
+        self._missing = missing
+        for task in confirmed:
+            if self._republish(task, now, report):
+                self._missing.pop(task.task_id, None)
+        if confirmed:
+            logger.warning(
+                "published again %d queued task(s) whose message is in no queue (a purged queue?)", len(confirmed)
+            )
+
+    def _republish(self, task: Any, now: datetime, report: TickReport) -> bool:
+        """Publish ``task`` again under a fresh dispatch token (a copy of its old message, if one
+        exists after all, is then stale); False if the record moved on meanwhile."""
+        token = self.rt.lifecycle.fresh_token(task, fence=self.fenced)
+        if token is None:
+            self.check_fence()
+            return False
+        wait = (task.run_at - now).total_seconds() if task.run_at else 0.0
+        self.rt.runner.publish(
+            task.replace(dispatch_token=token), attempt=task.attempt + 1, countdown=wait if wait > 0 else None
+        )
+        report.republished.append(task.task_id)
+        return True
 
     def _retention(self, report: TickReport) -> None:
         policy = self.rt.config.storage.retention

@@ -19,6 +19,7 @@ from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
 from celery_ext.plugins.host import install_plugin_host
 from celery_ext.routing.heartbeat import install_routing
+from celery_ext.routing.router import router_of
 from celery_ext.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class CeleryExtStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         rt = runtime_of(worker.app)
         rt.runner.incarnation = new_incarnation()  # before the pool forks: children share it
+        registry = router_of(worker.app).registry
+        if registry is not None:  # spooled outcomes are held there, so recovery leaves them be
+            rt.lifecycle.spool.holds = registry.holds(rt.config.worker.task_lease)
         self.keeper: LeaseKeeper | None = None
         self.scheduler: InWorkerScheduler | None = None
         # Only a worker needs the users' task modules (clients build the same executors and
@@ -133,7 +137,9 @@ def install_worker_steps(app: Celery) -> None:
 
     def child_shutdown(**_: Any) -> None:
         runtime_of(app).executors.close()
-        runtime_of(app).runner.log_spool.flush(10.0)  # log lines spooled during a storage outage
+        # Log lines and outcomes spooled during a storage outage (kept in memory: what is still
+        # spooled when the process exits is lost, and lease expiry recovers those tasks).
+        runtime_of(app).runner.spool.flush(runtime_of(app).config.worker.task_lease * 2)
 
     def unknown_task(sender: Any = None, name: str = "", id: str = "", **_: Any) -> None:  # noqa: A002
         # Celery has logged "Received unregistered task of type ..." and dropped the message.

@@ -11,6 +11,7 @@ import pytest
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
 from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
+from tests.support.pgserver import private_postgres  # noqa: F401 - fixture (a PostgreSQL a test may stop)
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
 from tests.support.workers import WorkerProcess, write_config
 
@@ -42,7 +43,9 @@ def redis_url() -> str:
     return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
 
-def storage_section(kind: str, database_urls: dict[str, str]) -> dict[str, Any]:
+def storage_section(kind: str | dict[str, Any], database_urls: dict[str, str]) -> dict[str, Any]:
+    if isinstance(kind, dict):  # a whole storage section (a private server's)
+        return kind
     if kind == "sqlite":
         return {"type": "sqlite", "config": {}}
     return {"type": kind, "config": {"url": database_urls[kind]}}
@@ -133,7 +136,7 @@ def make_cluster(
     """``make_cluster(storage="sqlite", **sections)``: a fresh config (unique queue names) in tmp_path."""
     clusters: list[Cluster] = []
 
-    def make(storage: str = "sqlite", **sections: Any) -> Cluster:
+    def make(storage: str | dict[str, Any] = "sqlite", **sections: Any) -> Cluster:
         directory = tmp_path / f"c{len(clusters)}"
         directory.mkdir()
         data = cluster_data(unique("ce"), redis_url, storage_section(storage, database_urls), sections)

@@ -36,7 +36,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     rows = [
         (
             w.id,
-            "online" if w.online else "offline",
+            "offline" if not w.online else "online" if w.healthy else "unhealthy",
             f"{w.in_flight}/{w.capacity}",
             w.weight,
             ",".join(w.supported_types),
@@ -50,4 +50,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
         ["worker", "state", "load", "weight", "types", "heartbeat", "queue"],
         rows,
     )
+    for w in workers:
+        if w.online and not w.healthy:
+            print(f"{w.id}: {w.problem}")
     return EXIT_OK

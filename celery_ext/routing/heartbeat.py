@@ -11,6 +11,14 @@ At start the worker also publishes its load-balancing strategy to the cluster (p
 its changes, see ``TaskRouter.publish_strategy``).  ``worker.enabled: false`` (the design's one
 config for every role) makes ``celery -A celery_ext worker`` log that and exit 0.
 
+Each heartbeat also checks that the consumer makes progress (``Progress``): a worker that has
+taken no message for ``worker.stall_after`` while messages wait in the queues it consumes (Redis
+broker: their lengths, read by the heartbeat) and it has free pool slots is reported unhealthy
+(``healthy: false`` with a ``problem``, shown by ``celery-ext workers``, the API and the
+dashboard), with an error in its log; it is healthy again as soon as it takes a message.  (A
+consumer whose broker connection went silent, a half-open TCP connection that Redis's protocol
+never notices, is the case in point: its process, heartbeat and registry entry all look alive.)
+
 Worker options (override config): ``--capacity N`` (also the pool size), ``--weight N``,
 ``--supported-types a,b``.  Config: ``worker.enabled``, ``worker.capacity``, ``worker.weight``,
 ``worker.supported_types``, ``worker.heartbeat_interval``, ``worker.offline_after``; the entry
@@ -59,9 +67,12 @@ class Seat:
     delta: int = 0
     # Non-Redis brokers: how many messages wait in the direct queue (Redis: LLEN in the script).
     queued: Callable[[], int] | None = None
+    progress: Progress | None = None
 
     def beat(self) -> None:
         try:
+            if self.progress is not None:
+                self.progress.check(self.registry.client, self.info, len(state.reserved_requests))
             held = len(state.reserved_requests) + (self.queued() if self.queued else 0)
             _, self.delta = self.registry.heartbeat(self.info, self.ttl, held, self.keys, self.delta)
         except Exception as exc:  # noqa: BLE001 - a registry outage must not stop the worker
@@ -78,6 +89,51 @@ class Seat:
     def loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             self.beat()
+
+
+@dataclass
+class Progress:
+    """Is the consumer taking messages?  ``taken`` counts the messages it received (main
+    process); each heartbeat compares it with the last one while work waits in ``keys`` (every
+    list of the queues it consumes) and pool slots are free."""
+
+    keys: list[str]
+    stall_after: float
+    taken: int = 0
+    _seen: int = 0
+    _since: float | None = None  # when it was last seen stuck without a stall before
+
+    def check(self, client: Any, info: WorkerInfo, reserved: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        free = info.capacity - reserved
+        waiting = 0
+        if free > 0 and self.taken == self._seen:
+            pipe = client.pipeline(transaction=False)
+            for key in self.keys:
+                pipe.llen(key)
+            waiting = sum(int(n) for n in pipe.execute())
+        if self.taken != self._seen or waiting == 0 or free <= 0:
+            self._seen, self._since = self.taken, None
+            if not info.healthy:
+                logger.warning("the consumer is taking messages again: healthy")
+                info.healthy, info.problem = True, ""
+            return
+        if self._since is None:
+            self._since = now
+        elif info.healthy and now - self._since >= self.stall_after:
+            info.healthy = False
+            info.problem = (
+                f"consumer stalled: took no message for {self.stall_after:g}s while messages waited "
+                "and pool slots were free"
+            )
+            logger.error(
+                "worker unhealthy: its consumer took no message for %.0fs while %d message(s) wait in its "
+                "queues and %d of %d pool slot(s) are free (a silent broker connection?)",
+                now - self._since,
+                waiting,
+                free,
+                info.capacity,
+            )
 
 
 def _types(value: Any) -> list[str] | None:
@@ -162,6 +218,10 @@ class RegistrationStep(bootsteps.StartStopStep):
         )
         if not redis_broker:
             self.seat.queued = _queue_depth(c.app, direct)
+        elif conf.stall_after > 0:
+            consumed = [q.name for q in c.app.amqp.queues.consume_from.values()]
+            options = c.app.conf.broker_transport_options
+            self.seat.progress = Progress([k for q in consumed for k in queue_keys(q, options)], conf.stall_after)
         rt.extras[SEAT] = self.seat
 
     def start(self, c: Any) -> None:
@@ -260,6 +320,8 @@ def install_routing(app: Celery) -> None:
     def received(request: Any = None, **_: Any) -> None:
         # Main process.  A task from a shared queue was not reserved by a router: count it now.
         seat = seat_of(app)
+        if seat is not None and seat.progress is not None:
+            seat.progress.taken += 1
         if seat is None or request is None or request.name not in seat.types or request.app is not app:
             return
         if (request.delivery_info or {}).get("routing_key") != seat.info.queue:

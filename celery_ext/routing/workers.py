@@ -9,6 +9,10 @@ Keys (``<app.name>`` prefix, so two apps on one Redis never mix):
   ``OFFLINE_HANDLERS`` (the events issue publishes ``worker_offline`` there).
 * ``<p>.balance.strategy``: the routing strategy last published to the cluster (JSON: strategy,
   config, version); every registry read returns it, so producers follow its changes.
+* ``<p>.tasks.held`` sorted set: task id -> until when (Redis server time, ms) a live worker
+  process holds that task while storage is away: its outcome waits in the process's spool, or
+  it still runs and its lease could not be renewed (``hold``).  Recovery leaves a held task be;
+  a process that dies stops renewing its holds, and they run out after ``worker.task_lease``.
 * ``<p>.workers.inflight`` hash: worker id -> tasks routed to it or held by it and not finished.
   The router reserves a slot (``reserve``), the worker releases it when a task ends, and the
   heartbeat checks it against the truth (held by the worker + waiting in its direct queue) and
@@ -109,6 +113,30 @@ if n < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) return 0 end
 return n
 """
 
+# KEYS: held  ARGV: ttl ms, keep ms, task ids...  (held until now + ttl)
+_HOLD = (
+    _NOW
+    + """
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
+"""
+)
+
+# KEYS: held  ARGV: task ids...  -> the ids held now
+_HELD = (
+    _NOW
+    + """
+local out = {}
+for i = 1, #ARGV do
+  local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if until_ms and tonumber(until_ms) >= now then out[#out + 1] = ARGV[i] end
+end
+return out
+"""
+)
+
 # KEYS: workers, expiry, inflight  ARGV: limit -> infos of the workers removed as offline
 _SWEEP = (
     _NOW
@@ -145,6 +173,10 @@ class WorkerInfo:
     config_version: str = ""
     restart_needed: tuple[str, ...] = ()  # config keys changed since start that wait for a restart
     app_version: str = ""  # app.version of the worker's config
+    # False while the worker's consumer takes nothing though work waits and slots are free
+    # (``heartbeat.Progress``); ``problem`` says why.
+    healthy: bool = True
+    problem: str = ""
     heartbeat_at: float = 0.0  # from the expiry score: Redis time of the last heartbeat
     ttl: float = 0.0
     pid: int = 0
@@ -214,6 +246,9 @@ class WorkerRegistry:
         self._reserve = client.register_script(_RESERVE)
         self._adjust = client.register_script(_ADJUST)
         self._sweep = client.register_script(_SWEEP)
+        self.held_key = f"{prefix}.tasks.held"
+        self._hold = client.register_script(_HOLD)
+        self._held = client.register_script(_HELD)
         self._nowait: Any = None
 
     @property
@@ -261,6 +296,26 @@ class WorkerRegistry:
             self._nowait.send("HINCRBY", self.keys[2], worker_id, delta)
         else:
             self._nowait.send("EVAL", _ADJUST, 1, self.keys[2], worker_id, delta)
+
+    # --- holds: tasks a live process keeps while storage is away ------------------------------
+
+    def holds(self, ttl: float) -> TaskHolds:
+        """Holds of ``ttl`` seconds (a spool's ``Holds``)."""
+        return TaskHolds(self, ttl)
+
+    def hold(self, task_ids: Sequence[str], ttl: float) -> None:
+        if task_ids:
+            self._hold(keys=[self.held_key], args=[int(ttl * 1000), KEEP_KEYS_MS, *task_ids])
+
+    def release(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            self.client.zrem(self.held_key, *task_ids)
+
+    def held(self, task_ids: Sequence[str]) -> set[str]:
+        """Which of ``task_ids`` a live process holds now (recovery leaves them be)."""
+        if not task_ids:
+            return set()
+        return {_s(t) for t in self._held(keys=[self.held_key], args=list(task_ids))}
 
     # --- the producer side ----------------------------------------------------------------
 
@@ -332,6 +387,20 @@ class WorkerRegistry:
             pipe = self.client.pipeline()
             pipe.hdel(self.keys[0], *ids).zrem(self.keys[1], *ids).hdel(self.keys[2], *ids)
             pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHolds:
+    """``WorkerRegistry.hold``/``release`` with a fixed ttl: what a spool and a lease keeper use."""
+
+    registry: WorkerRegistry
+    ttl: float
+
+    def hold(self, task_ids: Sequence[str]) -> None:
+        self.registry.hold(task_ids, self.ttl)
+
+    def release(self, task_ids: Sequence[str]) -> None:
+        self.registry.release(task_ids)
 
 
 def _s(value: Any) -> str:

@@ -228,7 +228,13 @@ class Ui:
         for w in found:
             age = max(0.0, now - w.heartbeat_at) if w.heartbeat_at else None
             health = (
-                "offline" if not w.online else "late" if age is not None and w.ttl and age > w.ttl / 2 else "healthy"
+                "offline"
+                if not w.online
+                else "stalled"
+                if not w.healthy
+                else "late"
+                if age is not None and w.ttl and age > w.ttl / 2
+                else "healthy"
             )
             rows.append(
                 {

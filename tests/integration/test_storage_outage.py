@@ -94,7 +94,7 @@ def test_postgresql_outage_while_tasks_run_loses_nothing(make_cluster: Any) -> N
         done = m.get(t.task_id)
         assert done.status is TaskStatus.SUCCEEDED, done
         assert done.result == 12
-        # Spooled lines may land just after the outcome: wait for them, then compare exactly.
+        # The outcome is written after the spooled lines (one spool, in order); wait all the same.
         _wait(lambda t=t: len(drip_lines(t.task_id)) >= 12, 30, f"log lines of {t.task_id}")
         # Every line written, once, in order (a task re-run after a lost claim would repeat them).
         assert drip_lines(t.task_id) == want
