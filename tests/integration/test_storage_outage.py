@@ -3,9 +3,6 @@ a store that goes away while tasks run loses no outcome and no log line (real Po
 
 from __future__ import annotations
 
-import glob
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ from typing import Any
 import pytest
 
 from celery_ext.model import TaskStatus
-from tests.support.services import port_open, unique
+from tests.support.services import unique
 from tests.support.workers import WorkerProcess, write_config
 
 DRIP = [{"type": "python", "config": {"modules": ["tests.support.storage_tasks"]}}]
@@ -43,16 +40,6 @@ def test_worker_refuses_to_start_on_unreachable_storage(
     assert not worker.alive()
 
 
-def _pg_ctl(action: str) -> None:
-    version = os.listdir("/etc/postgresql")[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -63,23 +50,22 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_postgresql_outage_while_tasks_run_loses_nothing(make_cluster: Any) -> None:
-    if not glob.glob("/etc/postgresql/*/main") or not port_open("127.0.0.1", 5432):
-        pytest.skip("needs a local PostgreSQL cluster that this test may stop and start")
-    c = make_cluster("postgresql", executors=DRIP)
+def test_postgresql_outage_while_tasks_run_loses_nothing(make_cluster: Any, private_postgres: Any) -> None:
+    c = make_cluster(
+        {"type": "postgresql", "config": {"url": private_postgres.url, "connect_timeout": 2}}, executors=DRIP
+    )
+    c.runtime.storage.migrate()
     worker = c.worker(concurrency=2)
     m = c.manager
     tasks = [m.submit("drip", {"lines": 12, "interval": 0.5}) for _ in range(6)]
     _wait(lambda: sum(m.get(t.task_id).status is TaskStatus.RUNNING for t in tasks) >= 2, 60, "tasks running")
     c.runtime.storage.close()  # the test's own connections must not be what keeps working
     try:
-        _pg_ctl("stop")
-        # The outage: long enough to span claims, log flushes and outcome writes (<= 10 s: the
-        # server is shared with other tests).
-        time.sleep(8)
+        private_postgres.stop()  # this test's own server, never the shared one
+        # The outage: long enough to span claims, log flushes and outcome writes.
+        time.sleep(10)
     finally:
-        _pg_ctl("start")
-    _wait(lambda: port_open("127.0.0.1", 5432), 30, "PostgreSQL back")
+        private_postgres.start()
 
     def all_done() -> bool:
         return all(m.get(t.task_id).status.terminal for t in tasks)
