@@ -30,6 +30,9 @@ def test_scheduler_leader_sigkill(chaos: Callable[..., Chaos], settings: str) ->
     assert c.fault_at is not None
     c.extra["failover_s"] = round(time.time() - c.fault_at, 2)
     assert c.settle(120), c.figures().line()
+    records = [c.cluster.manager.get(tid) for tid in c.accepted]
+    lags = [(t.started_at - t.run_at).total_seconds() for t in records if t.started_at and t.run_at]
+    c.extra["max_start_lag_s"] = round(max(lags), 2)  # how late the latest delayed task started
     f = c.record()
     c.check(f)
     assert len(leading(rest)) == 1
