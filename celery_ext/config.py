@@ -129,7 +129,7 @@ class WorkerConfig(Model):
     pool: str = Field("prefork", pattern=r"^(prefork|threads|solo)$")
     heartbeat_interval: PositiveDuration = 1.0
     offline_after: PositiveDuration | None = None
-    task_lease: PositiveDuration = 15.0
+    task_lease: PositiveDuration = 12.0
     default_max_retries: int = Field(3, ge=0)
     default_timeout: PositiveDuration | None = None
     hard_timeout_grace: Duration = 5.0
