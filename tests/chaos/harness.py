@@ -302,3 +302,35 @@ class Chaos:
         assert f.completed_twice <= f.doubled, detail
         if all_succeed:
             assert f.succeeded == f.accepted, detail
+
+
+def table(path: Path) -> str:
+    """The Markdown table of docs/reliability.md from a results file (the last line of each
+    scenario and settings)."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for text in path.read_text().splitlines():
+        row = json.loads(text)
+        latest[(row["scenario"], row["settings"])] = row
+
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    out = [
+        "| scenario | settings | accepted | succeeded | lost | stuck | in flight | doubled | completed twice "
+        "| re-dispatch s | recovered s | settled s | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (scenario, settings), r in latest.items():
+        other = ", ".join(f"{k} {v}" for k, v in r["extra"].items())
+        out.append(
+            f"| {scenario} | {settings} | {r['accepted']} | {r['succeeded']} | {r['lost']} | {r['stuck']} "
+            f"| {r['in_flight']} | {r['doubled']} | {r['completed_twice']} | {s(r['redispatch_s'])} "
+            f"| {s(r['recovered_s'])} | {s(r['settled_s'])} | {other} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m tests.chaos.harness [results file]: the table for the docs
+    import sys
+
+    print(table(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)))
