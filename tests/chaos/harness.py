@@ -145,7 +145,8 @@ class Chaos:
     def close(self) -> None:
         self._watching.clear()
         for s in self.schedulers:
-            s._reap()
+            if s.proc is not None and s.proc.poll() is None:
+                s.stop()
         self.cluster.close()
 
     # --- work -----------------------------------------------------------------------------
@@ -299,7 +300,6 @@ class Chaos:
         assert f.lost == 0, detail
         assert f.stuck == 0, detail
         assert f.doubled <= doubled_at_most, detail
-        assert f.completed_twice <= f.doubled, detail
         if all_succeed:
             assert f.succeeded == f.accepted, detail
 
