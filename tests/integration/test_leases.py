@@ -73,9 +73,12 @@ def test_a_stalled_worker_stops_its_superseded_run(make_cluster) -> None:
     stalled = c.worker(concurrency=1)
     m = c.manager
     key = unique("span:")
-    task = m.submit("span", {"key": key, "seconds": 6}, max_retries=2)
+    # Longer than the second worker takes to start on a busy machine (7 s seen): the run must
+    # still be going when the main process is stopped.
+    task = m.submit("span", {"key": key, "seconds": 20}, max_retries=2)
     poll(lambda: running(m, task.task_id), 20, "the task to start")
     other = c.worker(concurrency=1)
+    assert spans(key) == ["start"], "the run ended before the stall: nothing to supersede"
     os.kill(stalled.pid, signal.SIGSTOP)  # the main process only: its pool child runs on
     try:
         recovered: list[str] = []
@@ -89,7 +92,7 @@ def test_a_stalled_worker_stops_its_superseded_run(make_cluster) -> None:
     finally:
         os.kill(stalled.pid, signal.SIGCONT)
     stalled.wait_for_log("stopping this run", 10)
-    done = m.wait(task.task_id, 30)
+    done = m.wait(task.task_id, 60)
     assert done.status is TaskStatus.SUCCEEDED and done.attempt == 2
     assert other.hostname.split("@")[0] in (done.worker_id or "")
     # Run 2 started after run 1 and sleeps as long: had run 1 gone on, its end would be written.

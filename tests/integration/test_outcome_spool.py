@@ -36,7 +36,7 @@ def test_outcomes_finished_during_a_postgresql_outage_are_applied_once_it_return
     make_cluster: Any, private_postgres: Any
 ) -> None:
     c = make_cluster(
-        storage={"type": "postgresql", "config": {"url": private_postgres.url, "connect_timeout": 2}},
+        storage={"type": "postgresql", "config": {"url": private_postgres.url(), "connect_timeout": 2}},
         executors=MARK,
         # A short lease, so that the outage outlasts it many times over; a scheduler that
         # recovers every second.

@@ -61,8 +61,13 @@ def assert_full_capacity(c: Cluster, w: Any, capacity: int = 2) -> None:
     assert w.alive()
 
 
+def broker(c: Cluster) -> redis.Redis:
+    """The cluster's broker (the shared Redis here; a private one in tests/chaos)."""
+    return redis.Redis.from_url(c.data["broker"]["url"])
+
+
 def dead_letters(c: Cluster) -> list[dict[str, Any]]:
-    entries = redis.Redis().lrange(dead_letter_list(c.data["app"]["name"]), 0, -1)
+    entries = broker(c).lrange(dead_letter_list(c.data["app"]["name"]), 0, -1)
     return [json.loads(e) for e in reversed(entries)]  # oldest first
 
 
@@ -132,7 +137,7 @@ def publish_raw(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    redis.Redis().lpush(queue, json.dumps(envelope))
+    broker(c).lpush(queue, json.dumps(envelope))
 
 
 @pytest.fixture

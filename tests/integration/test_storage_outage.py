@@ -52,7 +52,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
 @pytest.mark.timeout(240)
 def test_postgresql_outage_while_tasks_run_loses_nothing(make_cluster: Any, private_postgres: Any) -> None:
     c = make_cluster(
-        {"type": "postgresql", "config": {"url": private_postgres.url, "connect_timeout": 2}}, executors=DRIP
+        {"type": "postgresql", "config": {"url": private_postgres.url(), "connect_timeout": 2}}, executors=DRIP
     )
     c.runtime.storage.migrate()
     worker = c.worker(concurrency=2)

@@ -1,0 +1,62 @@
+"""Server faults: a private Redis restarted (without persistence, and with an append-only file),
+a private PostgreSQL stopped for 10 s and for 60 s while tasks run."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.chaos.harness import Chaos
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.mark.parametrize("aof", [False, True], ids=["no-persistence", "aof"])
+def test_redis_restart(chaos: Callable[..., Chaos], aof: bool) -> None:
+    """Redis killed while tasks run and wait, started again 2 s later.  Without persistence the
+    queued messages are gone: the scheduler publishes their records again (the broker's epoch
+    marker is gone too).  With AOF (``appendfsync always``) they are still there."""
+    c = chaos("Redis restart, " + ("AOF" if aof else "no persistence"), aof=aof)
+    c.worker()
+    c.worker()
+    scheduler = c.scheduler()
+    c.submit(30, 1.0)
+    c.wait_running(None, 3)
+    c.fault(c.redis.kill)
+    time.sleep(2)
+    c.redis.start()
+    assert c.settle(180), c.figures().line()
+    c.extra["republished"] = sum(int(n) for n in re.findall(r"published again (\d+) task", scheduler.log()))
+    f = c.record()
+    c.check(f, doubled_at_most=f.in_flight)
+    assert all(w.alive() for w in c.cluster.workers)
+    if not aof:
+        assert c.extra["republished"] > 0, "the restart lost no queued message: nothing was tested"
+
+
+@pytest.mark.parametrize("outage", [10, 60])
+def test_postgresql_stopped(chaos: Callable[..., Chaos], outage: int) -> None:
+    """PostgreSQL stopped while tasks run: claims, lease renewals and outcome writes wait for it,
+    and a run that reached its end is not run again: an outcome that cannot be written waits in
+    the worker's spool, its task held in the registry so that recovery leaves it be, and is
+    applied when storage returns (storage/spool.py)."""
+    c = chaos(f"PostgreSQL stopped {outage} s")
+    c.worker()
+    c.worker()
+    c.scheduler()
+    c.submit(16, 2.0)
+    c.wait_running(None, 3)
+    c.cluster.runtime.storage.close()  # this process's connections are not what keeps working
+    c.fault(c.pg.stop)
+    try:
+        time.sleep(outage)
+    finally:
+        c.pg.start()
+    assert c.settle(180), c.figures().line()
+    f = c.record()
+    c.check(f, doubled_at_most=f.in_flight)
+    assert f.completed_twice == 0, f"a run that reached its end ran again: {f.line()}"
+    assert all(w.alive() for w in c.cluster.workers)
