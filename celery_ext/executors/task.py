@@ -130,7 +130,10 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             # Storage is away before the task could be claimed: put the message back for later.
             logger.warning("task %s postponed: %s", delivery.task_id, exc)
             headers: Any = delivery.header.to_header() if delivery.header else None
-            raise self.retry(countdown=rt.config.worker.retry_backoff_max / 10 or 5, exc=exc, headers=headers) from exc
+            # At least a second: while storage is away, a shorter wait only spins (receive, fail
+            # the claim, publish again) several times a second per waiting task.
+            wait = max(1.0, rt.config.worker.retry_backoff_max / 10)
+            raise self.retry(countdown=wait, exc=exc, headers=headers) from exc
         return self._celery_outcome(rt, delivery, outcome)
 
     def _forward(self, rt: Runtime, request: Any, args: Any, kwargs: Any) -> None:
