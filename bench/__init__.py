@@ -15,3 +15,16 @@ def wait_until(predicate: Callable[[], object], timeout: float = 600.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark tasks did not finish in time")
         time.sleep(0.01)
+
+
+def wait_healthy(base: str, timeout: float = 60.0) -> None:
+    """Wait until the ``celery-ext api`` at ``base`` answers ``/healthz``."""
+    import httpx
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout)

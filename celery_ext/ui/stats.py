@@ -1,13 +1,21 @@
 """Counts of tasks per status and per type over time, and the inline SVG chart drawn from them.
 
 With SQL storage the counts are one ``GROUP BY`` over a ``CASE`` that numbers the time buckets
-(portable to SQLite, PostgreSQL and MySQL; it reads the ``created_at`` index range).  Other stores
-are counted from ``TaskRepository.list`` pages, up to ``SCAN_CAP`` records (the chart says when it
-stopped there).
+(portable to SQLite, PostgreSQL and MySQL; it reads only the index on (created_at, status,
+task_type), schema version 6).  Other stores are counted from ``TaskRepository.list`` pages, up
+to ``SCAN_CAP`` records (the chart says when it stopped there).
+
+A count still reads one index entry per record in the window: a million records created in a day
+take a second or more of PostgreSQL.  ``Recent`` keeps the last counts of each window and recounts
+them in the background once they are ``max_age`` old, so no page waits for a count but the very
+first, and any number of viewers cost one count per window every ``max_age`` seconds.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +27,9 @@ from celery_ext.storage.base import Storage
 WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 BUCKETS = 24
 SCAN_CAP = 20_000
+MAX_AGE = 10.0  # seconds; the stats page polls every 10 s, the task list's chart every 30 s
+
+logger = logging.getLogger("celery_ext.ui")
 
 # One colour per status (the same in the list's badges, ui.css).
 STATUS_COLOURS = {
@@ -47,6 +58,11 @@ class Counts:
     def edges(self) -> list[datetime]:
         return [self.start + self.step * i for i in range(BUCKETS + 1)]
 
+    @property
+    def end(self) -> datetime:
+        """When the records were counted (the chart's right edge)."""
+        return self.start + self.step * BUCKETS
+
 
 def count(storage: Storage, window: timedelta, now: datetime | None = None) -> Counts:
     now = now or utcnow()
@@ -59,6 +75,50 @@ def count(storage: Storage, window: timedelta, now: datetime | None = None) -> C
     else:
         _count_scan(storage, counts, now)
     return counts
+
+
+class Recent:
+    """The last counts of each window, shared by every request; recounted in a background thread
+    (one per window at a time) once they are ``max_age`` seconds old, while requests keep getting
+    the previous counts.  Only a window never counted yet is counted in the request (and a failure
+    there is raised to it); a failed recount is logged and tried again by the next request."""
+
+    def __init__(self, storage: Storage, max_age: float = MAX_AGE) -> None:
+        self.storage = storage
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._counts: dict[timedelta, tuple[float, Counts]] = {}
+        self._recounting: set[timedelta] = set()
+
+    def get(self, window: timedelta) -> Counts:
+        with self._lock:
+            cached = self._counts.get(window)
+            stale = cached is not None and time.monotonic() - cached[0] >= self.max_age
+            start = stale and window not in self._recounting
+            if start:
+                self._recounting.add(window)
+        if cached is None:
+            return self._recount(window)
+        if start:
+            threading.Thread(target=self._background, args=(window,), name="chart-recount", daemon=True).start()
+        return cached[1]
+
+    def _recount(self, window: timedelta) -> Counts:
+        at = time.monotonic()
+        counts = count(self.storage, window)
+        with self._lock:
+            if window not in self._counts or self._counts[window][0] < at:
+                self._counts[window] = (at, counts)
+        return counts
+
+    def _background(self, window: timedelta) -> None:
+        try:
+            self._recount(window)
+        except Exception as exc:  # noqa: BLE001 - the previous counts stay; the next request retries
+            logger.warning("recounting tasks for the chart failed: %s", exc)
+        finally:
+            with self._lock:
+                self._recounting.discard(window)
 
 
 def _count_sql(storage: Any, counts: Counts) -> None:
