@@ -6,9 +6,10 @@ task_type), schema version 6).  Other stores are counted from ``TaskRepository.l
 to ``SCAN_CAP`` records (the chart says when it stopped there).
 
 A count still reads one index entry per record in the window: a million records created in a day
-take a second or more of PostgreSQL.  ``Recent`` keeps the last counts of each window and recounts
-them in the background once they are ``max_age`` old, so no page waits for a count but the very
-first, and any number of viewers cost one count per window every ``max_age`` seconds.
+take a second or more of PostgreSQL.  ``Recent`` keeps the last counts of each window; an
+expensive one is recounted in the background once it is ``MAX_AGE`` old, so no page waits for it
+but the very first, and any number of viewers cost one count per window every ``MAX_AGE``
+seconds.  A cheap count (a small store) is made for every request, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from celery_ext.storage.base import Storage
 WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 BUCKETS = 24
 SCAN_CAP = 20_000
-MAX_AGE = 10.0  # seconds; the stats page polls every 10 s, the task list's chart every 30 s
+MAX_AGE = 10.0  # seconds an expensive count is served; the stats page polls every 10 s
+CHEAP = 0.05  # seconds: a count that took less is made for every request
 
 logger = logging.getLogger("celery_ext.ui")
 
@@ -78,37 +80,46 @@ def count(storage: Storage, window: timedelta, now: datetime | None = None) -> C
 
 
 class Recent:
-    """The last counts of each window, shared by every request; recounted in a background thread
-    (one per window at a time) once they are ``max_age`` seconds old, while requests keep getting
-    the previous counts.  Only a window never counted yet is counted in the request (and a failure
-    there is raised to it); a failed recount is logged and tried again by the next request."""
+    """The last counts of each window, shared by every request.
 
-    def __init__(self, storage: Storage, max_age: float = MAX_AGE) -> None:
+    A count that took less than ``cheap`` seconds is simply made again for every request (a small
+    store: always live).  An expensive one is served for ``max_age`` seconds; after that, requests
+    get the previous counts at once, told that they are stale, while one background thread per
+    window recounts (the chart asks again shortly).  Only a window never counted yet is counted in
+    the request (and a failure there is raised to it); a failed recount is logged and tried again
+    by the next request."""
+
+    def __init__(self, storage: Storage, max_age: float = MAX_AGE, cheap: float = CHEAP) -> None:
         self.storage = storage
         self.max_age = max_age
+        self.cheap = cheap
         self._lock = threading.Lock()
-        self._counts: dict[timedelta, tuple[float, Counts]] = {}
+        self._counts: dict[timedelta, tuple[float, float, Counts]] = {}  # (counted at, took, counts)
         self._recounting: set[timedelta] = set()
 
-    def get(self, window: timedelta) -> Counts:
+    def get(self, window: timedelta) -> tuple[Counts, bool]:
+        """The counts, and whether they are stale (a recount is running)."""
         with self._lock:
             cached = self._counts.get(window)
-            stale = cached is not None and time.monotonic() - cached[0] >= self.max_age
-            start = stale and window not in self._recounting
+            if cached is None or cached[1] < self.cheap:
+                cached = None
+            elif time.monotonic() - cached[0] < self.max_age:
+                return cached[2], False
+            start = cached is not None and window not in self._recounting
             if start:
                 self._recounting.add(window)
         if cached is None:
-            return self._recount(window)
+            return self._recount(window), False
         if start:
             threading.Thread(target=self._background, args=(window,), name="chart-recount", daemon=True).start()
-        return cached[1]
+        return cached[2], True
 
     def _recount(self, window: timedelta) -> Counts:
         at = time.monotonic()
         counts = count(self.storage, window)
         with self._lock:
             if window not in self._counts or self._counts[window][0] < at:
-                self._counts[window] = (at, counts)
+                self._counts[window] = (at, time.monotonic() - at, counts)
         return counts
 
     def _background(self, window: timedelta) -> None:

@@ -247,7 +247,7 @@ class Ui:
         window = window if window in stats.WINDOWS else "24h"
         by = by if by in ("status", "type") else "status"
         try:
-            counts = self.counts.get(stats.WINDOWS[window])
+            counts, recounting = self.counts.get(stats.WINDOWS[window])
         except Exception as exc:  # noqa: BLE001 - a chart must not break the page
             logger.warning("counting tasks for the chart failed: %s", exc)
             return {"window": window, "by": by, "chart": None, "problem": str(exc), "truncated": False}
@@ -258,6 +258,7 @@ class Ui:
             "problem": "",
             "truncated": counts.truncated,
             "counted_at": counts.end,
+            "recounting": recounting,
             "windows": list(stats.WINDOWS),
         }
 

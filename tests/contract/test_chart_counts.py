@@ -51,13 +51,18 @@ def test_counts_per_bucket_status_and_type(storage: Storage) -> None:
 
 def test_recent_counts_are_shared_and_recounted_in_the_background(storage: Storage) -> None:
     storage.tasks.create(Task(task_id="first", task_type="echo", payload={}, created_at=utcnow()))
-    recent = stats.Recent(storage, max_age=5.0)
-    first = recent.get(DAY)  # never counted: counted now
-    assert sum(first.cells.values()) == 1
+    live = stats.Recent(storage, cheap=60.0)  # every count cheap: made for every request
+    assert sum(live.get(DAY)[0].cells.values()) == 1
+    recent = stats.Recent(storage, max_age=5.0, cheap=0.0)  # every count treated as expensive
+    first, stale = recent.get(DAY)  # never counted: counted now
+    assert sum(first.cells.values()) == 1 and not stale
     storage.tasks.create(Task(task_id="second", task_type="echo", payload={}, created_at=utcnow()))
-    assert recent.get(DAY) is first  # younger than max_age: the same counts, not a count per request
-    # Once stale, a request still gets the previous counts at once, and a recount starts behind it.
-    poll(lambda: sum(recent.get(DAY).cells.values()) == 2, 30, "the background recount")
-    newer = recent.get(DAY)
-    assert newer.end > first.end
-    assert sum(recent.get(timedelta(hours=1)).cells.values()) == 2  # each window counted on its own
+    assert sum(live.get(DAY)[0].cells.values()) == 2
+    again, stale = recent.get(DAY)
+    assert again is first and not stale  # younger than max_age: the same counts, not a count per request
+    # Once stale, a request still gets the previous counts at once, told that a recount runs behind it.
+    poll(lambda: recent.get(DAY)[1], 30, "the counts to be stale")
+    poll(lambda: sum(recent.get(DAY)[0].cells.values()) == 2, 30, "the background recount")
+    newer, stale = recent.get(DAY)
+    assert newer.end > first.end and not stale
+    assert sum(recent.get(timedelta(hours=1))[0].cells.values()) == 2  # each window counted on its own

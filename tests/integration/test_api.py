@@ -21,7 +21,7 @@ TOKEN = "s3cret-token"
 
 
 class ApiProcess:
-    def __init__(self, cluster: Cluster, *args: str) -> None:
+    def __init__(self, cluster: Cluster, *args: str, startup: float = 30) -> None:
         self.port = free_port()
         self.log_path = cluster.tmp_path / "api.log"
         with self.log_path.open("wb") as log:
@@ -33,7 +33,10 @@ class ApiProcess:
                 stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{self.port}"
-        poll(self.ready, 30, f"the api on port {self.port}")
+        try:
+            poll(self.ready, startup, f"the api on port {self.port}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log_path.read_text()}") from None
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, self.log_path.read_text()
@@ -138,19 +141,21 @@ def test_the_token_is_required_and_health_is_public(api: tuple[Cluster, httpx.Cl
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_api_with_two_server_processes(make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--workers 2``: two spawned server processes, each with its own runtime built after it
     started, serve the same port; SIGTERM stops both, and each closes its runtime."""
     monkeypatch.setenv("API_TOKEN", TOKEN)
     c = make_cluster(executors=TEST_TASKS, api={"token": "${API_TOKEN}"})
     c.worker()
-    server = ApiProcess(c, "--workers", "2")
+    server = ApiProcess(c, "--workers", "2", startup=240)  # two interpreters import everything
     try:
 
         def servers() -> list[int]:
             return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.log_path.read_text())]
 
-        poll(lambda: len(servers()) == 2, 60, "two server processes")
+        poll(lambda: len(servers()) == 2, 120, "two server processes")
         assert server.proc.pid not in servers()
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
             ids = []
