@@ -4,9 +4,10 @@ Makes a fresh PostgreSQL database, fills it with ``--records`` task records (one
 from generate_series: statuses, types and workers spread out, 10 years of created_at), starts a
 real ``celery-ext api`` process (a token set) with each of ``--workers`` server processes
 (``celery-ext api --workers N``) and runs ``--clients`` concurrent clients for ``--seconds``,
-``--rounds`` times, each client looping over a mix of list queries: the first page, a status
-filter, a type filter, status + type, a worker filter, and the next page by cursor. Prints p50,
-p95 and p99 per query and overall, and requests per second, per round. Clients and server share
+``--rounds`` times after 5 s of warm-up with every client, each client looping over a mix of
+list queries: the first page, a status filter, a type filter, status + type, a worker filter, and
+the next page by cursor. Prints p50, p95 and p99 per query and overall, and requests per second
+(sent in the window), per round. Clients and server share
 the machine (the clients' event loop is one more busy process).
 
     .venv/bin/python bench/bench_api.py [--records 1000000] [--clients 50] [--seconds 20] [--workers 1,2] [--rounds 2]
@@ -66,22 +67,27 @@ def fill(url: str, records: int) -> None:
     engine.dispose()
 
 
-async def client(base: str, stop: float, samples: dict[str, list[float]]) -> None:
+async def client(base: str, start: float, stop: float, samples: dict[str, list[float]]) -> None:
+    """Loop over the queries until ``stop``; only requests sent from ``start`` on are recorded
+    (before it, all the clients connect and warm up together: steady state, not the stampede)."""
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
         cursor = None
+
+        async def get(name: str, params: dict[str, str]) -> httpx.Response:
+            t0 = time.monotonic()
+            r = await c.get("/tasks", params=params)
+            if t0 >= start:
+                samples[name].append(time.monotonic() - t0)
+            r.raise_for_status()
+            return r
+
         while time.monotonic() < stop:
             for name, params in QUERIES.items():
-                t0 = time.perf_counter()
-                r = await c.get("/tasks", params=params)
-                samples[name].append(time.perf_counter() - t0)
-                r.raise_for_status()
+                r = await get(name, params)
                 if name == "first page":
                     cursor = r.json()["next_cursor"]
             if cursor:
-                t0 = time.perf_counter()
-                r = await c.get("/tasks", params={"limit": "50", "cursor": cursor})
-                samples["next page (cursor)"].append(time.perf_counter() - t0)
-                r.raise_for_status()
+                await get("next page (cursor)", {"limit": "50", "cursor": cursor})
 
 
 def pct(values: list[float], q: float) -> float:
@@ -94,13 +100,12 @@ def measure(clients: int, seconds: float) -> None:
     samples: dict[str, list[float]] = {k: [] for k in [*QUERIES, "next page (cursor)"]}
 
     async def run() -> None:
-        await client(base, time.monotonic() + 2, {k: [] for k in samples})  # warm-up
-        stop = time.monotonic() + seconds
-        await asyncio.gather(*(client(base, stop, samples) for _ in range(clients)))
+        await asyncio.gather(*(client(base, start, stop, samples) for _ in range(clients)))
 
-    t0 = time.monotonic()
+    start = time.monotonic() + 5  # 5 s of warm-up with every client
+    stop = start + seconds
     asyncio.run(run())
-    elapsed = time.monotonic() - t0 - 2
+    elapsed = seconds
     everything = [v for values in samples.values() for v in values]
     print(f"{clients} clients, {len(everything)} requests in {elapsed:.1f}s = {len(everything) / elapsed:.0f} req/s")
     print(f"{'query':<22} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,7 +146,8 @@ def test_the_token_is_required_and_health_is_public(api: tuple[Cluster, httpx.Cl
 @pytest.mark.timeout(600)
 def test_api_with_two_server_processes(make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--workers 2``: two spawned server processes, each with its own runtime built after it
-    started, serve the same port; SIGTERM stops both, and each closes its runtime."""
+    started, serve the same port; one SIGKILLed is replaced; SIGTERM stops them, and each closes
+    its runtime."""
     monkeypatch.setenv("API_TOKEN", TOKEN)
     c = make_cluster(executors=TEST_TASKS, api={"token": "${API_TOKEN}"})
     c.worker()
@@ -173,7 +175,13 @@ def test_api_with_two_server_processes(make_cluster: Any, monkeypatch: pytest.Mo
             assert set(ids) <= listed
             assert client.get("/ui/tasks", follow_redirects=False).status_code in (200, 303)
             assert httpx.get(f"{server.url}/tasks").status_code == 401
-        pids = servers()
+        # A server process killed outright is replaced by a new one, which builds its own runtime.
+        os.kill(servers()[0], signal.SIGKILL)
+        poll(lambda: len(servers()) == 3, 120, "a replacement server process")
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            for _ in range(10):
+                assert client.get("/tasks", params={"limit": 5}).status_code == 200
+        pids = servers()[1:]
         for pid in pids:
             os.kill(pid, 0)  # alive
     finally:
