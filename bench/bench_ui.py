@@ -1,7 +1,7 @@
 """Render time of the dashboard's pages (``/ui``) over many records in PostgreSQL.
 
 Makes a fresh PostgreSQL database (``bench_ui_<random>`` on the shared server, dropped at the end),
-fills it with ``--records`` task records (one INSERT ... SELECT from generate_series; six statuses,
+fills it with ``--records`` task records (one INSERT ... SELECT from generate_series; four statuses,
 six types and twelve workers spread out; created over ``--spread-hours`` up to now: with the
 default 120 h, the 24 h chart counts a fifth of them and the 7 d chart all; ``--spread-hours 20``
 is the 24 h chart's worst case), gives one task in ``--logged-every`` 10 log lines, and one failed
