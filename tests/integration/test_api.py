@@ -37,6 +37,7 @@ class ApiProcess:
         try:
             poll(self.ready, startup, f"the api on port {self.port}")
         except AssertionError as exc:
+            self.stop()  # else a server that starts late outlives the test
             raise AssertionError(f"{exc}; its log:\n{self.log_path.read_text()}") from None
 
     def ready(self) -> bool:
