@@ -30,3 +30,16 @@ def tree_pss_mb(pid: int) -> float:
         except psutil.Error:
             continue
     return total / 2**20
+
+
+def wait_healthy(base: str, timeout: float = 60.0) -> None:
+    """Wait until the ``celery-ext api`` at ``base`` answers ``/healthz``."""
+    import httpx
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout)

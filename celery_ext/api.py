@@ -496,6 +496,14 @@ def create_api(rt: Runtime) -> FastAPI:
     return app
 
 
+def from_environment() -> FastAPI:
+    """The API over a runtime of its own, from ``$CELERY_EXT_CONFIG`` (else ``./config.yaml``):
+    the app factory each process of ``celery-ext api --workers N`` calls, after it started."""
+    from celery_ext.factory import create_app
+
+    return create_api(create_app().celery_ext)  # type: ignore[attr-defined]
+
+
 TaskId = Annotated[str, Path(min_length=1, max_length=255, pattern=KEY, description="the task's id")]
 
 

@@ -82,6 +82,10 @@ def _v5_schedules(conn: Connection) -> None:
     _create_indexes(conn, schedules, ["ix_schedules_due"])  # a table made by a step that stopped half-way
 
 
+def _v6_chart_index(conn: Connection) -> None:
+    _create_indexes(conn, tasks, ["ix_tasks_created_status_type"])
+
+
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
     Step(
@@ -92,6 +96,11 @@ STEPS: list[Step] = [
     ),
     Step(4, "leader fencing tokens: celery_ext_fences(name, fence)", _v4_fences),
     Step(5, "periodic schedules: celery_ext_schedules, index (paused, next_fire_at)", _v5_schedules),
+    Step(
+        6,
+        "index tasks(created_at, status, task_type): the dashboard's counts over time read the index only",
+        _v6_chart_index,
+    ),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

@@ -1,13 +1,22 @@
 """Counts of tasks per status and per type over time, and the inline SVG chart drawn from them.
 
 With SQL storage the counts are one ``GROUP BY`` over a ``CASE`` that numbers the time buckets
-(portable to SQLite, PostgreSQL and MySQL; it reads the ``created_at`` index range).  Other stores
-are counted from ``TaskRepository.list`` pages, up to ``SCAN_CAP`` records (the chart says when it
-stopped there).
+(portable to SQLite, PostgreSQL and MySQL; it reads only the index on (created_at, status,
+task_type), schema version 6).  Other stores are counted from ``TaskRepository.list`` pages, up
+to ``SCAN_CAP`` records (the chart says when it stopped there).
+
+A count still reads one index entry per record in the window: a million records created in a day
+take a second or more of PostgreSQL.  ``Recent`` keeps the last counts of each window; an
+expensive one is recounted in the background once it is ``MAX_AGE`` old, so no page waits for it
+but the very first, and any number of viewers cost one count per window every ``MAX_AGE``
+seconds.  A cheap count (a small store) is made for every request, as before.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +28,10 @@ from celery_ext.storage.base import Storage
 WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 BUCKETS = 24
 SCAN_CAP = 20_000
+MAX_AGE = 10.0  # seconds an expensive count is served; the stats page polls every 10 s
+CHEAP = 0.05  # seconds: a count that took less is made for every request
+
+logger = logging.getLogger("celery_ext.ui")
 
 # One colour per status (the same in the list's badges, ui.css).
 STATUS_COLOURS = {
@@ -47,6 +60,11 @@ class Counts:
     def edges(self) -> list[datetime]:
         return [self.start + self.step * i for i in range(BUCKETS + 1)]
 
+    @property
+    def end(self) -> datetime:
+        """When the records were counted (the chart's right edge)."""
+        return self.start + self.step * BUCKETS
+
 
 def count(storage: Storage, window: timedelta, now: datetime | None = None) -> Counts:
     now = now or utcnow()
@@ -59,6 +77,59 @@ def count(storage: Storage, window: timedelta, now: datetime | None = None) -> C
     else:
         _count_scan(storage, counts, now)
     return counts
+
+
+class Recent:
+    """The last counts of each window, shared by every request.
+
+    A count that took less than ``cheap`` seconds is simply made again for every request (a small
+    store: always live).  An expensive one is served for ``max_age`` seconds; after that, requests
+    get the previous counts at once, told that they are stale, while one background thread per
+    window recounts (the chart asks again shortly).  Only a window never counted yet is counted in
+    the request (and a failure there is raised to it); a failed recount is logged and tried again
+    by the next request."""
+
+    def __init__(self, storage: Storage, max_age: float = MAX_AGE, cheap: float = CHEAP) -> None:
+        self.storage = storage
+        self.max_age = max_age
+        self.cheap = cheap
+        self._lock = threading.Lock()
+        self._counts: dict[timedelta, tuple[float, float, Counts]] = {}  # (counted at, took, counts)
+        self._recounting: set[timedelta] = set()
+
+    def get(self, window: timedelta) -> tuple[Counts, bool]:
+        """The counts, and whether they are stale (a recount is running)."""
+        with self._lock:
+            cached = self._counts.get(window)
+            if cached is None or cached[1] < self.cheap:
+                cached = None
+            elif time.monotonic() - cached[0] < self.max_age:
+                return cached[2], False
+            start = cached is not None and window not in self._recounting
+            if start:
+                self._recounting.add(window)
+        if cached is None:
+            return self._recount(window), False
+        if start:
+            threading.Thread(target=self._background, args=(window,), name="chart-recount", daemon=True).start()
+        return cached[2], True
+
+    def _recount(self, window: timedelta) -> Counts:
+        at = time.monotonic()
+        counts = count(self.storage, window)
+        with self._lock:
+            if window not in self._counts or self._counts[window][0] < at:
+                self._counts[window] = (at, time.monotonic() - at, counts)
+        return counts
+
+    def _background(self, window: timedelta) -> None:
+        try:
+            self._recount(window)
+        except Exception as exc:  # noqa: BLE001 - the previous counts stay; the next request retries
+            logger.warning("recounting tasks for the chart failed: %s", exc)
+        finally:
+            with self._lock:
+                self._recounting.discard(window)
 
 
 def _count_sql(storage: Any, counts: Counts) -> None:

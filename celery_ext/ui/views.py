@@ -76,6 +76,7 @@ class Ui:
         self.token = rt.config.api.token
         self.csrf_key = auth.csrf_key(self.token)
         self.env = environment()
+        self.counts = stats.Recent(rt.storage)
 
     # --- rendering ------------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class Ui:
         window = window if window in stats.WINDOWS else "24h"
         by = by if by in ("status", "type") else "status"
         try:
-            counts = stats.count(self.rt.storage, stats.WINDOWS[window])
+            counts, recounting = self.counts.get(stats.WINDOWS[window])
         except Exception as exc:  # noqa: BLE001 - a chart must not break the page
             logger.warning("counting tasks for the chart failed: %s", exc)
             return {"window": window, "by": by, "chart": None, "problem": str(exc), "truncated": False}
@@ -262,6 +263,8 @@ class Ui:
             "chart": stats.chart(counts, by),
             "problem": "",
             "truncated": counts.truncated,
+            "counted_at": counts.end,
+            "recounting": recounting,
             "windows": list(stats.WINDOWS),
         }
 

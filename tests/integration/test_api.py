@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,19 +22,23 @@ TOKEN = "s3cret-token"
 
 
 class ApiProcess:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, *args: str, startup: float = 30) -> None:
         self.port = free_port()
         self.log_path = cluster.tmp_path / "api.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery_ext.cli", "api", "--port", str(self.port)],
+                [sys.executable, "-m", "celery_ext.cli", "api", "--port", str(self.port), *args],
                 env=subprocess_env(CELERY_EXT_CONFIG=str(cluster.config_path)),
                 cwd=cluster.tmp_path,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         self.url = f"http://127.0.0.1:{self.port}"
-        poll(self.ready, 30, f"the api on port {self.port}")
+        try:
+            poll(self.ready, startup, f"the api on port {self.port}")
+        except AssertionError as exc:
+            self.stop()  # else a server that starts late outlives the test
+            raise AssertionError(f"{exc}; its log:\n{self.log_path.read_text()}") from None
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, self.log_path.read_text()
@@ -134,3 +141,69 @@ def test_the_token_is_required_and_health_is_public(api: tuple[Cluster, httpx.Cl
     assert httpx.get(f"{base}/tasks").status_code == 401
     assert httpx.get(f"{base}/tasks", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_api_with_two_server_processes(make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--workers 2``: two spawned server processes, each with its own runtime built after it
+    started, serve the same port; one SIGKILLed is replaced; SIGTERM stops them, and each closes
+    its runtime."""
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    c = make_cluster(executors=TEST_TASKS, api={"token": "${API_TOKEN}"})
+    c.worker()
+    server = ApiProcess(c, "--workers", "2", startup=240)  # two interpreters import everything
+    try:
+
+        def servers() -> list[int]:
+            return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.log_path.read_text())]
+
+        poll(lambda: len(servers()) == 2, 120, "two server processes")
+        assert server.proc.pid not in servers()
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            ids = []
+            for i in range(20):  # a new connection each: the kernel spreads them over both processes
+                r = httpx.post(
+                    f"{server.url}/tasks",
+                    json={"task_type": "echo", "payload": {"i": i}},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["task_id"])
+            for task_id in ids:
+                assert wait_done(client, task_id)["status"] == "succeeded"
+            listed = {t["task_id"] for t in client.get("/tasks", params={"limit": 1000}).json()["items"]}
+            assert set(ids) <= listed
+            assert client.get("/ui/tasks", follow_redirects=False).status_code in (200, 303)
+            assert httpx.get(f"{server.url}/tasks").status_code == 401
+        # A server process killed outright is replaced by a new one, which builds its own runtime.
+        os.kill(servers()[0], signal.SIGKILL)
+        poll(lambda: len(servers()) == 3, 120, "a replacement server process")
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+            for _ in range(10):
+                assert client.get("/tasks", params={"limit": 5}).status_code == 200
+        pids = servers()[1:]
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert len(re.findall(r"Finished server process", log)) == 2, log
+    assert "Traceback" not in log, log
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_api_refuses_zero_workers(make_cluster: Any) -> None:
+    c = make_cluster(executors=TEST_TASKS)
+    r = subprocess.run(
+        [sys.executable, "-m", "celery_ext.cli", "api", "--workers", "0"],
+        env=subprocess_env(CELERY_EXT_CONFIG=str(c.config_path)),
+        cwd=c.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "--workers: must be at least 1, got 0" in r.stderr, r.stderr

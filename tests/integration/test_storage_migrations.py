@@ -401,3 +401,27 @@ def test_workers_starting_together_migrate_once(sql_config: StorageConfig, tmp_p
         versions = sorted(conn.execute(text("SELECT version FROM celery_ext_schema")).scalars())
     assert versions == list(range(1, SCHEMA_VERSION + 1))
     storage.close()
+
+
+def test_v5_database_gets_the_chart_index(sql_config: StorageConfig, tmp_path: Path) -> None:
+    """Version 6 only adds tasks(created_at, status, task_type); a v5 database keeps its tasks."""
+    from celery_ext.storage.sql_schema import tasks as tasks_table
+
+    storage = open_storage(sql_config, tmp_path)
+    assert isinstance(storage, SqlStorage)
+    storage.migrate()
+    old = old_tasks("v5-", 5)
+    for task in old:
+        storage.tasks.create(task)
+    with storage.begin() as conn:  # back to version 5, as that version's code left the database
+        next(i for i in tasks_table.indexes if i.name == "ix_tasks_created_status_type").drop(conn)
+        conn.execute(text("DELETE FROM celery_ext_schema WHERE version = 6"))
+    assert storage.schema_version() == (5, SCHEMA_VERSION)
+    assert "ix_tasks_created_status_type" not in index_names(storage, "tasks")
+
+    assert storage.migrate() == step_names(5)
+    assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    assert "ix_tasks_created_status_type" in index_names(storage, "tasks")
+    assert [storage.tasks.get(t.task_id) for t in old] == [t.replace(updated_at=t.created_at) for t in old]
+    assert storage.migrate() == []
+    storage.close()
