@@ -91,7 +91,8 @@ def test_a_restart_only_key_is_reported_and_not_applied(make_cluster) -> None:
     w.wait_for_log("changed executors, worker.task_lease: needs a worker restart", 10)
     poll(lambda: entry(c, worker_id).restart_needed == ("executors", "worker.task_lease"), 30, "restart_needed")
     # Only the capacity was taken: the version is that of the old config with the new capacity.
-    running = parse_config({**c.data, "executors": TEST_TASKS, "worker": {**c.data["worker"], "task_lease": 15.0}})
+    kept = {k: v for k, v in c.data["worker"].items() if k != "task_lease"}  # the default lease
+    running = parse_config({**c.data, "executors": TEST_TASKS, "worker": kept})
     assert entry(c, worker_id).config_version == config_version(running)
     assert entry(c, worker_id).capacity == 2
     assert "http_request" not in entry(c, worker_id).supported_types

@@ -179,7 +179,9 @@ def test_dashboard_in_a_real_browser(
 
     # The list: filters, the chart, live rows.
     page.goto(f"{server.url}/ui/tasks")
-    page.wait_for_selector("#chart svg rect")
+    # An expensive count (a loaded machine) is shared for stats.MAX_AGE (10 s), and the chart
+    # refreshes every 10 s: the tasks above show up within about 20 s.
+    page.wait_for_selector("#chart svg rect", timeout=45_000)
     fresh = client.post("/tasks", json={"task_type": "echo", "payload": {"n": 1}}).json()
     page.wait_for_selector(f"a[href='/ui/tasks/{fresh['task_id']}']", timeout=15_000)  # appears without reload
     page.screenshot(path=str(tmp_path / "task-list.png"), full_page=True)
