@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from celery_ext.config import config_version, parse_config
+from celery_ext.config import WorkerConfig, config_version, parse_config
 from celery_ext.model import TaskStatus
 from tests.conftest import TEST_TASKS
 from tests.integration.test_config_reload import FAST, entry, registered, rewrite
@@ -98,7 +98,7 @@ def test_a_restart_only_key_is_reported_and_not_applied(make_cluster) -> None:
     assert "http_request" not in entry(c, worker_id).supported_types
 
     # Changed back, nothing waits for a restart any more.
-    rewrite(c, worker={"task_lease": 15.0}, executors=TEST_TASKS)
+    rewrite(c, worker={"task_lease": WorkerConfig.model_fields["task_lease"].default}, executors=TEST_TASKS)
     poll(lambda: entry(c, worker_id).restart_needed == (), 30, "nothing waits")
     assert entry(c, worker_id).config_version == config_version(running)
 
