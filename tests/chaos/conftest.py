@@ -11,16 +11,12 @@ import pytest
 
 from tests.chaos.harness import Chaos
 from tests.conftest import print_worker_state
-from tests.support.private import REDIS_SERVER, PrivatePostgres, PrivateRedis, postgres_bin
+from tests.support.private import REDIS_SERVER, PrivatePostgres, PrivateRedis, running_postgres
 
 
 @pytest.fixture(scope="session")
 def private_pg() -> Iterator[PrivatePostgres]:
-    if postgres_bin() is None:
-        pytest.skip("no PostgreSQL server programs (initdb) to start a private server")
-    server = PrivatePostgres().init()
-    yield server
-    server.destroy()
+    yield from running_postgres()
 
 
 @pytest.fixture

@@ -128,11 +128,17 @@ class PrivatePostgres:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A private PostgreSQL a test may stop and start (never the shared one on 5432)."""
+def running_postgres() -> Iterator[PrivatePostgres]:
+    """A started private PostgreSQL, destroyed afterwards (the body of the fixtures below and of
+    the chaos suite's session-wide one); skips without the server programs."""
     if postgres_bin() is None:
         pytest.skip("no PostgreSQL server programs (initdb) to start a private server")
     server = PrivatePostgres().init()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL a test may stop and start (never the shared one on 5432)."""
+    yield from running_postgres()
