@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS, tree_pss_mb, wait_until  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
 
@@ -125,7 +126,7 @@ def main() -> None:
         "storage": {"type": args.storage, "config": {"url": db_url} if db_url else {}},
     }
     config_path = write_config(workdir, data)
-    rt = create_app(parse_config(data, source=str(config_path))).celery_ext
+    rt = runtime_of(create_app(parse_config(data, source=str(config_path))))
     rt.storage.migrate()
     rds = redis.Redis.from_url(REDIS)
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS, wait_until  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.scrape import free_port  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
             }
             path = write_config(Path(tempfile.mkdtemp(prefix=f"bench-events-{kind}-")), data)
             cfg = parse_config(data, source=str(path))
-            rt = create_app(cfg).celery_ext
+            rt = runtime_of(create_app(cfg))
             rt.storage.migrate()
             worker = WorkerProcess(path, concurrency=2, extra_args=["-E"])
             clusters[kind] = {"db": db, "rt": rt, "worker": worker, "rates": []}

@@ -23,6 +23,8 @@ from typing import Any
 
 from celery import shared_task
 
+from celery_ext.runtime import runtime_of
+
 ROOT = Path(__file__).resolve().parents[1]
 _client: Any = None
 _redis: Any = None
@@ -123,7 +125,7 @@ def main() -> int:
     }
     config_path = write_config(tmp, data)
     app = create_app(parse_config(data, source=str(config_path)))
-    rt = app.celery_ext  # type: ignore[attr-defined]
+    rt = runtime_of(app)
     rt.storage.migrate()
     worker = WorkerProcess(config_path, concurrency=2, env={"BENCH_REDIS_URL": args.redis}).start()
     rds = redis.Redis.from_url(args.redis)

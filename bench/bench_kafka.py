@@ -28,6 +28,8 @@ from typing import Any
 
 from celery import Celery
 
+from celery_ext.runtime import runtime_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -124,7 +126,7 @@ def run_celery_ext(tmp: Path, bootstrap: str, n: int, rounds: int) -> list[float
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
-    manager = create_app(parse_config(data, source=str(path))).celery_ext.manager  # type: ignore[attr-defined]
+    manager = runtime_of(create_app(parse_config(data, source=str(path)))).manager  # type: ignore[attr-defined]
     worker = start_worker(
         ["-A", "celery_ext", "worker", "-c", "2", "-P", "prefork", "-E", "--without-mingle", "--without-gossip"],
         {"CELERY_EXT_CONFIG": str(path)},

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.scrape import free_port  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import write_config  # noqa: E402
@@ -77,10 +78,10 @@ def main() -> None:
             if kind != "off":
                 data["plugins"] = [{"name": "metrics", "config": {"prometheus_port": free_port()}}]
             path = write_config(Path(tempfile.mkdtemp(prefix=f"bench-metrics-{kind}-")), data)
-            rt = create_app(parse_config(data, source=str(path))).celery_ext
+            rt = runtime_of(create_app(parse_config(data, source=str(path))))
             rt.storage.migrate()
             if kind == "local":
-                metrics = rt.extras["metrics"]
+                metrics = rt.metrics
                 metrics.cluster, metrics._m = None, None  # count in the process, as before
             producers[kind] = {"db": db, "rt": rt, "times": []}
         for p in producers.values():
@@ -92,7 +93,7 @@ def main() -> None:
                 producers[kind]["times"] += times
                 line.append(f"{kind} p50 {pct(times, 0.5):.3f} ms")
             print(f"round {r + 1}: " + "  ".join(line), flush=True)
-        cluster = producers["cluster"]["rt"].extras["metrics"].cluster
+        cluster = producers["cluster"]["rt"].metrics.cluster
         cluster.flush()
         total = sum(cluster.totals("task_created").values())
         batches = cluster._seq

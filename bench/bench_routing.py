@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from celery_ext.config import parse_config  # noqa: E402
 from celery_ext.factory import create_app  # noqa: E402
 from celery_ext.routing.base import RoutedTask  # noqa: E402
-from celery_ext.routing.router import build_balancer, router_of  # noqa: E402
+from celery_ext.routing.router import build_balancer  # noqa: E402
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name  # noqa: E402
+from celery_ext.runtime import runtime_of
 from tests.support.services import unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
 
@@ -54,7 +55,7 @@ def decision_cost(n_workers: int, strategy: str, decisions: int, state: str = "l
         source=str(tmp / "config.yaml"),
     )
     app = create_app(config)
-    router = router_of(app)
+    router = runtime_of(app).router
     assert router.registry is not None
     for i in range(n_workers):
         wid = f"w{i:04d}"
@@ -90,7 +91,7 @@ def decision_cost(n_workers: int, strategy: str, decisions: int, state: str = "l
     router.registry.client.delete(*router.registry.keys)
     if router.state is not None:
         router.state.forget()
-    app.celery_ext.storage.close()  # type: ignore[attr-defined]
+    runtime_of(app).storage.close()
     (c50, c99), (r50, r99), (g50, _) = percentiles(choose), percentiles(route), percentiles(read)
     return {
         "choose_p50": c50 * 1e6,
@@ -111,8 +112,8 @@ def throughput(n_tasks: int, rounds: int, strategy: str) -> dict[str, list[float
         "scheduler": {"load_balance_strategy": strategy},
     }
     path = write_config(directory, data)
-    rt = create_app(parse_config(data, source=str(path))).celery_ext  # type: ignore[attr-defined]
-    router = router_of(rt.celery)
+    rt = runtime_of(create_app(parse_config(data, source=str(path))))
+    router = rt.router
     registry = router.registry
     workers = [WorkerProcess(path, concurrency=2).start() for _ in range(2)]
     results: dict[str, list[float]] = {"celery_ext routing": [], "default routing": []}

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS, wait_until  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.schedulers import due_records  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, subprocess_env, write_config  # noqa: E402
@@ -161,7 +162,7 @@ def main() -> None:
         "worker": {"capacity": 2},
     }
     config = write_config(workdir, data)
-    rt: Any = create_app(parse_config(data, source=str(config))).celery_ext  # type: ignore[attr-defined]
+    rt: Any = runtime_of(create_app(parse_config(data, source=str(config))))
     rt.storage.migrate()
     import redis
 

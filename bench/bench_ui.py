@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import wait_healthy  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TOKEN = "bench-token"
@@ -91,11 +92,10 @@ def register_workers(config: Path, n: int) -> Callable[[], None]:
     """``n`` workers in the registry (as their heartbeats leave them), for the workers page;
     returns what removes them."""
     from celery_ext.factory import create_app
-    from celery_ext.routing.router import router_of
     from celery_ext.routing.workers import WorkerInfo
 
-    rt = create_app(config_path=config).celery_ext  # type: ignore[attr-defined]
-    registry = router_of(rt.celery).registry
+    rt = runtime_of(create_app(config_path=config))
+    registry = rt.router.registry
     for i in range(n):
         info = WorkerInfo(
             id=f"w{i}@host",
@@ -119,7 +119,7 @@ def count_time(config: Path) -> None:
     from celery_ext.factory import create_app
     from celery_ext.ui import stats
 
-    rt = create_app(config_path=config).celery_ext  # type: ignore[attr-defined]
+    rt = runtime_of(create_app(config_path=config))
     for name, window in stats.WINDOWS.items():
         times = []
         for _ in range(5):

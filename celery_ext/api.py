@@ -34,7 +34,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from celery_ext import __version__
 from celery_ext.config import ERROR_MESSAGES, config_version
+from celery_ext.cursor import decode_cursor
 from celery_ext.dispatch import MAX_PRIORITY
 from celery_ext.errors import (
     InvalidPayloadError,
@@ -58,12 +59,11 @@ from celery_ext.errors import (
     TaskNotFoundError,
     UnknownTaskTypeError,
 )
+from celery_ext.factory import create_app
 from celery_ext.model import TaskStatus
-from celery_ext.storage.base import decode_cursor
+from celery_ext.runtime import Runtime, runtime_of
 from celery_ext.ui import auth as ui_auth
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+from celery_ext.ui import mount_ui
 
 logger = logging.getLogger("celery_ext.api")
 
@@ -490,8 +490,6 @@ def create_api(rt: Runtime) -> FastAPI:
         if isinstance(r, APIRoute)
     ]
     _document(app, rt.manager.executors.task_types)
-    from celery_ext.ui import mount_ui  # the dashboard under /ui (jinja2, in the api extra)
-
     mount_ui(app, rt)
     return app
 
@@ -499,9 +497,7 @@ def create_api(rt: Runtime) -> FastAPI:
 def from_environment() -> FastAPI:
     """The API over a runtime of its own, from ``$CELERY_EXT_CONFIG`` (else ``./config.yaml``):
     the app factory each process of ``celery-ext api --workers N`` calls, after it started."""
-    from celery_ext.factory import create_app
-
-    return create_api(create_app().celery_ext)  # type: ignore[attr-defined]
+    return create_api(runtime_of(create_app()))
 
 
 TaskId = Annotated[str, Path(min_length=1, max_length=255, pattern=KEY, description="the task's id")]
@@ -627,9 +623,7 @@ def _list_route(tasks: APIRouter, rt: Runtime) -> None:
 def _worker_routes(tasks: APIRouter, rt: Runtime) -> None:
     @tasks.get("/workers", response_model=WorkerList, summary="The worker registry")
     def workers() -> dict[str, Any]:
-        from celery_ext.routing.router import router_of
-
-        registry = router_of(rt.celery).registry
+        registry = rt.registry
         try:
             found = [] if registry is None else [w.to_dict() for w in registry.all()]
         except Exception as exc:  # noqa: BLE001 - any client error means the registry is unreachable

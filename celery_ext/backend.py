@@ -38,6 +38,7 @@ from celery_ext.errors import TaskFailed
 from celery_ext.executors.task import ExecutorTask
 from celery_ext.factory import broker_for, completion_for
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
+from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
 from celery_ext.storage.base import Storage
 
@@ -116,14 +117,14 @@ class RecordBackend(BaseBackend):
     @cached_property
     def _parts(self) -> tuple[Storage, Completion]:
         runtime = getattr(self.app, "celery_ext", None)
-        if runtime is not None:
+        if isinstance(runtime, Runtime):
             return runtime.storage, runtime.lifecycle.completion
         # A plain Celery app (a producer that does not import celery_ext): open the store that
         # config.yaml names, read-only in spirit, and the completion channel.
         path = (self.url or "").partition("://")[2] or None
         config = load_config(path)
-        broker_url, options = broker_for(config)
-        return open_storage(config.storage, config.data_dir), completion_for(config, broker_url, options)
+        broker_url, _ = broker_for(config)
+        return open_storage(config.storage, config.data_dir), completion_for(config, broker_url)
 
     @property
     def storage(self) -> Storage:

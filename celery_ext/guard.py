@@ -41,16 +41,17 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.utils.saferepr import saferepr
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 from celery.worker.consumer import Consumer
 from celery.worker.state import task_ready
 
-from celery_ext.executors.task import ExecutorTask, runtime_of
+from celery_ext.executors.task import ExecutorTask
 from celery_ext.message import ExtHeader, MalformedMessageError, plain_token
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, utcnow
+from celery_ext.runtime import Runtime, runtime_of
 from celery_ext.validation import (
     MAX_ID_LENGTH,
     MAX_RETRIES,
@@ -62,9 +63,6 @@ from celery_ext.validation import (
     storable_id,
     text_problem,
 )
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
 
 logger = logging.getLogger("celery_ext.guard")
 
@@ -260,7 +258,6 @@ class MessageGuard:
         self.hostname = hostname
         self.list_name = dead_letter_list(self.rt.config.app.name)
         self.payload_depth = self.rt.config.app.max_payload_depth
-        self._redis: Any = None
         self._records: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=1000)
         self._writer: threading.Thread | None = None
 
@@ -286,12 +283,10 @@ class MessageGuard:
                 message.ack()
         except Exception:  # noqa: BLE001 - a lost connection: the broker redelivers it, and we refuse it again
             logger.exception("could not acknowledge malformed message %s", seen.task_id)
-        metrics = self.rt.extras.get("metrics")
-        if metrics is not None:
-            try:
-                metrics.message_rejected(name, "malformed")
-            except Exception:  # noqa: BLE001
-                logger.exception("could not count malformed message %s", seen.task_id)
+        try:
+            self.rt.metrics.message_rejected(name, "malformed")
+        except Exception:  # noqa: BLE001
+            logger.exception("could not count malformed message %s", seen.task_id)
         if seen.ours and seen.task_id is not None:
             self._record_later(seen, reason)
 
@@ -327,17 +322,8 @@ class MessageGuard:
             logger.exception("could not dead-letter malformed message %s: %s", seen.task_id, _raw(message)[:2000])
 
     def _client(self) -> Any:
-        if self._redis is None:
-            url = self.rt.lifecycle.completion.url
-            if not url:
-                return None
-            import redis
-
-            from celery_ext.forksafe import fork_safe_pool
-
-            self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            fork_safe_pool(self._redis.connection_pool)
-        return self._redis
+        """The worker registry's Redis, where the dead-letter list lives (None: no registry)."""
+        return self.rt.registry.client if self.rt.registry is not None else None
 
     # --- the record --------------------------------------------------------------------------
 

@@ -33,17 +33,14 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.worker import state
 
 from celery_ext.errors import StorageError
 from celery_ext.executors.task import ExecutorTask, delivery_of
 from celery_ext.model import TaskStatus, utcnow
-from celery_ext.routing.router import router_of
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+from celery_ext.runtime import Runtime
 
 logger = logging.getLogger("celery_ext.lease")
 
@@ -56,7 +53,7 @@ class LeaseKeeper:
         self.pool = pool
         self.lease = rt.config.worker.task_lease
         self.interval = self.lease / 3
-        self.registry = router_of(rt.celery).registry
+        self.registry = rt.registry
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

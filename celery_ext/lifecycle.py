@@ -33,7 +33,7 @@ from celery_ext.model import (
 )
 from celery_ext.observer import NULL_OBSERVER, TaskObserver
 from celery_ext.storage.base import Fence, Storage
-from celery_ext.storage.spool import Spool
+from celery_ext.storage.spool import Holds, Spool
 
 logger = logging.getLogger("celery_ext.lifecycle")
 
@@ -116,16 +116,23 @@ class QueuedMarks:
 
 
 class Lifecycle:
-    def __init__(self, storage: Storage, completion: Completion | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        completion: Completion | None = None,
+        observer: TaskObserver = NULL_OBSERVER,
+        *,
+        holds: Holds | None = None,
+    ) -> None:
         self.storage = storage
         self.completion = completion or Completion(None, "")
-        self.observer: TaskObserver = NULL_OBSERVER  # events and metrics (events.bridge)
+        self.observer = observer  # events and metrics (events.bridge)
         # Writes made for the scheduler and the main process (not a run's outcome, which is
         # spooled) are retried this long when storage is away.
         self.write_patience = 30.0
         self.marks = QueuedMarks(storage)
         # A run's log lines and, while storage is away, its outcome (``settle``).
-        self.spool = Spool(storage.logs.append)
+        self.spool = Spool(storage.logs.append, holds=holds)
 
     # --- producer side --------------------------------------------------------------------
 

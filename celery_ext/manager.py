@@ -36,7 +36,7 @@ from celery_ext.model import (
     new_id,
     utcnow,
 )
-from celery_ext.routing.router import router_of
+from celery_ext.routing.router import TaskRouter
 from celery_ext.schedules import admin as schedule_admin
 from celery_ext.schedules.model import Schedule
 from celery_ext.validation import (
@@ -60,8 +60,16 @@ _SUBMIT_KEYS = frozenset(
 class TaskManager:
     """The public front door of celery_ext."""
 
-    def __init__(self, config: Config, lifecycle: Lifecycle, executors: ExecutorSet, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        lifecycle: Lifecycle,
+        executors: ExecutorSet,
+        dispatcher: Dispatcher,
+        router: TaskRouter | None = None,
+    ) -> None:
         self.config = config
+        self.router = router  # what live workers advertise (None: only this process's executors)
         self.lifecycle = lifecycle
         self.storage = lifecycle.storage
         self.executors = executors
@@ -225,10 +233,7 @@ class TaskManager:
     def _advertised_types(self) -> frozenset[str]:
         """The task types live workers advertise in the registry (the router's snapshot, read at
         most once per ``scheduler.routing_cache``); empty without a registry."""
-        try:
-            return router_of(self.dispatcher.app).advertised()
-        except LookupError:
-            return frozenset()
+        return self.router.advertised() if self.router is not None else frozenset()
 
     def _check_payload(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, Mapping):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from celery_ext.validation import renderable
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -151,8 +153,6 @@ class Task:
         """JSON-ready form: statuses lowercase, times ISO 8601 UTC.  ``payload``, ``args`` and
         ``result`` are shown whatever a record holds (``validation.renderable``: a NaN as "NaN",
         nesting past 64 levels cut), so one bad record never breaks a listing."""
-        from celery_ext.validation import renderable
-
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dispatch_token"}
         out["status"] = self.status.value
         out["error"] = self.error.to_dict() if self.error else None

@@ -15,16 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from celery_ext.model import STARTABLE, TaskErrorInfo, TaskStatus, utcnow
-from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import move_stranded, restore_unclaimed
 from celery_ext.routing.workers import WorkerInfo
+from celery_ext.runtime import Runtime
 from celery_ext.storage.base import Fence
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
 
 logger = logging.getLogger("celery_ext.recovery")
 
@@ -32,7 +28,7 @@ logger = logging.getLogger("celery_ext.recovery")
 def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
     """Sweep offline workers (firing ``worker_offline`` handlers) and hand back their queues;
     returns each worker found offline with the number of messages moved."""
-    registry = router_of(rt.celery).registry
+    registry = rt.registry
     if registry is None:
         return []
     out = []
@@ -78,7 +74,7 @@ def recover_expired_leases(
     now = now or utcnow()
     recovered = []
     expired = rt.storage.tasks.scan((TaskStatus.RUNNING,), lease_expired_before=now, limit=limit)
-    registry = router_of(rt.celery).registry
+    registry = rt.registry
     held = registry.held([t.task_id for t in expired]) if registry is not None and expired else set()
     if held:
         logger.info("%d task(s) with an expired lease are held by a live worker (storage was away)", len(held))

@@ -43,21 +43,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from celery import bootsteps
 
 from celery_ext.config import ENV_VAR, Config, ConfigLoader, config_version, loader_for
+from celery_ext.config_store import RedisConfigLoader, config_key
 from celery_ext.dispatch import queue_name
 from celery_ext.errors import ConfigError
 from celery_ext.executors.pool import ExecutorSet
-from celery_ext.executors.task import runtime_of
-from celery_ext.routing.heartbeat import seat_of
-from celery_ext.routing.router import build_balancer, registry_url_for, router_of
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
-    from celery_ext.scheduler import Scheduler
+from celery_ext.plugins.manager import PluginManager, check_plugins
+from celery_ext.routing.router import build_balancer, registry_url_for
+from celery_ext.runtime import Runtime, runtime_of
+from celery_ext.scheduler import Scheduler, scheduler_in_worker
 
 logger = logging.getLogger("celery_ext.reload")
 
@@ -189,8 +187,6 @@ class WorkerReloader(Reloader):
     IN_POOL = frozenset({"executors", "app.log_level", "worker.supported_types"})
 
     def __init__(self, worker: Any, running: Config, pinned: set[str] | frozenset[str] = frozenset()) -> None:
-        from celery_ext.worker import scheduler_in_worker
-
         super().__init__(running, pinned)
         self.worker = worker
         self.rt: Runtime = runtime_of(worker.app)
@@ -215,7 +211,7 @@ class WorkerReloader(Reloader):
         self._seat(weight=value)
 
     def _balancer(self, new: Config, _value: Any) -> None:
-        router_of(self.worker.app).set_balancer(build_balancer(new))
+        self.rt.router.set_balancer(build_balancer(new))
 
     def _supported_types(self, new: Config, value: list[str]) -> None:
         known = self.rt.executors.task_types
@@ -226,15 +222,15 @@ class WorkerReloader(Reloader):
                 f"worker.supported_types: unknown task type(s) {', '.join(map(repr, unknown))}; "
                 f"this worker's executors run: {', '.join(known)}"
             )
-        old: frozenset[str] = self.rt.extras.get("supported_types") or frozenset(known)
+        old = self.rt.worker.supported_types or frozenset(known)
         consumer = self.worker.consumer
         prefix = self.rt.config.app.name
         for task_type in sorted(types - old):
             consumer.add_task_queue(queue_name(prefix, task_type))
         for task_type in sorted(old - types):
             consumer.cancel_task_queue(queue_name(prefix, task_type))
-        self.rt.extras["supported_types"] = types
-        seat = seat_of(self.worker.app)
+        self.rt.worker.supported_types = types
+        seat = self.rt.worker.seat
         if seat is not None:
             seat.types = types
         self._seat(supported_types=tuple(sorted(types)))
@@ -252,13 +248,11 @@ class WorkerReloader(Reloader):
         self.rt.executors.replace(fresh)
 
     def _plugins(self, new: Config, value: Any) -> None:
-        from celery_ext.plugins.manager import PluginManager, check_plugins
-
         errors, _ = check_plugins(list(enumerate(new.plugins)))
         if errors:
             raise ConfigError(errors)  # the running plugins stay
-        ctx = self.rt.extras.get("plugin_context")
-        old = self.rt.extras.get("plugins")
+        ctx = self.rt.worker.plugin_context
+        old = self.rt.worker.plugins
         if ctx is None or old is None:
             raise NeedsRestart("this worker hosts no plugins")
         old.stop_all(ctx)
@@ -266,14 +260,14 @@ class WorkerReloader(Reloader):
         fresh.load(new.plugins)
         ctx.config = new
         fresh.start_all(ctx)
-        self.rt.extras["plugins"] = fresh
+        self.rt.worker.plugins = fresh
         logger.warning("plugins now running: %s", ", ".join(fresh.running) or "none")
 
     def _log_level(self, new: Config, value: str) -> None:
         _set_log_level(value)
 
     def _seat(self, **changes: Any) -> None:
-        seat = seat_of(self.worker.app)
+        seat = self.rt.worker.seat
         if seat is not None:
             seat.info = dataclasses.replace(seat.info, **changes)  # published by the next heartbeat
 
@@ -318,7 +312,7 @@ class SchedulerReloader(Reloader):
         self.scheduler = scheduler
 
     def _balancer(self, new: Config, _value: Any) -> None:
-        router_of(self.scheduler.rt.celery).set_balancer(build_balancer(new))
+        self.scheduler.rt.router.set_balancer(build_balancer(new))
 
     def _interval(self, new: Config, value: float) -> None:
         self.scheduler.config = self.scheduler.config.model_copy(update={"interval": value})
@@ -330,8 +324,6 @@ class SchedulerReloader(Reloader):
 def config_loaders(rt: Runtime) -> list[ConfigLoader]:
     """What a process watches: the source it started from, and (with a worker registry) the
     cluster's key that ``celery-ext config apply`` writes, once when they are the same."""
-    from celery_ext.config_store import RedisConfigLoader, config_key
-
     loaders: list[ConfigLoader] = []
     if rt.config.source:
         # A URL source is shown without its password: the environment has the real one.
@@ -398,7 +390,7 @@ class ConfigWatchStep(bootsteps.StartStopStep):
                 logger.warning(
                     "config %s changed %s: needs a worker restart to take effect", new.source, ", ".join(restart)
                 )
-            seat = seat_of(worker.app)
+            seat = rt.worker.seat
             if seat is not None:
                 seat.info = dataclasses.replace(
                     seat.info, config_version=reloader.version, restart_needed=tuple(restart)
@@ -410,9 +402,7 @@ class ConfigWatchStep(bootsteps.StartStopStep):
                 new.source,
                 ", ".join(f"{k}={_value(reloader.running, k)!r}" for k in applied),
             )
-            notify = getattr(rt.extras.get("observer"), "config_reloaded", None)
-            if notify is not None:
-                notify(worker.hostname, applied=applied, restart_needed=restart)
+            rt.observer.config_reloaded(worker.hostname, applied=applied, restart_needed=restart)
 
         hub = getattr(worker, "hub", None)
         if hub is None:

@@ -46,26 +46,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
+from celery_ext.config import Config
 from celery_ext.dispatch import Dispatch, plain_queues, queue_name
 from celery_ext.lifecycle import DUE
 from celery_ext.model import TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.presence import present, unacked_key
-from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import queue_keys
+from celery_ext.runtime import Runtime
 from celery_ext.schedules import fire_due, resubmit_last, sync_config_schedules
 from celery_ext.storage import retention
 from celery_ext.storage.base import Fence
 from celery_ext.transport import is_redis_url, redis_py_url
 
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
-
 logger = logging.getLogger("celery_ext.scheduler")
+
+
+def scheduler_in_worker(config: Config) -> bool:
+    """``scheduler.in_worker``: "auto" runs one on the embedded default (no ``broker.url``)."""
+    wanted = config.scheduler.in_worker
+    return config.scheduler.enabled and (not config.broker.url if wanted == "auto" else bool(wanted))
+
 
 # KEYS: lease, fence counter  ARGV: holder, ttl ms  ->  the fencing token, or 0 if another holds it
 _TAKE_OR_RENEW = """
@@ -159,7 +164,7 @@ class Scheduler:
         self.rt = rt
         self.config = rt.config.scheduler
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
-        registry = router_of(rt.celery).registry
+        registry = rt.registry
         self.lease = (
             LeaderLease(registry.client, rt.config.app.name, self.config.leader_lease, self.holder)
             if registry is not None
@@ -228,9 +233,7 @@ class Scheduler:
         self.refused += 1
         self.fence = 0
         logger.warning("scheduler %s is no longer the leader (deposed)", self.holder)
-        notify = getattr(self.rt.extras.get("observer"), "leader_changed", None)
-        if notify is not None:
-            notify(self.holder, False, fence=exc.fence)
+        self.rt.observer.leader_changed(self.holder, False, fence=exc.fence)
 
     def run(self, stop: threading.Event) -> None:
         """Tick every ``scheduler.interval`` until ``stop`` is set; then give the lease up."""
@@ -274,9 +277,8 @@ class Scheduler:
                 logger.warning("scheduler %s is the leader (fencing token %d)", self.holder, fence)
             else:
                 logger.warning("scheduler %s is no longer the leader", self.holder)
-            notify = getattr(self.rt.extras.get("observer"), "leader_changed", None)
-            if notify is not None:  # the scheduler_leader_changed event and the election metric
-                notify(self.holder, bool(fence), fence=fence)
+            # The scheduler_leader_changed event and the election metric.
+            self.rt.observer.leader_changed(self.holder, bool(fence), fence=fence)
         self.fence = fence
         return fence
 
@@ -338,17 +340,13 @@ class Scheduler:
         for f in fired:
             logger.info("schedule %s fired for %s: task %s", f.schedule, f.fire_at.isoformat(), f.task_id)
             report.fired.append(f.to_dict())
-            notify = getattr(self.rt.extras.get("observer"), "schedule_fired", None)
-            if notify is not None:
-                notify(f)
+            self.rt.observer.schedule_fired(f)
             if f.error is not None:
                 self._synced_fence = 0  # resubmit on the next round
         self.check_fence()  # an advance refused as deposed looks like one another leader made
 
     def _due_lag(self, tasks: list[Any], now: datetime) -> None:
-        observe = getattr(self.rt.extras.get("observer"), "due_published", None)
-        if observe is not None:
-            observe([(now - t.run_at).total_seconds() for t in tasks if t.run_at is not None])
+        self.rt.observer.due_published([(now - t.run_at).total_seconds() for t in tasks if t.run_at is not None])
 
     def _unpublished(self, report: TickReport) -> None:
         """The outbox case: a PENDING record nobody published.  A fresh dispatch token first, so
@@ -423,7 +421,7 @@ class Scheduler:
         options = self.rt.celery.conf.broker_transport_options
         queues = {queue_name(self.rt.config.app.name, t.task_type) for t in old}
         queues.update(plain_queues(self.rt.config))
-        registry = router_of(self.rt.celery).registry
+        registry = self.rt.registry
         if registry is not None:
             queues.update(w.queue for w in registry.all() if w.queue)
         lists = [key for q in sorted(queues) for key in queue_keys(q, options)]

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from celery_ext.errors import InvalidPayloadError
+from celery_ext.cursor import decode_cursor
+from celery_ext.errors import CeleryExtError, InvalidPayloadError
 
 if TYPE_CHECKING:
     from celery_ext.model import TaskFilter
@@ -221,11 +223,6 @@ def storable_id(value: Any, max_length: int = MAX_ID_LENGTH) -> bool:
 def check_filter(flt: TaskFilter) -> None:
     """A ``TaskFilter`` the store can run: strings it can hold, a sane limit and offset, and a
     cursor that is one ``list`` returned (``InvalidPayloadError`` naming the field otherwise)."""
-    from datetime import datetime
-
-    from celery_ext.errors import CeleryExtError
-    from celery_ext.storage.base import decode_cursor
-
     for task_type in flt.task_type:
         check_key(task_type, "type", 128)
     for name in ("worker_id", "root_id", "parent_id", "group_id"):

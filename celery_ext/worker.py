@@ -6,24 +6,20 @@ import gc
 import logging
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery, bootsteps
 from celery.signals import task_unknown, worker_process_init, worker_process_shutdown
 
 from celery_ext import tasklog
-from celery_ext.config import Config
 from celery_ext.errors import StorageError
-from celery_ext.executors.task import runtime_of
 from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
 from celery_ext.plugins.host import install_plugin_host
+from celery_ext.reload import ConfigWatchStep
 from celery_ext.routing.heartbeat import install_routing
-from celery_ext.routing.router import router_of
-from celery_ext.scheduler import Scheduler
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+from celery_ext.runtime import Runtime, runtime_of
+from celery_ext.scheduler import Scheduler, scheduler_in_worker
 
 logger = logging.getLogger("celery_ext.worker")
 
@@ -41,9 +37,6 @@ class CeleryExtStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         rt = runtime_of(worker.app)
         rt.runner.incarnation = new_incarnation()  # before the pool forks: children share it
-        registry = router_of(worker.app).registry
-        if registry is not None:  # spooled outcomes are held there, so recovery leaves them be
-            rt.lifecycle.spool.holds = registry.holds(rt.config.worker.task_lease)
         self.keeper: LeaseKeeper | None = None
         self.scheduler: InWorkerScheduler | None = None
         # Only a worker needs the users' task modules (clients build the same executors and
@@ -89,12 +82,6 @@ class CeleryExtStep(bootsteps.StartStopStep):
         rt.storage.close()
 
 
-def scheduler_in_worker(config: Config) -> bool:
-    """``scheduler.in_worker``: "auto" runs one on the embedded default (no ``broker.url``)."""
-    wanted = config.scheduler.in_worker
-    return config.scheduler.enabled and (not config.broker.url if wanted == "auto" else bool(wanted))
-
-
 class InWorkerScheduler:
     """A scheduler in a thread of the worker's main process (``scheduler.in_worker``); it stands
     by unless elected, like a scheduler process, and gives the lease up when the worker stops."""
@@ -125,8 +112,6 @@ def _redact(url: str) -> str:
 
 
 def install_worker_steps(app: Celery) -> None:
-    from celery_ext.reload import ConfigWatchStep
-
     app.steps["worker"].add(CeleryExtStep)
     app.steps["worker"].add(ConfigWatchStep)
     install_routing(app)
@@ -149,9 +134,7 @@ def install_worker_steps(app: Celery) -> None:
             name,
             ", ".join(runtime_of(app).executors.task_types),
         )
-        metrics = runtime_of(app).extras.get("metrics")
-        if metrics is not None:
-            metrics.message_rejected(name, "unknown_task")
+        runtime_of(app).metrics.message_rejected(name, "unknown_task")
 
     task_unknown.connect(unknown_task, weak=False, dispatch_uid=f"celery_ext.unknown.{id(app)}")
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.child_init.{id(app)}")

@@ -10,6 +10,7 @@ import pytest
 
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
+from celery_ext.runtime import runtime_of
 from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
 from tests.support.private import private_postgres  # noqa: F401 - fixture (a PostgreSQL a test may stop)
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
@@ -70,7 +71,7 @@ class Cluster:
     def runtime(self) -> Runtime:
         if self._runtime is None:
             config = parse_config(self.data, source=str(self.config_path))
-            self._runtime = create_app(config).celery_ext  # type: ignore[attr-defined]
+            self._runtime = runtime_of(create_app(config))
         return self._runtime
 
     @property

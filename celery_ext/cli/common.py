@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+    from celery_ext.runtime import Runtime
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -28,9 +28,11 @@ def runtime(args: argparse.Namespace) -> Runtime:
     (``close_runtime``), so the events it published are sent before the process exits."""
     rt: Runtime | None = getattr(args, "runtime", None)
     if rt is None:
+        # Imported on use: ``celery-ext --help`` and a usage error need no Celery app.
         from celery_ext.factory import create_app
+        from celery_ext.runtime import runtime_of
 
-        rt = args.runtime = create_app(config_path=args.config).celery_ext  # type: ignore[attr-defined]
+        rt = args.runtime = runtime_of(create_app(config_path=args.config))
     return rt
 
 

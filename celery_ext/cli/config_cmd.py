@@ -88,10 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Per worker and scheduler: the config version it runs, whether it is the applied one, and
     the keys that wait for its restart."""
     from celery_ext.config_store import Component, applied_config, config_key, schedulers
-    from celery_ext.routing.router import router_of
 
     rt = runtime(args)
-    registry = router_of(rt.celery).registry
+    registry = rt.registry
     if registry is None:
         raise CommandError(
             "no worker registry: the broker is not Redis and scheduler.registry_url is not set", EXIT_UNAVAILABLE

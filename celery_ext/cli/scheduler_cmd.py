@@ -35,7 +35,7 @@ from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 @handle_preload_options
 def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     """Run the celery_ext scheduler: leader election, recovery, unpublished tasks, retention."""
-    from celery_ext.executors.task import runtime_of
+    from celery_ext.runtime import runtime_of
     from celery_ext.scheduler import Scheduler
 
     logging.basicConfig(
@@ -67,7 +67,7 @@ def scheduler(ctx: click.Context, once: bool, loglevel: str) -> None:
     signal.signal(signal.SIGINT, on_signal)
     from celery_ext.plugins.metrics import scheduler_metrics
 
-    metrics = scheduler_metrics(rt.config, rt.extras.get("metrics"))
+    metrics = scheduler_metrics(rt.config, rt.metrics)
     stop_watching = follow_config(sched)
     try:
         sched.run(stop)

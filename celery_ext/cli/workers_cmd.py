@@ -17,10 +17,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from celery_ext.routing.router import router_of
-
     rt = runtime(args)
-    registry = router_of(rt.celery).registry
+    registry = rt.registry
     if registry is None:
         raise CommandError(
             "no worker registry: the broker is not Redis and scheduler.registry_url is not set", EXIT_UNAVAILABLE

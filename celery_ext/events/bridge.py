@@ -1,19 +1,17 @@
-"""``EventBridge``: turns state-machine transitions into events and metrics; ``install(runtime)``.
+"""``EventBridge``: turns state-machine transitions into events and metrics.
 
-``install`` is called by ``create_app``: it builds the event bus (``events``) and the metrics
-collector (``metrics``) and hands the bridge to ``TaskManager`` and ``TaskRunner`` as their
-observer.  Both are reachable as ``runtime.extras["events"]`` and ``runtime.extras["metrics"]``.
+The composition root (``factory.create_app``) builds it over the process's event bus and metrics
+collector and gives it to the lifecycle (every task transition), the worker registry (a worker
+found offline), the scheduler and the config watcher; it is ``Runtime.observer``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery_ext.events import build_event_bus
 from celery_ext.events.base import EventBus
 from celery_ext.events.model import (
     CONFIG_RELOADED,
@@ -30,12 +28,12 @@ from celery_ext.events.model import (
     WORKER_OFFLINE,
     Event,
 )
-from celery_ext.metrics import MetricsCollector, build_metrics
+from celery_ext.metrics import MetricsCollector
 from celery_ext.model import Task, TaskErrorInfo
 from celery_ext.observer import TaskObserver
 
 if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+    pass
 
 logger = logging.getLogger("celery_ext.events")
 
@@ -134,37 +132,3 @@ def _error(error: TaskErrorInfo | None) -> dict[str, Any]:
     if error is None:
         return {"reason": "unknown", "message": ""}
     return {"reason": error.reason, "message": error.message[:MAX_MESSAGE]}
-
-
-def install(runtime: Runtime) -> EventBridge:
-    bus = build_event_bus(runtime.config, runtime.broker_url)
-    metrics = build_metrics(runtime.config)
-    from celery_ext.routing.router import registry_url_for
-
-    url = registry_url_for(runtime.config, runtime.broker_url)
-    if url is not None:
-        metrics.share_counters(url, runtime.config.app.name)  # producers' counts reach the leader
-    bridge = EventBridge(bus, metrics)
-    runtime.extras.update(events=bus, metrics=metrics, observer=bridge)
-    runtime.lifecycle.observer = bridge
-    connect_worker_registry(bridge, runtime.config.app.name)
-    return bridge
-
-
-def connect_worker_registry(bridge: EventBridge, app_name: str) -> None:
-    """Publish ``worker_offline`` for each worker the registry's sweep finds gone (scheduler side)."""
-    try:
-        from celery_ext.routing import workers
-    except ImportError:  # the worker registry is optional
-        return
-    ref = weakref.ref(bridge)
-    prefix = f"{app_name}."
-
-    def on_offline(info: Any) -> None:
-        target = ref()
-        if target is None:
-            workers.OFFLINE_HANDLERS.remove(on_offline)  # its app is gone
-        elif str(getattr(info, "queue", "")).startswith(prefix):
-            target.worker_offline(info.id, "heartbeat_expired")
-
-    workers.OFFLINE_HANDLERS.append(on_offline)

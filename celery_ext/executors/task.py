@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery, Task
@@ -24,15 +24,9 @@ from celery_ext.errors import StorageError, TaskFailed
 from celery_ext.message import HEADER, ExtHeader, MalformedMessageError, check_call, soft_limit
 from celery_ext.model import utcnow
 from celery_ext.runner import Delivery, Outcome
-
-if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+from celery_ext.runtime import Runtime, runtime_of
 
 logger = logging.getLogger("celery_ext.task")
-
-
-def runtime_of(app: Celery) -> Runtime:
-    return app.celery_ext  # type: ignore[attr-defined, no-any-return]
 
 
 def delivery_of(name: str, request: Any, args: Any, kwargs: Any) -> Delivery:
@@ -112,7 +106,7 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
     def run(self, *args: Any, **kwargs: Any) -> Any:
         rt = runtime_of(self.app)
         request = self.request
-        supported = rt.extras.get("supported_types")
+        supported = rt.worker.supported_types
         if supported is not None and self.name not in supported:
             self._forward(rt, request, args, kwargs)
         try:
@@ -120,9 +114,7 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
         except MalformedMessageError as exc:
             # Rejected, not requeued: a malformed message can never succeed.
             logger.error("malformed message %s for %s rejected: %s", request.id, self.name, exc)
-            metrics = rt.extras.get("metrics")
-            if metrics is not None:
-                metrics.message_rejected(self.name, "malformed")
+            rt.metrics.message_rejected(self.name, "malformed")
             raise Reject(str(exc), requeue=False) from exc
         try:
             outcome = rt.runner.run(delivery, request.hostname or "unknown")

@@ -16,9 +16,9 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from celery_ext.events.hub import ProcessHub
 from celery_ext.events.model import WORKER_OFFLINE, WORKER_ONLINE, Event
-from celery_ext.executors.task import runtime_of
 from celery_ext.plugins.base import PluginContext
 from celery_ext.plugins.manager import PluginManager
+from celery_ext.runtime import runtime_of
 
 logger = logging.getLogger("celery_ext.plugins")
 
@@ -29,15 +29,15 @@ class PluginHostStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         rt = runtime_of(worker.app)
-        self.bus, self.metrics = rt.extras["events"], rt.extras["metrics"]
+        self.bus, self.metrics = rt.bus, rt.metrics
         self.metrics.startup()
         self.hub: ProcessHub | None = None
         if getattr(worker, "pool_cls", None) is None or "prefork" in str(worker.pool_cls).lower():
             self.hub = ProcessHub()
-            rt.extras["event_hub"] = self.hub
+            rt.worker.event_hub = self.hub
         self.plugins = PluginManager()
         self.plugins.load(rt.config.plugins)
-        rt.extras["plugins"] = self.plugins
+        rt.worker.plugins = self.plugins
         self.ctx = PluginContext(
             events=self.bus,
             metrics=self.metrics,
@@ -47,7 +47,7 @@ class PluginHostStep(bootsteps.StartStopStep):
             app=worker.app,
             extras={"worker": worker},
         )
-        rt.extras["plugin_context"] = self.ctx  # a config reload restarts the plugins with it
+        rt.worker.plugin_context = self.ctx  # a config reload restarts the plugins with it
 
     def start(self, worker: Any) -> None:
         if self.hub is not None:
@@ -68,7 +68,7 @@ class PluginHostStep(bootsteps.StartStopStep):
         # Let plugins see the last events (worker_offline included) before they stop.
         self.bus.flush(5.0)
         # The plugins a config reload started, if any (celery_ext/reload.py).
-        runtime_of(worker.app).extras.get("plugins", self.plugins).stop_all(self.ctx)
+        (runtime_of(worker.app).worker.plugins or self.plugins).stop_all(self.ctx)
         self.bus.close(5.0)
         self.metrics.shutdown()
         if self.hub is not None:
@@ -81,16 +81,15 @@ def install_plugin_host(app: Celery) -> None:
 
     def child_init(**_: Any) -> None:
         rt = runtime_of(app)
-        hub = rt.extras.get("event_hub")
-        if hub is not None:
-            hub.attach_child(rt.extras["events"])
+        if rt.worker.event_hub is not None:
+            rt.worker.event_hub.attach_child(rt.bus)
 
     def child_exit(**_: Any) -> None:
         # A child replaced after --max-tasks-per-child still holds its last events (batched) and
         # the counts of tasks its tasks created (metrics.cluster).
         rt = runtime_of(app)
-        rt.extras["events"].flush(2.0)
-        rt.extras["metrics"].flush()
+        rt.bus.flush(2.0)
+        rt.metrics.flush()
 
     worker_process_init.connect(child_init, weak=False, dispatch_uid=f"celery_ext.events_child.{id(app)}")
     worker_process_shutdown.connect(child_exit, weak=False, dispatch_uid=f"celery_ext.events_exit.{id(app)}")

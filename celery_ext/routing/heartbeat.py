@@ -30,110 +30,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
 from celery import Celery, bootsteps
 from celery.signals import task_postrun, task_received
-from celery.worker import state
 
 from celery_ext.config import config_version
 from celery_ext.dispatch import plain_queues, queue_name
-from celery_ext.executors.task import runtime_of
-from celery_ext.routing.router import registry_url_for, router_of
+from celery_ext.routing.seat import Progress, Seat
 from celery_ext.routing.stranded import move_stranded, queue_keys
-from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
+from celery_ext.routing.workers import WorkerInfo, direct_queue_name
+from celery_ext.runtime import runtime_of
 from celery_ext.transport import is_redis_url
 
 logger = logging.getLogger("celery_ext.routing")
-SEAT = "routing.seat"
-
-
-@dataclass
-class Seat:
-    """This worker's place in the registry (set before the pool forks, so children share it)."""
-
-    registry: WorkerRegistry
-    info: WorkerInfo
-    ttl: float
-    interval: float
-    keys: list[str]
-    types: frozenset[str]
-    stop: threading.Event = field(default_factory=threading.Event)
-    warned_at: float = 0.0
-    delta: int = 0
-    # Non-Redis brokers: how many messages wait in the direct queue (Redis: LLEN in the script).
-    queued: Callable[[], int] | None = None
-    progress: Progress | None = None
-
-    def beat(self) -> None:
-        try:
-            if self.progress is not None:
-                self.progress.check(self.registry.client, self.info, len(state.reserved_requests))
-            held = len(state.reserved_requests) + (self.queued() if self.queued else 0)
-            _, self.delta = self.registry.heartbeat(self.info, self.ttl, held, self.keys, self.delta)
-        except Exception as exc:  # noqa: BLE001 - a registry outage must not stop the worker
-            if time.monotonic() - self.warned_at > 10:
-                self.warned_at = time.monotonic()
-                logger.warning("worker registry heartbeat failed (will retry): %s", exc)
-
-    def adjust(self, delta: int) -> None:
-        try:
-            self.registry.adjust_nowait(self.info.id, delta)
-        except Exception as exc:  # noqa: BLE001 - the next heartbeat corrects the count
-            logger.debug("in-flight update failed: %s", exc)
-
-    def loop(self, stop: threading.Event) -> None:
-        while not stop.wait(self.interval):
-            self.beat()
-
-
-@dataclass
-class Progress:
-    """Is the consumer taking messages?  ``taken`` counts the messages it received (main
-    process); each heartbeat compares it with the last one while work waits in ``keys`` (every
-    list of the queues it consumes) and pool slots are free."""
-
-    keys: list[str]
-    stall_after: float
-    taken: int = 0
-    _seen: int = 0
-    _since: float | None = None  # when it was last seen stuck without a stall before
-
-    def check(self, client: Any, info: WorkerInfo, reserved: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        free = info.capacity - reserved
-        waiting = 0
-        if free > 0 and self.taken == self._seen:
-            pipe = client.pipeline(transaction=False)
-            for key in self.keys:
-                pipe.llen(key)
-            waiting = sum(int(n) for n in pipe.execute())
-        if self.taken != self._seen or waiting == 0 or free <= 0:
-            self._seen, self._since = self.taken, None
-            if not info.healthy:
-                logger.warning("the consumer is taking messages again: healthy")
-                info.healthy, info.problem = True, ""
-            return
-        if self._since is None:
-            self._since = now
-        elif info.healthy and now - self._since >= self.stall_after:
-            info.healthy = False
-            info.problem = (
-                f"consumer stalled: took no message for {self.stall_after:g}s while messages waited "
-                "and pool slots were free"
-            )
-            logger.error(
-                "worker unhealthy: its consumer took no message for %.0fs while %d message(s) wait in its "
-                "queues and %d of %d pool slot(s) are free (a silent broker connection?)",
-                now - self._since,
-                waiting,
-                free,
-                info.capacity,
-            )
 
 
 def _types(value: Any) -> list[str] | None:
@@ -185,14 +97,13 @@ class RegistrationStep(bootsteps.StartStopStep):
                 f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}"
             )
         direct = direct_queue_name(prefix, c.hostname)
-        rt.extras["supported_types"] = frozenset(types)  # before the pool forks: children see it
+        rt.worker.supported_types = frozenset(types)  # before the pool forks: children see it
         # Only the shared queues of supported types, plus the direct queue, plus the app's default
         # queue and Celery's (``worker.celery_queue``), where plain Celery producers send by name:
         # a message there of a type this worker does not run is handed to that type's shared queue
         # (``executors/task.py``).
         c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), *plain_queues(rt.config)])
-        url = registry_url_for(rt.config, c.app.conf.broker_url, c.app.conf.broker_transport_options)
-        if url is None:
+        if rt.registry is None:
             logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
             return
         info = WorkerInfo(
@@ -209,7 +120,7 @@ class RegistrationStep(bootsteps.StartStopStep):
         redis_broker = is_redis_url(c.app.conf.broker_url)
         keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
         self.seat = Seat(
-            WorkerRegistry.from_url(url, prefix),
+            rt.registry,
             info,
             conf.offline_threshold,
             conf.heartbeat_interval,
@@ -222,7 +133,7 @@ class RegistrationStep(bootsteps.StartStopStep):
             consumed = [q.name for q in c.app.amqp.queues.consume_from.values()]
             options = c.app.conf.broker_transport_options
             self.seat.progress = Progress([k for q in consumed for k in queue_keys(q, options)], conf.stall_after)
-        rt.extras[SEAT] = self.seat
+        rt.worker.seat = self.seat
 
     def start(self, c: Any) -> None:
         if self.seat is None:
@@ -231,7 +142,7 @@ class RegistrationStep(bootsteps.StartStopStep):
         self.seat.stop = threading.Event()
         self.seat.beat()  # registered before the worker reports ready
         # This worker's config.yaml is the cluster's: long-running producers follow its strategy.
-        router_of(c.app).publish_strategy()
+        runtime_of(c.app).router.publish_strategy()
         self.thread = threading.Thread(
             target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat", daemon=True
         )
@@ -279,16 +190,6 @@ def _queue_depth(app: Any, queue: str) -> Callable[[], int]:
     return depth
 
 
-def seat_of(app: Any) -> Seat | None:
-    """This worker's registry seat, or None outside a worker.  A config reload changes
-    ``seat.info.capacity`` / ``weight``; the next heartbeat publishes them."""
-    try:
-        seat: Seat | None = runtime_of(app).extras.get(SEAT)
-    except AttributeError:
-        return None
-    return seat
-
-
 def install_routing(app: Celery) -> None:
     """Worker options, the two bootsteps, and the in-flight accounting signals."""
     app.user_options["worker"].add(
@@ -319,7 +220,7 @@ def install_routing(app: Celery) -> None:
 
     def received(request: Any = None, **_: Any) -> None:
         # Main process.  A task from a shared queue was not reserved by a router: count it now.
-        seat = seat_of(app)
+        seat = runtime_of(app).worker.seat
         if seat is not None and seat.progress is not None:
             seat.progress.taken += 1
         if seat is None or request is None or request.name not in seat.types or request.app is not app:
@@ -329,7 +230,7 @@ def install_routing(app: Celery) -> None:
 
     def finished(sender: Any = None, **_: Any) -> None:
         # Pool process (or thread): the slot is free again.
-        seat = seat_of(app)
+        seat = runtime_of(app).worker.seat
         if seat is not None and getattr(sender, "name", None) in seat.types and sender.app is app:
             seat.adjust(-1)
 

@@ -47,10 +47,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_ext.routing")
 
 
-def registry_url_for(config: Config, broker_url: str, transport_options: Mapping[str, Any] | None = None) -> str | None:
+def registry_url_for(config: Config, broker_url: str) -> str | None:
     """``scheduler.registry_url``, else the broker when it is Redis (as a redis-py URL: the
-    embedded broker's ``redis+socket://<path>`` is ``unix://<path>``), else None (no registry).
-    ``transport_options`` is unused (kept for callers)."""
+    embedded broker's ``redis+socket://<path>`` is ``unix://<path>``), else None (no registry)."""
     if config.scheduler.registry_url:
         return config.scheduler.registry_url
     return redis_py_url(broker_url) if is_redis_url(broker_url) else None
@@ -123,12 +122,12 @@ class TaskRouter:
     def from_config(
         cls,
         config: Config,
-        broker_url: str,
         task_types: Iterable[str],
+        registry: WorkerRegistry | None,
+        broker_url: str,
         transport_options: Mapping[str, Any] | None = None,
     ) -> TaskRouter:
-        url = registry_url_for(config, broker_url, transport_options)
-        registry = WorkerRegistry.from_url(url, config.app.name) if url else None
+        """The router ``config`` asks for, over ``registry`` (built by the composition root)."""
         router = cls(
             config.app.name,
             task_types,
@@ -137,7 +136,7 @@ class TaskRouter:
             config.scheduler.routing_cache,
             shared_state=config.scheduler.load_balance_state == "shared",
         )
-        if url is not None and url == redis_py_url(broker_url):
+        if registry is not None and registry_url_for(config, broker_url) == redis_py_url(broker_url):
             # The registry is the broker: the reservation can see each type's shared-queue backlog.
             router.backlog_keys = {t: queue_keys(q, transport_options) for t, q in router.shared.items()}
         return router
@@ -373,11 +372,3 @@ def _routed(name: str, kwargs: Any, options: Mapping[str, Any]) -> RoutedTask:
         key if isinstance(key, str) else None,
         options.get("priority"),
     )
-
-
-def router_of(app: Any) -> TaskRouter:
-    """The ``TaskRouter`` a celery_ext app was built with."""
-    for route in app.conf.task_routes or ():
-        if isinstance(route, TaskRouter):
-            return route
-    raise LookupError("this app has no celery_ext TaskRouter in task_routes")

@@ -6,7 +6,7 @@ Keys (``<app.name>`` prefix, so two apps on one Redis never mix):
 * ``<p>.workers.expiry`` sorted set: worker id -> when its entry expires (Redis server time,
   ms).  Each heartbeat pushes it ``worker.offline_after`` ahead: that is the entry's TTL.  An id
   whose score is in the past is offline; ``sweep_offline`` removes it exactly once and calls the
-  ``OFFLINE_HANDLERS`` (the events issue publishes ``worker_offline`` there).
+  registry's ``on_offline`` (the composition root passes the observer's: ``worker_offline``).
 * ``<p>.balance.strategy``: the routing strategy last published to the cluster (JSON: strategy,
   config, version); every registry read returns it, so producers follow its changes.
 * ``<p>.tasks.held`` sorted set: task id -> until when (Redis server time, ms) a live worker
@@ -34,9 +34,6 @@ from celery_ext.forksafe import fork_safe
 from celery_ext.transport import redis_py_url
 
 logger = logging.getLogger("celery_ext.routing")
-
-#: Called with each worker ``sweep_offline`` finds offline (after it was removed).
-OFFLINE_HANDLERS: list[Callable[[WorkerInfo], None]] = []
 
 KEEP_KEYS_MS = 24 * 3600 * 1000  # an app that stops entirely leaves no keys behind after a day
 
@@ -225,9 +222,11 @@ _FIELDS = frozenset(
 class WorkerRegistry:
     """Reads and writes the registry; every operation is one Redis round trip."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: Any, prefix: str, on_offline: Callable[[WorkerInfo], None] | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        #: Called with each worker ``sweep_offline`` finds offline (after it was removed).
+        self.on_offline = on_offline
         self.keys = (
             f"{prefix}.workers",
             f"{prefix}.workers.expiry",
@@ -257,12 +256,12 @@ class WorkerRegistry:
         return self._generation
 
     @classmethod
-    def from_url(cls, url: str, prefix: str) -> WorkerRegistry:
+    def from_url(cls, url: str, prefix: str, on_offline: Callable[[WorkerInfo], None] | None = None) -> WorkerRegistry:
         import redis
 
         # fork_safe: the heartbeat thread may be inside the pool when the worker forks a pool process.
         client = redis.Redis.from_url(redis_py_url(url), socket_timeout=2, socket_connect_timeout=1)
-        return cls(fork_safe(client), prefix)
+        return cls(fork_safe(client), prefix, on_offline)
 
     # --- the worker side ------------------------------------------------------------------
 
@@ -371,14 +370,15 @@ class WorkerRegistry:
 
     def sweep_offline(self, limit: int = 100) -> list[WorkerInfo]:
         """Remove workers whose entry expired; each is returned (and handed to the
-        ``OFFLINE_HANDLERS``) by exactly one caller, however many schedulers sweep."""
+        ``on_offline``) by exactly one caller, however many schedulers sweep."""
         gone = [WorkerInfo.from_json(raw, 0, online=False) for raw in self._sweep(keys=list(self.keys), args=[limit])]
-        for info in gone:
-            for handler in list(OFFLINE_HANDLERS):
+        on_offline = self.on_offline
+        if on_offline is not None:
+            for info in gone:
                 try:
-                    handler(info)
-                except Exception:  # noqa: BLE001 - one failing subscriber must not stop the others
-                    logger.exception("worker_offline handler %r failed for %s", handler, info.id)
+                    on_offline(info)
+                except Exception:  # noqa: BLE001 - the sweep's result stands whatever a subscriber does
+                    logger.exception("on_offline failed for worker %s", info.id)
         return gone
 
     def remove(self, worker_ids: Iterable[str]) -> None:

@@ -15,7 +15,6 @@ move a record backwards.
 from __future__ import annotations
 
 import abc
-import base64
 import builtins
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -232,22 +231,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def description(self) -> str:
         """Where the data lives, password redacted (for banners and errors)."""
-
-
-def encode_cursor(created_at: datetime, task_id: str) -> str:
-    raw = f"{created_at.isoformat()}|{task_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    from celery_ext.errors import CeleryExtError
-
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, task_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), task_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CeleryExtError(f"invalid cursor {cursor!r}") from exc
 
 
 # --- the flat record every backend stores ---------------------------------------------------

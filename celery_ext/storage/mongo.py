@@ -31,6 +31,7 @@ from urllib.parse import quote_plus
 from pydantic import Field
 
 from celery_ext.config import Model, PositiveDuration, validate_section
+from celery_ext.cursor import decode_cursor, encode_cursor
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 from celery_ext.storage.base import (
@@ -41,8 +42,6 @@ from celery_ext.storage.base import (
     TaskLogRepository,
     TaskMaintenance,
     TaskRepository,
-    decode_cursor,
-    encode_cursor,
 )
 from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc

@@ -38,6 +38,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from celery_ext.config import Model, validate_section
+from celery_ext.cursor import decode_cursor, encode_cursor
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import TERMINAL, Task, TaskFilter, TaskLog, TaskPage, TaskStatus, utcnow
 from celery_ext.storage import sql_migrations
@@ -49,8 +50,6 @@ from celery_ext.storage.base import (
     TaskLogRepository,
     TaskMaintenance,
     TaskRepository,
-    decode_cursor,
-    encode_cursor,
     from_record,
     record_changes,
     status_values,

@@ -14,7 +14,7 @@ import jinja2  # noqa: F401 - fail at import (``celery-ext api`` names the missi
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from celery_ext.factory import Runtime
+    from celery_ext.runtime import Runtime
 
 
 def mount_ui(app: FastAPI, rt: Runtime) -> None:

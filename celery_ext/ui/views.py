@@ -28,7 +28,7 @@ from celery_ext.ui import auth, stats
 from celery_ext.validation import renderable
 
 if TYPE_CHECKING:
-    from celery_ext.factory import Runtime
+    from celery_ext.runtime import Runtime
 
 logger = logging.getLogger("celery_ext.ui")
 
@@ -109,9 +109,7 @@ class Ui:
     def known_types(self) -> list[str]:
         types = set(self.manager.executors.task_types)
         try:
-            from celery_ext.routing.router import router_of
-
-            types |= router_of(self.rt.celery).advertised()
+            types |= self.rt.router.advertised()
         except Exception:  # noqa: BLE001, S110 - the datalist is a convenience
             pass
         return sorted(types)
@@ -212,9 +210,7 @@ class Ui:
     # --- workers --------------------------------------------------------------------------
 
     def workers(self) -> dict[str, Any]:
-        from celery_ext.routing.router import router_of
-
-        registry = router_of(self.rt.celery).registry
+        registry = self.rt.registry
         if registry is None:
             return {
                 "workers": [],

@@ -39,11 +39,13 @@ def _config() -> Any:
 
 
 def _celery_config() -> dict[str, Any]:
-    from celery_ext.executors.pool import ExecutorSet
-    from celery_ext.factory import celery_settings
+    from celery_ext.factory import create_app
+    from celery_ext.runtime import runtime_of
 
-    config = _config()
-    settings = celery_settings(config, ExecutorSet.from_config(config).task_types)
+    # celery_ext's settings: what create_app gave the app's config.
+    rt = runtime_of(create_app(_config()))
+    settings = {key: rt.celery.conf[key] for key in rt.celery.conf.changes}
+    rt.close()
     # The suite's own settings (t/integration/conftest.py), where celery_ext's don't say.
     # Not task_create_missing_queues=False: a celery_ext worker also consumes its direct queue.
     suite = {"result_backend": os.environ.get("TEST_BACKEND", "celery_ext://"), "result_extended": True}

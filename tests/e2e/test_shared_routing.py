@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from celery_ext.model import TaskStatus
-from celery_ext.routing.router import router_of
 from tests.conftest import Cluster, cluster_data, storage_section
 from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
 from tests.support.workers import subprocess_env, write_config
@@ -96,7 +95,7 @@ def test_a_strategy_change_in_config_yaml_reaches_a_running_producer(weighted: C
     from tests.integration.test_routing_failover import one_at_a_time
 
     rt = weighted.runtime
-    router = router_of(rt.celery)
+    router = rt.router
     one_at_a_time(rt, rt.manager.submit("echo", {}))  # routing: the producer has read the registry
     assert type(router.balancer).__name__ == "LeastTaskBalancer"
     original = weighted.config_path.read_text()

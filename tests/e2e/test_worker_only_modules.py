@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 
-from celery_ext.routing.router import router_of
 from celery_ext.routing.workers import direct_queue_name
 from tests.conftest import Cluster, cluster_data, storage_section
 from tests.integration.test_api import ApiProcess
@@ -146,7 +145,7 @@ def test_the_cli_submits_declared_and_advertised_types(cluster: Cluster, modules
 def test_advertised_types_are_routed_to_their_queues(cluster: Cluster) -> None:
     """This pytest process cannot import hidden_tasks either: its router still sends hidden_add
     to its shared queue or to the worker's direct queue, never to Celery's default queue."""
-    router = router_of(cluster.runtime.celery)
+    router = cluster.runtime.router
     assert "hidden_add" not in router.task_types and "hidden_add" in router.advertised()
     prefix = cluster.data["app"]["name"]
     worker_queue = direct_queue_name(prefix, cluster.workers[0].hostname.replace("%h", socket.gethostname()))

@@ -11,6 +11,7 @@ from celery_ext.config import parse_config
 from celery_ext.errors import InvalidPayloadError, StorageError, UnknownTaskTypeError
 from celery_ext.factory import create_app
 from celery_ext.model import TaskFilter, TaskStatus
+from celery_ext.runtime import runtime_of
 from tests.conftest import TEST_TASKS
 from tests.support.services import unique
 
@@ -62,7 +63,7 @@ def test_storage_down_at_submit_writes_and_publishes_nothing(tmp_path, redis_url
         },
         source=str(tmp_path / "config.yaml"),
     )
-    manager = create_app(config).celery_ext.manager
+    manager = runtime_of(create_app(config)).manager
     with pytest.raises(StorageError) as info:
         manager.submit("echo", {"a": 1})
     assert "127.0.0.1:1" in str(info.value) and "s3cret" not in str(info.value)

@@ -9,7 +9,6 @@ import pytest
 
 from celery_ext.model import TaskStatus
 from celery_ext.reload import changed_paths
-from celery_ext.routing.router import router_of
 from tests.conftest import TEST_TASKS, Cluster
 from tests.support.scrape import poll
 from tests.support.workers import WorkerProcess, write_config
@@ -29,7 +28,7 @@ def rewrite(cluster: Cluster, **sections: Any) -> None:
 
 
 def entry(cluster: Cluster, worker_id: str) -> Any:
-    registry = router_of(cluster.runtime.celery).registry
+    registry = cluster.runtime.router.registry
     return next((w for w in registry.all() if w.id == worker_id), None)
 
 

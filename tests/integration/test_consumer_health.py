@@ -15,7 +15,6 @@ import pytest
 import redis
 
 from celery_ext.model import TaskStatus
-from celery_ext.routing.router import router_of
 from tests.conftest import TEST_TASKS
 from tests.support.scrape import poll
 from tests.support.services import REDIS_HOST, REDIS_PORT
@@ -31,7 +30,7 @@ def proxy() -> Iterator[FreezableProxy]:
 
 
 def entry(c, name: str):
-    found = [w for w in router_of(c.runtime.celery).registry.all() if w.id.startswith(name + "@")]
+    found = [w for w in c.runtime.router.registry.all() if w.id.startswith(name + "@")]
     return found[0] if found else None
 
 
@@ -72,7 +71,7 @@ def test_a_worker_whose_consumer_is_wedged_is_reported_unhealthy(make_cluster, p
 
 
 def test_progress_reports_a_stall_only_while_work_waits_slots_are_free_and_nothing_is_taken(redis_url) -> None:
-    from celery_ext.routing.heartbeat import Progress
+    from celery_ext.routing.seat import Progress
     from celery_ext.routing.workers import WorkerInfo
     from tests.support.services import unique
 

@@ -19,6 +19,7 @@ from celery_ext.config import parse_config
 from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher
 from celery_ext.factory import create_app
 from celery_ext.model import Task, new_id, utcnow
+from celery_ext.runtime import runtime_of
 from tests.support.services import REDIS_HOST, REDIS_PORT, unique
 
 DB = 11  # a Redis database of its own: the test reads every list and event in it
@@ -31,7 +32,7 @@ def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
         "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
         "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
     }
-    rt: Any = create_app(parse_config(data, source="test")).celery_ext  # type: ignore[attr-defined]
+    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
     yield rt.dispatcher
     rt.close()
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from celery_ext.config import parse_config
 from tests.conftest import TEST_TASKS, Cluster, cluster_data, storage_section
@@ -181,22 +180,29 @@ def test_embedded_worker_banners_name_the_socket(tmp_path: Path) -> None:
         stop_embedded_redis(tmp_path / ".celery_ext")
 
 
-def test_the_broker_url_keeps_its_scheme_and_the_banner_hides_the_password() -> None:
+def test_the_broker_url_keeps_its_scheme_and_the_banner_hides_the_password(tmp_path: Path) -> None:
     from kombu.transport import resolve_transport
 
-    from celery_ext.factory import celery_settings, describe_broker
+    from celery_ext.factory import create_app
+    from celery_ext.runtime import runtime_of
     from celery_ext.transport import Transport
     from celery_ext.worker import _redact
 
-    config = parse_config({"app": {"name": unique("ce")}, "broker": {"url": "redis://:s3cret@127.0.0.1:6379/3"}})
-    app = Celery("t", set_as_current=False)
-    app.conf.update(celery_settings(config, ["echo"]))
+    config = parse_config(
+        {
+            "app": {"name": unique("ce"), "data_dir": str(tmp_path)},
+            "broker": {"url": "redis://:s3cret@127.0.0.1:6379/3"},
+            "storage": {"type": "sqlite"},
+        }
+    )
+    app = create_app(config)
     assert "broker_transport" not in app.conf.changes  # the scheme decides the transport ...
     assert resolve_transport("redis") is Transport and resolve_transport("rediss") is Transport  # ... celery_ext's
     with app.connection() as conn:
         assert type(conn.transport) is Transport
         assert conn.as_uri() == "redis://:**@127.0.0.1:6379/3"
-    assert _redact(describe_broker(app)) == "redis://:**@127.0.0.1:6379/3"
+    assert _redact(runtime_of(app).broker_url) == "redis://:**@127.0.0.1:6379/3"
+    runtime_of(app).close()
 
 
 # --- what Flower shows of celery_ext tasks --------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from celery_ext.config import StorageConfig
 from celery_ext.errors import ConfigError, StorageError
 from celery_ext.model import Task, TaskFilter, TaskLog, TaskStatus, utcnow
+from celery_ext.runtime import runtime_of
 from celery_ext.storage import open_storage
 from celery_ext.storage.mongo import SCHEMA_VERSION, MongoStorage
 from tests.support.mongo import MongoServer, mongo_server  # noqa: F401 - fixture
@@ -202,7 +203,7 @@ def test_real_worker_records_tasks_and_logs_in_mongodb(
         "executors": [{"type": "python", "config": {"modules": ["tests.support.tasks"]}}],
     }
     config_path = write_config(tmp_path, data)
-    runtime = create_app(parse_config(data, source=str(config_path))).celery_ext  # type: ignore[attr-defined]
+    runtime = runtime_of(create_app(parse_config(data, source=str(config_path))))
     worker = WorkerProcess(config_path, concurrency=2).start()  # prefork: each child builds its own client
     try:
         m = runtime.manager

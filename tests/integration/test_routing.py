@@ -17,7 +17,7 @@ import pytest
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
 from celery_ext.model import TaskStatus
-from celery_ext.routing.router import router_of
+from celery_ext.runtime import runtime_of
 from tests.conftest import Cluster, cluster_data, storage_section
 from tests.support.routing_tasks import runs
 from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
@@ -66,7 +66,7 @@ def _host() -> str:
 
 def producer(cluster: Cluster, strategy: str, closing: list[Runtime]) -> Runtime:
     data = {**cluster.data, "scheduler": {"load_balance_strategy": strategy}}
-    rt: Runtime = create_app(parse_config(data, source=str(cluster.config_path))).celery_ext  # type: ignore[attr-defined]
+    rt: Runtime = runtime_of(create_app(parse_config(data, source=str(cluster.config_path))))
     closing.append(rt)
     return rt
 
@@ -124,7 +124,7 @@ def burst(three: Cluster, rt: Runtime, n: int, seconds: float) -> None:
     """Submit ``n`` slow tasks at once; check balance, in-flight bounds and idle slots."""
     key = unique("burst:")
     capacity = {three.ids[name]: spec[0] for name, spec in WORKERS.items()}
-    registry = router_of(rt.celery).registry
+    registry = rt.router.registry
     peaks: Counter[str] = Counter()
     stop = threading.Event()
 
@@ -228,6 +228,6 @@ def test_a_type_no_worker_supports_waits_then_runs_when_one_starts(three: Cluste
         assert done.status is TaskStatus.SUCCEEDED and done.worker_id.startswith(w.hostname.split("@")[0])
     finally:
         w.stop()
-    router = router_of(rt.celery)
+    router = rt.router
     router.invalidate()
     assert w.hostname.split("@")[0] not in {x.id.split("@")[0] for x in router.registry.online()}

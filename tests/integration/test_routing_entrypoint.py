@@ -15,7 +15,6 @@ import pytest
 from celery_ext.errors import ConfigError
 from celery_ext.model import TaskStatus
 from celery_ext.registry import BALANCERS
-from celery_ext.routing.router import router_of
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "lowest_id_balancer"
@@ -52,7 +51,7 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 def test_entry_point_balancer_is_selected_from_config_and_routes_real_work(make_cluster, installed) -> None:
     assert "lowest_id" in BALANCERS.known()
     c = make_cluster(executors=ROUTING_TASKS, scheduler={"load_balance_strategy": "lowest_id"})
-    router = router_of(c.runtime.celery)
+    router = c.runtime.router
     assert type(router.balancer).__name__ == "LowestIdBalancer"
     # The worker builds the same router: it must find the entry point too.  Room for 8 keeps the
     # real worker the lowest-id candidate even when slot releases lag on a loaded machine.
@@ -77,7 +76,7 @@ def test_balancer_by_module_path_with_settings(make_cluster, installed) -> None:
             "load_balance_config": {"prefer": "b"},
         },
     )
-    router = router_of(c.runtime.celery)
+    router = c.runtime.router
     for wid in ("a1", "b2", "b1"):
         router.registry.heartbeat(
             WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), capacity=9, supported_types=("rt_slow",)),

@@ -11,7 +11,6 @@ from collections import Counter
 
 from celery_ext.model import TERMINAL, TaskStatus
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
-from celery_ext.routing.router import router_of
 from tests.support.routing_tasks import runs
 from tests.support.services import unique
 
@@ -39,12 +38,12 @@ def one_at_a_time(rt, task):
     """Wait for the task and for its worker to release its slot (which follows the record's
     SUCCEEDED by a moment): otherwise the next decision may see that worker full."""
     done = rt.manager.wait(task.task_id, 30)
-    registry = router_of(rt.celery).registry
+    registry = rt.router.registry
     deadline = time.monotonic() + 10
     while any(w.in_flight for w in registry.all()):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    router_of(rt.celery).invalidate()
+    rt.router.invalidate()
     return done
 
 
@@ -65,7 +64,7 @@ def test_affinity_sticks_then_moves_when_its_worker_dies_and_nothing_is_lost(mak
     assert len(sticky) == 1
     (victim_id,) = sticky
     victim = workers[victim_id.split("@")[0]]
-    survivor_id = next(w.id for w in router_of(rt.celery).registry.online() if w.id != victim_id)
+    survivor_id = next(w.id for w in rt.router.registry.online() if w.id != victim_id)
 
     long = m.submit("rt_slow", {"key": key, "seconds": 3, "tag": "long"})
     wait_status(rt, long.task_id, TaskStatus.RUNNING)
@@ -109,7 +108,7 @@ def test_killing_a_worker_mid_burst_still_finishes_every_task(make_cluster) -> N
     assert set(ran) == {str(i) for i in range(n)} | {f"late{i}" for i in range(6)}
     # Only tasks that were running on the killed worker may have run twice.
     assert sum(ran.values()) - len(ran) <= 2, ran
-    assert router_of(rt.celery).registry.all()[0].id == survivor.hostname.replace("%h", _host())
+    assert rt.router.registry.all()[0].id == survivor.hostname.replace("%h", _host())
 
 
 def _host() -> str:

@@ -12,7 +12,6 @@ import redis
 
 from celery_ext.model import TaskStatus, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
-from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
 from tests.support.services import unique
@@ -39,7 +38,7 @@ def running(rt, *, worker: str, lease_in: float, max_retries: int = 3) -> str:
 
 def test_expired_leases_are_redispatched_or_declared_dead(make_cluster) -> None:
     rt = make_cluster(executors=ROUTING_TASKS).runtime
-    router = router_of(rt.celery)
+    router = rt.router
     router.registry.heartbeat(
         WorkerInfo(id="alive", queue=direct_queue_name(router.prefix, "alive"), supported_types=("rt_slow",)), 60, 0
     )
@@ -86,7 +85,7 @@ def test_a_message_a_dead_worker_fetched_but_never_claimed_is_returned(make_clus
     is found offline, such messages of unclaimed records go back to their queues."""
     c = make_cluster(executors=ROUTING_TASKS, worker={"heartbeat_interval": 0.2, "offline_after": 0.5})
     rt = c.runtime
-    router = router_of(rt.celery)
+    router = rt.router
     task = rt.manager.submit("rt_slow", {"key": unique("unclaimed:"), "seconds": 0.01})  # no worker: shared queue
     shared = f"{router.prefix}.rt_slow"
     options = json.dumps(rt.celery.conf.broker_transport_options)

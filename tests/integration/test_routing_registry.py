@@ -13,9 +13,8 @@ from collections import Counter
 import pytest
 import redis
 
-from celery_ext.routing.router import router_of
 from celery_ext.routing.stranded import move_stranded, queue_keys
-from celery_ext.routing.workers import OFFLINE_HANDLERS, WorkerInfo, direct_queue_name
+from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
 
 ROUTING_TASKS = [{"type": "python", "config": {"modules": ["tests.support.routing_tasks"]}}]
 
@@ -27,7 +26,7 @@ def r() -> redis.Redis:
 def producer(make_cluster, strategy: str = "least_task", **scheduler):
     c = make_cluster(executors=ROUTING_TASKS, scheduler={"load_balance_strategy": strategy, **scheduler})
     rt = c.runtime
-    return rt, router_of(rt.celery)
+    return rt, rt.router
 
 
 def fake(
@@ -135,16 +134,14 @@ def test_offline_workers_are_skipped_and_swept_exactly_once(make_cluster) -> Non
         time.sleep(0.05)
     assert {route(router) for _ in range(20)} == {direct_queue_name(router.prefix, "alive")}
     seen: list[str] = []
-    OFFLINE_HANDLERS.append(lambda w: seen.append(w.id))
-    try:
-        results: list[list[WorkerInfo]] = []
-        threads = [threading.Thread(target=lambda: results.append(router.registry.sweep_offline())) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        OFFLINE_HANDLERS.pop()
+    # Four schedulers' registries sweep at once, each told whom to call for a worker gone offline.
+    sweepers = [WorkerRegistry(router.registry.client, router.prefix, lambda w: seen.append(w.id)) for _ in range(4)]
+    results: list[list[WorkerInfo]] = []
+    threads = [threading.Thread(target=lambda r=r: results.append(r.sweep_offline())) for r in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     swept = [w for batch in results for w in batch]
     assert [w.id for w in swept] == ["dying"] and seen == ["dying"]
     assert swept[0].queue == direct_queue_name(router.prefix, "dying") and not swept[0].online

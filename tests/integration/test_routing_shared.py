@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from celery_ext.config import parse_config
-from celery_ext.routing.router import TaskRouter, build_balancer, router_of
+from celery_ext.routing.router import TaskRouter, build_balancer
 from celery_ext.routing.shared import SharedPlan
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
@@ -23,7 +23,7 @@ from tests.integration.test_routing_registry import ROUTING_TASKS, fake, r, rout
 
 def cluster(make_cluster, strategy: str, **scheduler):
     c = make_cluster(executors=ROUTING_TASKS, scheduler={"load_balance_strategy": strategy, **scheduler})
-    return c, router_of(c.runtime.celery)
+    return c, c.runtime.router
 
 
 def fresh(router: TaskRouter, strategy: str, state: str = "shared") -> TaskRouter:

@@ -70,7 +70,7 @@ def test_tick_publishes_what_no_producer_did_and_only_the_leader_acts(make_clust
     c.worker()
     old, fresh = orphan(c, age=60), orphan(c, age=0)
     elections: list[Event] = []
-    c.runtime.extras["events"].subscribe(SCHEDULER_LEADER_CHANGED, elections.append)
+    c.runtime.bus.subscribe(SCHEDULER_LEADER_CHANGED, elections.append)
     follower = Scheduler(c.runtime, holder="follower")
     leader = Scheduler(c.runtime, holder="leader")
     assert leader.tick().leader
@@ -83,7 +83,7 @@ def test_tick_publishes_what_no_producer_did_and_only_the_leader_acts(make_clust
     assert c.manager.get(fresh.task_id).status is TaskStatus.PENDING  # still within its grace
     assert report.errors == []
     assert leader.lease is not None and leader.lease.release()
-    c.runtime.extras["events"].flush(5)
+    c.runtime.bus.flush(5)
     assert [(e.worker_id, e.data["is_leader"]) for e in elections] == [("leader", True)]
 
 

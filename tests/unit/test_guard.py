@@ -199,9 +199,9 @@ def test_a_dead_letter_keeps_the_raw_message_within_bounds() -> None:
 def test_list_filters_and_cursors_are_checked() -> None:
     from datetime import UTC, datetime
 
+    from celery_ext.cursor import encode_cursor
     from celery_ext.errors import InvalidPayloadError
     from celery_ext.model import TaskFilter
-    from celery_ext.storage.base import encode_cursor
     from celery_ext.validation import check_filter
 
     check_filter(TaskFilter(cursor=encode_cursor(datetime.now(UTC), new_id()), task_type=("echo",)))

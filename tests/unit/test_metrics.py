@@ -9,6 +9,7 @@ from celery_ext.config import Config, parse_config
 from celery_ext.errors import ConfigError
 from celery_ext.metrics import NullMetrics, build_metrics
 from celery_ext.metrics.prometheus import PrometheusMetrics
+from celery_ext.runtime import runtime_of
 
 
 def test_collector_selection() -> None:
@@ -65,7 +66,7 @@ def test_producers_count_for_the_cluster_in_its_redis_else_in_the_process(tmp_pa
                 "plugins": [{"name": "metrics"}],
             }
         )
-        m = create_app(config).celery_ext.extras["metrics"]  # type: ignore[attr-defined]
+        m = runtime_of(create_app(config)).metrics  # type: ignore[attr-defined]
         assert isinstance(m, PrometheusMetrics)
         return m
 

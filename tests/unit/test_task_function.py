@@ -21,6 +21,7 @@ from celery_ext.errors import ConfigError
 from celery_ext.executors.python import PythonExecutor, PythonSettings, TaskFunction, echo, task_type
 from celery_ext.executors.task import ExecutorTask
 from celery_ext.factory import create_app, current_app
+from celery_ext.runtime import runtime_of
 from tests.support.tasks import add, tsum
 from tests.support.workers import subprocess_env
 
@@ -43,7 +44,7 @@ def memory_app(directory: Path, name: str = "unit") -> Celery:
 def app(tmp_path: Path) -> Iterator[Celery]:
     app = memory_app(tmp_path)
     yield app
-    app.celery_ext.storage.close()  # type: ignore[attr-defined]
+    runtime_of(app).storage.close()
 
 
 def test_public_import_is_the_decorator() -> None:
@@ -112,7 +113,7 @@ def test_the_app_in_use_is_the_latest_unless_one_is_set_current(tmp_path: Path) 
     finally:
         _set_current_app(previous)
         for a in (first, second):
-            a.celery_ext.storage.close()  # type: ignore[attr-defined]
+            runtime_of(a).storage.close()
 
 
 def test_a_type_registered_after_the_app_was_built_becomes_its_task(app: Celery) -> None:
