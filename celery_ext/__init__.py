@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery_ext.errors import CeleryExtError, ConfigError
 from celery_ext.executors.base import Executor, ExecutorSettings
-from celery_ext.executors.python import task_type
+from celery_ext.functions import task_type
 from celery_ext.model import Task, TaskFilter, TaskLog, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
 
 
 def create_app(*args: Any, **kwargs: Any) -> Celery:
+    # Imported on use: ``import celery_ext`` (a module of task functions does) loads no framework.
     from celery_ext.factory import create_app as _create
 
     return _create(*args, **kwargs)
@@ -44,7 +45,7 @@ def create_app(*args: Any, **kwargs: Any) -> Celery:
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from celery_ext.factory import default_app
+        from celery_ext.factory import default_app  # imported on use, as above
 
         return default_app()
     raise AttributeError(f"module 'celery_ext' has no attribute {name!r}")

@@ -35,12 +35,12 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery_ext.completion import Completion
 from celery_ext.config import load_config
 from celery_ext.errors import TaskFailed
-from celery_ext.executors.task import ExecutorTask
 from celery_ext.factory import broker_for, completion_for
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
 from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
 from celery_ext.storage.base import Storage
+from celery_ext.task import ExecutorTask
 
 logger = logging.getLogger("celery_ext.backend")
 

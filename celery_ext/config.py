@@ -32,6 +32,8 @@ from pydantic import (
 )
 
 from celery_ext.errors import ConfigError
+from celery_ext.registry import CONFIG_LOADERS
+from celery_ext.schedules.model import cron_problem, name_problem, timezone_problem, timing_problem
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +230,6 @@ class ScheduleEntry(Model):
     @classmethod
     def _schedule_field(cls, value: str | None, info: ValidationInfo) -> str | None:
         """Checked as an API schedule is (celery_ext/schedules/model.py)."""
-        from celery_ext.schedules.model import cron_problem, name_problem, timezone_problem
-
         check = {"name": name_problem, "cron": cron_problem, "timezone": timezone_problem}[str(info.field_name)]
         problem = None if value is None else check(value)
         if problem:
@@ -238,8 +238,6 @@ class ScheduleEntry(Model):
 
     @model_validator(mode="after")
     def _one_timing(self) -> ScheduleEntry:
-        from celery_ext.schedules.model import timing_problem
-
         problem = timing_problem(self.cron, self.every)
         if problem:
             raise ValueError(problem)
@@ -560,8 +558,6 @@ def loader_for(location: str | os.PathLike[str] | None = None, poll_interval: fl
     if text is None or not scheme or scheme == "file":
         return YamlConfigLoader(text, poll_interval)
     from kombu.utils.url import maybe_sanitize_url
-
-    from celery_ext.registry import CONFIG_LOADERS
 
     cls = CONFIG_LOADERS.resolve(scheme, f"config location {maybe_sanitize_url(text)!r}")
     loader: ConfigLoader = cls(text, poll_interval)

@@ -34,7 +34,14 @@ from celery_ext.config import (
     interpolate,
     loader_for,
 )
+from celery_ext.embedded import socket_path
 from celery_ext.errors import ConfigError
+from celery_ext.events import build_event_bus
+from celery_ext.executors.pool import ExecutorSet
+from celery_ext.metrics import build_metrics
+from celery_ext.plugins.manager import check_plugins
+from celery_ext.registry import EXECUTORS, STORAGE
+from celery_ext.routing.router import build_balancer
 
 M = TypeVar("M", bound=BaseModel)
 _DISABLED = " (the entry is disabled)"
@@ -131,9 +138,6 @@ def _section(model: type[M], raw: Any) -> M | None:
 
 def _check_executors(entries: list[tuple[int, ExecutorEntry]], report: Report) -> list[str]:
     """Checks each executor; returns the task types the enabled ones provide."""
-    from celery_ext.executors.pool import ExecutorSet
-    from celery_ext.registry import EXECUTORS
-
     built, paths = [], []
     for i, entry in entries:
         path = f"executors[{i}]"
@@ -162,8 +166,6 @@ def _check_executors(entries: list[tuple[int, ExecutorEntry]], report: Report) -
 
 
 def _check_plugins(entries: list[tuple[int, PluginEntry]], report: Report) -> None:
-    from celery_ext.plugins.manager import check_plugins
-
     errors, warnings = check_plugins(entries)
     report.errors.extend(errors)
     report.warnings.extend(warnings)
@@ -171,11 +173,6 @@ def _check_plugins(entries: list[tuple[int, PluginEntry]], report: Report) -> No
 
 def _check_parts(config: Config, report: Report) -> None:
     """The balancer, storage, event bus and metrics collector, built as at start (no I/O)."""
-    from celery_ext.events import build_event_bus
-    from celery_ext.metrics import build_metrics
-    from celery_ext.registry import STORAGE
-    from celery_ext.routing.router import build_balancer
-
     checks = (
         lambda: build_balancer(config),
         lambda: STORAGE.resolve(config.storage.type, "storage.type").from_config(
@@ -193,8 +190,6 @@ def _check_parts(config: Config, report: Report) -> None:
 
 def _broker_url(config: Config) -> str:
     """The broker URL a process would use, without starting the embedded broker."""
-    from celery_ext.embedded import socket_path
-
     return config.broker.url or f"redis+socket://{socket_path(config.data_dir)}"
 
 

@@ -33,7 +33,6 @@ from celery_ext.embedded import ensure_embedded_redis
 from celery_ext.events import build_event_bus
 from celery_ext.events.bridge import EventBridge
 from celery_ext.executors.pool import ExecutorSet
-from celery_ext.executors.task import register_task_types
 from celery_ext.lifecycle import Lifecycle
 from celery_ext.manager import TaskManager
 from celery_ext.metrics import build_metrics
@@ -42,6 +41,7 @@ from celery_ext.routing.workers import WorkerRegistry
 from celery_ext.runner import TaskRunner
 from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
+from celery_ext.task import register_task_types
 from celery_ext.transport import install as install_transport
 from celery_ext.transport import is_redis_url
 from celery_ext.worker import install_worker_steps

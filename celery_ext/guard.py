@@ -48,10 +48,10 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 from celery.worker.consumer import Consumer
 from celery.worker.state import task_ready
 
-from celery_ext.executors.task import ExecutorTask
 from celery_ext.message import ExtHeader, MalformedMessageError, plain_token
 from celery_ext.model import STARTABLE, Task, TaskErrorInfo, utcnow
 from celery_ext.runtime import Runtime, runtime_of
+from celery_ext.task import ExecutorTask
 from celery_ext.validation import (
     MAX_ID_LENGTH,
     MAX_RETRIES,

@@ -38,9 +38,9 @@ from typing import Any
 from celery.worker import state
 
 from celery_ext.errors import StorageError
-from celery_ext.executors.task import ExecutorTask, delivery_of
 from celery_ext.model import TaskStatus, utcnow
 from celery_ext.runtime import Runtime
+from celery_ext.task import ExecutorTask, delivery_of
 
 logger = logging.getLogger("celery_ext.lease")
 

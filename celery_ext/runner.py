@@ -1,7 +1,7 @@
 """Running one delivered message: claim (or create) the record, execute, decide the outcome.
 
 This is the worker-side half of the state machine, independent of Celery's Task class
-(``executors/task.py`` turns each ``Outcome`` into Celery's own: a result, a FAILURE, a RETRY, or
+(``task.py`` turns each ``Outcome`` into Celery's own: a result, a FAILURE, a RETRY, or
 REVOKED).  Every move goes through ``Lifecycle``, a conditional update on status and dispatch
 token, so a duplicated, stale or cancelled message does nothing.
 """

@@ -28,6 +28,7 @@ from celery_ext.events.model import (
     Handler,
 )
 from celery_ext.events.transport import Receive, Transport
+from celery_ext.registry import EVENT_BUSES
 
 __all__ = [
     "ALL",
@@ -55,8 +56,6 @@ __all__ = [
 def build_event_bus(config: Config, broker_url: str) -> EventBus:
     """A bus over the transport named by ``events.type``; builds no connection (they open on
     first use)."""
-    from celery_ext.registry import EVENT_BUSES
-
     cls = EVENT_BUSES.resolve(config.events.type, "events.type")
     transport: Transport = cls(config.events.config, app_name=config.app.name, broker_url=broker_url)
     return EventBus(transport)

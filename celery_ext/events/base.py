@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery_ext.events import model
 from celery_ext.events.local import LocalTransport
 from celery_ext.events.model import ALL, Event, Handler
 from celery_ext.events.transport import Transport
@@ -37,8 +38,6 @@ logger = logging.getLogger("celery_ext.events")
 def __getattr__(name: str) -> Any:
     """The event model's names (``Event``, ``TASK_CREATED``, ...), for code that imports them from
     here, where they were before the model got a module of its own (``celery_ext.events.model``)."""
-    from celery_ext.events import model
-
     if name.startswith("_") or not hasattr(model, name):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(model, name)

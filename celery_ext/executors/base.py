@@ -1,7 +1,7 @@
 """The ``Executor`` extension point.
 
 An executor owns one or more task types and runs a ``Task`` to a ``TaskResult``.  It knows
-nothing of Celery: ``executors/task.py`` adapts it.  Config keys common to every executor
+nothing of Celery: ``task.py`` adapts it.  Config keys common to every executor
 (``timeout``, ``max_retries``) live in ``ExecutorSettings``; an executor declares its own keys by
 subclassing it as ``settings_model``.
 """

@@ -22,9 +22,9 @@ the result data.  A payload that does not fit the function's signature fails the
 reason ``invalid_payload``: that check happens here, in the worker.  Built-in types: ``echo``
 (returns its payload) and ``sleep`` (payload ``{"seconds": s}``).
 
-``@task_type`` returns a ``TaskFunction``: called directly it just runs the function (no worker,
-no storage), and it is also a Celery task (``.delay``, ``.apply_async``, ``.s``, ``.si``,
-``.signature``, ``.name``, canvas) of the celery_ext app in use (``celery_ext.factory.current_app``).
+``@task_type`` (``celery_ext.functions``) records the function here (``define``) and returns a
+``TaskFunction``: called directly it just runs the function, and it is also a Celery task of the
+celery_ext app in use.
 
 What an executor runs is its own table, ``PythonExecutor.functions`` (name -> function), fixed when
 it is built, as arq's ``Worker(functions=...)``: the built-ins, then what ``@task_type`` defined in
@@ -34,13 +34,12 @@ this process once its ``modules`` were imported (``defined_functions()``), or ex
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from pydantic import Field, field_validator
 
@@ -48,16 +47,7 @@ from celery_ext.errors import ConfigError, PermanentError
 from celery_ext.executors.base import Executor, ExecutorSettings
 from celery_ext.model import Task, TaskResult
 
-if TYPE_CHECKING:
-    from celery import Celery
-    from celery import Task as CeleryTask
-    from celery.canvas import Signature, chunks, xmap, xstarmap
-    from celery.result import AsyncResult
-
 logger = logging.getLogger(__name__)
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # What ``@task_type`` defined in this process, by name.  This one table stays process-wide
 # because of what it serves: the decorator runs when a module is imported, before any executor
@@ -69,103 +59,20 @@ R = TypeVar("R")
 _DEFINED: dict[str, Callable[..., Any]] = {}
 
 
-class TaskFunction(Generic[P, R]):
-    """A function registered as a task type, and the Celery task of that name.
+class Defined(Protocol):
+    """A task function as ``PythonExecutor(functions=...)`` takes it (``celery_ext.functions.TaskFunction``)."""
 
-    Calling it runs the function here and now, so unit tests of user code need no worker.  The
-    Celery side is resolved on use, in the celery_ext app in use (``factory.current_app``: the
-    worker's app in a worker; in a producer the current celery_ext app, else ``celery_ext.app``),
-    where the task is the ``ExecutorTask`` that ``executors/task.py`` registers for the name: a
-    message it sends is a plain Celery message, run through the python executor and recorded by
-    the worker on receipt.  Anything else of Celery's task API is on ``.task``.
-    """
-
-    def __init__(self, name: str, fn: Callable[P, R]) -> None:
-        self.name = name
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<@task_type {self.name!r}: {_qualname(self.fn)}>"
-
-    # --- the Celery task --------------------------------------------------------------------
-
-    @property
-    def app(self) -> Celery:
-        from celery_ext.factory import current_app
-
-        return current_app()
-
-    @property
-    def task(self) -> CeleryTask[..., Any]:
-        """The Celery task of this name in ``app`` (registered there if the app was built without
-        it, e.g. when the module was imported after the app)."""
-        app = self.app
-        task = app.tasks.get(self.name)
-        if task is None:
-            from celery_ext.executors.task import register_task_types
-
-            register_task_types(app, [self.name])
-            task = app.tasks[self.name]
-        return task
-
-    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
-        return self.task.apply_async(args, kwargs)
-
-    def apply_async(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> AsyncResult[R]:
-        return self.task.apply_async(*_call(args, kwargs), **options)
-
-    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
-        """A mutable signature: in a chain, the previous step's result is prepended to ``args``."""
-        return self.task.s(*args, **kwargs)
-
-    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
-        """An immutable signature: it ignores the previous step's result."""
-        return self.task.si(*args, **kwargs)
-
-    def signature(
-        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> Signature[R]:
-        return self.task.signature(*_call(args, kwargs), **options)
-
-    def map(self, it: Iterable[Any]) -> xmap:
-        return self.task.map(it)
-
-    def starmap(self, it: Iterable[Any]) -> xstarmap:
-        return self.task.starmap(it)
-
-    def chunks(self, it: Iterable[Any], n: int) -> chunks:
-        return self.task.chunks(it, n)
-
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[R]:  # noqa: N802 - Celery's name
-        return self.task.AsyncResult(task_id, **kwargs)
+    name: str
+    fn: Callable[..., Any]
 
 
-def _call(
-    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
-) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
-    return (None if args is None else tuple(args)), (None if kwargs is None else dict(kwargs))
-
-
-def task_type(name: str) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
-    """Register the decorated function as the implementation of task type ``name`` for the python
-    executor, and make it a Celery task of that name (see ``TaskFunction``)."""
-
-    def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
-        if isinstance(fn, TaskFunction):
-            fn = fn.fn
-        existing = _DEFINED.get(name)
-        if existing is not None and existing is not fn and _qualname(existing) != _qualname(fn):
-            raise ConfigError(f"task type {name!r} is already registered by {_qualname(existing)}")
-        _DEFINED[name] = fn
-        return TaskFunction(name, fn)
-
-    return decorate
+def define(name: str, fn: Callable[..., Any]) -> None:
+    """Record ``fn`` as task type ``name`` in this process (what ``@task_type`` does first); a
+    second, different function under a name already taken is a ``ConfigError``."""
+    existing = _DEFINED.get(name)
+    if existing is not None and existing is not fn and _qualname(existing) != _qualname(fn):
+        raise ConfigError(f"task type {name!r} is already registered by {_qualname(existing)}")
+    _DEFINED[name] = fn
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
@@ -177,18 +84,22 @@ def defined_functions() -> dict[str, Callable[..., Any]]:
     return dict(_DEFINED)
 
 
-@task_type("echo")
 def echo(**payload: Any) -> dict[str, Any]:
+    """Built-in type ``echo``: returns its payload."""
     return payload
 
 
-@task_type("sleep")
 def sleep(seconds: float = 0.0, **_: Any) -> dict[str, float]:
+    """Built-in type ``sleep``: sleeps ``seconds``."""
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
         raise PermanentError("invalid_payload", f"seconds: expected a number >= 0 (got {seconds!r})")
     logger.info("sleeping %.3fs", seconds)
     time.sleep(seconds)
     return {"slept": float(seconds)}
+
+
+define("echo", echo)
+define("sleep", sleep)
 
 
 class PythonSettings(ExecutorSettings):
@@ -228,9 +139,7 @@ class PythonExecutor(Executor):
     settings_model = PythonSettings
     accepts_args = True
 
-    def __init__(
-        self, settings: ExecutorSettings | None = None, *, functions: Iterable[TaskFunction[..., Any]] | None = None
-    ) -> None:
+    def __init__(self, settings: ExecutorSettings | None = None, *, functions: Iterable[Defined] | None = None) -> None:
         """``functions``: exactly the task functions to run (no module is imported then); by
         default, after importing ``settings.modules``, every one defined in this process (the
         built-ins ``echo`` and ``sleep`` among them)."""

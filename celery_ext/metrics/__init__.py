@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery_ext.config import Config
+from celery_ext.registry import METRICS
 
 
 class MetricsCollector(abc.ABC):
@@ -102,8 +103,6 @@ class NullMetrics(MetricsCollector):
 
 
 def build_metrics(config: Config) -> MetricsCollector:
-    from celery_ext.registry import METRICS
-
     name = config.metrics.type
     if name == "null" and any(p.name == "metrics" and p.enabled for p in config.plugins):
         name = "prometheus"

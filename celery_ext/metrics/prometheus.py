@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery_ext.errors import ConfigError
 from celery_ext.metrics import MetricsCollector
+from celery_ext.metrics.cluster import ClusterCounters
 
 if TYPE_CHECKING:
     from celery_ext.metrics.cluster import ClusterCounters
@@ -61,8 +62,6 @@ class PrometheusMetrics(MetricsCollector):
         self.leader = False  # this process's scheduler leads: it exports the cluster counters
 
     def share_counters(self, url: str, app_name: str) -> None:
-        from celery_ext.metrics.cluster import ClusterCounters
-
         self.cluster = ClusterCounters.from_url(url, app_name)
         self._m = None  # no local task_created counter now
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from celery_ext.config import PluginEntry
 from celery_ext.errors import ConfigError
 from celery_ext.plugins.base import Plugin, PluginContext
+from celery_ext.registry import PLUGINS
 
 logger = logging.getLogger("celery_ext.plugins")
 
@@ -113,8 +114,6 @@ class PluginManager:
 def build_plugin(entry: PluginEntry, path: str) -> Plugin:
     """Resolve ``entry.name``, instantiate it and initialize it with ``entry.config`` (validated
     against the plugin's settings model; errors name ``<path>.config...``).  No I/O."""
-    from celery_ext.registry import PLUGINS
-
     cls = PLUGINS.resolve(entry.name, f"{path}.name")
     plugin = cls()
     if not plugin.name:

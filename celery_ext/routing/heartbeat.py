@@ -101,7 +101,7 @@ class RegistrationStep(bootsteps.StartStopStep):
         # Only the shared queues of supported types, plus the direct queue, plus the app's default
         # queue and Celery's (``worker.celery_queue``), where plain Celery producers send by name:
         # a message there of a type this worker does not run is handed to that type's shared queue
-        # (``executors/task.py``).
+        # (``task.py``).
         c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), *plain_queues(rt.config)])
         if rt.registry is None:
             logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")

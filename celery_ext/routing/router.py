@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 from celery_ext.dispatch import queue_name
 from celery_ext.errors import ConfigError
 from celery_ext.message import HEADER
+from celery_ext.registry import BALANCERS
 from celery_ext.routing.base import LoadBalancer, RoutedTask
+from celery_ext.routing.least_task import LeastTaskBalancer
 from celery_ext.routing.shared import SharedPlan, SharedState
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry, direct_queue_name
@@ -63,8 +65,6 @@ def build_balancer(config: Config) -> LoadBalancer:
 def balancer_from(strategy: str, settings: Mapping[str, Any]) -> LoadBalancer:
     """``strategy`` with its ``load_balance_config``; remembers both (``LoadBalancer.spec``), so
     that a worker can publish them to the cluster."""
-    from celery_ext.registry import BALANCERS
-
     cls = BALANCERS.resolve(strategy, "scheduler.load_balance_strategy")
     balancer: LoadBalancer = cls.from_config(settings)
     balancer.spec = {"strategy": strategy, "config": dict(settings)}
@@ -89,8 +89,6 @@ class TaskRouter:
         cache_ttl: float = 0.2,
         shared_state: bool = True,
     ) -> None:
-        from celery_ext.routing.least_task import LeastTaskBalancer
-
         self.prefix = prefix
         self.task_types = frozenset(task_types)
         self.shared = {t: queue_name(prefix, t) for t in self.task_types}

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery_ext.forksafe import fork_safe
+from celery_ext.routing.nowait import NoReplyWriter
 from celery_ext.transport import redis_py_url
 
 logger = logging.getLogger("celery_ext.routing")
@@ -288,8 +289,6 @@ class WorkerRegistry:
     def adjust_nowait(self, worker_id: str, delta: int) -> None:
         """``adjust`` without waiting for Redis (the per-task path; see routing/nowait.py)."""
         if self._nowait is None:
-            from celery_ext.routing.nowait import NoReplyWriter
-
             self._nowait = NoReplyWriter(self.client)
         if delta >= 0:  # only a decrement can cross zero
             self._nowait.send("HINCRBY", self.keys[2], worker_id, delta)

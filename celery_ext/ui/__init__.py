@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import jinja2  # noqa: F401 - fail at import (``celery-ext api`` names the missing extra), not at the first page
 
+from celery_ext.ui.views import mount
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -19,6 +21,4 @@ if TYPE_CHECKING:
 
 def mount_ui(app: FastAPI, rt: Runtime) -> None:
     """Add the dashboard's routes (kept out of the OpenAPI document) and its static files."""
-    from celery_ext.ui.views import mount
-
     mount(app, rt)

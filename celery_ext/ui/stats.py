@@ -24,6 +24,8 @@ from typing import Any
 
 from celery_ext.model import TaskFilter, TaskStatus, utcnow
 from celery_ext.storage.base import Storage
+from celery_ext.storage.sql import SqlStorage
+from celery_ext.storage.sql_schema import tasks
 
 WINDOWS: dict[str, timedelta] = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 BUCKETS = 24
@@ -70,7 +72,6 @@ def count(storage: Storage, window: timedelta, now: datetime | None = None) -> C
     now = now or utcnow()
     step = window / BUCKETS
     counts = Counts(now - window, step)
-    from celery_ext.storage.sql import SqlStorage
 
     if isinstance(storage, SqlStorage):
         _count_sql(storage, counts)
@@ -134,8 +135,6 @@ class Recent:
 
 def _count_sql(storage: Any, counts: Counts) -> None:
     from sqlalchemy import case, func, select
-
-    from celery_ext.storage.sql_schema import tasks
 
     edges = counts.edges()
     bucket = case(*[(tasks.c.created_at < edge, i) for i, edge in enumerate(edges[1:])], else_=BUCKETS - 1)

@@ -16,8 +16,8 @@ from celery import chain, chord, group
 from celery._state import _set_current_app, get_current_app
 
 from celery_ext.errors import TaskFailed
-from celery_ext.executors.task import ExecutorTask
 from celery_ext.model import Task, TaskStatus
+from celery_ext.task import ExecutorTask
 from tests.conftest import TEST_TASKS, Cluster, cluster_data, storage_section
 from tests.integration.test_celery_native import claim_db, redis_url, release_db
 from tests.support.services import unique

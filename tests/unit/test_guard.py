@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 
-from celery_ext.executors.task import ExecutorTask
 from celery_ext.guard import GuardedConsumer, Reading, problem_of
 from celery_ext.model import Task, TaskStatus, new_id
+from celery_ext.task import ExecutorTask
 from celery_ext.validation import renderable
 
 

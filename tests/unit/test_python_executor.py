@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from celery_ext.errors import ConfigError, PermanentError
-from celery_ext.executors.python import PythonExecutor, PythonSettings, task_type
+from celery_ext.executors.python import PythonExecutor, PythonSettings
+from celery_ext.functions import task_type
 from celery_ext.model import Task, new_id
 
 

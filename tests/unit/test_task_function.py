@@ -18,10 +18,11 @@ from celery.canvas import Signature, _chain
 from celery_ext import task_type as public_task_type
 from celery_ext.config import parse_config
 from celery_ext.errors import ConfigError
-from celery_ext.executors.python import PythonExecutor, PythonSettings, TaskFunction, echo, task_type
-from celery_ext.executors.task import ExecutorTask
+from celery_ext.executors.python import PythonExecutor, PythonSettings
 from celery_ext.factory import create_app, current_app
+from celery_ext.functions import TaskFunction, echo, task_type
 from celery_ext.runtime import runtime_of
+from celery_ext.task import ExecutorTask
 from tests.support.tasks import add, tsum
 from tests.support.workers import subprocess_env
 
@@ -55,7 +56,7 @@ def test_a_direct_call_runs_the_function_without_any_app(tmp_path: Path) -> None
     """In a fresh process whose config cannot even be read: calling never builds an app."""
     code = (
         "from tests.support.tasks import add, tsum\n"
-        "from celery_ext.executors.python import echo\n"
+        "from celery_ext.functions import echo\n"
         "import celery_ext.factory as f\n"
         "assert add(2, 3) == 5 and add(x=1, y=2) == 3 and tsum([1, 2, 3]) == 6 and echo(a=1) == {'a': 1}\n"
         "assert add.name == 'add'\n"
