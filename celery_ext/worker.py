@@ -25,20 +25,40 @@ logger = logging.getLogger("celery_ext.worker")
 
 
 class CeleryExtStep(bootsteps.StartStopStep):
-    """Checks at start-up that the executors can run their types (the python executor's modules
-    import: ``Executor.worker_problems``) and that the task store answers, installs per-task log
-    capture, says where data lives.  This step is how celery_ext tells a worker from a client: it
-    runs in ``celery worker`` only, so the check needs no guess from the command line."""
+    """Prepares the worker before the pool forks, then starts and stops its services
+    (``WorkerServices``).  This step is how celery_ext tells a worker from a client: it runs in
+    ``celery worker`` only, so no process has to guess from its command line."""
 
     label = "celery_ext"
     requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        rt = runtime_of(worker.app)
-        rt.runner.incarnation = new_incarnation()  # before the pool forks: children share it
+        self.services = WorkerServices(runtime_of(worker.app))
+        self.services.prepare()  # the pool forks after every step's __init__
+
+    def start(self, worker: Any) -> None:
+        self.services.start(worker.pool)
+
+    def stop(self, worker: Any) -> None:
+        self.services.stop()
+
+
+class WorkerServices:
+    """What a worker's main process runs besides Celery: the lease keeper and, when configured,
+    a scheduler thread; and the checks and set-up made once before the pool forks."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
         self.keeper: LeaseKeeper | None = None
         self.scheduler: InWorkerScheduler | None = None
+
+    def prepare(self) -> None:
+        """Before the pool forks: check that the executors can run their types (the python
+        executor's modules import: ``Executor.worker_problems``) and that the task store answers
+        (migrated), install per-task log capture, and freeze what was made so far."""
+        rt = self.rt
+        rt.runner.incarnation = new_incarnation()  # children share it
         # Only a worker needs the users' task modules (clients build the same executors and
         # tolerate a failed import); a worker must be able to run every type it advertises.
         problems = rt.executors.worker_problems()
@@ -51,14 +71,14 @@ class CeleryExtStep(bootsteps.StartStopStep):
             raise SystemExit(f"celery_ext: cannot start worker: {exc}") from exc
         level = logging.getLevelName(rt.config.app.log_level.upper())
         tasklog.install(level if isinstance(level, int) else logging.INFO)
-        # The pool forks after this: objects made until now move to the collector's permanent
-        # generation, so a child's collections do not write to (and copy) the pages it shares
-        # with the main process (docs/benchmarks.md, worker memory).
+        # Objects made until now move to the collector's permanent generation, so a child's
+        # collections do not write to (and copy) the pages it shares with the main process
+        # (docs/benchmarks.md, worker memory).
         gc.collect()
         gc.freeze()
 
-    def start(self, worker: Any) -> None:
-        rt = runtime_of(worker.app)
+    def start(self, pool: Any) -> None:
+        rt = self.rt
         print(
             f"celery_ext: config {rt.config.source or '(built-in defaults)'} | data in {rt.data_dir} | "
             f"broker {_redact(rt.broker_url)} | "
@@ -66,20 +86,19 @@ class CeleryExtStep(bootsteps.StartStopStep):
             file=sys.stderr,
             flush=True,
         )
-        self.keeper = LeaseKeeper(rt, worker.pool)
+        self.keeper = LeaseKeeper(rt, pool)
         self.keeper.start()
         if scheduler_in_worker(rt.config):
             self.scheduler = InWorkerScheduler(rt)
             self.scheduler.start()
 
-    def stop(self, worker: Any) -> None:
+    def stop(self) -> None:
         if self.keeper is not None:
             self.keeper.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
-        rt = runtime_of(worker.app)
-        rt.executors.close()
-        rt.storage.close()
+        self.rt.executors.close()
+        self.rt.storage.close()
 
 
 class InWorkerScheduler:

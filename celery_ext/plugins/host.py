@@ -1,9 +1,10 @@
-"""``PluginHostStep``: the worker bootstep that hosts plugins, the event hub and worker events.
+"""``PluginHostStep``: the worker bootstep that hosts plugins, the event hub and worker events
+(``PluginHost``, the service it starts and stops).
 
-Before the pool forks (``__init__``): the metrics collector prepares its multiprocess directory,
-the pipe that carries pool children's events to this process is made, and plugins are loaded
-and initialized.  On start: plugins start with a ``PluginContext`` and ``worker_online`` is
-published; on stop: ``worker_offline``, plugins stop in reverse order, the bus is flushed.
+Before the pool forks (the step's ``__init__``): the metrics collector prepares its multiprocess
+directory, the pipe that carries pool children's events to this process is made, and plugins are
+loaded and initialized.  On start: plugins start with a ``PluginContext`` and ``worker_online``
+is published; on stop: ``worker_offline``, plugins stop in reverse order, the bus is flushed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from celery_ext.events.hub import ProcessHub
 from celery_ext.events.model import WORKER_OFFLINE, WORKER_ONLINE, Event
 from celery_ext.plugins.base import PluginContext
 from celery_ext.plugins.manager import PluginManager
-from celery_ext.runtime import runtime_of
+from celery_ext.runtime import Runtime, runtime_of
 
 logger = logging.getLogger("celery_ext.plugins")
 
@@ -28,13 +29,27 @@ class PluginHostStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        rt = runtime_of(worker.app)
+        prefork = getattr(worker, "pool_cls", None) is None or "prefork" in str(worker.pool_cls).lower()
+        self.host = PluginHost(runtime_of(worker.app), worker, prefork)  # before the pool forks
+
+    def start(self, worker: Any) -> None:
+        self.host.start()
+
+    def stop(self, worker: Any) -> None:
+        self.host.stop()
+
+
+class PluginHost:
+    """The plugins of one worker, the event hub of its pool, and its ``worker_online`` /
+    ``worker_offline`` events.  Built before the pool forks (the metrics' multiprocess directory,
+    the hub's pipe, the plugins loaded and initialized); started and stopped by the step."""
+
+    def __init__(self, rt: Runtime, worker: Any, prefork: bool) -> None:
+        self.rt, self.worker_id = rt, worker.hostname
         self.bus, self.metrics = rt.bus, rt.metrics
         self.metrics.startup()
-        self.hub: ProcessHub | None = None
-        if getattr(worker, "pool_cls", None) is None or "prefork" in str(worker.pool_cls).lower():
-            self.hub = ProcessHub()
-            rt.worker.event_hub = self.hub
+        self.hub = ProcessHub() if prefork else None
+        rt.worker.event_hub = self.hub
         self.plugins = PluginManager()
         self.plugins.load(rt.config.plugins)
         rt.worker.plugins = self.plugins
@@ -49,26 +64,26 @@ class PluginHostStep(bootsteps.StartStopStep):
         )
         rt.worker.plugin_context = self.ctx  # a config reload restarts the plugins with it
 
-    def start(self, worker: Any) -> None:
+    def start(self) -> None:
         if self.hub is not None:
             self.hub.start(self.bus)
         self.plugins.start_all(self.ctx)
-        self.metrics.worker_registered(worker.hostname)
+        self.metrics.worker_registered(self.worker_id)
         self.bus.publish(
             Event(
                 WORKER_ONLINE,
-                worker_id=worker.hostname,
+                worker_id=self.worker_id,
                 data={"plugins": self.plugins.running, "failed_plugins": self.plugins.failures},
             )
         )
 
-    def stop(self, worker: Any) -> None:
-        self.metrics.worker_offline(worker.hostname)
-        self.bus.publish(Event(WORKER_OFFLINE, worker_id=worker.hostname, data={"reason": "shutdown"}))
+    def stop(self) -> None:
+        self.metrics.worker_offline(self.worker_id)
+        self.bus.publish(Event(WORKER_OFFLINE, worker_id=self.worker_id, data={"reason": "shutdown"}))
         # Let plugins see the last events (worker_offline included) before they stop.
         self.bus.flush(5.0)
         # The plugins a config reload started, if any (celery_ext/reload.py).
-        (runtime_of(worker.app).worker.plugins or self.plugins).stop_all(self.ctx)
+        (self.rt.worker.plugins or self.plugins).stop_all(self.ctx)
         self.bus.close(5.0)
         self.metrics.shutdown()
         if self.hub is not None:

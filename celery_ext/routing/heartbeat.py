@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +39,9 @@ from celery.signals import task_postrun, task_received
 from celery_ext.config import config_version
 from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.routing.seat import Progress, Seat
-from celery_ext.routing.stranded import move_stranded, queue_keys
+from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
-from celery_ext.runtime import runtime_of
+from celery_ext.runtime import Runtime, runtime_of
 from celery_ext.transport import is_redis_url
 
 logger = logging.getLogger("celery_ext.routing")
@@ -75,7 +74,8 @@ class CapacityStep(bootsteps.Step):
 
 
 class RegistrationStep(bootsteps.StartStopStep):
-    """Consumer step: picks the queues, registers the worker, heartbeats, deregisters."""
+    """Consumer step: picks the queues and takes the worker's seat (``take_seat``, before the pool
+    forks), then starts, pauses and leaves it (``routing/seat.py``)."""
 
     label = "celery_ext.registry"
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -84,91 +84,75 @@ class RegistrationStep(bootsteps.StartStopStep):
         self, c: Any, capacity: int | None = None, weight: int | None = None, supported_types: Any = None, **kwargs: Any
     ) -> None:
         super().__init__(c, **kwargs)
-        self.seat: Seat | None = None
-        self.thread: threading.Thread | None = None
-        rt = runtime_of(c.app)
-        conf, prefix = rt.config.worker, rt.config.app.name
-        known = rt.executors.task_types
-        types = _types(supported_types) or list(conf.supported_types) or known
-        unknown = sorted(set(types) - set(known))
-        if unknown:
-            raise SystemExit(
-                f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
-                f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}"
-            )
-        direct = direct_queue_name(prefix, c.hostname)
-        rt.worker.supported_types = frozenset(types)  # before the pool forks: children see it
-        # Only the shared queues of supported types, plus the direct queue, plus the app's default
-        # queue and Celery's (``worker.celery_queue``), where plain Celery producers send by name:
-        # a message there of a type this worker does not run is handed to that type's shared queue
-        # (``task.py``).
-        c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), *plain_queues(rt.config)])
-        if rt.registry is None:
-            logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
-            return
-        info = WorkerInfo(
-            id=c.hostname,
-            queue=direct,
-            hostname=c.hostname,
-            weight=weight or conf.weight,
-            capacity=capacity or c.controller.concurrency or conf.capacity,
-            supported_types=tuple(sorted(types)),
-            config_version=config_version(rt.config),
-            app_version=rt.config.app.version or "",
-            pid=os.getpid(),
-        )
-        redis_broker = is_redis_url(c.app.conf.broker_url)
-        keys = queue_keys(direct, c.app.conf.broker_transport_options) if redis_broker else []
-        self.seat = Seat(
-            rt.registry,
-            info,
-            conf.offline_threshold,
-            conf.heartbeat_interval,
-            keys,
-            frozenset(types),
-        )
-        if not redis_broker:
-            self.seat.queued = _queue_depth(c.app, direct)
-        elif conf.stall_after > 0:
-            consumed = [q.name for q in c.app.amqp.queues.consume_from.values()]
-            options = c.app.conf.broker_transport_options
-            self.seat.progress = Progress([k for q in consumed for k in queue_keys(q, options)], conf.stall_after)
-        rt.worker.seat = self.seat
+        self.seat = take_seat(runtime_of(c.app), c, capacity, weight, _types(supported_types))
 
     def start(self, c: Any) -> None:
-        if self.seat is None:
-            return
-        # A fresh event per start: a consumer restart must not revive the previous thread.
-        self.seat.stop = threading.Event()
-        self.seat.beat()  # registered before the worker reports ready
-        # This worker's config.yaml is the cluster's: long-running producers follow its strategy.
-        runtime_of(c.app).router.publish_strategy()
-        self.thread = threading.Thread(
-            target=self.seat.loop, args=(self.seat.stop,), name="celery_ext-heartbeat", daemon=True
-        )
-        self.thread.start()
+        if self.seat is not None:
+            self.seat.start()
+            # This worker's config.yaml is the cluster's: long-running producers follow its strategy.
+            runtime_of(c.app).router.publish_strategy()
 
     def stop(self, c: Any) -> None:
         if self.seat is not None:
-            self.seat.stop.set()
+            self.seat.pause()
 
     def shutdown(self, c: Any) -> None:
-        seat = self.seat
-        if seat is None:
-            return
-        seat.stop.set()
-        try:
-            seat.registry.mark_offline(seat.info.id)
-            moved = move_stranded(
-                seat.registry.client,
-                seat.info.queue,
-                runtime_of(c.app).config.app.name,
-                c.app.conf.broker_transport_options,
-            )
-            if moved:
-                logger.info("handed %d queued task(s) back to the shared queues", moved)
-        except Exception as exc:  # noqa: BLE001 - the scheduler's sweep does this later
-            logger.warning("could not deregister cleanly (the scheduler will): %s", exc)
+        if self.seat is not None:
+            self.seat.leave(runtime_of(c.app).config.app.name, c.app.conf.broker_transport_options)
+
+
+def take_seat(
+    rt: Runtime, c: Any, capacity: int | None, weight: int | None, supported_types: list[str] | None
+) -> Seat | None:
+    """Choose the queues the consumer ``c`` consumes and make this worker's registry seat (None
+    without a registry); both go on ``rt.worker``, before the pool forks, so children see them."""
+    conf, prefix = rt.config.worker, rt.config.app.name
+    known = rt.executors.task_types
+    types = supported_types or list(conf.supported_types) or known
+    unknown = sorted(set(types) - set(known))
+    if unknown:
+        raise SystemExit(
+            f"celery_ext: cannot start worker: worker.supported_types: unknown task type(s) "
+            f"{', '.join(map(repr, unknown))}; this worker's executors run: {', '.join(known)}"
+        )
+    direct = direct_queue_name(prefix, c.hostname)
+    rt.worker.supported_types = frozenset(types)
+    # Only the shared queues of supported types, plus the direct queue, plus the app's default
+    # queue and Celery's (``worker.celery_queue``), where plain Celery producers send by name:
+    # a message there of a type this worker does not run is handed to that type's shared queue
+    # (``task.py``).
+    c.app.amqp.queues.select([direct, *(queue_name(prefix, t) for t in types), *plain_queues(rt.config)])
+    if rt.registry is None:
+        logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
+        return None
+    info = WorkerInfo(
+        id=c.hostname,
+        queue=direct,
+        hostname=c.hostname,
+        weight=weight or conf.weight,
+        capacity=capacity or c.controller.concurrency or conf.capacity,
+        supported_types=tuple(sorted(types)),
+        config_version=config_version(rt.config),
+        app_version=rt.config.app.version or "",
+        pid=os.getpid(),
+    )
+    options = c.app.conf.broker_transport_options
+    redis_broker = is_redis_url(c.app.conf.broker_url)
+    seat = Seat(
+        rt.registry,
+        info,
+        conf.offline_threshold,
+        conf.heartbeat_interval,
+        queue_keys(direct, options) if redis_broker else [],
+        frozenset(types),
+    )
+    if not redis_broker:
+        seat.queued = _queue_depth(c.app, direct)
+    elif conf.stall_after > 0:
+        consumed = [q.name for q in c.app.amqp.queues.consume_from.values()]
+        seat.progress = Progress([k for q in consumed for k in queue_keys(q, options)], conf.stall_after)
+    rt.worker.seat = seat
+    return seat
 
 
 def _queue_depth(app: Any, queue: str) -> Callable[[], int]:

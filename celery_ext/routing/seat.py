@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery.worker import state
 
+from celery_ext.routing.stranded import move_stranded
 from celery_ext.routing.workers import WorkerInfo, WorkerRegistry
 
 logger = logging.getLogger("celery_ext.routing")
@@ -58,6 +59,31 @@ class Seat:
     def loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             self.beat()
+
+    # --- the service a bootstep starts and stops ----------------------------------------------
+
+    def start(self) -> None:
+        """Register now (before the worker reports ready), then beat on a thread of its own."""
+        # A fresh event per start: a consumer restart must not revive the previous thread.
+        self.stop = threading.Event()
+        self.beat()
+        threading.Thread(target=self.loop, args=(self.stop,), name="celery_ext-heartbeat", daemon=True).start()
+
+    def pause(self) -> None:
+        """Stop beating (the consumer stops; it may start again)."""
+        self.stop.set()
+
+    def leave(self, app_name: str, transport_options: Mapping[str, Any]) -> None:
+        """The worker shuts down warm: offline at once, and its direct queue handed back to the
+        shared queues (failing that, the scheduler's sweep does both later)."""
+        self.stop.set()
+        try:
+            self.registry.mark_offline(self.info.id)
+            moved = move_stranded(self.registry.client, self.info.queue, app_name, transport_options)
+            if moved:
+                logger.info("handed %d queued task(s) back to the shared queues", moved)
+        except Exception as exc:  # noqa: BLE001 - the scheduler's sweep does this later
+            logger.warning("could not deregister cleanly (the scheduler will): %s", exc)
 
 
 @dataclass
