@@ -95,35 +95,35 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"celery_ext.{module} is in no layer of LAYERS")
 
 
+def imported(node: ast.Import | ast.ImportFrom, name: str, path: Path, modules: set[str]) -> set[str]:
+    """The celery_ext modules one import statement of module ``name`` names."""
+    if isinstance(node, ast.Import):
+        full = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the module's package
+            package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+            base = ".".join(["celery_ext", *package[: len(package) - node.level + 1], base]).strip(".")
+        full = [f"{base}.{alias.name}" for alias in node.names]
+        # ``from celery_ext.x import name``: the module x, unless name is a module itself
+        full = [f if f.removeprefix("celery_ext").lstrip(".") in modules else base for f in full]
+    return {f.removeprefix("celery_ext").lstrip(".") for f in full if f == "celery_ext" or f.startswith("celery_ext.")}
+
+
 def imports() -> dict[str, set[tuple[str, int]]]:
     """module -> {(imported celery_ext module, line)}, TYPE_CHECKING blocks left out."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[tuple[str, int]]] = {}
     for name, path in modules.items():
         edges: set[tuple[str, int]] = set()
-
-        def visit(node: ast.AST) -> None:
-            for child in ast.iter_child_nodes(node):
+        pending: list[ast.AST] = [ast.parse(path.read_text())]
+        while pending:
+            for child in ast.iter_child_nodes(pending.pop()):
                 if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                     continue
-                if isinstance(child, ast.ImportFrom):
-                    base = child.module or ""
-                    if child.level:  # relative: from the module's package
-                        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                        base = ".".join(["celery_ext", *package[: len(package) - child.level + 1], base]).strip(".")
-                    if base == "celery_ext" or base.startswith("celery_ext."):
-                        for alias in child.names:
-                            target = f"{base}.{alias.name}".removeprefix("celery_ext").lstrip(".")
-                            if target not in modules:
-                                target = base.removeprefix("celery_ext").lstrip(".")
-                            edges.add((target, child.lineno))
-                elif isinstance(child, ast.Import):
-                    for alias in child.names:
-                        if alias.name == "celery_ext" or alias.name.startswith("celery_ext."):
-                            edges.add((alias.name.removeprefix("celery_ext").lstrip("."), child.lineno))
-                visit(child)
-
-        visit(ast.parse(path.read_text()))
+                if isinstance(child, ast.Import | ast.ImportFrom):
+                    edges |= {(target, child.lineno) for target in imported(child, name, path, set(modules))}
+                pending.append(child)
         graph[name] = {(target, line) for target, line in edges if target != name}
     return graph
 
@@ -187,7 +187,8 @@ def test_the_layer_check_sees_a_violation() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", sorted(module_name(p) for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")  # a program runs
+    "module",
+    sorted(module_name(p) for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"),  # a program runs
 )
 def test_every_module_imports_on_its_own(module: str) -> None:
     """``python -c "import celery_ext.X"`` in a fresh interpreter, for every X (an import order
