@@ -44,7 +44,12 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
             registry.client,
             rt.config.app.name,
             options,
-            rt.config.worker.offline_threshold,
+            # Not offline_threshold: the dead worker may have fetched its last message after its
+            # last heartbeat, so at the sweep that message can be younger than the threshold, and
+            # it would never be restored (this runs once per dead worker).  One heartbeat
+            # interval still leaves be a live worker's message fetched a moment ago; an older
+            # one it holds for a free slot comes back as a copy that the first claim wins.
+            rt.config.worker.heartbeat_interval,
             lambda task_id: _unclaimed(rt, task_id),
         )
     return out
