@@ -1,4 +1,5 @@
-"""A balancer that counts its lifecycle hooks (named by ``module:Class`` in tests)."""
+"""Balancer test helpers: ``w`` (a worker of a registry snapshot), ``T`` (a routed task of type ``t``)
+and a balancer that counts its lifecycle hooks (named by ``module:Class`` in tests)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ class CountingBalancer(LoadBalancer):
 
     def select(self, workers: Sequence[WorkerInfo], task: RoutedTask) -> WorkerInfo | None:
         return workers[0]
+
+
+def w(wid: str, in_flight: int = 0, capacity: int = 10, weight: int = 1) -> WorkerInfo:
+    return WorkerInfo(
+        id=wid, queue=f"p.worker.{wid}", weight=weight, capacity=capacity, supported_types=("t",), in_flight=in_flight
+    )
+
+
+T = RoutedTask("t", "id1", {})

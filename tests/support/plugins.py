@@ -1,7 +1,11 @@
-"""Plugins that misbehave on purpose, named in config as ``tests.support.plugins:<Class>``."""
+"""Plugins that misbehave on purpose, named in config as ``tests.support.plugins:<Class>``, and
+``plugin_context()``: the context a plugin starts with, on a local bus and no storage."""
 
 from __future__ import annotations
 
+from celery_ext.config import Config
+from celery_ext.events import EventBus
+from celery_ext.metrics import NullMetrics
 from celery_ext.plugins import Plugin, PluginContext
 
 
@@ -22,3 +26,13 @@ class BoomOnEventPlugin(Plugin):
 
     def on_event(self, event: object) -> None:
         raise ValueError("handler exploded")
+
+
+def plugin_context() -> PluginContext:
+    return PluginContext(
+        events=EventBus(),
+        metrics=NullMetrics(),
+        storage=None,
+        config=Config(),  # type: ignore[arg-type]
+        worker_id="w1",
+    )

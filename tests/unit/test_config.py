@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from celery_ext.config import Config, YamlConfigLoader, find_config_file, load_config, parse_config, parse_duration
+from celery_ext.config import (
+    Config,
+    ConfigLoader,
+    YamlConfigLoader,
+    find_config_file,
+    load_config,
+    loader_for,
+    parse_config,
+    parse_duration,
+)
+from celery_ext.config_store import RedisConfigLoader
 from celery_ext.errors import ConfigError
+from tests.support.workers import write_config
 
 
 def errors_of(data: object, env: dict[str, str] | None = None) -> list[str]:
@@ -155,3 +169,45 @@ def test_production_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DB_PASSWORD", "x")
     config = load_config(Path(__file__).parents[2] / "deploy" / "config.production.yaml")
     assert config.storage.type == "postgresql" and config.storage.config["password"] == "x"
+
+
+def test_the_location_chooses_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, {"worker": {"capacity": 2}})
+    assert isinstance(loader_for(path), YamlConfigLoader)
+    assert loader_for(f"file://{path}").load().worker.capacity == 2
+    keyed = loader_for("redis://:secret@localhost:6379/2#shop.config")
+    assert isinstance(keyed, RedisConfigLoader) and keyed.key == "shop.config"
+    assert keyed.source == "redis://:**@localhost:6379/2#shop.config"  # never the password
+    assert isinstance(loader_for("redis://localhost:6379/0"), RedisConfigLoader)
+    monkeypatch.setenv("CELERY_EXT_CONFIG", "rediss://localhost:6380/0#k")
+    assert isinstance(loader_for(None), RedisConfigLoader)
+    with pytest.raises(ConfigError, match=r"no config loader 'http'.*known: file, redis, rediss, unix"):
+        loader_for("http://example.com/config.yaml")
+
+
+class DictLoader(ConfigLoader):
+    """A loader is ``read`` alone: load and watch come from the base class."""
+
+    def __init__(self, location: str, poll_interval: float = 1.0) -> None:
+        super().__init__(location, poll_interval)
+        self.data: dict[str, Any] = {"worker": {"capacity": 1}}
+        self.etag = "1"
+
+    def read(self) -> tuple[Any, str]:
+        return self.data, self.etag
+
+
+def test_a_loader_needs_only_read() -> None:
+    loader = DictLoader("memory://", poll_interval=0.02)
+    assert loader.load().worker.capacity == 1
+    got: list[int] = []
+    done = threading.Event()
+    stop = loader.watch(lambda c: (got.append(c.worker.capacity), done.set()))
+    try:
+        loader.data, loader.etag = {"worker": {"capacity": 0}}, "2"  # invalid: logged, not applied
+        time.sleep(0.5)  # seen by many polls
+        loader.data, loader.etag = {"worker": {"capacity": 9}}, "3"
+        assert done.wait(5)
+    finally:
+        stop()
+    assert got == [9]

@@ -1,17 +1,15 @@
-"""``ConfigLoader``: the file loader, the Redis key loader (real Redis) and the scheme lookup."""
+"""The Redis key config loader and ``config apply`` (real Redis)."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
-from celery_ext.config import Config, ConfigLoader, YamlConfigLoader, config_version, loader_for, parse_config
+from celery_ext.config import Config, config_version, loader_for, parse_config
 from celery_ext.config_store import RedisConfigLoader, applied_config, apply_config, config_key
 from celery_ext.errors import ConfigError
 from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
@@ -24,20 +22,6 @@ URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 def client() -> redis.Redis:
     require("Redis", REDIS_HOST, REDIS_PORT)
     return redis.Redis.from_url(URL)
-
-
-def test_the_location_chooses_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write_config(tmp_path, {"worker": {"capacity": 2}})
-    assert isinstance(loader_for(path), YamlConfigLoader)
-    assert loader_for(f"file://{path}").load().worker.capacity == 2
-    keyed = loader_for("redis://:secret@localhost:6379/2#shop.config")
-    assert isinstance(keyed, RedisConfigLoader) and keyed.key == "shop.config"
-    assert keyed.source == "redis://:**@localhost:6379/2#shop.config"  # never the password
-    assert isinstance(loader_for("redis://localhost:6379/0"), RedisConfigLoader)
-    monkeypatch.setenv("CELERY_EXT_CONFIG", "rediss://localhost:6380/0#k")
-    assert isinstance(loader_for(None), RedisConfigLoader)
-    with pytest.raises(ConfigError, match=r"no config loader 'http'.*known: file, redis, rediss, unix"):
-        loader_for("http://example.com/config.yaml")
 
 
 def test_apply_then_load_from_the_key(tmp_path: Path, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,31 +79,3 @@ def test_the_key_loader_watches_new_versions(tmp_path: Path, client: redis.Redis
     finally:
         stop()
         client.delete(config_key(app))
-
-
-class DictLoader(ConfigLoader):
-    """A loader is ``read`` alone: load and watch come from the base class."""
-
-    def __init__(self, location: str, poll_interval: float = 1.0) -> None:
-        super().__init__(location, poll_interval)
-        self.data: dict[str, Any] = {"worker": {"capacity": 1}}
-        self.etag = "1"
-
-    def read(self) -> tuple[Any, str]:
-        return self.data, self.etag
-
-
-def test_a_loader_needs_only_read() -> None:
-    loader = DictLoader("memory://", poll_interval=0.02)
-    assert loader.load().worker.capacity == 1
-    got: list[int] = []
-    done = threading.Event()
-    stop = loader.watch(lambda c: (got.append(c.worker.capacity), done.set()))
-    try:
-        loader.data, loader.etag = {"worker": {"capacity": 0}}, "2"  # invalid: logged, not applied
-        time.sleep(0.5)  # seen by many polls
-        loader.data, loader.etag = {"worker": {"capacity": 9}}, "3"
-        assert done.wait(5)
-    finally:
-        stop()
-    assert got == [9]

@@ -1,5 +1,5 @@
-"""The worker's message guard (celery_ext/guard.py) and the limits it shares with the edge
-(celery_ext/validation.py), without processes.  The real-process cases are in
+"""The worker's message guard (celery_ext/guard.py), without processes (the limits it shares with the
+edge are in test_validation.py).  The real-process cases are in
 tests/integration/test_poison.py."""
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import pytest
 from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 
 from celery_ext.guard import GuardedConsumer, Reading, problem_of
-from celery_ext.model import Task, TaskStatus, new_id
 from celery_ext.task import ExecutorTask
-from celery_ext.validation import renderable
 
 
 class Message:
@@ -164,24 +162,6 @@ def test_a_request_the_pool_cannot_take_gives_its_slot_back() -> None:
     assert list(cache) == [2]  # the job that never reached a process is forgotten
 
 
-def test_records_render_whatever_they_hold() -> None:
-    deep = nested(600)
-    task = Task(
-        new_id(),
-        "echo",
-        {"x": math.nan, "k\udc80": "v\ud800"},
-        status=TaskStatus.SUCCEEDED,
-        result=[math.inf, -math.inf, deep],
-        args=[deep],
-    )
-    data = json.loads(json.dumps(task.to_dict(), allow_nan=False, ensure_ascii=False))
-    assert data["payload"] == {"x": "NaN", "k\ufffd": "v\ufffd"}
-    assert data["result"][:2] == ["Infinity", "-Infinity"]
-    assert "nested deeper than 64 levels" in json.dumps(data["result"][2])
-    valid = {"a": [1, 2.5, None, True, {"b": "c"}]}
-    assert renderable(valid) == valid and renderable(valid) is not valid  # an equal copy
-
-
 def test_a_dead_letter_keeps_the_raw_message_within_bounds() -> None:
     from celery_ext.guard import DEAD_LETTER_BODY, _envelope
 
@@ -194,26 +174,3 @@ def test_a_dead_letter_keeps_the_raw_message_within_bounds() -> None:
     assert len(base64.b64decode(entry["body"])) == DEAD_LETTER_BODY
     assert set(entry["headers"]) == {"repr"}  # not strict JSON: kept as its bounded repr
     json.dumps(entry, allow_nan=False)
-
-
-def test_list_filters_and_cursors_are_checked() -> None:
-    from datetime import UTC, datetime
-
-    from celery_ext.cursor import encode_cursor
-    from celery_ext.errors import InvalidPayloadError
-    from celery_ext.model import TaskFilter
-    from celery_ext.validation import check_filter
-
-    check_filter(TaskFilter(cursor=encode_cursor(datetime.now(UTC), new_id()), task_type=("echo",)))
-    for flt, field in [
-        (TaskFilter(cursor="garbage"), "cursor"),
-        (TaskFilter(cursor=base64.urlsafe_b64encode(b"2024-01-01T00:00:00|x").decode()), "cursor"),
-        (TaskFilter(cursor="A" * 2000), "cursor"),
-        (TaskFilter(limit=0), "limit"),
-        (TaskFilter(offset=-1), "offset"),
-        (TaskFilter(task_type=("a\x00",)), "type"),
-        (TaskFilter(worker_id="\ud800"), "worker"),
-    ]:
-        with pytest.raises(InvalidPayloadError) as info:
-            check_filter(flt)
-        assert info.value.field == field

@@ -4,7 +4,8 @@ import pytest
 
 from celery_ext.errors import ConfigError
 from celery_ext.executors.python import PythonExecutor
-from celery_ext.registry import EXECUTORS, STORAGE, import_path
+from celery_ext.registry import BALANCERS, EXECUTORS, STORAGE, import_path
+from celery_ext.routing.base import LoadBalancer
 
 
 def test_builtin_resolves() -> None:
@@ -35,3 +36,11 @@ def test_unimportable_path_names_it() -> None:
 
 def test_storage_names() -> None:
     assert {"sqlite", "postgresql", "mysql"} <= set(STORAGE.known())
+
+
+def test_every_builtin_resolves_by_name() -> None:
+    names = {"least_task", "weighted_round_robin", "affinity", "round_robin", "random", "consistent_hash"}
+    assert names <= set(BALANCERS.known())
+    for name in names:
+        cls = BALANCERS.resolve(name)
+        assert issubclass(cls, LoadBalancer) and cls.name == name

@@ -1,25 +1,12 @@
-"""Metric names and labels of the prometheus collector, and collector selection."""
+"""Metric names and labels of the prometheus collector, and where producers count."""
 
 from __future__ import annotations
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_ext.config import Config, parse_config
-from celery_ext.errors import ConfigError
-from celery_ext.metrics import NullMetrics, build_metrics
+from celery_ext.config import parse_config
 from celery_ext.metrics.prometheus import PrometheusMetrics
 from celery_ext.runtime import runtime_of
-
-
-def test_collector_selection() -> None:
-    assert isinstance(build_metrics(Config()), NullMetrics)
-    with_plugin = parse_config({"plugins": [{"name": "metrics"}]})
-    assert isinstance(build_metrics(with_plugin), PrometheusMetrics)
-    with pytest.raises(ConfigError, match="metrics.type: no metrics collector 'prom'"):
-        build_metrics(parse_config({"metrics": {"type": "prom"}}))
-    with pytest.raises(ConfigError, match="metrics.config.buckets"):
-        PrometheusMetrics({"buckets": "fast"})
 
 
 def test_names_and_bounded_labels(monkeypatch) -> None:

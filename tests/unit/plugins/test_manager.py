@@ -1,20 +1,13 @@
-"""PluginManager order and isolation; the alert plugin's dedupe, rate limit, signature and retries."""
+"""PluginManager: order, isolation, loading entries."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from typing import Any
-
 import pytest
 
-from celery_ext.config import Config, PluginEntry
+from celery_ext.config import PluginEntry
 from celery_ext.errors import ConfigError
-from celery_ext.events import Event, EventBus
-from celery_ext.metrics import NullMetrics
 from celery_ext.plugins import Plugin, PluginContext, PluginManager
-from celery_ext.plugins.alert import AlertPlugin, sign
-from tests.support.receiver import WebhookReceiver
+from tests.support.plugins import plugin_context
 
 
 class Recorder(Plugin):
@@ -33,16 +26,6 @@ class Recorder(Plugin):
             raise RuntimeError("no")
 
 
-def ctx() -> PluginContext:
-    return PluginContext(
-        events=EventBus(),
-        metrics=NullMetrics(),
-        storage=None,
-        config=Config(),  # type: ignore[arg-type]
-        worker_id="w1",
-    )
-
-
 def test_start_in_order_stop_in_reverse_and_failures_are_isolated() -> None:
     log: list[str] = []
     pm = PluginManager()
@@ -50,7 +33,7 @@ def test_start_in_order_stop_in_reverse_and_failures_are_isolated() -> None:
         pm.register(Recorder(name, log, fail))
     with pytest.raises(ConfigError, match="plugin named 'a' is already registered"):
         pm.register(Recorder("a", log))
-    c = ctx()
+    c = plugin_context()
     pm.start_all(c)
     assert pm.running == ["a", "c", "d"]
     assert pm.failures == {"b": "start: RuntimeError: no"}
@@ -89,7 +72,7 @@ def test_an_invalid_entry_never_disables_a_valid_one_of_the_same_name() -> None:
     # The failure stays reported, under its entry, since a plugin of that name runs.
     assert list(pm.failures) == ["alert (plugins[0])"]
     assert "plugins[0].config.webhook_url" in pm.failures["alert (plugins[0])"]
-    c = ctx()
+    c = plugin_context()
     pm.start_all(c)
     try:
         assert pm.running == ["alert"]
@@ -107,48 +90,9 @@ def test_a_second_entry_of_a_loaded_name_is_refused_and_the_first_runs() -> None
     )
     assert pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/first"
     assert "already loaded from plugins[0]" in pm.failures["alert (plugins[1])"]
-    c = ctx()
+    c = plugin_context()
     pm.start_all(c)
     try:
         assert pm.running == ["alert"]
     finally:
         pm.stop_all(c)
-
-
-def make_alert(url: str, **config: Any) -> tuple[AlertPlugin, PluginContext]:
-    plugin = AlertPlugin()
-    plugin.initialize({"webhook_url": url, "backoff": 0.01, **config})
-    c = ctx()
-    plugin.start(c)
-    return plugin, c
-
-
-def test_alert_dedupes_and_rate_limits_a_failure_storm() -> None:
-    plugin, c = make_alert("http://127.0.0.1:9/never", max_per_window=3, window="1h")
-    sent: list[dict[str, Any]] = []
-    plugin._enqueue = lambda body: sent.append(body)  # type: ignore[method-assign]
-    for i in range(10):
-        plugin.on_event(Event("task_failed", f"t{i}"))
-        plugin.on_event(Event("task_failed", f"t{i}"))  # the same task again: deduped
-    assert [b["event"]["task_id"] for b in sent] == ["t0", "t1", "t2"]
-    assert plugin.suppressed == 7
-    plugin.stop(c)
-
-
-def test_alert_retries_5xx_with_backoff_and_signs_the_body() -> None:
-    receiver = WebhookReceiver(fail_first=2)
-    try:
-        plugin, c = make_alert(receiver.url, secret="k", max_retries=3)
-        assert plugin.post({"event": Event("task_failed", "t1").to_dict()})
-        assert receiver.attempts == 3 and len(receiver.calls) == 1
-        call = receiver.calls[0]
-        assert call["headers"]["x-celeryext-signature"] == sign("k", call["body"])
-        assert sign("k", b"x") == "sha256=" + hmac.new(b"k", b"x", hashlib.sha256).hexdigest()
-        plugin.stop(c)
-    finally:
-        receiver.close()
-
-
-def test_alert_rejects_unknown_event_types() -> None:
-    with pytest.raises(ConfigError, match="unknown event types"):
-        AlertPlugin().initialize({"webhook_url": "http://x", "events": ["task_exploded"]})
