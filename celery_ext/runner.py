@@ -14,7 +14,7 @@ import random
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -67,6 +67,32 @@ class Outcome:
     delay: float = 0.0
     why: str = ""
     held: bool = False
+
+
+Verdict = Literal["succeed", "retry", "fail"]
+
+
+def verdict(task: Task, result: TaskResult) -> Verdict:
+    """What the result of a run asks of its record: ``succeed``; ``retry`` for a retryable failure
+    while attempts are left (``attempt <= max_retries``: a task runs at most ``max_retries + 1``
+    times); else ``fail``."""
+    if result.success:
+        return "succeed"
+    if result.retryable and task.attempt <= task.max_retries:
+        return "retry"
+    return "fail"
+
+
+def dropped(task_id: str, record: Task | None) -> Outcome:
+    """The outcome of a message that started no run, given its task's record as it now is."""
+    if record is None:
+        logger.error("message for unknown task %s dropped (no such record)", task_id)
+        return Outcome("dropped", why="no such record")
+    if record.status is TaskStatus.CANCELLED:
+        logger.info("task %s was cancelled; its message is dropped", task_id)
+        return Outcome("revoked", record, why="cancelled")
+    logger.info("task %s is %s; duplicate or stale message dropped", task_id, record.status)
+    return Outcome("dropped", record, why=f"task is {record.status}")
 
 
 class TaskRunner:
@@ -228,10 +254,11 @@ class TaskRunner:
             if not changed:
                 self.discarded(task)
 
-        if result.success:
+        decision = verdict(task, result)
+        if decision == "succeed":
             if lifecycle.succeed(task, result.data, spool=True, then=then) is not False:
                 return Outcome("succeeded", task, data=result.data)
-        elif result.retryable and task.attempt <= task.max_retries:
+        elif decision == "retry":
             delay = self.backoff(task.attempt)
             logger.warning("attempt %d failed (%s); retrying in %.2fs", task.attempt, error.reason, delay)
             hold = delay > self.max_countdown
@@ -318,15 +345,7 @@ class TaskRunner:
         return record
 
     def _dropped(self, d: Delivery) -> Outcome:
-        record = self.storage.tasks.get(d.task_id)
-        if record is None:
-            logger.error("message for unknown task %s dropped (no such record)", d.task_id)
-            return Outcome("dropped", why="no such record")
-        if record.status is TaskStatus.CANCELLED:
-            logger.info("task %s was cancelled; its message is dropped", d.task_id)
-            return Outcome("revoked", record, why="cancelled")
-        logger.info("task %s is %s; duplicate or stale message dropped", d.task_id, record.status)
-        return Outcome("dropped", record, why=f"task is {record.status}")
+        return dropped(d.task_id, self.storage.tasks.get(d.task_id))
 
     def _write_logs(self, lines: Any) -> None:
         # Never blocks the task on an outage: the spool keeps the lines in order and retries.
