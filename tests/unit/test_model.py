@@ -81,3 +81,45 @@ def test_task_result_constructors() -> None:
     assert TaskResult.ok({"x": 1}) == TaskResult(True, {"x": 1})
     fail = TaskResult.fail("http_500", "boom", retryable=True)
     assert not fail.success and fail.retryable and fail.error == TaskErrorInfo("http_500", "boom")
+
+
+P, S, Q, R, RT = TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING
+OK, F, C, D = TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD
+# The state machine, arrow by arrow, as ARCHITECTURE.md and docs/reliability.md draw it.
+ARROWS = {
+    (P, Q),  # published
+    (P, R),  # started before the producer marked it queued
+    (P, S),  # due, taken to be published, and the publish failed: back to wait
+    (P, RT),
+    (S, P),  # due: taken by the scheduler to be published
+    (S, Q),
+    (S, R),
+    (S, F),  # a chain step whose previous step failed
+    (Q, R),
+    (R, OK),
+    (R, RT),  # a retryable failure with attempts left
+    (R, F),
+    (R, D),  # worker lost on the last attempt
+    (R, Q),  # released after its worker was lost, to be redelivered
+    (RT, P),
+    (RT, Q),
+    (RT, R),
+    (F, P),  # a manual retry
+    (D, P),
+    (C, P),
+    *((s, C) for s in (P, S, Q, R, RT)),  # cancel: anything not finished
+}
+
+
+@pytest.mark.parametrize("src", list(TaskStatus))
+@pytest.mark.parametrize("dst", list(TaskStatus))
+def test_every_arrow_is_allowed_and_nothing_else(src: TaskStatus, dst: TaskStatus) -> None:
+    assert can_transition(src, dst) is ((src, dst) in ARROWS)
+    assert (src in sources_of(dst)) is ((src, dst) in ARROWS)
+
+
+def test_a_finished_task_never_runs_again_in_the_same_run() -> None:
+    assert TERMINAL == {OK, F, C, D}
+    for status in TERMINAL:
+        assert not can_transition(status, R) and not can_transition(status, Q)
+    assert STARTABLE == {s for s in TaskStatus if can_transition(s, R)}
