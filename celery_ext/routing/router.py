@@ -29,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
@@ -75,6 +75,29 @@ def spec_version(spec: Mapping[str, Any]) -> str:
     """Names a strategy with its settings: equal specs, equal versions, in every process."""
     text = json.dumps({"strategy": spec.get("strategy"), "config": spec.get("config")}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]  # noqa: S324 - a name, not a secret
+
+
+def index_by_type(
+    prefix: str, task_types: Iterable[str], workers: Iterable[WorkerInfo]
+) -> tuple[dict[str, list[WorkerInfo]], list[WorkerInfo]]:
+    """A registry snapshot (its online workers) by task type: every one of ``task_types``, and
+    every type a worker advertises (also those this process has no executor for).  A worker whose
+    queue is not its direct queue is left out, and returned apart."""
+    by_type: dict[str, list[WorkerInfo]] = {t: [] for t in task_types}
+    misplaced: list[WorkerInfo] = []
+    for w in workers:
+        if w.queue != direct_queue_name(prefix, w.id):
+            misplaced.append(w)
+            continue
+        for t in w.supported_types:
+            by_type.setdefault(t, []).append(w)
+    return by_type, misplaced
+
+
+def candidates(pool: Sequence[WorkerInfo] | None, exclude: set[str] | frozenset[str] = frozenset()) -> list[WorkerInfo]:
+    """The workers of a type's pool a balancer may choose: those with a free slot, less ``exclude``
+    (found full when a slot was reserved)."""
+    return [w for w in pool or () if w.in_flight < w.capacity and w.id not in exclude]
 
 
 class TaskRouter:
@@ -315,14 +338,11 @@ class TaskRouter:
 
     def choose(self, routed: RoutedTask, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerInfo | None:
         """The balancer's pick among the candidates, without reserving (no I/O on a warm cache)."""
-        pool = self.snapshot().get(routed.task_type)
-        if not pool:
-            return None
-        candidates = [w for w in pool if w.in_flight < w.capacity and w.id not in exclude]
-        if not candidates:
+        free = candidates(self.snapshot().get(routed.task_type), exclude)
+        if not free:
             return None
         with self._lock:
-            return self.balancer.select(candidates, routed)
+            return self.balancer.select(free, routed)
 
     def snapshot(self) -> dict[str, list[WorkerInfo]]:
         """Online workers by supported type, read at most once per ``cache_ttl``."""
@@ -342,13 +362,9 @@ class TaskRouter:
         self._plans = {}
 
     def _index(self, workers: list[WorkerInfo]) -> dict[str, list[WorkerInfo]]:
-        by_type: dict[str, list[WorkerInfo]] = {t: [] for t in self.task_types}
-        for w in workers:
-            if w.queue != direct_queue_name(self.prefix, w.id):
-                self._warn(f"ignoring worker {w.id!r}: queue {w.queue!r} is not its direct queue")
-                continue
-            for t in w.supported_types:  # every advertised type, also those this process has no executor for
-                by_type.setdefault(t, []).append(w)
+        by_type, misplaced = index_by_type(self.prefix, self.task_types, workers)
+        for w in misplaced:
+            self._warn(f"ignoring worker {w.id!r}: queue {w.queue!r} is not its direct queue")
         return by_type
 
     def _warn(self, message: str) -> None:

@@ -26,9 +26,10 @@ class CountingBalancer(LoadBalancer):
         return workers[0]
 
 
-def w(wid: str, in_flight: int = 0, capacity: int = 10, weight: int = 1) -> WorkerInfo:
+def w(wid: str, in_flight: int = 0, capacity: int = 10, weight: int = 1, types: tuple[str, ...] = ("t",)) -> WorkerInfo:
+    """A worker of app ``p`` as the registry lists it (its direct queue ``p.worker.<id>``)."""
     return WorkerInfo(
-        id=wid, queue=f"p.worker.{wid}", weight=weight, capacity=capacity, supported_types=("t",), in_flight=in_flight
+        id=wid, queue=f"p.worker.{wid}", weight=weight, capacity=capacity, supported_types=types, in_flight=in_flight
     )
 
 
