@@ -64,7 +64,7 @@ def test_modules_are_imported_and_bad_module_named() -> None:
     PythonExecutor(PythonSettings(modules=["tests.support.tasks"]))
     assert "flaky" in PythonExecutor().supported_task_types
     # Only a worker needs the modules: building the executor tolerates a failed import, and the
-    # worker refuses to start on it (see test_python_functions.py and tests/e2e/test_worker_only_modules.py).
+    # worker refuses to start on it (see tests/unit/test_functions.py and tests/e2e/test_worker_only_modules.py).
     bad = PythonExecutor(PythonSettings(modules=["no.such.module"]))
     assert bad.worker_problems() == ["modules: cannot import 'no.such.module': No module named 'no'"]
 
