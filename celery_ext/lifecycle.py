@@ -27,6 +27,7 @@ from celery_ext.model import (
     Task,
     TaskErrorInfo,
     TaskStatus,
+    can_transition,
     new_id,
     sources_of,
     utcnow,
@@ -167,7 +168,10 @@ class Lifecycle:
 
     def cancel(self, task: Task) -> bool:
         """Any non-terminal status -> CANCELLED.  A running task keeps its lease: the run still
-        holds it until it ends (``release``), which a manual retry waits for."""
+        holds it until it ends (``release``), which a manual retry waits for.  False, and nothing
+        written, from a status that may not be cancelled."""
+        if not can_transition(task.status, TaskStatus.CANCELLED):
+            return False
         keep_lease = task.status is TaskStatus.RUNNING
         changed = self.storage.tasks.update(
             task.task_id,
@@ -188,8 +192,10 @@ class Lifecycle:
         once.  When a cancelled run is still going (its lease is live), the record is reopened
         under the old run's token and not published: the old run publishes it when it ends
         (``release``), or the scheduler does once the lease has expired.  So the same task never
-        runs twice at once.
+        runs twice at once.  None, and nothing written, from a status that may not be reopened.
         """
+        if not can_transition(task.status, TaskStatus.PENDING):
+            return None
         now = now or utcnow()
         still_running = task.status is TaskStatus.CANCELLED and task.lease_until is not None and task.lease_until > now
         token = task.dispatch_token if still_running else new_id()
