@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", default="postgresql", choices=["postgresql", "mysql", "sqlite"])
     parser.add_argument("--latency-n", type=int, default=300, help="tasks per side for submit-to-result latency")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the latency probes (no rounds, memory or submit rates)"
+    )
     args = parser.parse_args()
 
     import os
@@ -130,7 +133,7 @@ def main() -> None:
     rds = redis.Redis.from_url(REDIS)
 
     # Submit rates first, with no worker consuming (queues are purged afterwards).
-    rates = submit_rates(rt.manager, bare, max(200, args.n // 4))
+    rates = {} if args.latency_only else submit_rates(rt.manager, bare, max(200, args.n // 4))
     for key in rds.scan_iter(f"{name}.*"):
         rds.delete(key)
     rt.storage.tasks.purge_all() if hasattr(rt.storage.tasks, "purge_all") else None
@@ -142,12 +145,13 @@ def main() -> None:
     ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
     results: dict[str, list[float]] = {"bare": [], "ext": []}
     ratios: list[float] = []
+    rounds = 0 if args.latency_only else args.rounds
     try:
         bare_worker.start()
         ext_worker.start()
         run_bare(bare, rds, 100)  # warm up both
         run_ext(rt.manager, rt.storage, 100, rt.storage.tasks.count_by_status().get("succeeded", 0))
-        for r in range(args.rounds):
+        for r in range(rounds):
             # Each round runs both back to back, the order alternating, so that a slow spell of a
             # shared machine lands on both sides of a round's ratio.
             for side in ("bare", "ext") if r % 2 == 0 else ("ext", "bare"):
@@ -172,6 +176,22 @@ def main() -> None:
         if db_url:
             drop_database(args.storage, db_url)
 
+    if rounds:
+        report_rounds(args, results, ratios)
+    print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
+    for key, values in latency.items():
+        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
+    if args.latency_only:
+        return
+    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
+    print(f"  bare Celery : {memory['bare']:6.1f} MB")
+    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
+    print("\nsubmit rate (no worker running):")
+    for key, value in rates.items():
+        print(f"  {key:<20}: {value:8.0f} /s")
+
+
+def report_rounds(args: argparse.Namespace, results: dict[str, list[float]], ratios: list[float]) -> None:
     bare_med, ext_med = statistics.median(results["bare"]), statistics.median(results["ext"])
     print(f"\nend to end, N={args.n}, median of {args.rounds} rounds, prefork -c 2, events on:")
     print(f"  bare Celery + Redis result backend : {bare_med:8.0f} tasks/s")
@@ -180,15 +200,6 @@ def main() -> None:
         f"  ratio celery_ext / bare            : {statistics.median(ratios):8.2f}  (median of the rounds' "
         f"ratios {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.70)"
     )
-    print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
-    for key, values in latency.items():
-        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
-    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
-    print(f"  bare Celery : {memory['bare']:6.1f} MB")
-    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
-    print("\nsubmit rate (no worker running):")
-    for key, value in rates.items():
-        print(f"  {key:<20}: {value:8.0f} /s")
 
 
 if __name__ == "__main__":
