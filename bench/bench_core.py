@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,25 +72,74 @@ def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
     return rates
 
 
-def latencies(manager: Any, ext_app: Any, bare: Any, n: int) -> dict[str, list[float]]:
-    """Submit-to-result time of one task at a time, the three ways interleaved, workers idle."""
-    out: dict[str, list[float]] = {
-        "celery_ext manager.wait": [],
-        "celery_ext AsyncResult.get": [],
-        "bare Celery AsyncResult.get": [],
-    }
+def probes(manager: Any, ext_app: Any, bare: Any) -> dict[str, Callable[[], float]]:
+    """Each way of waiting for one task, as a function that submits one and returns the time to
+    its result."""
     noop = bare.tasks["bench.noop"]
+
+    def wait() -> float:
+        start = time.perf_counter()
+        manager.wait(manager.submit("echo", {}, max_retries=0).task_id, 30)
+        return time.perf_counter() - start
+
+    def get() -> float:
+        start = time.perf_counter()
+        ext_app.AsyncResult(manager.submit("echo", {}, max_retries=0).task_id).get(timeout=30)
+        return time.perf_counter() - start
+
+    def bare_get() -> float:
+        start = time.perf_counter()
+        noop.apply_async().get(timeout=30)
+        return time.perf_counter() - start
+
+    return {
+        "celery_ext manager.wait": wait,
+        "celery_ext AsyncResult.get": get,
+        "bare Celery AsyncResult.get": bare_get,
+    }
+
+
+def latencies(ways: dict[str, Callable[[], float]], n: int) -> dict[str, list[float]]:
+    """Submit-to-result time of one task at a time, the ways interleaved."""
+    out: dict[str, list[float]] = {key: [] for key in ways}
     for _ in range(n):
-        start = time.perf_counter()
-        manager.wait(manager.submit("echo", {}, max_retries=0).task_id, 10)
-        out["celery_ext manager.wait"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ext_app.AsyncResult(manager.submit("echo", {}, max_retries=0).task_id).get(timeout=10)
-        out["celery_ext AsyncResult.get"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        noop.apply_async().get(timeout=10)
-        out["bare Celery AsyncResult.get"].append(time.perf_counter() - start)
+        for key, probe in ways.items():
+            out[key].append(probe())
     return out
+
+
+def loaded_latencies(
+    ways: dict[str, Callable[[], float]], config_path: Path, rds: Any, storage: Any, n: int, rate: float, queue: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``latencies`` while a background flow of ``rate`` tasks/s (``bench.flow``, its own process)
+    runs through the same worker as the probe: celery_ext's two ways under a celery_ext flow, bare
+    Celery's under a bare flow.  In blocks, the sides' order alternating; each block drains its
+    backlog before the next.  Also returns each block's flow rate kept, and its backlog at the end."""
+    from bench.flow import Flow
+    from celery_ext.model import TERMINAL
+
+    def backlog(side: str) -> int:
+        if side == "bare":
+            return int(rds.llen(queue))
+        return sum(v for k, v in storage.tasks.count_by_status().items() if k not in {s.value for s in TERMINAL})
+
+    sides = {"ext": {k: w for k, w in ways.items() if k.startswith("celery_ext")}}
+    sides["bare"] = {k: w for k, w in ways.items() if k not in sides["ext"]}
+    out: dict[str, list[float]] = {key: [] for key in ways}
+    kept: dict[str, list[float]] = {"ext rate": [], "bare rate": [], "ext backlog": [], "bare backlog": []}
+    blocks = 4
+    for b in range(blocks):
+        for side in ("ext", "bare") if b % 2 == 0 else ("bare", "ext"):
+            flow = Flow(side, config_path if side == "ext" else None, rate).start()
+            try:
+                for key, values in latencies(sides[side], max(1, n // blocks)).items():
+                    out[key] += values
+            except Exception as exc:  # noqa: BLE001 - a probe timed out: more flow than this side sustains
+                print(f"block {b + 1}, {side}: a probe gave up ({exc}); flow not sustained", flush=True)
+            kept[f"{side} backlog"].append(backlog(side))
+            kept[f"{side} rate"].append(flow.stop())
+            wait_until(lambda side=side: backlog(side) == 0)
+    return out, kept
 
 
 def pct(values: list[float], q: float) -> float:
@@ -103,6 +153,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", default="postgresql", choices=["postgresql", "mysql", "sqlite"])
     parser.add_argument("--latency-n", type=int, default=300, help="tasks per side for submit-to-result latency")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the latency probes (no rounds, memory or submit rates)"
+    )
+    parser.add_argument(
+        "--load-rate", type=float, default=0, help="also latency under a background flow of this many tasks/s"
+    )
     args = parser.parse_args()
 
     import os
@@ -131,7 +187,7 @@ def main() -> None:
     rds = redis.Redis.from_url(REDIS)
 
     # Submit rates first, with no worker consuming (queues are purged afterwards).
-    rates = submit_rates(rt.manager, bare, max(200, args.n // 4))
+    rates = {} if args.latency_only else submit_rates(rt.manager, bare, max(200, args.n // 4))
     for key in rds.scan_iter(f"{name}.*"):
         rds.delete(key)
     rt.storage.tasks.purge_all() if hasattr(rt.storage.tasks, "purge_all") else None
@@ -143,12 +199,13 @@ def main() -> None:
     ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
     results: dict[str, list[float]] = {"bare": [], "ext": []}
     ratios: list[float] = []
+    rounds = 0 if args.latency_only else args.rounds
     try:
         bare_worker.start()
         ext_worker.start()
         run_bare(bare, rds, 100)  # warm up both
         run_ext(rt.manager, rt.storage, 100, rt.storage.tasks.count_by_status().get("succeeded", 0))
-        for r in range(args.rounds):
+        for r in range(rounds):
             # Each round runs both back to back, the order alternating, so that a slow spell of a
             # shared machine lands on both sides of a round's ratio.
             for side in ("bare", "ext") if r % 2 == 0 else ("ext", "bare"):
@@ -163,7 +220,13 @@ def main() -> None:
                 f"ratio {ratios[-1]:.2f}",
                 flush=True,
             )
-        latency = latencies(rt.manager, rt.celery, bare, args.latency_n)
+        ways = probes(rt.manager, rt.celery, bare)
+        latency = latencies(ways, args.latency_n)
+        loaded = (
+            loaded_latencies(ways, config_path, rds, rt.storage, args.latency_n, args.load_rate, f"{name}.bare")
+            if args.load_rate
+            else None
+        )
         time.sleep(2)  # idle after the run
         memory = {"bare": tree_pss_mb(bare_worker.pid), "ext": tree_pss_mb(ext_worker.pid)}
     finally:
@@ -173,6 +236,34 @@ def main() -> None:
         if db_url:
             drop_database(args.storage, db_url)
 
+    if rounds:
+        report_rounds(args, results, ratios)
+    print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
+    for key, values in latency.items():
+        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
+    if loaded is not None:
+        report_loaded(args, *loaded)
+    if args.latency_only:
+        return
+    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
+    print(f"  bare Celery : {memory['bare']:6.1f} MB")
+    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
+    print("\nsubmit rate (no worker running):")
+    for key, value in rates.items():
+        print(f"  {key:<20}: {value:8.0f} /s")
+
+
+def report_loaded(args: argparse.Namespace, latency: dict[str, list[float]], kept: dict[str, list[float]]) -> None:
+    print(f"\nsubmit-to-result latency under a background flow of {args.load_rate:g} tasks/s:")
+    for side in ("ext", "bare"):
+        rates, left = kept[f"{side} rate"], kept[f"{side} backlog"]
+        print(f"  {side} flow kept {min(rates):.0f}-{max(rates):.0f}/s, backlog at the blocks' ends {left}")
+    for key, values in latency.items():
+        if values:
+            print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
+
+
+def report_rounds(args: argparse.Namespace, results: dict[str, list[float]], ratios: list[float]) -> None:
     bare_med, ext_med = statistics.median(results["bare"]), statistics.median(results["ext"])
     print(f"\nend to end, N={args.n}, median of {args.rounds} rounds, prefork -c 2, events on:")
     print(f"  bare Celery + Redis result backend : {bare_med:8.0f} tasks/s")
@@ -181,15 +272,6 @@ def main() -> None:
         f"  ratio celery_ext / bare            : {statistics.median(ratios):8.2f}  (median of the rounds' "
         f"ratios {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.70)"
     )
-    print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
-    for key, values in latency.items():
-        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
-    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
-    print(f"  bare Celery : {memory['bare']:6.1f} MB")
-    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
-    print("\nsubmit rate (no worker running):")
-    for key, value in rates.items():
-        print(f"  {key:<20}: {value:8.0f} /s")
 
 
 if __name__ == "__main__":

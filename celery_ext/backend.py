@@ -144,17 +144,18 @@ class RecordBackend(BaseBackend):
         on_interval: Any = None,
     ) -> dict[str, Any]:
         self._ensure_not_eager()  # type: ignore[attr-defined]
-        completion = self._parts[1]
+        storage, completion = self._parts
 
-        def read() -> dict[str, Any]:
+        def read() -> Task | None:
             if on_interval:
                 on_interval()
-            return self.get_task_meta(task_id)
+            return storage.tasks.get(task_id)
 
-        meta = completion.wait(task_id, read, lambda m: m["status"] in states.READY_STATES, timeout)
-        if meta["status"] not in states.READY_STATES:
+        # Terminal statuses are exactly Celery's ready states; a pushed outcome spares a read.
+        task = completion.wait(task_id, read, timeout)
+        if task is None or not task.status.terminal:
             raise CeleryTimeoutError("The operation timed out.")
-        return meta
+        return celery_meta(task, task_id, self.exception_to_python)
 
     # --- writing --------------------------------------------------------------------------
 

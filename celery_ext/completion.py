@@ -1,10 +1,15 @@
 """Pushed completion: waiting for a task's end costs no database polling.
 
-When a record becomes terminal, the process that wrote it PUBLISHes the task id on a Redis
-channel (``<app>:done:<task_id>``).  A waiter (``TaskManager.wait``, ``AsyncResult.get()``)
-subscribes first, then reads the record once, then sleeps on the subscription until the message
-comes, and reads the record again.  A lost message costs at most ``fallback`` seconds: the
-waiter re-reads the record that often anyway.
+When a record becomes terminal, the process that wrote it PUBLISHes on a Redis channel
+(``<app>:done:<task_id>``), after the write is committed.  A run's outcome is pushed with what
+its claim and its outcome wrote (status, result, error, attempt, worker, times: ``PUSHED``), as
+JSON; any other end (a cancel, a step failed by its parent), or an outcome over ``MAX_PUSH``
+bytes, is pushed as a bare wake-up.  A waiter (``TaskManager.wait``, ``AsyncResult.get()``)
+subscribes first, then reads the record once, then sleeps on the subscription.  When the message
+carries an outcome of the run it read, it lays those fields over that record and needs no
+second read (``merged``); otherwise it reads the record again.  The record stays the truth: the
+message is a copy of what was just committed.  A lost message costs at most ``fallback``
+seconds: the waiter re-reads the record that often anyway.
 
 The Redis is the worker registry's (``scheduler.registry_url``, else a Redis broker, else the
 embedded one).  With no Redis (a RabbitMQ broker and no registry), waiting polls the record with
@@ -13,20 +18,28 @@ a growing interval, as before.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
 
 from celery_ext.forksafe import fork_safe_pool
+from celery_ext.model import Task, TaskErrorInfo, TaskStatus
 
 logger = logging.getLogger("celery_ext.completion")
 
-T = TypeVar("T")
+R = TypeVar("R", Task, Task | None)
+MAX_PUSH = 64 * 1024  # a larger outcome is read from the record
+WAKE = b"1"
+# What a run's claim and outcome write: all that can differ from a record read before the claim.
+PUSHED = ("status", "attempt", "run", "worker_id", "dispatch_token", "result", "lease_until")
+PUSHED_TIMES = ("queued_at", "started_at", "finished_at", "updated_at")
 
 
 class Completion:
@@ -52,36 +65,41 @@ class Completion:
                     self._client = client
         return self._client
 
-    def notify(self, task_id: str) -> None:
-        """Wake whoever waits for ``task_id`` (never raises: the record is already written)."""
+    def notify(self, task_id: str, final: Task | None = None) -> None:
+        """Wake whoever waits for ``task_id``, with ``final`` (the record a run's outcome just
+        committed) when given; never raises: the record is already written."""
         if not self.url:
             return
         try:
-            self.client.publish(self.channel(task_id), b"1")
+            self.client.publish(self.channel(task_id), WAKE if final is None else pushed(final))
         except Exception as exc:  # noqa: BLE001 - waiters fall back to reading the record
             now = time.monotonic()
             if now - self._warned > 10:
                 self._warned = now
                 logger.warning("could not publish the completion of %s (waiters poll instead): %s", task_id, exc)
 
-    def wait(self, task_id: str, read: Callable[[], T], done: Callable[[T], bool], timeout: float | None) -> T:
-        """``read()`` until ``done(value)``; returns the last value read (not done: timed out)."""
+    def wait(self, task_id: str, read: Callable[[], R], timeout: float | None) -> R:
+        """``read()`` until the record is terminal, or a pushed outcome of the run read ends it;
+        returns the last record (not terminal, or None for no record yet: timed out)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = self.channel(task_id)
         pubsub = self._subscribe(channel)
         try:
             delay = 0.02
             while True:
-                value = read()
-                if done(value):
-                    return value
+                task = read()
+                if task is not None and task.status.terminal:
+                    return task
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return value
+                    return task
                 if pubsub is not None:
-                    pubsub = self._listen(
+                    pubsub, data = self._listen(
                         pubsub, channel, self.fallback if remaining is None else min(self.fallback, remaining)
                     )
+                    final = merged(task, data) if task is not None else None
+                    if final is not None:
+                        return final
                 else:
                     time.sleep(delay if remaining is None else min(delay, remaining))
                     delay = min(delay * 1.5, 0.5)
@@ -109,17 +127,22 @@ class Completion:
             self._drop(pubsub)
             return None
 
-    def _listen(self, pubsub: Any, channel: str, timeout: float) -> Any:
-        """Sleep until a message on ``channel`` or ``timeout``; the pubsub, or None if it broke."""
+    def _listen(self, pubsub: Any, channel: str, timeout: float) -> tuple[Any, Any]:
+        """Sleep until a message on ``channel`` or ``timeout``: the pubsub (None if it broke) and
+        the message's data (None if none came)."""
         end = time.monotonic() + timeout
         try:
             while True:
                 message = pubsub.get_message(timeout=max(0.0, end - time.monotonic()))
-                if message is None or _text(message.get("channel")) == channel or time.monotonic() >= end:
-                    return pubsub  # a late message of an earlier wait on this connection is skipped
+                if message is None:
+                    return pubsub, None
+                if _text(message.get("channel")) == channel:
+                    return pubsub, message.get("data")
+                if time.monotonic() >= end:
+                    return pubsub, None  # a late message of an earlier wait on this connection is skipped
         except Exception:  # noqa: BLE001 - fall back to polling
             self._drop(pubsub)
-            return None
+            return None, None
 
     def _release(self, pubsub: Any, channel: str) -> None:
         try:
@@ -140,6 +163,58 @@ class Completion:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def pushed(final: Task) -> bytes:
+    """The message for a run's outcome: ``final``'s ``PUSHED`` fields as JSON (a bare wake-up if
+    that is over ``MAX_PUSH`` bytes or not JSON)."""
+    out: dict[str, Any] = {key: getattr(final, key) for key in PUSHED}
+    out.update({key: _iso(getattr(final, key)) for key in PUSHED_TIMES})
+    out["error"] = final.error.to_dict() if final.error else None
+    if final.args:  # written by the claim only when the message carried some
+        out["args"] = final.args
+    try:
+        data = json.dumps(out, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError):
+        return WAKE
+    return data if len(data) <= MAX_PUSH else WAKE
+
+
+def merged(read: Task, data: Any) -> Task | None:
+    """The terminal record a pushed outcome makes of the record ``read`` while waiting, or None
+    (a bare wake-up, no message, or an outcome of another run or attempt: read it instead).
+    The claim and the outcome of one attempt are all that can have changed since a read of the
+    same attempt running, or of the record queued for it."""
+    if not isinstance(data, bytes | str) or data in (WAKE, WAKE.decode()):
+        return None
+    try:
+        out = json.loads(data)
+        status = TaskStatus(out["status"])
+        same = out["run"] == read.run and (
+            out["attempt"] == read.attempt
+            or (out["attempt"] == read.attempt + 1 and read.status in (TaskStatus.PENDING, TaskStatus.QUEUED))
+        )
+        if not status.terminal or not same:
+            return None
+        error = out["error"]
+        return read.replace(
+            **{key: out[key] for key in PUSHED if key != "status"},
+            **{key: _time(out[key]) for key in PUSHED_TIMES},
+            status=status,
+            error=TaskErrorInfo(error["reason"], error["message"]) if error else None,
+            **({"args": out["args"]} if "args" in out else {}),
+        )
+    except (ValueError, KeyError, TypeError):
+        logger.warning("unreadable completion message %r; reading the record", data[:200])
+        return None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
 
 
 def _text(value: Any) -> str:

@@ -290,19 +290,18 @@ class Lifecycle:
         now = utcnow()
 
         def write(late: bool) -> bool:
-            changed = self.storage.tasks.update(
-                task.task_id,
-                RUNNING,
-                token=task.dispatch_token,
-                status=TaskStatus.SUCCEEDED,
-                result=data,
-                error=None,
-                finished_at=now,
-                lease_until=None,
-            )
+            outcome: dict[str, Any] = {
+                "status": TaskStatus.SUCCEEDED,
+                "result": data,
+                "error": None,
+                "finished_at": now,
+                "updated_at": now,
+                "lease_until": None,
+            }
+            changed = self.storage.tasks.update(task.task_id, RUNNING, token=task.dispatch_token, **outcome)
             if changed:
+                self.completion.notify(task.task_id, task.replace(**outcome))  # waiters first: nobody waits on events
                 self.observer.task_completed(task, _since(task.started_at, now))
-                self.completion.notify(task.task_id)
             return changed
 
         return self.settle(task.task_id, write, then) if spool else self._write(lambda: write(False))
@@ -324,20 +323,20 @@ class Lifecycle:
         status = TaskStatus.DEAD if dead else TaskStatus.FAILED
 
         def write(late: bool) -> bool:
+            outcome: dict[str, Any] = {
+                "status": status,
+                "result": data,
+                "error": error,
+                "finished_at": now,
+                "updated_at": now,
+                "lease_until": None,
+            }
             changed = self.storage.tasks.update(
-                task.task_id,
-                RUNNING,
-                token=task.dispatch_token,
-                fence=fence,
-                status=status,
-                result=data,
-                error=error,
-                finished_at=now,
-                lease_until=None,
+                task.task_id, RUNNING, token=task.dispatch_token, fence=fence, **outcome
             )
             if changed:
+                self.completion.notify(task.task_id, task.replace(**outcome))
                 self.observer.task_failed(task, error, _since(task.started_at, now))
-                self.completion.notify(task.task_id)
             return changed
 
         return self.settle(task.task_id, write, then) if spool else self._write(lambda: write(False))

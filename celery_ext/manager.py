@@ -281,9 +281,12 @@ class TaskManager:
     # --- reading --------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task:
+        self.lifecycle.marks.flush()  # this process's submits read back as queued
+        return self._read(task_id)
+
+    def _read(self, task_id: str) -> Task:
         if not storable_id(task_id, MAX_KEY_LENGTH):  # NUL, a lone surrogate: no record has such an id
             raise TaskNotFoundError(task_id)
-        self.lifecycle.marks.flush()  # this process's submits read back as queued
         task = self.storage.tasks.get(task_id)
         if task is None:
             raise TaskNotFoundError(task_id)
@@ -312,12 +315,14 @@ class TaskManager:
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Block until the task reaches a terminal status (woken by its worker, see
-        ``completion``; no polling of the store while Redis is there)."""
-        task = self.lifecycle.completion.wait(
-            task_id, lambda: self.get(task_id), lambda t: t.status in TERMINAL, timeout
-        )
+        ``completion``; no polling of the store while Redis is there).  The wait reads without
+        ``get``'s flush of this process's queued marks (an UPDATE on the waiter's path, taking the
+        row lock the worker's claim wants); a timeout reports the status as ``get`` sees it."""
+        task = self.lifecycle.completion.wait(task_id, lambda: self._read(task_id), timeout)
         if task.status not in TERMINAL:
-            raise TaskWaitTimeoutError(task_id, timeout or 0.0, task.status.value)
+            task = self.get(task_id)
+            if task.status not in TERMINAL:
+                raise TaskWaitTimeoutError(task_id, timeout or 0.0, task.status.value)
         return task
 
     # --- changing -------------------------------------------------------------------------
