@@ -358,9 +358,11 @@ class TaskManager:
         fresh = self.lifecycle.reopen(task)
         if fresh is None:
             raise InvalidTransitionError(task_id, self.get(task_id).status.value, "retry")
-        if fresh.lease_until is None:
-            self._publish([(fresh, None)])
-        return self.get(task_id)
+        if fresh.lease_until is not None:
+            return fresh  # PENDING until the cancelled run ends
+        # The record as this call left it (QUEUED), as submit returns it: read back, a fast
+        # worker may already have claimed or finished the new run.
+        return self._publish([(fresh, None)])[0]
 
     # --- periodic schedules (celery_ext/schedules) ----------------------------------------
 
