@@ -46,6 +46,32 @@ def plain_queues(config: Config) -> list[str]:
     return [own, *([config.worker.celery_queue] if config.worker.celery_queue not in ("", own) else [])]
 
 
+def plain_repr(value: Any, maxlen: int, maxlevels: int) -> str | None:
+    """Celery's ``saferepr(value, maxlen, maxlevels)`` of a JSON-shaped value, computed by
+    ``repr``, or ``None`` where the two could differ (then Celery computes it).  They agree when
+    nothing is cut (shorter than ``maxlen``, containers nested at most ``maxlevels`` deep) and
+    every string is printable without a quote or a backslash (``repr`` would escape or re-quote
+    it, ``saferepr`` does not).  ``saferepr`` was 14% of a batch publish (profiled)."""
+    if not _plain(value, maxlevels):
+        return None
+    text = repr(value)
+    return text if len(text) < maxlen else None
+
+
+def _plain(value: Any, levels: int) -> bool:
+    if value is None or isinstance(value, int | float):
+        return True
+    if isinstance(value, str):
+        return "'" not in value and "\\" not in value and value.isprintable()
+    if levels <= 0:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(k, 1) and _plain(v, levels - 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v, levels - 1) for v in value)
+    return False
+
+
 class Dispatcher:
     """Publishes messages over the app's producer pool; routing is the app's ``task_routes``.
 
@@ -120,6 +146,7 @@ class Dispatcher:
         maybe_declare(evd.exchange, channel)
         wire = RedisWire(self.app, channel, evd if conf.task_send_sent_event else None, PUBLISH_BATCH)
         declared: dict[str, Any] = {}
+        maxlevels = conf.task_repr_maxlevels
         for d in batch:
             opts = self.options(d)
             name = d.task.task_type
@@ -139,6 +166,8 @@ class Dispatcher:
                 time_limit=opts.get("time_limit"),
                 soft_time_limit=opts.get("soft_time_limit"),
                 create_sent_event=conf.task_send_sent_event,
+                argsrepr=plain_repr(opts["args"], amqp.argsrepr_maxsize, maxlevels),
+                kwargsrepr=plain_repr(opts["kwargs"], amqp.kwargsrepr_maxsize, maxlevels),
                 root_id=opts.get("root_id"),
                 parent_id=opts.get("parent_id"),
                 ignore_result=None,

@@ -22,16 +22,30 @@ or routing key) is not taken here (``accepts``): the caller sends it through Cel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
+from kombu import serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps as serialize
-from kombu.utils.json import dumps as json_dumps
+from kombu.utils import json as kombu_json
 
 EVENT = "task-sent"
 EVENT_ROUTING_KEY = EVENT.replace("-", ".")
+# kombu's ``_put`` writes ``kombu.utils.json.dumps(envelope)``, i.e. ``json.dumps(envelope,
+# cls=JSONEncoder)``: the same encoder with the same defaults, made once instead of per call.
+json_dumps = kombu_json.JSONEncoder().encode
+
+
+def serializer(name: str) -> Callable[[Any], tuple[str, str, Any]]:
+    """kombu's ``serialization.dumps(data, serializer=name)``; for kombu's own JSON encoder
+    (``registry.register('json', kombu.utils.json.dumps, ...)``) with one encoder made once."""
+    entry = serialization.registry._encoders.get(name)  # type: ignore[attr-defined]
+    if entry is None or entry.encoder is not kombu_json.dumps:
+        return lambda data: serialize(data, serializer=name)
+    content_type, encoding = entry.content_type, entry.content_encoding
+    return lambda data: (content_type, encoding, json_dumps(data))
 
 
 class RedisWire:
@@ -43,7 +57,8 @@ class RedisWire:
         self.channel = channel
         self.events = events
         self.max_messages = max_messages
-        self.serializer = app.conf.task_serializer
+        self.serialize = serializer(app.conf.task_serializer)
+        self.serialize_event = serializer(events.serializer) if events is not None else self.serialize
         self.default_delivery_mode = app.conf.task_default_delivery_mode
         self._pushes: dict[str, list[str]] = {}
         self._published: list[tuple[Sequence[str], str]] = []
@@ -66,7 +81,7 @@ class RedisWire:
         task_headers, properties, body, sent_event = message
         task_headers.update(headers)
         properties["delivery_mode"] = maybe_delivery_mode(queue.exchange.delivery_mode or self.default_delivery_mode)
-        content_type, encoding, payload = serialize(body, serializer=self.serializer)
+        content_type, encoding, payload = self.serialize(body)
         envelope = ch.prepare_message(payload, priority, content_type, encoding, task_headers, properties)
         ch._inplace_augment_message(envelope, "", qname)
         key = ch._q_for_pri(qname, ch._get_message_priority(envelope, reverse=False))
@@ -84,7 +99,7 @@ class RedisWire:
         assert evd is not None
         fields.update({"queue": qname, "exchange": "", "routing_key": qname})
         event = evd._prepare_event(EVENT, fields)
-        content_type, encoding, payload = serialize(event, serializer=evd.serializer)
+        content_type, encoding, payload = self.serialize_event(event)
         envelope = ch.prepare_message(
             payload, 0, content_type, encoding, evd.headers, {"delivery_mode": maybe_delivery_mode(evd.delivery_mode)}
         )
