@@ -18,8 +18,9 @@ from celery import signals
 from celery_ext.config import parse_config
 from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher, queue_name
 from celery_ext.factory import create_app
-from celery_ext.model import Task, new_id, utcnow
+from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.runtime import runtime_of
+from tests.conftest import TEST_TASKS
 from tests.support.services import REDIS_HOST, REDIS_PORT, unique
 
 DB = 11  # a Redis database of its own: the test reads every list and event in it
@@ -219,3 +220,40 @@ def test_batch_bytes_equal_send_tasks_for_every_priority_type_and_queue(dispatch
         assert sum(len(v) for v in new.values()) == len(batch)
     finally:
         cap.close()
+
+
+def test_a_big_batch_runs_each_task_once_on_a_real_worker_with_records(make_cluster: Any) -> None:
+    """5,005 tasks in one ``submit_many`` on PostgreSQL: two INSERT chunks, three pipelines.  Each
+    runs exactly once (the task appends its number to a Redis list) and its record succeeded.
+    Idempotency keys inside the batch: one used before, one given twice; each answers its first."""
+    c = make_cluster(storage="postgresql", executors=TEST_TASKS)
+    m = c.manager
+    ran, used, twice = unique("big:"), unique("idem-"), unique("idem-")
+    first = m.submit("record", {"key": ran, "value": "first"}, idempotency_key=used)
+    specs: list[dict[str, Any]] = [
+        {"task_type": "record", "payload": {"key": ran, "value": str(i)}, "max_retries": 0} for i in range(5000)
+    ]
+    specs[10:10] = [{"task_type": "record", "payload": {"key": ran, "value": "twice"}, "idempotency_key": twice}]
+    specs[20:20] = [{"task_type": "record", "payload": {"key": ran, "value": "used"}, "idempotency_key": used}]
+    specs += [{"task_type": "record", "payload": {"key": ran, "value": "again"}, "idempotency_key": twice}]
+    specs += [{"task_type": "record", "payload": {"key": ran, "value": str(i)}} for i in range(5000, 5002)]
+    tasks = m.submit_many(specs)
+    assert len(tasks) == len(specs) == 5005
+    assert tasks[20].task_id == first.task_id and tasks[20].payload["value"] == "first"
+    assert tasks[-3].task_id == tasks[10].task_id and tasks[10].payload["value"] == "twice"
+    fresh = [t for i, t in enumerate(tasks) if i not in (20, len(tasks) - 3)]
+    assert len({t.task_id for t in fresh}) == 5003
+    assert all(t.status is TaskStatus.QUEUED for t in fresh)
+    c.worker(concurrency=2)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    deadline = time.monotonic() + 240
+    while client.llen(ran) < 5004 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for t in [*fresh, first]:
+        assert m.wait(t.task_id, 60).status is TaskStatus.SUCCEEDED
+    time.sleep(1)  # a second run of any task would show up here
+    values = [v.decode() for v in client.lrange(ran, 0, -1)]
+    client.delete(ran)
+    assert sorted(values) == sorted(["first", "twice", *map(str, range(5002))])
+    records = [m.get(t.task_id) for t in fresh]
+    assert all(r.status is TaskStatus.SUCCEEDED and r.attempt == 1 and r.queued_at for r in records)
