@@ -16,7 +16,7 @@ from celery_ext.model import Task
 from celery_ext.redis_wire import RedisWire
 
 MAX_PRIORITY = 9
-PUBLISH_BATCH = 2000  # Redis commands per pipeline round trip in publish_many
+PUBLISH_BATCH = 2000  # publish_many: messages per Redis pipeline (kombu batch fallback: commands)
 
 
 @dataclass(frozen=True, slots=True)
