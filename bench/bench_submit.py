@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS  # noqa: E402
+from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.schedulers import due_records  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import write_config  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> None:
         "storage": {"type": "postgresql", "config": {"url": db_url}},
     }
     config = write_config(workdir, data)
-    rt: Any = create_app(parse_config(data, source=str(config))).celery_ext  # type: ignore[attr-defined]
+    rt: Any = runtime_of(create_app(parse_config(data, source=str(config))))
     rt.storage.migrate()
     rds = redis.Redis.from_url(REDIS)
     sides: dict[str, Callable[[], float]] = {
