@@ -14,10 +14,8 @@ Each round prints its rates and the ratios to ``bare`` of the same round.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import REDIS  # noqa: E402
-from celery_ext.runtime import runtime_of  # noqa: E402
+from bench import REDIS, postgres_bench  # noqa: E402
 from tests.support.schedulers import due_records  # noqa: E402
-from tests.support.services import create_database, drop_database, unique  # noqa: E402
-from tests.support.workers import write_config  # noqa: E402
+from tests.support.services import drop_database  # noqa: E402
 
 
 def rate(n: int, run: Callable[[], None]) -> float:
@@ -88,24 +84,7 @@ def main() -> None:
 
     import redis
 
-    from celery_ext.config import parse_config
-    from celery_ext.factory import create_app
-
-    name = unique("bsubmit")
-    os.environ["BENCH_REDIS_URL"] = REDIS
-    os.environ["BENCH_BARE_QUEUE"] = f"{name}.bare"
-    from bench.bare_app import app as bare_app
-
-    db_url = create_database("postgresql")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-submit-"))
-    data = {
-        "app": {"name": name, "data_dir": str(workdir), "log_level": "WARNING"},
-        "broker": {"url": REDIS},
-        "storage": {"type": "postgresql", "config": {"url": db_url}},
-    }
-    config = write_config(workdir, data)
-    rt: Any = runtime_of(create_app(parse_config(data, source=str(config))))
-    rt.storage.migrate()
+    name, rt, bare_app, _, _, db_url = postgres_bench("bsubmit", app={"log_level": "WARNING"})
     rds = redis.Redis.from_url(REDIS)
     sides: dict[str, Callable[[], float]] = {
         "bare": lambda: bare(bare_app, args.n),
