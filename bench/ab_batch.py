@@ -1,7 +1,8 @@
 """A/B of the batch path against an older checkout, in one process, interleaved round by round.
 
 Side ``old``: the older checkout's ``Dispatcher.publish_many`` and SQLAlchemy's executemany for
-``create_many`` (what PostgreSQL's ran before the unnest insert); side ``new``: this tree's.
+``create_many`` (``SqlTaskRepository.executemany``, PostgreSQL's before the unnest insert); side
+``new``: this tree's.
 Everything else is this tree's.  Each round runs bare ``apply_async``, ``submit_many`` in batches
 of 1,000 and the due dispatch of one in-process leader, both sides, the order reversed every other
 round; printed: medians, ratios to bare of the same round, and new/old per round.
@@ -17,9 +18,8 @@ import importlib.util
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,23 +38,6 @@ def old_publish_many(old_tree: Path) -> Callable[..., None]:
     return module.Dispatcher.publish_many  # type: ignore[no-any-return]
 
 
-def executemany_create_many(self: Any, new: Sequence[Any]) -> list[tuple[Any, bool]]:
-    from sqlalchemy import insert
-    from sqlalchemy.exc import IntegrityError
-
-    from celery_ext.storage.base import to_record
-    from celery_ext.storage.sql_schema import tasks
-
-    if not new:
-        return []
-    try:
-        with self.storage.begin() as conn:
-            conn.execute(insert(tasks), [to_record(t) for t in new])
-        return [(t, True) for t in new]
-    except IntegrityError:
-        return [self.create(t) for t in new]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", type=Path, required=True, help="an older checkout (git archive)")
@@ -68,7 +51,7 @@ def main() -> None:
     from celery_ext.storage import sql
 
     sides = {
-        "old": (old_publish_many(args.old), executemany_create_many),
+        "old": (old_publish_many(args.old), sql.SqlTaskRepository.executemany),
         "new": (dispatch_module.Dispatcher.publish_many, sql.SqlTaskRepository.create_many),
     }
 

@@ -377,6 +377,11 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             return []
         if self.storage.type_name == "postgresql":
             return self._insert_rows(new)
+        return self.executemany(new)
+
+    def executemany(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """SQLite and MySQL's ``create_many`` (PostgreSQL's before ``_insert_rows``): SQLAlchemy's
+        executemany in one transaction, one insert each when a key is taken."""
         try:
             with self.storage.begin() as conn:
                 conn.execute(insert(tasks), [to_record(t) for t in new])
