@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -43,3 +47,42 @@ def wait_healthy(base: str, timeout: float = 60.0) -> None:
             return False
 
     wait_until(healthy, timeout)
+
+
+class PostgresBench(NamedTuple):
+    """An in-process celery_ext runtime on a fresh PostgreSQL database, and the bare Celery app
+    on its own queue, for a benchmark (``drop_database("postgresql", db_url)`` at the end)."""
+
+    name: str
+    rt: Any
+    bare: Any
+    config: Path
+    workdir: Path
+    db_url: str
+
+
+def postgres_bench(prefix: str, **sections: dict[str, Any]) -> PostgresBench:
+    """Set up ``PostgresBench``: app ``<prefix><random>``, broker ``REDIS``, ``sections`` merged in."""
+    from celery_ext.config import parse_config
+    from celery_ext.factory import create_app
+    from celery_ext.runtime import runtime_of
+    from tests.support.services import create_database, unique
+    from tests.support.workers import write_config
+
+    name = unique(prefix)
+    os.environ["BENCH_REDIS_URL"] = REDIS
+    os.environ["BENCH_BARE_QUEUE"] = f"{name}.bare"
+    from bench.bare_app import app as bare
+
+    db_url = create_database("postgresql")
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
+    data: dict[str, Any] = {
+        "app": {"name": name, "data_dir": str(workdir), **sections.pop("app", {})},
+        "broker": {"url": REDIS},
+        "storage": {"type": "postgresql", "config": {"url": db_url}},
+        **sections,
+    }
+    config = write_config(workdir, data)
+    rt = runtime_of(create_app(parse_config(data, source=str(config))))
+    rt.storage.migrate()
+    return PostgresBench(name, rt, bare, config, workdir, db_url)

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import REDIS, wait_until  # noqa: E402
-from celery_ext.runtime import runtime_of  # noqa: E402
+from bench import REDIS, postgres_bench, wait_until  # noqa: E402
 from tests.support.schedulers import due_records  # noqa: E402
-from tests.support.services import create_database, drop_database, unique  # noqa: E402
-from tests.support.workers import WorkerProcess, subprocess_env, write_config  # noqa: E402
+from tests.support.services import drop_database  # noqa: E402
+from tests.support.workers import WorkerProcess, subprocess_env  # noqa: E402
 
 
 def dispatch_rate(rt: Any, n: int) -> float:
@@ -145,25 +142,7 @@ def main() -> None:
     parser.add_argument("--failovers", type=int, default=3)
     args = parser.parse_args()
 
-    from celery_ext.config import parse_config
-    from celery_ext.factory import create_app
-
-    name = unique("bsched")
-    os.environ["BENCH_REDIS_URL"] = REDIS
-    os.environ["BENCH_BARE_QUEUE"] = f"{name}.bare"
-    from bench.bare_app import app as bare
-
-    db_url = create_database("postgresql")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-scheduler-"))
-    data = {
-        "app": {"name": name, "data_dir": str(workdir)},
-        "broker": {"url": REDIS},
-        "storage": {"type": "postgresql", "config": {"url": db_url}},
-        "worker": {"capacity": 2},
-    }
-    config = write_config(workdir, data)
-    rt: Any = runtime_of(create_app(parse_config(data, source=str(config))))
-    rt.storage.migrate()
+    name, rt, bare, config, workdir, db_url = postgres_bench("bsched", worker={"capacity": 2})
     import redis
 
     rds = redis.Redis.from_url(REDIS)

@@ -13,9 +13,10 @@ from kombu.common import maybe_declare
 from celery_ext.config import Config
 from celery_ext.message import ExtHeader
 from celery_ext.model import Task
+from celery_ext.redis_wire import RedisWire
 
 MAX_PRIORITY = 9
-PUBLISH_BATCH = 2000  # Redis commands per pipeline round trip in publish_many
+PUBLISH_BATCH = 2000  # publish_many: messages per Redis pipeline (kombu batch fallback: commands)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,32 @@ def plain_queues(config: Config) -> list[str]:
     and ``worker.celery_queue`` (unless empty)."""
     own = queue_name(config.app.name, "default")
     return [own, *([config.worker.celery_queue] if config.worker.celery_queue not in ("", own) else [])]
+
+
+def plain_repr(value: Any, maxlen: int, maxlevels: int) -> str | None:
+    """Celery's ``saferepr(value, maxlen, maxlevels)`` of a JSON-shaped value, computed by
+    ``repr``, or ``None`` where the two could differ (then Celery computes it).  They agree when
+    nothing is cut (shorter than ``maxlen``, containers nested at most ``maxlevels`` deep) and
+    every string is printable without a quote or a backslash (``repr`` would escape or re-quote
+    it, ``saferepr`` does not).  ``saferepr`` was 14% of a batch publish (profiled)."""
+    if not _plain(value, maxlevels):
+        return None
+    text = repr(value)
+    return text if len(text) < maxlen else None
+
+
+def _plain(value: Any, levels: int) -> bool:
+    if value is None or isinstance(value, int | float):
+        return True
+    if isinstance(value, str):
+        return "'" not in value and "\\" not in value and value.isprintable()
+    if levels <= 0:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(k, 1) and _plain(v, levels - 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v, levels - 1) for v in value)
+    return False
 
 
 class Dispatcher:
@@ -87,73 +114,83 @@ class Dispatcher:
         self.app.send_task(d.task.task_type, **self.options(d))
 
     def publish_many(self, batch: Sequence[Dispatch]) -> None:
-        """Publish a batch over one producer.  On Redis, kombu's publish batch sends the messages
-        (and their task-sent events) through one pipeline, a round trip per ``PUBLISH_BATCH``
-        commands instead of two per message.
+        """Publish a batch over one producer.
 
-        Each message is still routed by the app's router and built by Celery
-        (``amqp.create_task_message``) and sent by Celery's ``send_task_message``, with its
-        task-sent event.  What a batch skips is the per-message overhead around them (profiled in
-        docs/benchmarks.md): ``send_task``'s option merging, and a copy-and-bind of the queue and
-        the event exchange for every message (``maybe_declare`` on unbound entities); both are
-        declared once per batch instead.  Anything that changes the message takes Celery's
-        ``send_task`` instead: a publish signal receiver (``before_task_publish``, ...), a call from
-        inside a worker's task (Celery links the parent), a broker other than Redis (quorum queues
-        and native delayed delivery).
+        On Redis, each message is still routed by the app's router (one call per message: a
+        balancer reserves a worker's slot) and built by Celery (``amqp.create_task_message``);
+        ``RedisWire`` then writes the messages and their task-sent events, the same bytes Celery's
+        ``send_task_message`` would send, through one pipeline per ``PUBLISH_BATCH`` messages, one
+        LPUSH per queue key (profiled in docs/benchmarks.md: Celery's and kombu's generic publish
+        path was most of a batch's time).  Anything that changes the message takes Celery's
+        ``send_task`` instead, in kombu's publish batch: a publish signal receiver
+        (``before_task_publish``, ...), a call from inside a worker's task (Celery links the
+        parent), a broker other than Redis (quorum queues and native delayed delivery), a Redis
+        connection that would retry a pipeline (kombu's ``supports_batch_publish``).
         """
         if not batch:
             return
-        if not self._lean_batches():
-            with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        with self.app.producer_or_acquire() as producer:
+            if self._lean_batches() and producer.supports_batch_publish:
+                self._publish_lean(producer, batch)
+                return
+            with producer.batch(max_size=PUBLISH_BATCH):
                 for d in batch:
                     self.app.send_task(d.task.task_type, producer=producer, **self.options(d))
-            return
+
+    def _publish_lean(self, producer: Any, batch: Sequence[Dispatch]) -> None:
         amqp, conf = self.app.amqp, self.app.conf
         reply_to, backend = self.app.thread_oid, self.app.backend
-        with self.app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
-            channel = producer.channel
-            evd = self.app.events.Dispatcher(enabled=False)
-            evd.exchange = evd.exchange(channel)  # bound once: no copy per event
-            maybe_declare(evd.exchange, channel)
-            declared: dict[str, Any] = {}
-            for d in batch:
-                opts = self.options(d)
-                name = d.task.task_type
-                route = amqp.router.route({}, name, opts["args"], opts["kwargs"])
-                queue = route.pop("queue")
-                if queue.name not in declared:
-                    declared[queue.name] = maybe_declare(queue(channel), channel)
-                message = amqp.create_task_message(
-                    opts["task_id"],
-                    name,
-                    opts["args"],
-                    opts["kwargs"],
-                    countdown=opts.get("countdown"),
-                    group_id=opts.get("group_id"),
-                    retries=opts["retries"],
-                    reply_to=reply_to,
-                    time_limit=opts.get("time_limit"),
-                    soft_time_limit=opts.get("soft_time_limit"),
-                    create_sent_event=conf.task_send_sent_event,
-                    root_id=opts.get("root_id"),
-                    parent_id=opts.get("parent_id"),
-                    ignore_result=None,
-                    priority=opts["priority"],
-                    **route,
-                )
-                backend.on_task_call(producer, opts["task_id"])
-                amqp.send_task_message(
-                    producer,
-                    name,
-                    message,
-                    queue=queue,
-                    declare=[],
-                    retry=False,
-                    event_dispatcher=evd,
-                    headers=opts["headers"],
-                    priority=opts["priority"],
-                    **route,
-                )
+        channel = producer.channel
+        evd = self.app.events.Dispatcher(enabled=False)
+        evd.exchange = evd.exchange(channel)  # bound once: no copy per event
+        maybe_declare(evd.exchange, channel)
+        wire = RedisWire(self.app, channel, evd if conf.task_send_sent_event else None, PUBLISH_BATCH)
+        declared: dict[str, Any] = {}
+        maxlevels = conf.task_repr_maxlevels
+        for d in batch:
+            opts = self.options(d)
+            name = d.task.task_type
+            route = amqp.router.route({}, name, opts["args"], opts["kwargs"])
+            queue = route.pop("queue")
+            if queue.name not in declared:
+                declared[queue.name] = maybe_declare(queue(channel), channel)
+            message = amqp.create_task_message(
+                opts["task_id"],
+                name,
+                opts["args"],
+                opts["kwargs"],
+                countdown=opts.get("countdown"),
+                group_id=opts.get("group_id"),
+                retries=opts["retries"],
+                reply_to=reply_to,
+                time_limit=opts.get("time_limit"),
+                soft_time_limit=opts.get("soft_time_limit"),
+                create_sent_event=conf.task_send_sent_event,
+                argsrepr=plain_repr(opts["args"], amqp.argsrepr_maxsize, maxlevels),
+                kwargsrepr=plain_repr(opts["kwargs"], amqp.kwargsrepr_maxsize, maxlevels),
+                root_id=opts.get("root_id"),
+                parent_id=opts.get("parent_id"),
+                ignore_result=None,
+                priority=opts["priority"],
+                **route,
+            )
+            backend.on_task_call(producer, opts["task_id"])
+            if wire.accepts(queue, route):
+                wire.add(queue, message, opts["headers"], opts["priority"])
+                continue
+            amqp.send_task_message(
+                producer,
+                name,
+                message,
+                queue=queue,
+                declare=[],
+                retry=False,
+                event_dispatcher=evd,
+                headers=opts["headers"],
+                priority=opts["priority"],
+                **route,
+            )
+        wire.flush()
 
     def _lean_batches(self) -> bool:
         return (

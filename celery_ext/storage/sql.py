@@ -61,6 +61,7 @@ from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tas
 
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql"}
+INSERT_ROWS = 5000  # rows per INSERT in create_many (PostgreSQL)
 
 
 class SqlSettings(Model):
@@ -357,6 +358,7 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         self.storage = storage
         self._compiled: dict[tuple[Any, ...], _Compiled] = {}
         self._reader: _Reader | None = None
+        self._unnest_sql: str | None = None
 
     def create(self, task: Task) -> tuple[Task, bool]:
         try:
@@ -373,6 +375,13 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
     def create_many(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
         if not new:
             return []
+        if self.storage.type_name == "postgresql":
+            return self._insert_rows(new)
+        return self.executemany(new)
+
+    def executemany(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """SQLite and MySQL's ``create_many`` (PostgreSQL's before ``_insert_rows``): SQLAlchemy's
+        executemany in one transaction, one insert each when a key is taken."""
         try:
             with self.storage.begin() as conn:
                 conn.execute(insert(tasks), [to_record(t) for t in new])
@@ -380,6 +389,46 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         except IntegrityError:
             # Some idempotency key is taken: fall back to one insert each.
             return [self.create(t) for t in new]
+
+    def _insert_rows(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """PostgreSQL: one ``INSERT ... SELECT FROM unnest(<one array a column>) ON CONFLICT DO
+        NOTHING`` per ``INSERT_ROWS`` records, in one transaction; a record it did not insert (its
+        idempotency key or id is taken, also by an earlier one of the batch) is answered with the
+        record that holds it, as ``create`` does.  Values are bound as ``_insert``'s (the column
+        types' bind processing), 26 binary array parameters.  Profiled: SQLAlchemy's executemany
+        spent its time in its per-row machinery, a multi-row VALUES list in psycopg parsing the
+        long query, text arrays in psycopg's Python array quoting."""
+        one = self._insert_compiled()
+        cols = [c.name for c in tasks.columns]
+        sql = self._unnest_sql
+        if sql is None:
+            dialect = self.storage.engine.dialect
+            # %b: psycopg's binary array dumpers (4x less client time than text arrays, measured).
+            arrays = ", ".join(f"CAST(%b AS {c.type.compile(dialect=dialect)}[])" for c in tasks.columns)
+            table = dialect.identifier_preparer.format_table(tasks)
+            # Only the schema's names and types are formatted in; the values are bound.
+            sql = self._unnest_sql = (
+                f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING RETURNING task_id"  # noqa: S608, E501
+            )
+        inserted: set[str] = set()
+        with self.storage.begin() as conn:
+            for i in range(0, len(new), INSERT_ROWS):
+                rows = [one.args({f"v_{k}": v for k, v in to_record(t).items()}) for t in new[i : i + INSERT_ROWS]]
+                params = tuple([r[f"v_{c}"] for r in rows] for c in cols)
+                inserted.update(r[0] for r in conn.exec_driver_sql(sql, params))
+        return [(t, True) if t.task_id in inserted else self._holder(t) for t in new]
+
+    def _holder(self, task: Task) -> tuple[Task, bool]:
+        existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
+        existing = existing or self.get(task.task_id)
+        return (existing, False) if existing is not None else self.create(task)  # gone meanwhile: try again
+
+    def _insert_compiled(self) -> _Compiled:
+        compiled = self._compiled.get(("insert",))
+        if compiled is None:
+            stmt = insert(tasks).values({c.name: bindparam(f"v_{c.name}", type_=c.type) for c in tasks.columns})
+            compiled = self._compiled[("insert",)] = _Compiled.of(stmt, self.storage.engine.dialect)
+        return compiled
 
     def _insert(self, task: Task) -> None:
         """One INSERT, atomic on its own, on the kept autocommit connection (see single()); the
@@ -389,10 +438,7 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             with self.storage.single() as conn:
                 conn.execute(insert(tasks).values(**to_record(task)))
             return
-        compiled = self._compiled.get(("insert",))
-        if compiled is None:
-            stmt = insert(tasks).values({c.name: bindparam(f"v_{c.name}", type_=c.type) for c in tasks.columns})
-            compiled = self._compiled[("insert",)] = _Compiled.of(stmt, self.storage.engine.dialect)
+        compiled = self._insert_compiled()
         params = {f"v_{k}": v for k, v in to_record(task).items()}
         dbapi = self.storage.engine.dialect.loaded_dbapi
         try:

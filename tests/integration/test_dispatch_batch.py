@@ -16,10 +16,11 @@ import redis
 from celery import signals
 
 from celery_ext.config import parse_config
-from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher
+from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher, queue_name
 from celery_ext.factory import create_app
-from celery_ext.model import Task, new_id, utcnow
+from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.runtime import runtime_of
+from tests.conftest import TEST_TASKS
 from tests.support.services import REDIS_HOST, REDIS_PORT, unique
 
 DB = 11  # a Redis database of its own: the test reads every list and event in it
@@ -49,6 +50,26 @@ def dispatch(countdown: float | None) -> Dispatch:
     return Dispatch(task, new_id(), 2, countdown, utcnow())
 
 
+def masked(value: Any) -> Any:
+    """A decoded message or event with its per-message fields replaced, key order kept."""
+    if isinstance(value, dict):
+        return {k: "*" if k in VARYING else masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
+
+
+def raw_view(raw: bytes) -> tuple[str, bytes]:
+    """A raw Redis entry as text to compare byte for byte: the envelope as kombu serialized it
+    with its per-message fields masked (key order and spelling kept), and its body's bytes (a task
+    message's body has no per-message field; an event's is masked too)."""
+    envelope = json.loads(raw)
+    body = base64.b64decode(envelope.pop("body"))
+    if b'"clock"' in body:  # an event
+        body = json.dumps(masked(json.loads(body))).encode()
+    return json.dumps(masked(envelope)), body
+
+
 class Captured:
     """Every list entry and every Celery event of the test's Redis database."""
 
@@ -56,6 +77,7 @@ class Captured:
         self.client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=DB)
         self.client.flushdb()
         self.events: list[dict[str, Any]] = []
+        self.raw_events: list[tuple[str, bytes]] = []
         self._pubsub = self.client.pubsub()
         self._pubsub.psubscribe(f"/{DB}.celeryev/*")  # kombu names event channels by database
         while self._pubsub.get_message(timeout=1.0) is None:
@@ -69,6 +91,7 @@ class Captured:
             m = self._pubsub.get_message(timeout=0.1)
             if m is not None and m["type"] == "pmessage":
                 self.events.append(decoded(json.loads(m["data"])))
+                self.raw_events.append((m["channel"].decode(), m["data"]))
 
     def messages(self) -> list[dict[str, Any]]:
         found = []
@@ -76,6 +99,24 @@ class Captured:
             if self.client.type(key) == b"list":
                 found += [decoded(json.loads(raw)) for raw in self.client.lrange(key, 0, -1)]
         return found
+
+    def raw(self) -> dict[str, list[tuple[str, bytes]]]:
+        """Every list of the database, by key (a priority's list is ``queue\\x06\\x16<n>``), as
+        ``raw_view``s, oldest first; then the database is emptied."""
+        found = {}
+        for key in self.client.keys("*"):
+            if self.client.type(key) == b"list":
+                found[key.decode()] = [raw_view(r) for r in reversed(self.client.lrange(key, 0, -1))]
+                self.client.delete(key)
+        return found
+
+    def wait_events(self, n: int) -> list[tuple[str, tuple[str, bytes]]]:
+        """The next ``n`` events, raw, with their channels (then forgotten)."""
+        deadline = time.monotonic() + 10
+        while len(self.raw_events) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got, self.raw_events = self.raw_events[:n], self.raw_events[n:]
+        return [(channel, raw_view(data)) for channel, data in got]
 
     def close(self) -> None:
         self._stop.set()
@@ -143,3 +184,76 @@ def test_a_publish_signal_receiver_sees_every_batch_message(dispatcher: Dispatch
     finally:
         signals.before_task_publish.disconnect(receiver)
         cap.close()
+
+
+def test_batch_bytes_equal_send_tasks_for_every_priority_type_and_queue(dispatcher: Dispatcher) -> None:
+    """Byte for byte (per-message tags, times and clocks masked): each priority's Redis list, the
+    queue of each task type, and the task-sent events with their channels, in order."""
+    batch = []
+    for i in range(20):
+        task = Task(
+            task_id=new_id(),
+            task_type=("echo", "sleep")[i % 2],
+            payload={"i": i, "text": "quote ' and \\ and \u00e9", "nested": {"a": [1, 2.5, None, True]}},
+            priority=i % 10,
+            timeout=30 if i % 3 else None,
+            group_id="g" if i % 4 == 0 else None,
+            root_id="r" if i % 5 == 0 else None,
+        )
+        batch.append(Dispatch(task, new_id(), 1 + i % 3, 0.5 if i % 7 == 0 else None, utcnow()))
+    cap = Captured()
+    try:
+        send_task_path(dispatcher, batch)
+        old, old_events = cap.raw(), cap.wait_events(len(batch))
+        dispatcher.publish_many(batch)
+        new, new_events = cap.raw(), cap.wait_events(len(batch))
+        assert new == old
+        assert new_events == old_events
+        # Each type's queue, one list per priority (celery_ext sets kombu's steps to 0-9, sep ":").
+        with dispatcher.app.producer_or_acquire() as producer:
+            channel = producer.channel
+            expected = {
+                channel._q_for_pri(queue_name(dispatcher.app.main, d.task.task_type), 9 - d.task.priority)
+                for d in batch
+            }
+        assert set(new) == expected and len(expected) == 10
+        assert sum(len(v) for v in new.values()) == len(batch)
+    finally:
+        cap.close()
+
+
+def test_a_big_batch_runs_each_task_once_on_a_real_worker_with_records(make_cluster: Any) -> None:
+    """5,005 tasks in one ``submit_many`` on PostgreSQL: two INSERT chunks, three pipelines.  Each
+    runs exactly once (the task appends its number to a Redis list) and its record succeeded.
+    Idempotency keys inside the batch: one used before, one given twice; each answers its first."""
+    c = make_cluster(storage="postgresql", executors=TEST_TASKS)
+    m = c.manager
+    ran, used, twice = unique("big:"), unique("idem-"), unique("idem-")
+    first = m.submit("record", {"key": ran, "value": "first"}, idempotency_key=used)
+    specs: list[dict[str, Any]] = [
+        {"task_type": "record", "payload": {"key": ran, "value": str(i)}, "max_retries": 0} for i in range(5000)
+    ]
+    specs[10:10] = [{"task_type": "record", "payload": {"key": ran, "value": "twice"}, "idempotency_key": twice}]
+    specs[20:20] = [{"task_type": "record", "payload": {"key": ran, "value": "used"}, "idempotency_key": used}]
+    specs += [{"task_type": "record", "payload": {"key": ran, "value": "again"}, "idempotency_key": twice}]
+    specs += [{"task_type": "record", "payload": {"key": ran, "value": str(i)}} for i in range(5000, 5002)]
+    tasks = m.submit_many(specs)
+    assert len(tasks) == len(specs) == 5005
+    assert tasks[20].task_id == first.task_id and tasks[20].payload["value"] == "first"
+    assert tasks[-3].task_id == tasks[10].task_id and tasks[10].payload["value"] == "twice"
+    fresh = [t for i, t in enumerate(tasks) if i not in (20, len(tasks) - 3)]
+    assert len({t.task_id for t in fresh}) == 5003
+    assert all(t.status is TaskStatus.QUEUED for t in fresh)
+    c.worker(concurrency=2)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    deadline = time.monotonic() + 240
+    while client.llen(ran) < 5004 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for t in [*fresh, first]:
+        assert m.wait(t.task_id, 60).status is TaskStatus.SUCCEEDED
+    time.sleep(1)  # a second run of any task would show up here
+    values = [v.decode() for v in client.lrange(ran, 0, -1)]
+    client.delete(ran)
+    assert sorted(values) == sorted(["first", "twice", *map(str, range(5002))])
+    records = [m.get(t.task_id) for t in fresh]
+    assert all(r.status is TaskStatus.SUCCEEDED and r.attempt == 1 and r.queued_at for r in records)

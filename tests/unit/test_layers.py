@@ -54,6 +54,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "plugins",
             "completion",
             "config_store",
+            "redis_wire",
             "dispatch",
         ),
     ),

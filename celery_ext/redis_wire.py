@@ -1,0 +1,124 @@
+"""A batch of Celery task messages and their task-sent events written into Redis pipelines.
+
+On Redis, publishing one task message costs ~150 us of Python in kombu's and Celery's generic
+publish path (``send_task_message`` -> ``Producer.publish`` -> ``Channel.basic_publish`` ->
+``_put``, and the same again for the task-sent event; profiled in docs/benchmarks.md).  Most of
+it is dispatch around a few steps, which this module runs with kombu's and Celery's own functions:
+
+  body      kombu's serializer registry (``task_serializer``; JSON)
+  envelope  the channel's ``prepare_message`` and ``_inplace_augment_message`` (base64 body,
+            delivery tag, delivery info), as ``basic_publish`` does, with the delivery mode and
+            priority ``send_task_message`` and ``Producer.publish`` give it
+  key       the channel's ``_q_for_pri``: ``queue`` or ``queue\\x06\\x16<step>`` (kombu's ``_put``)
+  event     Celery's ``EventDispatcher._prepare_event`` (clock, utcoffset, pid, timestamp), PUBLISHed
+            to the channel's fanout topics for ``task.sent`` (kombu's ``_put_fanout``)
+
+The messages and events are those Celery would send (tests/integration/test_dispatch_batch.py
+reads both back raw from Redis and compares them).  A flush sends one LPUSH per queue key with
+all of its messages, then the events, in one non-transactional pipeline: every event follows its
+message.  A message for any other destination (a non-direct exchange, a route naming an exchange
+or routing key) is not taken here (``accepts``): the caller sends it through Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Celery
+from kombu import serialization
+from kombu.entity import maybe_delivery_mode
+from kombu.serialization import dumps as serialize
+from kombu.utils import json as kombu_json
+
+EVENT = "task-sent"
+EVENT_ROUTING_KEY = EVENT.replace("-", ".")
+# kombu's ``_put`` writes ``kombu.utils.json.dumps(envelope)``, i.e. ``json.dumps(envelope,
+# cls=JSONEncoder)``: the same encoder with the same defaults, made once instead of per call.
+json_dumps = kombu_json.JSONEncoder().encode
+
+
+def serializer(name: str) -> Callable[[Any], tuple[str, str, Any]]:
+    """kombu's ``serialization.dumps(data, serializer=name)``; for kombu's own JSON encoder
+    (``registry.register('json', kombu.utils.json.dumps, ...)``) with one encoder made once."""
+    entry = serialization.registry._encoders.get(name)  # type: ignore[attr-defined]
+    if entry is None or entry.encoder is not kombu_json.dumps:
+        return lambda data: serialize(data, serializer=name)
+    content_type, encoding = entry.content_type, entry.content_encoding
+    return lambda data: (content_type, encoding, json_dumps(data))
+
+
+class RedisWire:
+    """Collects a batch's messages for one kombu Redis ``channel`` and writes them on ``flush``
+    (also every ``max_messages``); ``events`` is the batch's ``EventDispatcher`` (its exchange
+    bound to ``channel``), or ``None`` without task-sent events.  Not thread-safe: one per batch."""
+
+    def __init__(self, app: Celery, channel: Any, events: Any, max_messages: int) -> None:
+        self.channel = channel
+        self.events = events
+        self.max_messages = max_messages
+        self.serialize = serializer(app.conf.task_serializer)
+        self.serialize_event = serializer(events.serializer) if events is not None else self.serialize
+        self.default_delivery_mode = app.conf.task_default_delivery_mode
+        self._pushes: dict[str, list[str]] = {}
+        self._published: list[tuple[Sequence[str], str]] = []
+        self._expiring: dict[str, int] = {}
+        self._count = 0
+        self._topics: Sequence[str] = ()
+        if events is not None:
+            self._topics = channel._get_publish_topics(events.exchange.name, EVENT_ROUTING_KEY)
+
+    @staticmethod
+    def accepts(queue: Any, route: dict[str, Any]) -> bool:
+        """Whether a message routed to ``queue`` (with ``route``'s other options) goes to the
+        queue's own Redis list: a direct exchange, nothing in the route but the queue."""
+        return not route and getattr(queue.exchange, "type", "direct") == "direct"
+
+    def add(self, queue: Any, message: Any, headers: dict[str, Any], priority: int) -> None:
+        """One task message (``amqp.create_task_message``'s) for ``queue``, with ``headers``
+        merged into Celery's as ``send_task_message`` does, and its task-sent event."""
+        ch, qname = self.channel, queue.name
+        task_headers, properties, body, sent_event = message
+        task_headers.update(headers)
+        properties["delivery_mode"] = maybe_delivery_mode(queue.exchange.delivery_mode or self.default_delivery_mode)
+        content_type, encoding, payload = self.serialize(body)
+        envelope = ch.prepare_message(payload, priority, content_type, encoding, task_headers, properties)
+        ch._inplace_augment_message(envelope, "", qname)
+        key = ch._q_for_pri(qname, ch._get_message_priority(envelope, reverse=False))
+        self._pushes.setdefault(key, []).append(json_dumps(envelope))
+        if qname in ch._expires:  # x-expires on the queue: kombu refreshes every priority list's TTL
+            self._expiring[qname] = ch._expires[qname]
+        if sent_event is not None and self.events is not None:
+            self._event(sent_event, qname)
+        self._count += 1
+        if self._count >= self.max_messages:
+            self.flush()
+
+    def _event(self, fields: dict[str, Any], qname: str) -> None:
+        evd, ch = self.events, self.channel
+        assert evd is not None
+        fields.update({"queue": qname, "exchange": "", "routing_key": qname})
+        event = evd._prepare_event(EVENT, fields)
+        content_type, encoding, payload = self.serialize_event(event)
+        envelope = ch.prepare_message(
+            payload, 0, content_type, encoding, evd.headers, {"delivery_mode": maybe_delivery_mode(evd.delivery_mode)}
+        )
+        ch._inplace_augment_message(envelope, evd.exchange.name, EVENT_ROUTING_KEY)
+        self._published.append((self._topics, json_dumps(envelope)))
+
+    def flush(self) -> None:
+        """Write what was added: one round trip."""
+        if not self._count:
+            return
+        pushes, published, expiring = self._pushes, self._published, self._expiring
+        self._pushes, self._published, self._expiring, self._count = {}, [], {}, 0
+        with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for key, values in pushes.items():
+                pipe.lpush(key, *values)
+            for qname, ttl in expiring.items():
+                for step in self.channel.priority_steps:
+                    pipe.pexpire(self.channel._q_for_pri(qname, step), ttl)
+            for topics, payload in published:
+                for topic in topics:
+                    pipe.publish(topic, payload)
+            pipe.execute()
