@@ -138,6 +138,13 @@ class TaskLogHandler(logging.Handler):
         super().__init__(logging.NOTSET)
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
+    def createLock(self) -> None:  # noqa: N802 - logging's name
+        """No handler lock: ``emit`` only appends to the task's buffer, which has its own.  With
+        logging's lock, a task thread logging (handler lock held, waiting for its buffer's lock)
+        and the flusher writing that buffer (buffer lock held, the write logging a storage
+        warning, waiting for the handler lock) deadlocked the pool process."""
+        self.lock = None
+
     def emit(self, record: logging.LogRecord) -> None:
         buf = _current.get()
         if buf is None or record.name.startswith("celery_ext.storage"):
