@@ -72,12 +72,7 @@ def test_an_invalid_entry_never_disables_a_valid_one_of_the_same_name() -> None:
     # The failure stays reported, under its entry, since a plugin of that name runs.
     assert list(pm.failures) == ["alert (plugins[0])"]
     assert "plugins[0].config.webhook_url" in pm.failures["alert (plugins[0])"]
-    c = plugin_context()
-    pm.start_all(c)
-    try:
-        assert pm.running == ["alert"]
-    finally:
-        pm.stop_all(c)
+    assert_runs_only(pm, ["alert"])
 
 
 def test_a_second_entry_of_a_loaded_name_is_refused_and_the_first_runs() -> None:
@@ -90,9 +85,14 @@ def test_a_second_entry_of_a_loaded_name_is_refused_and_the_first_runs() -> None
     )
     assert pm.get("alert").settings.webhook_url == "http://127.0.0.1:9/first"
     assert "already loaded from plugins[0]" in pm.failures["alert (plugins[1])"]
+    assert_runs_only(pm, ["alert"])
+
+
+def assert_runs_only(pm: PluginManager, names: list[str]) -> None:
+    """Started, exactly ``names`` run; then stopped."""
     c = plugin_context()
     pm.start_all(c)
     try:
-        assert pm.running == ["alert"]
+        assert pm.running == names
     finally:
         pm.stop_all(c)
