@@ -137,7 +137,7 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
     )
     lifecycle = Lifecycle(
         storage,
-        completion_for(config, broker_url),
+        Completion(registry_url, config.app.name),  # the registry's Redis (none: waiters poll)
         observer,
         # Spooled outcomes are held in the registry, so recovery leaves their tasks be.
         holds=registry.holds(config.worker.task_lease) if registry is not None else None,
