@@ -5,7 +5,10 @@ reject_on_worker_lost, prefetch 1, JSON, task events on), interleaved round by r
   bare  ``bench.noop`` on bench/bare_app.py with a Redis result backend; done = every result stored.
   ext   celery_ext ``echo`` with task records in PostgreSQL (a fresh database); done = every record
         succeeded.  Submitted with ``submit_many`` (one insert, one producer).
-Also the submit rate of ``submit``, ``submit_many`` and bare ``apply_async`` (no worker running).
+Also the submit rate of ``submit``, ``submit_many`` and bare ``apply_async`` (no worker running),
+and submit-to-result latency of one task at a time, four ways interleaved: ``manager.submit`` +
+``manager.wait``, ``manager.submit`` + ``AsyncResult.get``, ``send_task(...).get()`` on celery_ext's
+app (a plain Celery call: the worker records it on receipt), bare ``apply_async().get()``.
 
     .venv/bin/python bench/bench_core.py [--n 2000] [--rounds 5] [--storage postgresql|sqlite|mysql]
 """
@@ -87,6 +90,11 @@ def probes(manager: Any, ext_app: Any, bare: Any) -> dict[str, Callable[[], floa
         ext_app.AsyncResult(manager.submit("echo", {}, max_retries=0).task_id).get(timeout=30)
         return time.perf_counter() - start
 
+    def celery_get() -> float:
+        start = time.perf_counter()
+        ext_app.send_task("echo", kwargs={}).get(timeout=30)
+        return time.perf_counter() - start
+
     def bare_get() -> float:
         start = time.perf_counter()
         noop.apply_async().get(timeout=30)
@@ -95,6 +103,7 @@ def probes(manager: Any, ext_app: Any, bare: Any) -> dict[str, Callable[[], floa
     return {
         "celery_ext manager.wait": wait,
         "celery_ext AsyncResult.get": get,
+        "celery_ext send_task().get": celery_get,
         "bare Celery AsyncResult.get": bare_get,
     }
 
@@ -102,8 +111,11 @@ def probes(manager: Any, ext_app: Any, bare: Any) -> dict[str, Callable[[], floa
 def latencies(ways: dict[str, Callable[[], float]], n: int) -> dict[str, list[float]]:
     """Submit-to-result time of one task at a time, the ways interleaved."""
     out: dict[str, list[float]] = {key: [] for key in ways}
-    for _ in range(n):
-        for key, probe in ways.items():
+    order = list(ways.items())
+    for i in range(n):
+        # Each way leads in turn, so that what one leaves behind (a thread's write, a late
+        # message) does not always land on the same next one.
+        for key, probe in order[i % len(order) :] + order[: i % len(order)]:
             out[key].append(probe())
     return out
 
@@ -157,6 +169,12 @@ def main() -> None:
         "--latency-only", action="store_true", help="only the latency probes (no rounds, memory or submit rates)"
     )
     parser.add_argument(
+        "--synchronous-commit",
+        default="outcomes",
+        choices=["outcomes", "always"],
+        help="PostgreSQL: storage.config.synchronous_commit of celery_ext's records",
+    )
+    parser.add_argument(
         "--load-rate", type=float, default=0, help="also latency under a background flow of this many tasks/s"
     )
     args = parser.parse_args()
@@ -179,7 +197,10 @@ def main() -> None:
         "app": {"name": name, "log_level": "WARNING"},
         "broker": {"url": REDIS},
         "worker": {"capacity": 2},
-        "storage": {"type": args.storage, "config": {"url": db_url} if db_url else {}},
+        "storage": {
+            "type": args.storage,
+            "config": {"url": db_url, "synchronous_commit": args.synchronous_commit} if db_url else {},
+        },
     }
     config_path = write_config(workdir, data)
     rt = runtime_of(create_app(parse_config(data, source=str(config_path))))

@@ -163,6 +163,7 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
             default_max_retries=config.worker.default_max_retries,
             default_timeout=config.worker.default_timeout,
             max_countdown=config.scheduler.max_countdown,
+            kept_for=_kept_for(config),
         ),
         manager=TaskManager(config, lifecycle, executors, dispatcher, router),
     )
@@ -204,3 +205,10 @@ def current_app() -> Celery:
         if app is not None and getattr(app, "celery_ext", None) is not None:
             return app
     return default_app()
+
+
+def _kept_for(config: Config) -> float | None:
+    """How long the shortest-kept finished record is kept (``storage.retention``), or None."""
+    r = config.storage.retention
+    kept = [d for d in (r.succeeded, r.failed, r.cancelled, r.dead) if d is not None]
+    return min(kept) if kept else None

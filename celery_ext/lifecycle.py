@@ -106,9 +106,13 @@ class QueuedMarks:
         try:
             for at, ids in by_time.items():
                 if len(ids) == 1:  # the per-task fast path of the backends
-                    self.storage.tasks.update(ids[0], (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=at)
+                    self.storage.tasks.update(
+                        ids[0], (TaskStatus.PENDING,), durable=False, status=TaskStatus.QUEUED, queued_at=at
+                    )
                 else:
-                    self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=at)
+                    self.storage.tasks.update_many(
+                        ids, (TaskStatus.PENDING,), durable=False, status=TaskStatus.QUEUED, queued_at=at
+                    )
         except StorageError as exc:
             # Published all the same: the worker claims them from PENDING (see the class doc).
             logger.warning("could not mark %d published task(s) queued: %s", len(pending), exc)
@@ -173,12 +177,9 @@ class Lifecycle:
         if not can_transition(task.status, TaskStatus.CANCELLED):
             return False
         keep_lease = task.status is TaskStatus.RUNNING
+        lease: dict[str, Any] = {} if keep_lease else {"lease_until": None}
         changed = self.storage.tasks.update(
-            task.task_id,
-            (task.status,),
-            status=TaskStatus.CANCELLED,
-            finished_at=utcnow(),
-            **({} if keep_lease else {"lease_until": None}),
+            task.task_id, (task.status,), status=TaskStatus.CANCELLED, finished_at=utcnow(), **lease
         )
         if changed:
             self.observer.task_cancelled(task.replace(status=TaskStatus.CANCELLED))
@@ -207,12 +208,13 @@ class Lifecycle:
             **dict.fromkeys(("error", "result", "started_at", "finished_at", "run_at", "worker_id", "queued_at")),
         }
         fresh = task.replace(**changes)
+        lease: dict[str, Any] = {} if still_running else {"lease_until": None}
         changed = self.storage.tasks.update(
             task.task_id,
             (task.status,),
             token=task.dispatch_token,
             **changes,
-            **({} if still_running else {"lease_until": None}),
+            **lease,
         )
         if not changed:
             return None
@@ -242,10 +244,13 @@ class Lifecycle:
         extra: dict[str, Any] = {"args": task.args} if task.args else {}
         if new_token is not None:
             extra["dispatch_token"] = new_token
+        # Not waiting for the disk (``durable=False``): a claim that a database crash loses is
+        # repaired by the run's outcome (``_end``); the message, still unacked, stays the task.
         if not self.storage.tasks.update(
             task.task_id,
             STARTABLE,
             token=token,
+            durable=False,
             status=TaskStatus.RUNNING,
             attempt=task.attempt,
             worker_id=worker_id,
@@ -268,8 +273,10 @@ class Lifecycle:
         return running
 
     def received(self, task: Task, lease: float) -> Task | None:
-        """A message without a record (a plain Celery producer): create the record RUNNING.
-        ``None`` when a record with this id exists already (a redelivery): claim that instead."""
+        """A message without a record (a plain Celery producer, or a record that a crash of the
+        database lost): create the record RUNNING, without waiting for the disk (a lost one is
+        made again by the run's outcome, ``_end``).  ``None`` when a record with this id exists
+        already (a redelivery): claim that instead."""
         now = utcnow()
         running = task.replace(
             status=TaskStatus.RUNNING,
@@ -278,7 +285,7 @@ class Lifecycle:
             lease_until=now + timedelta(seconds=lease),
             dispatch_token=task.dispatch_token or new_id(),
         )
-        stored, created = self.storage.tasks.create(running)
+        stored, created = self.storage.tasks.create(running, durable=False)
         if not created:
             return None
         self.observer.task_created(running)
@@ -298,7 +305,7 @@ class Lifecycle:
                 "updated_at": now,
                 "lease_until": None,
             }
-            changed = self.storage.tasks.update(task.task_id, RUNNING, token=task.dispatch_token, **outcome)
+            changed = self._end(task, None, outcome)
             if changed:
                 self.completion.notify(task.task_id, task.replace(**outcome))  # waiters first: nobody waits on events
                 self.observer.task_completed(task, _since(task.started_at, now))
@@ -331,9 +338,7 @@ class Lifecycle:
                 "updated_at": now,
                 "lease_until": None,
             }
-            changed = self.storage.tasks.update(
-                task.task_id, RUNNING, token=task.dispatch_token, fence=fence, **outcome
-            )
+            changed = self._end(task, fence, outcome)
             if changed:
                 self.completion.notify(task.task_id, task.replace(**outcome))
                 self.observer.task_failed(task, error, _since(task.started_at, now))
@@ -377,18 +382,15 @@ class Lifecycle:
         token = new_id()
 
         def write(late: bool) -> bool:
-            changed = self.storage.tasks.update(
-                task.task_id,
-                RUNNING,
-                token=task.dispatch_token,
-                fence=fence,
-                status=TaskStatus.RETRYING,
-                dispatch_token=token,
-                error=error,
-                result=data,
-                run_at=utcnow() + timedelta(seconds=delay) if hold or late else None,
-                lease_until=None,
-            )
+            outcome: dict[str, Any] = {
+                "status": TaskStatus.RETRYING,
+                "dispatch_token": token,
+                "error": error,
+                "result": data,
+                "run_at": utcnow() + timedelta(seconds=delay) if hold or late else None,
+                "lease_until": None,
+            }
+            changed = self._end(task, fence, outcome)
             if changed:
                 self.observer.task_retrying(task, error, delay)
             return changed
@@ -491,6 +493,42 @@ class Lifecycle:
             self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=status, queued_at=None)
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _end(self, task: Task, fence: Fence | None, outcome: dict[str, Any]) -> bool:
+        """Write the outcome of the run of ``task`` over its RUNNING record, conditional on the
+        run's dispatch token (and ``fence``).  If the record is not RUNNING, its run's start may
+        have been lost: the claim and a plain message's receipt are committed without waiting for
+        the disk, and a crash of the database within that fraction of a second undoes them while
+        the run goes on.  The record is then as the message found it (startable, the same token,
+        run and an earlier attempt), or missing (a receipt): the outcome is written over that, or
+        the record created ended.  Anything else (cancelled, reopened, recovered under a new
+        token) moved on, and the outcome is refused as before."""
+        tasks = self.storage.tasks
+        if tasks.update(task.task_id, RUNNING, token=task.dispatch_token, fence=fence, **outcome):
+            return True
+        if fence is not None:  # recovery's write, not a run's: nothing of this applies
+            return False
+        record = tasks.get(task.task_id)
+        if record is None:
+            _, created = tasks.create(task.replace(**outcome))
+            if created:
+                logger.warning("task %s: its record was lost with its start; made again with its outcome", task.task_id)
+            return created
+        lost_start = (
+            record.status in STARTABLE
+            and record.dispatch_token == task.dispatch_token
+            and record.run == task.run
+            and record.attempt < task.attempt
+        )
+        if not lost_start:
+            return False
+        started = {k: getattr(task, k) for k in ("attempt", "worker_id", "started_at", "queued_at")}
+        if task.args:
+            started["args"] = task.args
+        if tasks.update(task.task_id, (record.status,), token=task.dispatch_token, **started, **outcome):
+            logger.warning("task %s: its claim was lost; the outcome of its run is written over it", task.task_id)
+            return True
+        return False
 
     def settle(self, task_id: str, write: Callable[[bool], bool], then: Then) -> bool | None:
         """Write an outcome of a run of ``task_id`` now: returns whether the record took it (a

@@ -95,7 +95,10 @@ class TaskManager:
             task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key
         )
         self.ensure_schema()
-        stored, created = self.storage.tasks.create(task)
+        # Not waiting for the disk: if a crash of the database loses the record, its message,
+        # published next, makes it again on the worker (``TaskRunner.start``).  A delayed task
+        # has no message yet, so its record waits for the disk.
+        stored, created = self.storage.tasks.create(task, durable=task.status is TaskStatus.SCHEDULED)
         if not created:
             return stored
         self.lifecycle.created([task])

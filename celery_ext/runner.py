@@ -106,6 +106,7 @@ class TaskRunner:
         default_max_retries: int,
         default_timeout: float | None,
         max_countdown: float = 1.0,
+        kept_for: float | None = None,
     ) -> None:
         self.lifecycle = lifecycle
         self.storage = lifecycle.storage
@@ -116,6 +117,8 @@ class TaskRunner:
         self.default_timeout = default_timeout
         # A retry due later than this waits in storage for the scheduler (scheduler.max_countdown).
         self.max_countdown = max_countdown
+        # Finished records may be purged after this long (storage.retention; None: kept forever).
+        self.kept_for = kept_for
         # Log lines and outcomes that could not be written yet, in order (storage/spool.py).
         self.spool = lifecycle.spool
         # This worker process's name for its runs of plain messages (lease.py); the worker's
@@ -164,7 +167,17 @@ class TaskRunner:
                 root_id=d.root_id,
                 group_id=d.group_id,
             )
-            return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
+            running = self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
+            if running is None and self._lost_record(h) and self.storage.tasks.get(d.task_id) is None:
+                # A submit's record is committed without waiting for the disk (storage/sql.py):
+                # a crash of the database just after the submit can lose it, never its message.
+                logger.warning(
+                    "task %s: no record for its first message (lost by the database?); made again", d.task_id
+                )
+                return self.lifecycle.received(
+                    task.replace(dispatch_token=h.token, queued_at=h.queued_at, worker_id=worker_id), self.lease(task)
+                )
+            return running
         # A plain Celery message: record it on receipt, keyed by its Celery task id.
         executor = self.executors.get(d.task_type)
         settings = executor.settings if executor is not None else None
@@ -203,6 +216,15 @@ class TaskRunner:
             None,
             new_token=token,
         )
+
+    def _lost_record(self, h: ExtHeader) -> bool:
+        """Whether a message with this header whose record is missing may be a submit whose
+        record the database lost: the first message of a task's first run (a later one's record
+        was written durably before it), published within the time finished records are kept (a
+        stale copy of an older one may find its record purged)."""
+        if h.attempt != 1 or h.run != 1 or h.queued_at is None:
+            return False
+        return self.kept_for is None or (utcnow() - h.queued_at).total_seconds() < self.kept_for
 
     def lease(self, task: Task) -> float:
         """A running task's lease: its worker's main process renews it while the task runs

@@ -97,8 +97,12 @@ class ScheduleRepository(abc.ABC):
 
 class TaskRepository(abc.ABC):
     @abc.abstractmethod
-    def create(self, task: Task) -> tuple[Task, bool]:
-        """Insert ``task``; with an idempotency key already used, return ``(existing, False)``."""
+    def create(self, task: Task, *, durable: bool = True) -> tuple[Task, bool]:
+        """Insert ``task``; with an idempotency key already used, return ``(existing, False)``.
+
+        ``durable=False``: the write may return before it is on disk (it is visible to every
+        reader at once); a backend that cannot tell the difference ignores it.  Only for writes
+        that can be rebuilt if a crash of the store loses them (see ``Lifecycle``)."""
 
     @abc.abstractmethod
     def create_many(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
@@ -118,17 +122,25 @@ class TaskRepository(abc.ABC):
         *,
         token: str | None = None,
         fence: Fence | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> bool:
         """Set ``fields`` only if the record's status is in ``expected`` (and its dispatch token is
         ``token``, and ``fence`` is not older than the stored fence, when given).  Returns whether
-        the record changed."""
+        the record changed.  ``durable``: as ``create``'s."""
 
     @abc.abstractmethod
     def update_many(
-        self, task_ids: Sequence[str], expected: Iterable[TaskStatus], *, fence: Fence | None = None, **fields: Any
+        self,
+        task_ids: Sequence[str],
+        expected: Iterable[TaskStatus],
+        *,
+        fence: Fence | None = None,
+        durable: bool = True,
+        **fields: Any,
     ) -> int:
-        """Conditional update of several records (fenced as ``update``); returns how many changed."""
+        """Conditional update of several records (fenced and ``durable`` as ``update``); returns
+        how many changed."""
 
     @abc.abstractmethod
     def delete(self, task_id: str) -> bool: ...

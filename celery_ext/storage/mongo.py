@@ -223,7 +223,7 @@ class MongoTaskRepository(TaskRepository, TaskMaintenance):
             raise StorageError(f"task {task.task_id} collided with a record that vanished")
         return found
 
-    def create(self, task: Task) -> tuple[Task, bool]:
+    def create(self, task: Task, *, durable: bool = True) -> tuple[Task, bool]:
         errors = _pymongo().errors
         doc = to_doc(task)
         try:
@@ -266,6 +266,7 @@ class MongoTaskRepository(TaskRepository, TaskMaintenance):
         *,
         token: str | None = None,
         fence: Fence | None = None,
+        durable: bool = True,  # the collection's write concern decides (see create in base.py)
         **fields: Any,
     ) -> bool:
         query: dict[str, Any] = {"task_id": task_id, "status": {"$in": values_of(expected)}}
@@ -277,7 +278,13 @@ class MongoTaskRepository(TaskRepository, TaskMaintenance):
             return int(self.col.update_one(query, set_fields(fields)).matched_count) == 1
 
     def update_many(
-        self, task_ids: Sequence[str], expected: Iterable[TaskStatus], *, fence: Fence | None = None, **fields: Any
+        self,
+        task_ids: Sequence[str],
+        expected: Iterable[TaskStatus],
+        *,
+        fence: Fence | None = None,
+        durable: bool = True,  # as update's
+        **fields: Any,
     ) -> int:
         if not task_ids or not self.storage.fences.holds(fence):
             return 0

@@ -45,15 +45,16 @@ def chaos(
     make_redis: Callable[..., PrivateRedis],
     private_pg: PrivatePostgres,
 ) -> Iterator[Callable[..., Chaos]]:
-    """``chaos(scenario, settings="tuned", aof=False, **sections)``: a cluster on a private Redis
-    (``aof``: with an append-only file) and a fresh database on the private PostgreSQL."""
+    """``chaos(scenario, settings="tuned", aof=False, pg=None, **sections)``: a cluster on a
+    private Redis (``aof``: with an append-only file) and a fresh database on the private
+    PostgreSQL (or on ``pg``)."""
     made: list[Chaos] = []
 
-    def make(scenario: str, *, aof: bool = False, **kwargs: Any) -> Chaos:
+    def make(scenario: str, *, aof: bool = False, pg: PrivatePostgres | None = None, **kwargs: Any) -> Chaos:
         directory = tmp_path / f"c{len(made)}"
         directory.mkdir()
         redis = make_redis(aof=aof)
-        c = Chaos(scenario, directory, redis, private_pg, **kwargs)
+        c = Chaos(scenario, directory, redis, pg or private_pg, **kwargs)
         made.append(c)
         return c
 

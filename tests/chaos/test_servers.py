@@ -1,15 +1,18 @@
 """Server faults: a private Redis restarted (without persistence, and with an append-only file),
-a private PostgreSQL stopped for 10 s and for 60 s while tasks run."""
+a private PostgreSQL stopped for 10 s and for 60 s while tasks run, and one crashed."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Callable
 
 import pytest
 
 from tests.chaos.harness import Chaos
+from tests.support.private import PrivatePostgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -60,3 +63,49 @@ def test_postgresql_stopped(chaos: Callable[..., Chaos], outage: int) -> None:
     c.check(f, doubled_at_most=f.in_flight)
     assert f.completed_twice == 0, f"a run that reached its end ran again: {f.line()}"
     assert all(w.alive() for w in c.cluster.workers)
+
+
+def test_postgresql_crash(chaos: Callable[..., Chaos]) -> None:
+    """PostgreSQL crashes (SIGKILL of all its processes: its WAL buffers are lost) right after a
+    burst of single submits, while tasks run, and restarts 3 s later.  A submit's record (like a
+    claim) is committed without waiting for the disk (storage/sql.py), so the crash undoes the
+    burst's records: their messages, already published, make them again on the workers.  To be
+    sure the records are still in the buffers when it crashes, as they may be for up to 200 ms,
+    the WAL writer and the background writer are paused, and so are the workers (their durable
+    writes would flush the buffers) until the crash.  Nothing is lost, and no run that reached
+    its end runs again.  On a server of its own with the default durability (the suite's private
+    one runs with fsync off)."""
+    pg = PrivatePostgres(durable=True).init()
+    try:
+        # Default settings, and the scheduler started after the crash: its durable writes (the
+        # leader's fence) would flush the buffers too.
+        c = chaos("PostgreSQL crash", pg=pg, settings="default")
+        workers = [c.worker(), c.worker()]
+        c.submit(4, 3.0)  # one durable batch, running at the crash
+        c.wait_running(None, 2)
+        pids = [pid for w in workers for pid in w.process_ids()]
+        pg.pause_wal_writer()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            m = c.cluster.manager
+            c.accepted += [m.submit("ledger", {"seconds": 0.2}, max_retries=5).task_id for _ in range(30)]
+            m.lifecycle.marks.flush()
+            c.cluster.runtime.storage.close()
+            c.fault(pg.crash)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(3)
+        pg.start()
+        c.scheduler()
+        assert c.settle(180), c.figures().line()
+        logs = "".join(w.log() for w in workers)
+        c.extra["records made again"] = logs.count("made again")
+        f = c.record()
+        c.check(f, doubled_at_most=f.in_flight)
+        assert f.completed_twice == 0, f"a run that reached its end ran again: {f.line()}"
+        assert all(w.alive() for w in workers)
+        assert c.extra["records made again"] > 0, "the crash lost no record: nothing was tested"
+    finally:
+        pg.destroy()

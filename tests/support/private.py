@@ -3,9 +3,11 @@ restart, stop): never the shared servers other tests and engineers use."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -67,9 +69,12 @@ def postgres_bin() -> Path | None:
 class PrivatePostgres:
     """A PostgreSQL cluster of its own (``initdb`` in a temp dir, trust auth, user ``postgres``)
     on a free port; ``stop`` and ``start`` it at will.  As root, its programs run as the
-    ``postgres`` user (PostgreSQL refuses to run as root)."""
+    ``postgres`` user (PostgreSQL refuses to run as root).  ``durable``: the server's own
+    defaults for the disk (fsync, synchronous_commit on), for a test that crashes it; otherwise
+    both are off, for speed."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         bin_dir = postgres_bin()
         assert bin_dir is not None, "no PostgreSQL server programs"
         self.bin = bin_dir
@@ -95,10 +100,9 @@ class PrivatePostgres:
         return self.start()
 
     def start(self) -> PrivatePostgres:
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         log = str(self.directory / "server.log")
         self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "60", "start")
         _wait_port(self.port, True, "private PostgreSQL")
@@ -108,6 +112,43 @@ class PrivatePostgres:
         """A fast shutdown: open connections are cut, new ones refused until ``start``."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         _wait_port(self.port, False, "private PostgreSQL")
+
+    def processes(self) -> dict[int, str]:
+        """The server's processes: pid -> command line (the postmaster's first)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found = {postmaster: "postmaster"}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == postmaster:
+                    found[int(entry.name)] = (entry / "cmdline").read_text().replace("\0", " ").strip()
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    def pause_wal_writer(self) -> None:
+        """SIGSTOP the WAL writer and the background writer (which flushes the WAL before it
+        writes a data page): a commit that does not wait for the disk then stays in the WAL
+        buffers, in shared memory, until a durable commit of some backend flushes them, as it
+        would if the server crashed within ``wal_writer_delay`` of it."""
+        for pid, command in self.processes().items():
+            if "walwriter" in command or "background writer" in command:
+                os.kill(pid, signal.SIGSTOP)
+
+    def crash(self) -> None:
+        """SIGKILL every process of the server, as a crash: what the WAL buffers held is lost,
+        and the next start replays the WAL that reached the disk."""
+        pids = self.processes()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_port(self.port, False, "private PostgreSQL")
+        deadline = time.monotonic() + 30  # gone, their shared memory detached, before a start
+        while any(Path(f"/proc/{pid}").exists() for pid in pids):
+            assert time.monotonic() < deadline, "the killed server's processes did not exit"
+            time.sleep(0.05)
 
     def running(self) -> bool:
         return port_open("127.0.0.1", self.port)

@@ -1,0 +1,139 @@
+"""A task's start is committed without waiting for the disk on PostgreSQL (``storage/sql.py``):
+a submit's record, a worker's claim, a plain message's receipt.  A crash of the database a moment
+later can undo such a write while its message, or its run, goes on.  Each test puts a record in
+the state such a crash leaves (a real worker, a real PostgreSQL) and checks that nothing is lost:
+the message makes the record again, the run's outcome repairs its claim or its receipt.  And that
+a message that cannot be such a case is still dropped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from celery_ext.dispatch import Dispatch
+from celery_ext.model import Task, TaskStatus, utcnow
+from tests.conftest import TEST_TASKS
+from tests.support.services import unique
+
+
+def sql(cluster: Any, statement: str, *params: Any) -> None:
+    with psycopg.connect(
+        cluster.runtime.storage.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    ) as c:
+        c.execute(statement, params)
+
+
+def record(cluster: Any, task_id: str, status: TaskStatus, timeout: float = 30) -> Task:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = cluster.runtime.storage.tasks.get(task_id)
+        if task is not None and task.status is status:
+            return task
+        assert time.monotonic() < deadline, f"task {task_id} is {task.status if task else 'missing'}, not {status}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(make_cluster: Any) -> Any:
+    return make_cluster("postgresql", executors=TEST_TASKS)
+
+
+def test_a_submit_whose_record_was_lost_runs_from_its_message(cluster: Any) -> None:
+    m = cluster.manager
+    task = m.submit("echo", {"n": 7})
+    m.lifecycle.marks.flush()
+    sql(cluster, "DELETE FROM tasks WHERE task_id = %s", task.task_id)  # what the crash undid
+    cluster.worker()
+    done = record(cluster, task.task_id, TaskStatus.SUCCEEDED)
+    assert (done.task_type, done.payload, done.result, done.attempt, done.run) == ("echo", {"n": 7}, {"n": 7}, 1, 1)
+    assert done.dispatch_token == task.dispatch_token and done.queued_at is not None and done.worker_id
+
+
+def test_a_later_message_without_a_record_is_still_dropped(cluster: Any) -> None:
+    """Only a task's first message can be a submit whose record was lost: a retry's (attempt 2)
+    record was written durably before it was sent, so a missing one was not lost that way."""
+    m = cluster.manager
+    lost = Task(task_id=unique("t"), task_type="echo", payload={}, dispatch_token="tok", created_at=utcnow())
+    m.dispatcher.publish(Dispatch(lost, "tok", 2, queued_at=utcnow()))
+    after = m.submit("echo", {})  # one worker process, one queue: runs after the first message
+    cluster.worker(concurrency=1)
+    record(cluster, after.task_id, TaskStatus.SUCCEEDED)
+    assert cluster.runtime.storage.tasks.get(lost.task_id) is None
+
+
+def test_the_outcome_of_a_run_repairs_its_lost_claim(cluster: Any) -> None:
+    m = cluster.manager
+    cluster.worker()
+    task = m.submit("span", {"key": unique("span:"), "seconds": 1.5})
+    running = record(cluster, task.task_id, TaskStatus.RUNNING)
+    # The record as the claim found it: queued, the attempt before, no worker.
+    sql(
+        cluster,
+        "UPDATE tasks SET status = 'queued', attempt = attempt - 1, worker_id = NULL, started_at = NULL "
+        "WHERE task_id = %s",
+        task.task_id,
+    )
+    done = m.wait(task.task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED and done.attempt == 1
+    assert done.worker_id == running.worker_id and done.started_at == running.started_at
+
+
+def test_the_outcome_of_a_plain_message_recreates_its_lost_receipt(cluster: Any) -> None:
+    cluster.worker()
+    result = cluster.runtime.celery.send_task("span", kwargs={"key": unique("span:"), "seconds": 1.5})
+    record(cluster, result.id, TaskStatus.RUNNING)
+    sql(cluster, "DELETE FROM tasks WHERE task_id = %s", result.id)
+    done = record(cluster, result.id, TaskStatus.SUCCEEDED)
+    assert done.task_type == "span" and done.attempt == 1 and done.worker_id
+    assert result.get(timeout=10) is None and result.state == "SUCCESS"
+
+
+def test_a_cancelled_run_is_not_taken_for_a_lost_claim(cluster: Any) -> None:
+    """The repair only applies to a record as its message found it: a task cancelled while it
+    ran, then reopened for a manual retry, keeps the new run (``run`` 2) waiting for the old one."""
+    m = cluster.manager
+    cluster.worker(concurrency=2)
+    task = m.submit("span", {"key": unique("span:"), "seconds": 1.0})
+    record(cluster, task.task_id, TaskStatus.RUNNING)
+    m.cancel(task.task_id)
+    assert m.retry(task.task_id).run == 2
+    done = m.wait(task.task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED and done.run == 2 and done.attempt == 1
+
+
+@pytest.mark.parametrize("setting", ["outcomes", "always"])
+def test_only_starts_skip_the_flush_wait_and_only_for_their_statement(
+    make_cluster: Any, database_urls: dict[str, str], setting: str
+) -> None:
+    """``synchronous_commit: outcomes`` (the default) runs a start's statement with
+    ``set_config('synchronous_commit', 'off', true)`` joined in: that statement's transaction only,
+    the session keeps ``on``; an outcome's statement never has it; ``always`` never has it."""
+    from celery_ext.storage.sql import SqlStorage
+
+    storage = SqlStorage.from_config(
+        "postgresql", {"url": database_urls["postgresql"], "synchronous_commit": setting}, Path("/nonexistent")
+    )
+    storage.migrate()
+    tasks = storage.tasks
+    task = Task(task_id=unique("t"), task_type="echo", payload={"a": [1]}, dispatch_token="k", created_at=utcnow())
+    assert tasks.create(task, durable=False) == (task, True)
+    assert tasks.create(task, durable=False)[1] is False  # a taken id is still refused
+    assert tasks.update(task.task_id, (TaskStatus.PENDING,), token="k", durable=False, status=TaskStatus.RUNNING)
+    assert tasks.update(task.task_id, (TaskStatus.RUNNING,), token="k", status=TaskStatus.SUCCEEDED, result=3)
+    done = tasks.get(task.task_id)
+    assert done is not None and (done.status, done.result, done.payload) == (TaskStatus.SUCCEEDED, 3, {"a": [1]})
+    statements = {key: c.sql for key, c in tasks._compiled.items()}
+    skipping = [key for key, text in statements.items() if "set_config" in text]
+    if setting == "always":
+        assert skipping == []
+    else:  # the insert and the claim-shaped UPDATE, not the outcome's
+        assert len(skipping) == 2 and ("insert", True) in skipping, statements
+    with storage.single_dbapi() as conn:
+        cursor = conn.cursor()
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    storage.close()
