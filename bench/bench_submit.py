@@ -4,6 +4,7 @@ Round after round, interleaved, on one Redis broker and task records in PostgreS
 database):
   bare       ``apply_async`` of a no-op task, one call per message (the default producer pool)
   submit     ``manager.submit`` one task at a time (insert, publish, mark queued)
+  submit-durable  the same with every write waiting for the disk (``synchronous_commit: always``)
   many(B)    ``manager.submit_many`` in batches of B (one insert, one pipelined publish)
   dispatch   N due records (SCHEDULED) published by one in-process leader (``Scheduler.tick``)
 Each round prints its rates and the ratios to ``bare`` of the same round.
@@ -74,6 +75,16 @@ def dispatch(rt: Any, n: int) -> float:
         scheduler.lease.release()
 
 
+def durable(rt: Any, run: Callable[[], float]) -> float:
+    """``run`` with every write waiting for the disk (``synchronous_commit: always``)."""
+    tasks = rt.storage.tasks
+    tasks.no_wait, kept = False, tasks.no_wait
+    try:
+        return run()
+    finally:
+        tasks.no_wait = kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=5000)
@@ -89,6 +100,7 @@ def main() -> None:
     sides: dict[str, Callable[[], float]] = {
         "bare": lambda: bare(bare_app, args.n),
         "submit": lambda: submit(rt, args.n),
+        "submit-durable": lambda: durable(rt, lambda: submit(rt, args.n)),
         "many": lambda: many(rt, args.n, args.batch),
         "dispatch": lambda: dispatch(rt, args.n),
     }

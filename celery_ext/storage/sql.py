@@ -389,12 +389,8 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         self._compiled: dict[tuple[Any, ...], _Compiled] = {}
         self._reader: _Reader | None = None
         self._unnest_sql: str | None = None
-
-    @property
-    def no_wait(self) -> bool:
-        """Whether writes asked with ``durable=False`` commit without waiting for the disk."""
-        settings = self.storage.settings
-        return self.storage.type_name == "postgresql" and settings.synchronous_commit == "outcomes"
+        # Whether writes asked with ``durable=False`` commit without waiting for the disk.
+        self.no_wait = storage.type_name == "postgresql" and storage.settings.synchronous_commit == "outcomes"
 
     def create(self, task: Task, *, durable: bool = True) -> tuple[Task, bool]:
         try:
