@@ -510,6 +510,8 @@ class Lifecycle:
             return False
         record = tasks.get(task.task_id)
         if record is None:
+            if task.started_at is None:  # not a run that started here: nothing to make again
+                return False
             _, created = tasks.create(task.replace(**outcome))
             if created:
                 logger.warning("task %s: its record was lost with its start; made again with its outcome", task.task_id)
