@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.worker import state
@@ -88,9 +88,28 @@ class LeaseKeeper:
                 continue
             if self.rt.storage.tasks.update(request.id, (TaskStatus.RUNNING,), token=token, lease_until=until):
                 renewed += 1
+            elif self._reclaimed(request, token, until):
+                renewed += 1
             elif time.time() - request.time_start > self.interval:
                 self._superseded(request, token)
         return renewed
+
+    def _reclaimed(self, request: Any, token: str, until: datetime) -> bool:
+        """The record of a run that goes on shows it not started: a crash of the database undid
+        its claim, which is committed without waiting for the disk (``Lifecycle.claim``).  Claim
+        it again, so that the record tells the truth and nothing takes the task for waiting work
+        (recovery publishing it again would run it twice)."""
+        try:
+            d = delivery_of(request.name, request, request.args, request.kwargs)
+        except Exception:  # noqa: BLE001 - a malformed message never ran
+            return False
+        h = d.header
+        if h is None:
+            return False  # a plain message's receipt undone: its outcome makes the record again
+        started = datetime.fromtimestamp(request.time_start, UTC)
+        return self.rt.lifecycle.reclaim(
+            request.id, token, h.attempt, h.run, request.hostname or "unknown", started, until
+        )
 
     def hold_running(self) -> str:
         """Storage is away: hold the running tasks in the registry instead; says what it did."""

@@ -451,6 +451,36 @@ class Lifecycle:
             return token is not None, token
         return bool(self.fail(task, error, dead=True, fence=fence)), None
 
+    def reclaim(
+        self, task_id: str, token: str, attempt: int, run: int, worker_id: str, started_at: datetime, lease: datetime
+    ) -> bool:
+        """RUNNING again for a run that goes on though its record shows it startable under the
+        same token, run and an earlier attempt: a crash of the database undid its claim (see
+        ``claim``).  Anything else (cancelled, recovered under a new token) is not touched."""
+        record = self.storage.tasks.get(task_id)
+        if (
+            record is None
+            or record.status not in STARTABLE
+            or record.dispatch_token != token
+            or record.run != run
+            or record.attempt >= attempt
+        ):
+            return False
+        if not self.storage.tasks.update(
+            task_id,
+            (record.status,),
+            token=token,
+            status=TaskStatus.RUNNING,
+            attempt=attempt,
+            worker_id=worker_id,
+            started_at=started_at,
+            finished_at=None,
+            lease_until=lease,
+        ):
+            return False
+        logger.warning("task %s: its claim was lost while it ran; claimed again", task_id)
+        return True
+
     def fresh_token(self, task: Task, *, fence: Fence | None = None) -> str | None:
         """The same status under a new dispatch token, for a record whose message is gone or
         never was (lost by the broker; a PENDING record nobody published).  It is published

@@ -388,14 +388,30 @@ class Scheduler:
         for status in (TaskStatus.QUEUED, TaskStatus.RETRYING):
             batch = self.rt.storage.tasks.scan((status,), updated_before=self._lost_before, limit=500)
             done = done and len(batch) < 500
+            batch = [t for t in batch if not (status is TaskStatus.RETRYING and t.run_at is not None)]
+            kept = self._held_by_workers([t.task_id for t in batch])
             for task in batch:
-                if status is TaskStatus.RETRYING and task.run_at is not None:
-                    continue  # held in storage: the due duty publishes it
-                self._republish(task, now, report)
+                if task.task_id not in kept:
+                    self._republish(task, now, report)
         if done:
             self._lost_before = None
         if report.republished:
             logger.warning("published again %d task(s) whose message the broker lost", len(report.republished))
+
+    def _held_by_workers(self, task_ids: list[str]) -> set[str]:
+        """Which of ``task_ids`` a worker holds after all, though the epoch marker is gone: the
+        marker may be missing only because no scheduler ran yet on this broker, and a record may
+        show QUEUED while its run goes on (a crash of the database undid the claim, which is
+        committed without waiting for the disk).  Such a message is in kombu's unacked hash, and
+        while storage was away the worker held the task in the registry: publishing it again
+        would run it twice."""
+        if not task_ids or self._broker is None:
+            return set()
+        options = self.rt.celery.conf.broker_transport_options
+        fetched = present(self._broker, [], unacked_key(options), self.config.lost_scan_limit) or set()
+        registry = self.rt.registry
+        held = registry.held(task_ids) if registry is not None else set()
+        return (fetched & set(task_ids)) | held
 
     def _purged(self, report: TickReport) -> None:
         """A queue purged on its own keeps the epoch marker: QUEUED records older than

@@ -85,3 +85,39 @@ def test_tasks_of_a_purged_queue_are_published_again_once(make_cluster, tmp_path
     starts = [ln for ln in side.read_text().splitlines() if ln.startswith("start ")]
     assert sorted(starts) == sorted(f"start p{i}" for i in range(10))
     assert all(c.manager.get(t.task_id).attempt == 1 for t in waiting)
+
+
+def test_a_run_whose_claim_the_database_undid_is_not_published_again(make_cluster, tmp_path) -> None:
+    """The first scheduler on a broker finds no epoch marker and publishes again what waits as
+    QUEUED.  A claim is committed without waiting for the disk, so a crash of PostgreSQL can
+    leave a running task's record QUEUED, under its run's token; its message is then in kombu's
+    unacked hash (the worker fetched it), and it must not be published again: it would run twice."""
+    c = make_cluster(executors=MARK)
+    side = tmp_path / "runs.txt"
+    c.worker()
+    task = c.manager.submit("mark", {"path": str(side), "key": "k", "seconds": 4})
+    deadline = time.monotonic() + 60
+    while not side.exists() or "start k" not in side.read_text():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    running = c.manager.get(task.task_id)
+    assert running.status is TaskStatus.RUNNING
+    # What the crash leaves: the record as the message found it (QUEUED, the same token).
+    assert c.runtime.storage.tasks.update(
+        task.task_id,
+        (TaskStatus.RUNNING,),
+        token=running.dispatch_token,
+        status=TaskStatus.QUEUED,
+        started_at=None,
+        lease_until=None,
+        attempt=0,
+    )
+    broker = redis.Redis.from_url(c.data["broker"]["url"])
+    broker.delete(f"{c.data['app']['name']}.broker.epoch")
+    report = Scheduler(c.runtime).tick()
+    assert report.leader and report.republished == []
+    assert c.manager.get(task.task_id).dispatch_token == running.dispatch_token
+    done = c.manager.wait(task.task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED, done
+    time.sleep(1)
+    assert side.read_text().splitlines() == ["start k", "end k"]

@@ -76,7 +76,7 @@ def test_a_stalled_worker_stops_its_superseded_run(make_cluster) -> None:
     # Longer than the second worker takes to start on a busy machine (7 s seen): the run must
     # still be going when the main process is stopped.
     task = m.submit("span", {"key": key, "seconds": 20}, max_retries=2)
-    poll(lambda: running(m, task.task_id), 20, "the task to start")
+    poll(lambda: running(m, task.task_id), 60, "the task to start")
     other = c.worker(concurrency=1)
     assert spans(key) == ["start"], "the run ended before the stall: nothing to supersede"
     os.kill(stalled.pid, signal.SIGSTOP)  # the main process only: its pool child runs on

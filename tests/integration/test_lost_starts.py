@@ -82,6 +82,30 @@ def test_the_outcome_of_a_run_repairs_its_lost_claim(cluster: Any) -> None:
     assert done.worker_id == running.worker_id and done.started_at == running.started_at
 
 
+def test_the_lease_keeper_claims_again_a_run_whose_claim_was_lost(make_cluster: Any) -> None:
+    """Before the run ends, its worker's lease renewal finds the record startable under the run's
+    token and claims it again: the record is RUNNING while the task runs, as it should be, and
+    nothing takes it for waiting work meanwhile (test_broker_loss)."""
+    cluster = make_cluster("postgresql", executors=TEST_TASKS, worker={"task_lease": 1.5})
+    m = cluster.manager
+    cluster.worker()
+    task = m.submit("span", {"key": unique("span:"), "seconds": 4})
+    running = record(cluster, task.task_id, TaskStatus.RUNNING)
+    sql(
+        cluster,
+        "UPDATE tasks SET status = 'queued', attempt = attempt - 1, worker_id = NULL, started_at = NULL, "
+        "lease_until = NULL WHERE task_id = %s",
+        task.task_id,
+    )
+    again = record(cluster, task.task_id, TaskStatus.RUNNING, timeout=3)
+    assert (again.attempt, again.run, again.dispatch_token) == (1, 1, running.dispatch_token)
+    assert again.worker_id == running.worker_id and again.started_at is not None and again.lease_until is not None
+    assert abs((again.started_at - running.started_at).total_seconds()) < 1
+    done = m.wait(task.task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED and done.attempt == 1
+    assert "claimed again" in cluster.workers[0].log()
+
+
 def test_the_outcome_of_a_plain_message_recreates_its_lost_receipt(cluster: Any) -> None:
     cluster.worker()
     result = cluster.runtime.celery.send_task("span", kwargs={"key": unique("span:"), "seconds": 1.5})
