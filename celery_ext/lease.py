@@ -55,6 +55,8 @@ class LeaseKeeper:
         self.interval = self.lease / 3
         self.registry = rt.registry
         self._stop = threading.Event()
+        # The runs (task id, start time) a renewal found RUNNING, with their token.
+        self._seen_running: dict[tuple[str, float], str] = {}
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -80,25 +82,33 @@ class LeaseKeeper:
         """Renew the lease of every task this worker runs; returns how many were renewed."""
         renewed = 0
         until = utcnow() + timedelta(seconds=self.lease)
-        for request in list(state.active_requests):
+        active = list(state.active_requests)
+        seen = self._seen_running
+        for key in set(seen) - {(r.id, r.time_start) for r in active}:
+            del seen[key]
+        for request in active:
             if not isinstance(request.task, ExecutorTask) or not request.time_start:
                 continue  # not ours, or not started in its pool process yet
             token = self.token_of(request)
             if token is None:
                 continue
+            key = (request.id, request.time_start)
             if self.rt.storage.tasks.update(request.id, (TaskStatus.RUNNING,), token=token, lease_until=until):
+                seen[key] = token
                 renewed += 1
-            elif self._reclaimed(request, token, until):
+            elif seen.get(key) == token and self._reclaimed(request, token, until):
                 renewed += 1
             elif time.time() - request.time_start > self.interval:
                 self._superseded(request, token)
         return renewed
 
     def _reclaimed(self, request: Any, token: str, until: datetime) -> bool:
-        """The record of a run that goes on shows it not started: a crash of the database undid
-        its claim, which is committed without waiting for the disk (``Lifecycle.claim``).  Claim
-        it again, so that the record tells the truth and nothing takes the task for waiting work
-        (recovery publishing it again would run it twice)."""
+        """The record of a run that goes on shows it not started, though an earlier renewal found
+        it RUNNING under this run's token: a crash of the database undid its claim, which is
+        committed without waiting for the disk (``Lifecycle.claim``).  Claim it again, so that
+        the record tells the truth and nothing takes the task for waiting work (publishing it
+        again would run it twice).  Only such a run: before its first renewal, a startable record
+        may just be one its pool process has not claimed yet."""
         try:
             d = delivery_of(request.name, request, request.args, request.kwargs)
         except Exception:  # noqa: BLE001 - a malformed message never ran

@@ -89,8 +89,14 @@ def test_the_lease_keeper_claims_again_a_run_whose_claim_was_lost(make_cluster: 
     cluster = make_cluster("postgresql", executors=TEST_TASKS, worker={"task_lease": 1.5})
     m = cluster.manager
     cluster.worker()
-    task = m.submit("span", {"key": unique("span:"), "seconds": 4})
+    task = m.submit("span", {"key": unique("span:"), "seconds": 5})
     running = record(cluster, task.task_id, TaskStatus.RUNNING)
+    # A renewal first finds it RUNNING: before that, a startable record may be one its pool
+    # process has not claimed yet, which the keeper leaves alone.
+    deadline = time.monotonic() + 3
+    while m.get(task.task_id).lease_until == running.lease_until:
+        assert time.monotonic() < deadline, "the lease was never renewed"
+        time.sleep(0.05)
     sql(
         cluster,
         "UPDATE tasks SET status = 'queued', attempt = attempt - 1, worker_id = NULL, started_at = NULL, "
