@@ -21,19 +21,19 @@ def wait_until(predicate: Callable[[], object], timeout: float = 600.0) -> None:
         time.sleep(0.01)
 
 
-def tree_pss_mb(pid: int) -> float:
-    """Proportional set size of a process and its children (a prefork worker and its pool), MB:
-    pages shared after the fork count once across the tree, unlike RSS."""
+def tree_pss_mb(pid: int) -> list[float]:
+    """Proportional set size of a process, then of each of its children (a prefork worker and its
+    pool), MB: pages shared after the fork count once across the tree, unlike RSS."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0
+    out = []
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_full_info().pss
+            out.append(proc.memory_full_info().pss / 2**20)
         except psutil.Error:
             continue
-    return total / 2**20
+    return out
 
 
 def wait_healthy(base: str, timeout: float = 60.0) -> None:

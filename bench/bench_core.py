@@ -11,18 +11,23 @@ and submit-to-result latency of one task at a time, four ways interleaved: ``man
 app (a plain Celery call: the worker records it on receipt), bare ``apply_async().get()``.
 
     .venv/bin/python bench/bench_core.py [--n 2000] [--rounds 5] [--storage postgresql|sqlite|mysql]
+
+``--memory-only``: only the workers' memory, ``--rounds`` times: both workers started afresh, the
+same short load through each (``--n`` tasks, 200 by default here), then PSS of each worker's main
+process and pool children once idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -154,19 +159,78 @@ def loaded_latencies(
     return out, kept
 
 
+def start_workers(config_path: Path, name: str) -> tuple[WorkerProcess, WorkerProcess]:
+    """The two workers compared, same settings (prefork -c 2, events on): bare Celery's
+    (``bench/bare_app.py`` on its own queue) and celery_ext's, both started."""
+    bare_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
+    bare_worker.args[bare_worker.args.index("celery_ext")] = "bench.bare_app"
+    bare_worker.args += ["-Q", f"{name}.bare"]
+    bare_worker.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{bare_worker.env.get('PYTHONPATH', '')}"
+    ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
+    try:
+        bare_worker.start()
+        ext_worker.start()
+    except BaseException:
+        bare_worker.stop()
+        ext_worker.stop()
+        raise
+    return bare_worker, ext_worker
+
+
+def worker_memory(bare_worker: WorkerProcess, ext_worker: WorkerProcess) -> dict[str, list[float]]:
+    """PSS (MB) of each worker's main process, then of its pool children, once idle."""
+    time.sleep(2)  # idle after the run
+    return {"bare": tree_pss_mb(bare_worker.pid), "ext": tree_pss_mb(ext_worker.pid)}
+
+
+def memory_only(config_path: Path, name: str, bare: Any, rds: Any, rt: Any, n: int, rounds: int) -> None:
+    """``--memory-only``: fresh workers each round, the same ``n`` tasks through each, then their
+    memory; the median and range of the rounds."""
+    totals: dict[str, list[float]] = {"bare": [], "ext": []}
+    ratios = []
+    for r in range(rounds):
+        bare_worker, ext_worker = start_workers(config_path, name)
+        try:
+            run_bare(bare, rds, n)
+            run_ext(rt.manager, rt.storage, n, rt.storage.tasks.count_by_status().get("succeeded", 0))
+            memory = worker_memory(bare_worker, ext_worker)
+        finally:
+            bare_worker.stop()
+            ext_worker.stop()
+        parts = []
+        for side in ("bare", "ext"):
+            totals[side].append(sum(memory[side]))
+            parts.append(f"{side} {totals[side][-1]:5.1f} MB (" + " + ".join(f"{v:.1f}" for v in memory[side]) + ")")
+        ratios.append(totals["ext"][-1] / totals["bare"][-1])
+        print(f"round {r + 1}: " + "   ".join(parts) + f"   ratio {ratios[-1]:.3f}", flush=True)
+    print(f"\nworker memory, PSS of the main process + its 2 pool children, idle after {n} tasks, {rounds} rounds:")
+    for side, label in (("bare", "bare Celery"), ("ext", "celery_ext")):
+        values = totals[side]
+        print(f"  {label:<12}: median {statistics.median(values):6.1f} MB   range {min(values):.1f}-{max(values):.1f}")
+    print(
+        f"  ratio       : median {statistics.median(ratios):.3f}   range {min(ratios):.3f}-{max(ratios):.3f}"
+        "   (target <= 1.15)"
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=None, help="tasks a round and side (2000)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", default="postgresql", choices=["postgresql", "mysql", "sqlite"])
     parser.add_argument("--latency-n", type=int, default=300, help="tasks per side for submit-to-result latency")
     parser.add_argument(
         "--latency-only", action="store_true", help="only the latency probes (no rounds, memory or submit rates)"
+    )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the workers' memory, --rounds times, after --n tasks each (200 unless given)",
     )
     parser.add_argument(
         "--synchronous-commit",
@@ -178,9 +242,22 @@ def main() -> None:
         "--load-rate", type=float, default=0, help="also latency under a background flow of this many tasks/s"
     )
     args = parser.parse_args()
+    if args.n is None:
+        args.n = 200 if args.memory_only else 2000
+    return args
 
-    import os
 
+class Setup(NamedTuple):
+    name: str
+    bare: Any  # bench/bare_app.py's app, on its own queue
+    db_url: str | None
+    config_path: Path
+    rt: Any  # celery_ext's runtime, in this process
+    rds: Any
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """A fresh database and config for celery_ext, and the bare app, both on one Redis."""
     import redis
 
     from celery_ext.config import parse_config
@@ -205,25 +282,37 @@ def main() -> None:
     config_path = write_config(workdir, data)
     rt = runtime_of(create_app(parse_config(data, source=str(config_path))))
     rt.storage.migrate()
-    rds = redis.Redis.from_url(REDIS)
+    return Setup(name, bare, db_url, config_path, rt, redis.Redis.from_url(REDIS))
 
+
+def main() -> None:
+    args = parse_args()
+    run = setup(args)
+    try:
+        if args.memory_only:
+            memory_only(run.config_path, run.name, run.bare, run.rds, run.rt, args.n, args.rounds)
+        else:
+            full(args, run)
+    finally:
+        run.rt.storage.close()
+        if run.db_url:
+            drop_database(args.storage, run.db_url)
+
+
+def full(args: argparse.Namespace, run: Setup) -> None:
+    """Everything but ``--memory-only``: submit rates, rounds, latency, memory."""
+    name, bare, _, config_path, rt, rds = run
     # Submit rates first, with no worker consuming (queues are purged afterwards).
     rates = {} if args.latency_only else submit_rates(rt.manager, bare, max(200, args.n // 4))
     for key in rds.scan_iter(f"{name}.*"):
         rds.delete(key)
     rt.storage.tasks.purge_all() if hasattr(rt.storage.tasks, "purge_all") else None
 
-    bare_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
-    bare_worker.args[bare_worker.args.index("celery_ext")] = "bench.bare_app"
-    bare_worker.args += ["-Q", f"{name}.bare"]
-    bare_worker.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{bare_worker.env.get('PYTHONPATH', '')}"
-    ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
     results: dict[str, list[float]] = {"bare": [], "ext": []}
     ratios: list[float] = []
     rounds = 0 if args.latency_only else args.rounds
+    bare_worker, ext_worker = start_workers(config_path, name)
     try:
-        bare_worker.start()
-        ext_worker.start()
         run_bare(bare, rds, 100)  # warm up both
         run_ext(rt.manager, rt.storage, 100, rt.storage.tasks.count_by_status().get("succeeded", 0))
         for r in range(rounds):
@@ -248,14 +337,10 @@ def main() -> None:
             if args.load_rate
             else None
         )
-        time.sleep(2)  # idle after the run
-        memory = {"bare": tree_pss_mb(bare_worker.pid), "ext": tree_pss_mb(ext_worker.pid)}
+        memory = worker_memory(bare_worker, ext_worker)
     finally:
         bare_worker.stop()
         ext_worker.stop()
-        rt.storage.close()
-        if db_url:
-            drop_database(args.storage, db_url)
 
     if rounds:
         report_rounds(args, results, ratios)
@@ -266,12 +351,17 @@ def main() -> None:
         report_loaded(args, *loaded)
     if args.latency_only:
         return
-    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
-    print(f"  bare Celery : {memory['bare']:6.1f} MB")
-    print(f"  celery_ext  : {memory['ext']:6.1f} MB   ratio {memory['ext'] / memory['bare']:.2f} (target <= 1.15)")
+    report_memory(memory)
     print("\nsubmit rate (no worker running):")
     for key, value in rates.items():
         print(f"  {key:<20}: {value:8.0f} /s")
+
+
+def report_memory(memory: dict[str, list[float]]) -> None:
+    print("\nworker memory, PSS of the main process and its 2 pool children, idle after the run:")
+    bare_mb, ext_mb = sum(memory["bare"]), sum(memory["ext"])
+    print(f"  bare Celery : {bare_mb:6.1f} MB")
+    print(f"  celery_ext  : {ext_mb:6.1f} MB   ratio {ext_mb / bare_mb:.2f} (target <= 1.15)")
 
 
 def report_loaded(args: argparse.Namespace, latency: dict[str, list[float]], kept: dict[str, list[float]]) -> None:

@@ -15,6 +15,7 @@ from celery_ext import tasklog
 from celery_ext.errors import StorageError
 from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
+from celery_ext.model import Task, new_id
 from celery_ext.plugins.host import install_plugin_host
 from celery_ext.reload import ConfigWatchStep
 from celery_ext.routing.heartbeat import install_routing
@@ -71,6 +72,7 @@ class WorkerServices:
             raise SystemExit(f"celery_ext: cannot start worker: {exc}") from exc
         level = logging.getLevelName(rt.config.app.log_level.upper())
         tasklog.install(level if isinstance(level, int) else logging.INFO)
+        warm_statements(rt)
         # Objects made until now move to the collector's permanent generation, so a child's
         # collections do not write to (and copy) the pages it shares with the main process
         # (docs/benchmarks.md, worker memory).
@@ -122,6 +124,26 @@ class InWorkerScheduler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10.0)
+
+
+def warm_statements(rt: Runtime) -> None:
+    """Make, once in the main process before the pool forks, what every pool process would make
+    for its first task: the claim and the outcome through the real ``Lifecycle``, so their
+    statements (the SQL stores render each shape once, ``SqlTaskRepository.update``, and the read
+    by id) are built here and shared with the children instead of built and allocated in each.
+    Both run against an id no record has, and write nothing: the claim's conditional UPDATE
+    matches no row, and ``Lifecycle._end`` makes no record again for a run that never started
+    (no ``started_at``).  The failure of either is only logged: the children build their own."""
+    token = new_id()  # a run's outcome is conditional on its token: the same shape as a real one's
+    task = Task(task_id=f"celery_ext-warm-{new_id()}", task_type="celery_ext.warm", payload={}, dispatch_token=token)
+    try:
+        claimed = rt.lifecycle.claim(task, token, "celery_ext-warm", rt.runner.lease(task), None)
+        succeeded = rt.lifecycle.succeed(task, None)
+    except StorageError as exc:
+        logger.warning("could not prepare the task store's statements before the pool forks: %s", exc)
+        return
+    if claimed is not None or succeeded:
+        logger.error("warming the task store's statements wrote task %s", task.task_id)
 
 
 def _redact(url: str) -> str:

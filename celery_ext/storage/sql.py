@@ -189,10 +189,13 @@ class SqlStorage(Storage):
         return self._engine
 
     def after_fork(self) -> None:
-        # Connections inherited from the parent must not be used (or closed) by the child.
+        """In a forked child: drop the connections inherited from the parent, which the child must
+        neither use nor close (SQLAlchemy's ``dispose(close=False)``: a new, empty pool, the old
+        connections forgotten).  The engine itself is kept: its dialect and compiled statements,
+        built in the parent before the pool forked, stay in pages the child shares with it
+        (docs/benchmarks.md, worker memory)."""
         if self._engine is not None:
             self._engine.dispose(close=False)
-        self._engine = None
         self._held = threading.local()
         self._pid = os.getpid()
 

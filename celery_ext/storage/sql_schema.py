@@ -23,7 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     text,
 )
-from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 # Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
@@ -38,6 +38,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql  # imported only where used (worker memory)
+
             return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(DateTime())
 
@@ -52,7 +54,21 @@ class UtcDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
-LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+class LongText(TypeDecorator[str]):
+    """TEXT; MEDIUMTEXT on MySQL/MariaDB, whose TEXT stops at 64 KB.  A decorator rather than
+    ``with_variant`` so that SQLAlchemy's MySQL dialect is imported only for a MySQL store."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
+            return dialect.type_descriptor(mysql.MEDIUMTEXT())
+        return self.impl_instance
+
+
 JsonDoc = JSON().with_variant(postgresql.JSONB(), "postgresql")
 # None stored as SQL NULL (not JSON ``null``), as in rows that predate the column.
 NullableJsonDoc = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
