@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery
 from celery._state import get_current_app, get_current_task
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from celery_ext.completion import Completion
 from celery_ext.config import Config, load_config
@@ -96,7 +96,11 @@ def celery_settings(
         # its own default queue; workers also consume worker.celery_queue (Celery's "celery"),
         # where a plain producer's send_task("echo", ...) lands.
         "task_default_queue": queue_name(prefix, "default"),
-        "task_queues": queues + [Queue(q) for q in plain_queues(config)],
+        # Each on an exchange of its own name with its name as routing key, as Celery declares
+        # "celery": a Queue without them is bound to the default exchange and key, so every
+        # message for this app's default queue would also be copied into "celery", which every
+        # app's workers on the broker consume (a second run, or another app's).
+        "task_queues": queues + [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in plain_queues(config)],
         "task_queue_max_priority": None if is_redis else 10,
         "task_routes": (router,),
         # Checks every task message before Celery parses it: no message can stop or wedge a

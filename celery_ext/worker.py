@@ -12,6 +12,7 @@ from celery import Celery, bootsteps
 from celery.signals import task_unknown, worker_process_init, worker_process_shutdown
 
 from celery_ext import tasklog
+from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.errors import StorageError
 from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
@@ -23,6 +24,36 @@ from celery_ext.runtime import Runtime, runtime_of
 from celery_ext.scheduler import Scheduler, scheduler_in_worker
 
 logger = logging.getLogger("celery_ext.worker")
+
+
+def unbind_stale_plain_queues(rt: Runtime) -> int:
+    """Remove the binding of ``worker.celery_queue`` ("celery") to this app's default exchange
+    and key that workers before 2026-12-03 declared (a ``Queue`` without an exchange of its own):
+    with it, every message for the app's default queue is also copied into "celery", which every
+    app's workers on the broker consume.  Kept by the broker (Redis stores bindings), so it is
+    removed here, once per worker start; returns how many bindings were removed."""
+    own = queue_name(rt.config.app.name, "default")
+    stale = [q for q in plain_queues(rt.config) if q != own]
+    removed = 0
+    if not stale:
+        return 0
+    try:
+        with rt.celery.connection_for_write() as conn:
+            channel: Any = conn.default_channel
+            client = getattr(channel, "client", None)
+            for queue in stale:
+                if client is None:  # AMQP: the broker keeps the binding; unbinding is idempotent
+                    channel.queue_unbind(queue, exchange=own, routing_key=own)
+                    continue
+                member = channel.sep.join([own, "", queue])
+                removed += int(client.srem(channel.keyprefix_queue % own, member))
+                client.srem(channel.keyprefix_binding_permanent % own, member)
+    except Exception as exc:  # noqa: BLE001 - the worker runs without it; the copies are deduplicated
+        logger.warning("could not remove the old binding of %s to %s: %s", stale, own, exc)
+        return removed
+    if removed:
+        logger.warning("removed the old binding of %s to this app's default queue %s", stale, own)
+    return removed
 
 
 class CeleryExtStep(bootsteps.StartStopStep):
@@ -88,6 +119,7 @@ class WorkerServices:
             file=sys.stderr,
             flush=True,
         )
+        unbind_stale_plain_queues(rt)
         self.keeper = LeaseKeeper(rt, pool)
         self.keeper.start()
         if scheduler_in_worker(rt.config):
