@@ -33,9 +33,11 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 from sqlalchemy import (
+    ARRAY,
     Connection,
     Engine,
     and_,
+    any_,
     bindparam,
     cast,
     create_engine,
@@ -70,6 +72,7 @@ from celery_ext.storage.base import (
     status_values,
     to_record,
 )
+from celery_ext.storage.sql_due import take_due_statement
 from celery_ext.storage.sql_fence import fence_holds, fence_params
 from celery_ext.storage.sql_schedules import SqlScheduleRepository
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tasks
@@ -369,18 +372,28 @@ class _Reader:
             cursor.execute(self.select.sql, self.select.args({"p_id": task_id}))
             row = cursor.fetchone()
             if self.columns is None:
-                self.columns = [
-                    (c.name, c.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]))
-                    for c, d in zip(tasks.columns, cursor.description, strict=True)
-                ]
+                self.columns = _result_processors(self.dialect, cursor.description)
         finally:
             cursor.close()
-        if row is None:
-            return None
-        return {
-            name: (process(value) if process is not None else value)
-            for (name, process), value in zip(self.columns, row, strict=True)
-        }
+        return None if row is None else _decoded(self.columns, row)
+
+
+def _result_processors(dialect: Any, description: Any) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """Each column of ``tasks`` (the first columns of a cursor's ``description``) with its
+    type's result processing for the driver's column type."""
+    return [
+        (c.name, c.type.dialect_impl(dialect).result_processor(dialect, d[1]))
+        for c, d in zip(tasks.columns, description, strict=False)
+    ]
+
+
+def _decoded(columns: list[tuple[str, Callable[[Any], Any] | None]], row: Sequence[Any]) -> dict[str, Any]:
+    """A row of ``tasks``' columns (any further ones ignored) as a record; NULL stays None
+    without a call to the column's processing (a due record has a dozen NULL columns)."""
+    return {
+        name: (process(value) if process is not None and value is not None else value)
+        for (name, process), value in zip(columns, row, strict=False)
+    }
 
 
 class SqlTaskRepository(TaskRepository, TaskMaintenance):
@@ -556,14 +569,60 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
     ) -> int:
         if not task_ids:
             return 0
-        cond = [tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected))]
+        params = fence_params(fence)
+        if self.storage.type_name == "postgresql":
+            # One array parameter, not an IN list of a bind per id (rendered, sent and parsed
+            # for each of a batch's thousand ids).
+            ids = tasks.c.task_id == any_(bindparam("p_ids", type_=ARRAY(tasks.c.task_id.type)))
+            params["p_ids"] = list(task_ids)
+        else:
+            ids = tasks.c.task_id.in_(list(task_ids))
+        cond = [ids, tasks.c.status.in_(status_values(expected))]
         if fence is not None:
             cond.append(fence_holds())
         stmt = update(tasks).where(*cond).values(**record_changes(fields))
         with self.storage.begin() as conn:
             if not durable and self.no_wait:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            return int(conn.execute(stmt, fence_params(fence)).rowcount)
+            return int(conn.execute(stmt, params).rowcount)
+
+    def take_due(
+        self,
+        statuses: Iterable[TaskStatus],
+        before: datetime,
+        limit: int,
+        *,
+        fence: Fence | None = None,
+        **fields: Any,
+    ) -> builtins.list[tuple[Task, TaskStatus]]:
+        if self.storage.type_name != "postgresql":  # no UPDATE ... RETURNING with SKIP LOCKED
+            return super().take_due(statuses, before, limit, fence=fence, **fields)
+        values = record_changes(fields)
+        expected = status_values(statuses)
+        shape = ("take_due", tuple(values), len(expected), fence is not None)
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            stmt = take_due_statement(tuple(values), len(expected), fence is not None)
+            compiled = self._compiled[shape] = _Compiled.of(stmt, self.storage.engine.dialect)
+        params = {
+            "p_before": before,
+            "p_limit": limit,
+            **{f"p_status{i}": s for i, s in enumerate(expected)},
+            **{f"v_{k}": v for k, v in values.items()},
+            **fence_params(fence),
+        }
+        # One statement, atomic on its own: the kept autocommit connection, the DBAPI cursor.
+        with self.storage.single_dbapi() as dbapi_conn:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute(compiled.sql, compiled.args(params))
+                rows = cursor.fetchall()
+                columns = _result_processors(self.storage.engine.dialect, cursor.description) if rows else []
+            finally:
+                cursor.close()
+        taken = [(from_record(_decoded(columns, row)), TaskStatus(row[-1])) for row in rows]
+        taken.sort(key=lambda pair: (pair[0].run_at or pair[0].created_at, pair[0].created_at))
+        return taken
 
     def delete(self, task_id: str) -> bool:
         with self.storage.begin() as conn:
@@ -622,7 +681,9 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             stmt = stmt.where(tasks.c.lease_until < lease_expired_before)
         if updated_before is not None:
             stmt = stmt.where(tasks.c.updated_at < updated_before)
-        stmt = stmt.order_by(tasks.c.created_at).limit(limit)
+        # Due records the earliest due first (the (status, run_at) index), the others oldest first.
+        order = (tasks.c.run_at, tasks.c.created_at) if due_before is not None else (tasks.c.created_at,)
+        stmt = stmt.order_by(*order).limit(limit)
         with self.storage.begin() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
 
