@@ -42,9 +42,9 @@ def take(storage: Storage, before: float, limit: int, fence: Fence | None = None
 def test_takes_the_earliest_due_first_up_to_the_limit(storage: Storage) -> None:
     storage.tasks.create_many(
         [
-            waiting(1, 3.0),
+            waiting(1, 2.0),
             waiting(2, 1.0, S.RETRYING),
-            waiting(3, 2.0),
+            waiting(3, 3.0),
             waiting(4, 9.0),  # not due yet
             waiting(5, 0.5, S.CANCELLED),  # cancelled while it waited: never taken
             waiting(6, 0.5, S.RUNNING),
@@ -52,7 +52,7 @@ def test_takes_the_earliest_due_first_up_to_the_limit(storage: Storage) -> None:
         ]
     )
     token, taken = take(storage, 5.0, 2)
-    assert [(t.task_id, was) for t, was in taken] == [("d00002", S.RETRYING), ("d00003", S.SCHEDULED)]
+    assert [(t.task_id, was) for t, was in taken] == [("d00002", S.RETRYING), ("d00001", S.SCHEDULED)]
     for t, _ in taken:  # returned as stored after the move, every field read back
         assert t == storage.tasks.get(t.task_id)
         assert (t.status, t.dispatch_token, t.queued_at, t.payload) == (
@@ -62,7 +62,7 @@ def test_takes_the_earliest_due_first_up_to_the_limit(storage: Storage) -> None:
             {"i": int(t.task_id[1:])},
         )
     token2, taken = take(storage, 5.0, 10)
-    assert [(t.task_id, was) for t, was in taken] == [("d00001", S.SCHEDULED)]
+    assert [(t.task_id, was) for t, was in taken] == [("d00003", S.SCHEDULED)]
     assert take(storage, 5.0, 10)[1] == []
     assert [storage.tasks.get(f"d{i:05d}").status for i in range(4, 8)] == [  # type: ignore[union-attr]
         S.SCHEDULED,
