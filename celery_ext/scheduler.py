@@ -19,8 +19,9 @@ Each tick, the leader:
     ``dead`` past the attempt cap);
   - publishes the delayed work that waits in storage (SCHEDULED tasks and RETRYING ones waiting
     out a backoff) once due, ``scheduler.max_countdown`` ahead with the rest as a countdown: in
-    batches of ``scheduler.due_batch``, each one indexed query on ``run_at``, one conditional
-    update and one producer batch;
+    batches of ``scheduler.due_batch``, each taken on the ``run_at`` index and moved on by one
+    statement (PostgreSQL; a query and a conditional update elsewhere), published as one
+    producer batch and marked queued, the database work beside the publish (``_due``);
   - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
     record and died (or lost the broker) before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
