@@ -323,8 +323,8 @@ class Scheduler:
         try:
             for i in range(MAX_DUE_BATCHES):
                 assert ahead_taken is not None
-                queued_at, taken = ahead_taken.result()
-                ahead_taken = None
+                this, ahead_taken = ahead_taken, None  # a take that failed is not put back
+                queued_at, taken = this.result()
                 if not taken:
                     self.check_fence()  # nothing due, or none ours: refused as deposed?
                     return

@@ -240,13 +240,25 @@ class SqlStorage(Storage):
         """The DBAPI connection under ``single()``, for the per-task statements run without
         SQLAlchemy's per-execution machinery (see ``SqlTaskRepository.update``); its driver
         errors become ``StorageError`` and drop the connection like any other failure."""
-        with self.single() as conn:
-            try:
-                yield conn.connection.dbapi_connection
-            except self.engine.dialect.loaded_dbapi.Error as exc:
-                raise StorageError(
-                    f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
-                ) from exc
+        with self.single() as conn, self._dbapi_errors():
+            yield conn.connection.dbapi_connection
+
+    @contextlib.contextmanager
+    def begin_dbapi(self) -> Iterator[Any]:
+        """The DBAPI connection of a transaction from the pool (``begin()``), for a statement run
+        as ``single_dbapi``'s on a thread that keeps no connection (the scheduler's storage
+        thread: ``take_due``)."""
+        with self.begin() as conn, self._dbapi_errors():
+            yield conn.connection.dbapi_connection
+
+    @contextlib.contextmanager
+    def _dbapi_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise StorageError(
+                f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
+            ) from exc
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
@@ -611,8 +623,8 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             **{f"v_{k}": v for k, v in values.items()},
             **fence_params(fence),
         }
-        # One statement, atomic on its own: the kept autocommit connection, the DBAPI cursor.
-        with self.storage.single_dbapi() as dbapi_conn:
+        # The DBAPI cursor, on a pooled connection: the scheduler takes on a thread of its own.
+        with self.storage.begin_dbapi() as dbapi_conn:
             cursor = dbapi_conn.cursor()
             try:
                 cursor.execute(compiled.sql, compiled.args(params))
