@@ -71,6 +71,7 @@ def dispatch(rt: Any, n: int) -> float:
     try:
         return rate(n, run)
     finally:
+        scheduler.close()  # its storage thread
         assert scheduler.lease is not None
         scheduler.lease.release()
 

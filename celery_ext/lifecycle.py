@@ -150,17 +150,28 @@ class Lifecycle:
     def mark_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
         """PENDING -> QUEUED after a publish.  One task's mark is written off the submit path
         (``QueuedMarks``): the producer returns as soon as the message is out.  A batch's is
-        written at once, in one statement, before its workers get far: written later, it would
-        hold the row locks of hundreds of records their claims are waiting for.  A worker that
-        claims first moves the record PENDING -> RUNNING and sets ``queued_at`` from the message,
-        so nothing is lost either way."""
+        written at once, in one statement (``write_queued``), before its workers get far: written
+        later, it would hold the row locks of hundreds of records their claims are waiting for.
+        A worker that claims first moves the record PENDING -> RUNNING and sets ``queued_at``
+        from the message, so nothing is lost either way."""
         pending = [t.task_id for t in tasks if t.status is TaskStatus.PENDING]
         if len(pending) == 1:
             self.marks.add(pending, queued_at)
         elif pending:
-            self.storage.tasks.update_many(
-                pending, (TaskStatus.PENDING,), status=TaskStatus.QUEUED, queued_at=queued_at
-            )
+            self.write_queued(pending, queued_at)
+        return self.announce_queued(tasks, queued_at)
+
+    def write_queued(self, task_ids: Sequence[str], queued_at: datetime) -> int:
+        """The mark of a published batch: PENDING -> QUEUED in one statement.  Not waiting for
+        the disk, as a single task's mark (``QueuedMarks``): a mark that a crash of the database
+        loses leaves the record PENDING, which a worker claims all the same (or the outbox duty
+        publishes again under a fresh token, the first message then dropped as stale)."""
+        return self.storage.tasks.update_many(
+            task_ids, (TaskStatus.PENDING,), durable=False, status=TaskStatus.QUEUED, queued_at=queued_at
+        )
+
+    def announce_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
+        """``tasks`` as marked queued (those that were PENDING), each announced (``task_queued``)."""
         out = [
             t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
             for t in tasks
@@ -497,23 +508,23 @@ class Lifecycle:
             return token
         return None
 
-    def due(self, tasks: Sequence[Task], fence: Fence | None = None) -> tuple[str, list[Task]]:
-        """SCHEDULED or RETRYING records whose time has come -> PENDING, all under one new
-        dispatch token (returned, with the records that moved), in one conditional update; the
-        caller publishes them, then ``mark_queued``.  PENDING, as a submit's record before its
-        publish: a leader that dies in between leaves them to the outbox duty (published again
-        after ``publish_grace``), so none is lost.  A record cancelled or started meanwhile does
-        not move; with a ``fence`` that storage refuses (a newer leader), none does."""
-        token, now = new_id(), utcnow()
-        ids = [t.task_id for t in tasks]
-        changed = self.storage.tasks.update_many(
-            ids, DUE, fence=fence, status=TaskStatus.PENDING, dispatch_token=token, queued_at=now
+    def due(
+        self, before: datetime, limit: int, fence: Fence | None = None, now: datetime | None = None
+    ) -> tuple[str, list[tuple[Task, TaskStatus]]]:
+        """Up to ``limit`` SCHEDULED or RETRYING records whose ``run_at`` is not after ``before``,
+        the earliest due first -> PENDING, all under one new dispatch token, with ``queued_at``
+        ``now``: taken in one statement where the backend can (``TaskRepository.take_due``).
+        Returns the token and each record moved with the status it waited in (for ``undue``);
+        the caller publishes them, then marks them queued.  PENDING, as a submit's record before
+        its publish: a leader that dies in between leaves them to the outbox duty (published
+        again after ``publish_grace``), so none is lost.  A record cancelled or started meanwhile
+        does not move, nor one another taker holds; with a ``fence`` that storage refuses (a
+        newer leader), none does."""
+        token, now = new_id(), now or utcnow()
+        taken = self.storage.tasks.take_due(
+            DUE, before, limit, fence=fence, status=TaskStatus.PENDING, dispatch_token=token, queued_at=now
         )
-        moved = [t.replace(status=TaskStatus.PENDING, dispatch_token=token, queued_at=now) for t in tasks]
-        if changed != len(ids):  # some moved on meanwhile: publish only what is ours
-            ours = {t.task_id for t in tasks if (r := self.storage.tasks.get(t.task_id)) and r.dispatch_token == token}
-            moved = [t for t in moved if t.task_id in ours]
-        return token, moved
+        return token, taken
 
     def undue(self, moved: Sequence[tuple[Task, TaskStatus]]) -> None:
         """Put records ``due`` moved back to the status they waited in (the publish failed), so

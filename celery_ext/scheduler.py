@@ -19,8 +19,9 @@ Each tick, the leader:
     ``dead`` past the attempt cap);
   - publishes the delayed work that waits in storage (SCHEDULED tasks and RETRYING ones waiting
     out a backoff) once due, ``scheduler.max_countdown`` ahead with the rest as a countdown: in
-    batches of ``scheduler.due_batch``, each one indexed query on ``run_at``, one conditional
-    update and one producer batch;
+    batches of ``scheduler.due_batch``, each taken on the ``run_at`` index and moved on by one
+    statement (PostgreSQL; a query and a conditional update elsewhere), published as one
+    producer batch and marked queued, the database work beside the publish (``_due``);
   - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
     record and died (or lost the broker) before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
@@ -44,6 +45,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,8 +54,7 @@ import redis
 
 from celery_ext.config import Config
 from celery_ext.dispatch import Dispatch, plain_queues, queue_name
-from celery_ext.lifecycle import DUE
-from celery_ext.model import TaskStatus, new_id, utcnow
+from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.presence import present, unacked_key
 from celery_ext.routing.stranded import queue_keys
@@ -182,6 +183,8 @@ class Scheduler:
         self.after_tick: Callable[[TickReport], None] | None = None
         self._missing: dict[str, str | None] = {}  # task id -> token, missing at the last check
         self._last_presence: float | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         broker = str(rt.celery.conf.broker_url)
         self._broker: Any = redis.Redis.from_url(redis_py_url(broker)) if is_redis_url(broker) else None
 
@@ -254,6 +257,7 @@ class Scheduler:
                         logger.warning("scheduler: after-round hook failed: %s: %s", exc.__class__.__name__, exc)
                 stop.wait(max(0.0, self.config.interval - (time.monotonic() - started)))
         finally:
+            self.close()
             if self.lease is not None and self.fence:
                 try:
                     self.lease.release()
@@ -298,31 +302,84 @@ class Scheduler:
     def _due(self, report: TickReport) -> None:
         """Publish the records waiting in storage whose ``run_at`` has come (within
         ``max_countdown``, the rest as a countdown), batch by batch, at most ``MAX_DUE_BATCHES``
-        a round so that the other duties are not starved."""
+        a round so that the other duties are not starved.
+
+        The database's part runs on a thread of its own (``_storage_thread``), beside the
+        publish: while a batch is published, the next one is taken (``Lifecycle.due``: one
+        statement on PostgreSQL), and after it, the batch's mark queued is written while the
+        next one is published.  A publish that fails puts its batch, and the next one already
+        taken, back where they waited (``undue``); the round waits for its marks before it ends."""
         ahead = timedelta(seconds=self.config.max_countdown)
+        size = self.config.due_batch
         lifecycle, dispatcher = self.rt.lifecycle, self.rt.dispatcher
-        for _ in range(MAX_DUE_BATCHES):
+        pool = self._storage_thread()
+
+        def take() -> tuple[datetime, list[tuple[Task, TaskStatus]]]:
             now = utcnow()
-            batch = self.rt.storage.tasks.scan(DUE, due_before=now + ahead, limit=self.config.due_batch)
-            if not batch:
-                return
-            token, moved = lifecycle.due(batch, fence=self.fenced)
-            if not moved:
-                self.check_fence()
-                return  # all moved on meanwhile (cancelled, started)
-            dispatches = [
-                Dispatch(t, token, t.attempt + 1, countdown=_until(t.run_at, now), queued_at=now) for t in moved
-            ]
+            return now, lifecycle.due(now + ahead, size, fence=self.fenced, now=now)[1]
+
+        ahead_taken: Future[tuple[datetime, list[tuple[Task, TaskStatus]]]] | None = pool.submit(take)
+        marks: list[Future[int]] = []
+        try:
+            for i in range(MAX_DUE_BATCHES):
+                assert ahead_taken is not None
+                this, ahead_taken = ahead_taken, None  # a take that failed is not put back
+                queued_at, taken = this.result()
+                if not taken:
+                    self.check_fence()  # nothing due, or none ours: refused as deposed?
+                    return
+                if len(taken) == size and i + 1 < MAX_DUE_BATCHES:
+                    ahead_taken = pool.submit(take)  # taken while this batch is published
+                moved = [t for t, _ in taken]
+                now = utcnow()
+                dispatches = [
+                    Dispatch(t, t.dispatch_token or "", t.attempt + 1, _until(t.run_at, now), queued_at) for t in moved
+                ]
+                try:
+                    dispatcher.publish_many(dispatches)
+                except Exception:
+                    lifecycle.undue(taken)
+                    raise
+                marks.append(pool.submit(lifecycle.write_queued, [t.task_id for t in moved], queued_at))
+                lifecycle.announce_queued(moved, queued_at)
+                self._due_lag(moved, now)
+                report.due.extend(t.task_id for t in moved)
+                if ahead_taken is None:
+                    return
+        finally:
+            self._settle(ahead_taken, marks)
+
+    def _settle(
+        self, taken: Future[tuple[datetime, list[tuple[Task, TaskStatus]]]] | None, marks: list[Future[int]]
+    ) -> None:
+        """The end of ``_due``'s round: a batch taken but not published (the publish failed) is
+        put back, and the marks queued are waited for.  Either failing is only logged: a record
+        left PENDING is claimed from there by its worker, or published again by the outbox duty
+        (``_unpublished``) if it never was."""
+        try:
+            if taken is not None:
+                self.rt.lifecycle.undue(taken.result()[1])
+        except Exception as exc:  # noqa: BLE001 - see above
+            logger.warning("scheduler: could not put back a due batch: %s: %s", exc.__class__.__name__, exc)
+        for mark in marks:
             try:
-                dispatcher.publish_many(dispatches)
-            except Exception:
-                lifecycle.undue([(t, orig.status) for t, orig in zip(moved, _originals(batch, moved), strict=True)])
-                raise
-            lifecycle.mark_queued(moved, now)
-            self._due_lag(moved, now)
-            report.due.extend(t.task_id for t in moved)
-            if len(batch) < self.config.due_batch:
-                return
+                mark.result()
+            except Exception as exc:  # noqa: BLE001 - see above
+                logger.warning("scheduler: could not mark a due batch queued: %s: %s", exc.__class__.__name__, exc)
+
+    def _storage_thread(self) -> ThreadPoolExecutor:
+        """The one thread ``_due`` runs its storage writes on, in order (made in the process
+        that leads: the scheduler may run in a worker that forks)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="scheduler-storage")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the storage thread (``run`` does it when it stops)."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
 
     def _schedules(self, report: TickReport) -> None:
         """Fire the periodic schedules that are due (``celery_ext.schedules``).  On taking the
@@ -487,8 +544,3 @@ class Scheduler:
 def _until(when: datetime | None, now: datetime) -> float | None:
     wait = (when - now).total_seconds() if when is not None else 0.0
     return wait if wait > 0 else None
-
-
-def _originals(batch: list[Any], moved: list[Any]) -> list[Any]:
-    by_id = {t.task_id: t for t in batch}
-    return [by_id[t.task_id] for t in moved]

@@ -142,6 +142,40 @@ class TaskRepository(abc.ABC):
         """Conditional update of several records (fenced and ``durable`` as ``update``); returns
         how many changed."""
 
+    def take_due(
+        self,
+        statuses: Iterable[TaskStatus],
+        before: datetime,
+        limit: int,
+        *,
+        fence: Fence | None = None,
+        **fields: Any,
+    ) -> builtins.list[tuple[Task, TaskStatus]]:
+        """Set ``fields`` on up to ``limit`` records of ``statuses`` whose ``run_at <= before``,
+        the earliest ``run_at`` first (the scheduler's due records; ``fields`` move them on, with
+        a new dispatch token); refused altogether when ``fence`` is older than the stored one.
+        Returns each record changed, as it is after the change, with the status it had.  Two
+        takers at once never take the same record.
+
+        This fallback (MongoDB, SQLite, MySQL) is ``scan`` then ``update_many`` on the ids, and
+        a record moved on in between (cancelled, started, taken by another) is left out by
+        reading back the records that changed: ``fields`` must hold a fresh
+        ``dispatch_token``.  PostgreSQL does it in one statement (``sql_due``)."""
+        if "dispatch_token" not in fields:
+            raise ValueError("take_due needs a fresh dispatch_token among the fields it sets")
+        statuses = builtins.list(statuses)
+        batch = self.scan(statuses, due_before=before, limit=limit)
+        if not batch:
+            return []
+        ids = [t.task_id for t in batch]
+        after = {"updated_at": utcnow(), **fields}
+        changed = self.update_many(ids, statuses, fence=fence, **after)
+        moved = [(t.replace(**after), t.status) for t in batch]
+        if changed != len(ids):  # some moved on in between: keep only what is ours
+            token = fields["dispatch_token"]
+            moved = [(t, s) for t, s in moved if (r := self.get(t.task_id)) and r.dispatch_token == token]
+        return moved
+
     @abc.abstractmethod
     def delete(self, task_id: str) -> bool: ...
 

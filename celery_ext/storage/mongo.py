@@ -352,7 +352,9 @@ class MongoTaskRepository(TaskRepository, TaskMaintenance):
         if updated_before is not None:
             query["updated_at"] = {"$lt": enc(updated_before)}
         with self.storage.guard():
-            return [from_doc(d) for d in self.col.find(query).sort([("created_at", 1)]).limit(limit)]
+            # Due records the earliest due first (the status/run_at index), the others oldest first.
+            order = [("run_at", 1), ("created_at", 1)] if due_before is not None else [("created_at", 1)]
+            return [from_doc(d) for d in self.col.find(query).sort(order).limit(limit)]
 
     def purge(self, status: TaskStatus, finished_before: datetime, limit: int = 1000) -> int:
         if TaskStatus(status) not in TERMINAL:

@@ -33,9 +33,11 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 from sqlalchemy import (
+    ARRAY,
     Connection,
     Engine,
     and_,
+    any_,
     bindparam,
     cast,
     create_engine,
@@ -70,6 +72,7 @@ from celery_ext.storage.base import (
     status_values,
     to_record,
 )
+from celery_ext.storage.sql_due import take_due_statement
 from celery_ext.storage.sql_fence import fence_holds, fence_params
 from celery_ext.storage.sql_schedules import SqlScheduleRepository
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tasks
@@ -240,13 +243,25 @@ class SqlStorage(Storage):
         """The DBAPI connection under ``single()``, for the per-task statements run without
         SQLAlchemy's per-execution machinery (see ``SqlTaskRepository.update``); its driver
         errors become ``StorageError`` and drop the connection like any other failure."""
-        with self.single() as conn:
-            try:
-                yield conn.connection.dbapi_connection
-            except self.engine.dialect.loaded_dbapi.Error as exc:
-                raise StorageError(
-                    f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
-                ) from exc
+        with self.single() as conn, self._dbapi_errors():
+            yield conn.connection.dbapi_connection
+
+    @contextlib.contextmanager
+    def begin_dbapi(self) -> Iterator[Any]:
+        """The DBAPI connection of a transaction from the pool (``begin()``), for a statement run
+        as ``single_dbapi``'s on a thread that keeps no connection (the scheduler's storage
+        thread: ``take_due``)."""
+        with self.begin() as conn, self._dbapi_errors():
+            yield conn.connection.dbapi_connection
+
+    @contextlib.contextmanager
+    def _dbapi_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise StorageError(
+                f"task store {self.description} failed: {exc.__class__.__name__}: {_short(exc)}"
+            ) from exc
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
@@ -372,18 +387,28 @@ class _Reader:
             cursor.execute(self.select.sql, self.select.args({"p_id": task_id}))
             row = cursor.fetchone()
             if self.columns is None:
-                self.columns = [
-                    (c.name, c.type.dialect_impl(self.dialect).result_processor(self.dialect, d[1]))
-                    for c, d in zip(tasks.columns, cursor.description, strict=True)
-                ]
+                self.columns = _result_processors(self.dialect, cursor.description)
         finally:
             cursor.close()
-        if row is None:
-            return None
-        return {
-            name: (process(value) if process is not None else value)
-            for (name, process), value in zip(self.columns, row, strict=True)
-        }
+        return None if row is None else _decoded(self.columns, row)
+
+
+def _result_processors(dialect: Any, description: Any) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """Each column of ``tasks`` (the first columns of a cursor's ``description``) with its
+    type's result processing for the driver's column type."""
+    return [
+        (c.name, c.type.dialect_impl(dialect).result_processor(dialect, d[1]))
+        for c, d in zip(tasks.columns, description, strict=False)
+    ]
+
+
+def _decoded(columns: list[tuple[str, Callable[[Any], Any] | None]], row: Sequence[Any]) -> dict[str, Any]:
+    """A row of ``tasks``' columns (any further ones ignored) as a record; NULL stays None
+    without a call to the column's processing (a due record has a dozen NULL columns)."""
+    return {
+        name: (process(value) if process is not None and value is not None else value)
+        for (name, process), value in zip(columns, row, strict=False)
+    }
 
 
 class SqlTaskRepository(TaskRepository, TaskMaintenance):
@@ -559,14 +584,60 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
     ) -> int:
         if not task_ids:
             return 0
-        cond = [tasks.c.task_id.in_(list(task_ids)), tasks.c.status.in_(status_values(expected))]
+        params = fence_params(fence)
+        if self.storage.type_name == "postgresql":
+            # One array parameter, not an IN list of a bind per id (rendered, sent and parsed
+            # for each of a batch's thousand ids).
+            ids = tasks.c.task_id == any_(bindparam("p_ids", type_=ARRAY(tasks.c.task_id.type)))
+            params["p_ids"] = list(task_ids)
+        else:
+            ids = tasks.c.task_id.in_(list(task_ids))
+        cond = [ids, tasks.c.status.in_(status_values(expected))]
         if fence is not None:
             cond.append(fence_holds())
         stmt = update(tasks).where(*cond).values(**record_changes(fields))
         with self.storage.begin() as conn:
             if not durable and self.no_wait:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            return int(conn.execute(stmt, fence_params(fence)).rowcount)
+            return int(conn.execute(stmt, params).rowcount)
+
+    def take_due(
+        self,
+        statuses: Iterable[TaskStatus],
+        before: datetime,
+        limit: int,
+        *,
+        fence: Fence | None = None,
+        **fields: Any,
+    ) -> builtins.list[tuple[Task, TaskStatus]]:
+        if self.storage.type_name != "postgresql":  # no UPDATE ... RETURNING with SKIP LOCKED
+            return super().take_due(statuses, before, limit, fence=fence, **fields)
+        values = record_changes(fields)
+        expected = status_values(statuses)
+        shape = ("take_due", tuple(values), len(expected), fence is not None)
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            stmt = take_due_statement(tuple(values), len(expected), fence is not None)
+            compiled = self._compiled[shape] = _Compiled.of(stmt, self.storage.engine.dialect)
+        params = {
+            "p_before": before,
+            "p_limit": limit,
+            **{f"p_status{i}": s for i, s in enumerate(expected)},
+            **{f"v_{k}": v for k, v in values.items()},
+            **fence_params(fence),
+        }
+        # The DBAPI cursor, on a pooled connection: the scheduler takes on a thread of its own.
+        with self.storage.begin_dbapi() as dbapi_conn:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute(compiled.sql, compiled.args(params))
+                rows = cursor.fetchall()
+                columns = _result_processors(self.storage.engine.dialect, cursor.description) if rows else []
+            finally:
+                cursor.close()
+        taken = [(from_record(_decoded(columns, row)), TaskStatus(row[-1])) for row in rows]
+        taken.sort(key=lambda pair: (pair[0].run_at or pair[0].created_at, pair[0].created_at))
+        return taken
 
     def delete(self, task_id: str) -> bool:
         with self.storage.begin() as conn:
@@ -625,7 +696,9 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             stmt = stmt.where(tasks.c.lease_until < lease_expired_before)
         if updated_before is not None:
             stmt = stmt.where(tasks.c.updated_at < updated_before)
-        stmt = stmt.order_by(tasks.c.created_at).limit(limit)
+        # Due records the earliest due first (the (status, run_at) index), the others oldest first.
+        order = (tasks.c.run_at, tasks.c.created_at) if due_before is not None else (tasks.c.created_at,)
+        stmt = stmt.order_by(*order).limit(limit)
         with self.storage.begin() as conn:
             return [_from_row(r) for r in conn.execute(stmt)]
 

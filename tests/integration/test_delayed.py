@@ -138,12 +138,15 @@ def test_a_leader_paused_past_its_lease_has_its_late_writes_refused(make_cluster
         scheduler={"interval": 0.2, "leader_lease": 1.5, "due_batch": 100},
     )
     n = 20_000
-    ids = due_records(c.runtime.storage, n)
+    c.runtime.storage.migrate()
     schedulers = [SchedulerProcess(c).start() for _ in range(3)]
     try:
-        poll(lambda: count(c, TaskStatus.SCHEDULED, ids) <= n - 500, 60, "the leader to start publishing")
+        # The leader is known before anything is due: it publishes some 5,000 records a second,
+        # so it is paused as soon as it has started, not after a look for it.
         leader = leader_of(schedulers, schedulers)
         assert leader.proc is not None
+        ids = due_records(c.runtime.storage, n)
+        poll(lambda: count(c, TaskStatus.SCHEDULED, ids) <= n - 500, 60, "the leader to start publishing")
         leader.proc.send_signal(signal.SIGSTOP)
         assert count(c, TaskStatus.SCHEDULED, ids) > 2000, "the due set must outlast the pause"
         others = [s for s in schedulers if s is not leader]

@@ -202,9 +202,17 @@ def test_release_of_a_cancelled_run_gives_up_the_lease_only(lc: Lifecycle) -> No
 
 
 def test_due_takes_scheduled_and_retrying_records_under_one_token(lc: Lifecycle) -> None:
-    tasks = {s: record(lc, s) for s in ALL}
-    token, moved = lc.due(list(tasks.values()))
+    due_at = utcnow() - timedelta(seconds=1)
+    tasks = {s: record(lc, s, run_at=due_at) for s in ALL}
+    later = record(lc, TaskStatus.SCHEDULED, run_at=utcnow() + timedelta(hours=1))
+    token, taken = lc.due(utcnow(), 100)
+    moved = [t for t, _ in taken]
     assert {t.task_id for t in moved} == {tasks[TaskStatus.SCHEDULED].task_id, tasks[TaskStatus.RETRYING].task_id}
+    assert {t.task_id: s for t, s in taken} == {
+        tasks[s].task_id: s for s in (TaskStatus.SCHEDULED, TaskStatus.RETRYING)
+    }
+    assert all(t.status is TaskStatus.PENDING and t.dispatch_token == token for t in moved)
+    assert stored(lc, later).status is TaskStatus.SCHEDULED  # not due yet
     for status, task in tasks.items():
         got = stored(lc, task)
         if status in (TaskStatus.SCHEDULED, TaskStatus.RETRYING):
@@ -257,7 +265,7 @@ METHODS: dict[str, Callable[[Lifecycle, Task], object]] = {
     "lost": lambda lc, t: lc.lost(t, ERROR, 1.0),
     "release": lambda lc, t: lc.release(t),
     "fresh_token": lambda lc, t: lc.fresh_token(t),
-    "due": lambda lc, t: lc.due([t]),
+    "due": lambda lc, t: lc.due(utcnow() + timedelta(days=1), 10),
     "mark_queued": lambda lc, t: lc.mark_queued([t, t], utcnow()),
     "cancel": lambda lc, t: lc.cancel(t),
     "reopen": lambda lc, t: lc.reopen(t),
