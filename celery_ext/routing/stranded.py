@@ -83,17 +83,22 @@ def move_stranded(
     transport_options: Mapping[str, Any] | None = None,
     task_types: Iterable[str] | None = None,
     batch: int = 200,
-    default_queue: str = "celery",
+    default_queue: str | None = None,
 ) -> int:
     """Move every message of ``queue`` (and its unacked ones) to the shared queues; returns how
-    many.  Safe to run concurrently with itself and with producers."""
+    many.  Safe to run concurrently with itself and with producers.  A message of a type not
+    in ``task_types`` goes to ``default_queue``: by default this app's own default queue, which
+    every worker of the app consumes and hands on to the type's queue (never Celery's shared
+    "celery", which other apps' workers on the broker may consume)."""
     sep, steps, gprefix = _options(transport_options)
-    known = sorted(set(task_types)) if task_types is not None else []
-    if task_types is None:
-        known = _types_seen(client, queue_keys(queue, transport_options))
+    default_queue = default_queue or f"{prefix}.default"
     # The unacknowledged messages are read before the queue moves: a message moved to a shared
     # queue keeps its routing key, and a live worker that fetches it there must keep it.
     fetched = _unacked_of(client, queue, transport_options)
+    known = sorted(set(task_types)) if task_types is not None else []
+    if task_types is None:  # trust the task names in the messages themselves
+        seen = _types_seen(client, queue_keys(queue, transport_options))
+        known = sorted({*seen, *(t for _, _, m in fetched if isinstance(t := m.get("headers", {}).get("task"), str))})
     script = client.register_script(_MOVE)
     suffixes = [_suffix(p, sep) for p in steps]
     args = [gprefix + prefix, gprefix + default_queue, batch, len(steps), *suffixes, *known]

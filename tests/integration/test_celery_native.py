@@ -345,9 +345,9 @@ def test_plain_task_cancelled_while_running_then_retried(native: Cluster, events
 
 def test_stranded_message_of_a_type_the_sweeper_does_not_know_still_runs(native: Cluster) -> None:
     """A dead worker's direct queue is handed back by a process that may not know every type
-    (the scheduler needs no user task modules): such a message goes to ``celery``, which every
-    worker consumes (not to a queue nobody consumes).  Here ``add`` waits in a direct queue
-    nobody consumes, and the sweep knows only ``echo``."""
+    (the scheduler needs no user task modules): such a message goes to the app's default queue,
+    which every worker of the app consumes and hands on (not to a queue nobody consumes).  Here
+    ``add`` waits in a direct queue nobody consumes, and the sweep knows only ``echo``."""
     app, prefix = native.runtime.celery, native.data["app"]["name"]
     ghost = f"{prefix}.worker.ghost@nowhere"
     res = app.send_task("add", args=[1, 2], queue=ghost)

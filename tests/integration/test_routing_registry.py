@@ -254,3 +254,33 @@ def test_readers_see_changed_entries_and_cheap_refreshes_keep_loads_current(make
     assert sorted(w.id for w in reg.online()) == ["a", "b"]
     listed = {w.id: w for w in reg.all()}
     assert listed["a"].heartbeat_at == pytest.approx(time.time(), abs=5) and listed["a"].online
+
+
+def test_a_warm_leave_returns_unacked_messages_to_their_type_never_to_celery(make_cluster) -> None:
+    """A worker that leaves warm hands back its direct queue without a list of types (``seat``):
+    the types are read from the messages, the unacked ones included (a previous incarnation's
+    under the same name), and a type it cannot tell goes to this app's default queue, never to
+    Celery's shared ``celery``, which other apps' workers on the broker consume."""
+    import json
+
+    rt, router = producer(make_cluster)
+    info = fake(router, "leaving")
+    opts = rt.celery.conf.broker_transport_options
+    message = {"body": "e30=", "headers": {"task": "rt_slow", "id": "w1"}, "properties": {}}
+    nameless = {"body": "e30=", "headers": {"id": "w2"}, "properties": {}}
+    tag, tag2 = f"{router.prefix}-wtag1", f"{router.prefix}-wtag2"
+    r().hset("unacked", tag, json.dumps([message, info.queue, info.queue]))
+    r().hset("unacked", tag2, json.dumps([nameless, info.queue, info.queue]))
+    r().zadd("unacked_index", {tag: time.time(), tag2: time.time()})
+    before = r().llen("celery")
+    try:
+        assert move_stranded(r(), info.queue, router.prefix, opts) == 2
+        typed = r().lrange(f"{router.prefix}.rt_slow", 0, -1)
+        assert [json.loads(m)["headers"]["id"] for m in typed] == ["w1"]
+        default = r().lrange(f"{router.prefix}.default", 0, -1)
+        assert [json.loads(m)["headers"]["id"] for m in default] == ["w2"]
+        assert r().llen("celery") == before
+    finally:
+        r().hdel("unacked", tag, tag2)
+        r().zrem("unacked_index", tag, tag2)
+        r().delete(f"{router.prefix}.rt_slow", f"{router.prefix}.default")
