@@ -469,13 +469,7 @@ class Lifecycle:
         same token, run and an earlier attempt: a crash of the database undid its claim (see
         ``claim``).  Anything else (cancelled, recovered under a new token) is not touched."""
         record = self.storage.tasks.get(task_id)
-        if (
-            record is None
-            or record.status not in STARTABLE
-            or record.dispatch_token != token
-            or record.run != run
-            or record.attempt >= attempt
-        ):
+        if record is None or not _start_lost(record, token, run, attempt):
             return False
         if not self.storage.tasks.update(
             task_id,
@@ -557,13 +551,7 @@ class Lifecycle:
             if created:
                 logger.warning("task %s: its record was lost with its start; made again with its outcome", task.task_id)
             return created
-        lost_start = (
-            record.status in STARTABLE
-            and record.dispatch_token == task.dispatch_token
-            and record.run == task.run
-            and record.attempt < task.attempt
-        )
-        if not lost_start:
+        if task.dispatch_token is None or not _start_lost(record, task.dispatch_token, task.run, task.attempt):
             return False
         started = {k: getattr(task, k) for k in ("attempt", "worker_id", "started_at", "queued_at")}
         if task.args:
@@ -610,6 +598,15 @@ class Lifecycle:
                 logger.warning("storage unavailable, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _start_lost(record: Task, token: str, run: int, attempt: int) -> bool:
+    """Whether ``record`` is as the message of a run (``token``, ``run``, ``attempt``) found it
+    before its claim: startable, the same token and run, an earlier attempt.  A crash of the
+    database undid that run's claim (committed without waiting for the disk)."""
+    return (
+        record.status in STARTABLE and record.dispatch_token == token and record.run == run and record.attempt < attempt
+    )
 
 
 def _since(start: datetime | None, now: datetime) -> float | None:

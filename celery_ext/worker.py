@@ -34,9 +34,9 @@ def unbind_stale_plain_queues(rt: Runtime) -> int:
     removed here, once per worker start; returns how many bindings were removed."""
     own = queue_name(rt.config.app.name, "default")
     stale = [q for q in plain_queues(rt.config) if q != own]
-    removed = 0
     if not stale:
         return 0
+    removed = 0
     try:
         with rt.celery.connection_for_write() as conn:
             channel: Any = conn.default_channel
@@ -47,7 +47,9 @@ def unbind_stale_plain_queues(rt: Runtime) -> int:
                     continue
                 member = channel.sep.join([own, "", queue])
                 removed += int(client.srem(channel.keyprefix_queue % own, member))
-                client.srem(channel.keyprefix_binding_permanent % own, member)
+                permanent = getattr(channel, "keyprefix_binding_permanent", None)  # newer kombu only
+                if permanent is not None:
+                    client.srem(permanent % own, member)
     except Exception as exc:  # noqa: BLE001 - the worker runs without it; the copies are deduplicated
         logger.warning("could not remove the old binding of %s to %s: %s", stale, own, exc)
         return removed
