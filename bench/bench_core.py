@@ -63,6 +63,36 @@ def run_ext(manager: Any, storage: Any, n: int, before: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def cpu_snapshot(workers: dict[str, WorkerProcess]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the system: each worker's main
+    process and its pool children, the PostgreSQL and Redis servers, and this process (the
+    producer and the waiting)."""
+    import psutil
+
+    def cpu(proc: psutil.Process) -> float:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
+    out: dict[str, float] = {}
+    for side, worker in workers.items():
+        main = psutil.Process(worker.pid)
+        out[f"{side} worker main"] = cpu(main)
+        out[f"{side} worker pool"] = sum(cpu(child) for child in main.children(recursive=True))
+    out["postgres"] = 0.0
+    out["redis"] = 0.0
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info["name"] or ""
+        if name.startswith("postgres"):
+            out["postgres"] += cpu(proc)
+        elif name.startswith("redis-server"):
+            out["redis"] += cpu(proc)
+    out["producer (bench process)"] = cpu(psutil.Process())
+    return out
+
+
 def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
     rates = {}
     start = time.perf_counter()
@@ -239,6 +269,9 @@ def parse_args() -> argparse.Namespace:
         help="PostgreSQL: storage.config.synchronous_commit of celery_ext's records",
     )
     parser.add_argument(
+        "--cpu", action="store_true", help="also CPU ms per task of each process, per side, summed over the rounds"
+    )
+    parser.add_argument(
         "--load-rate", type=float, default=0, help="also latency under a background flow of this many tasks/s"
     )
     args = parser.parse_args()
@@ -312,6 +345,8 @@ def full(args: argparse.Namespace, run: Setup) -> None:
     ratios: list[float] = []
     rounds = 0 if args.latency_only else args.rounds
     bare_worker, ext_worker = start_workers(config_path, name)
+    workers = {"bare": bare_worker, "ext": ext_worker}
+    cpu: dict[str, dict[str, float]] = {"bare": {}, "ext": {}}
     try:
         run_bare(bare, rds, 100)  # warm up both
         run_ext(rt.manager, rt.storage, 100, rt.storage.tasks.count_by_status().get("succeeded", 0))
@@ -319,11 +354,14 @@ def full(args: argparse.Namespace, run: Setup) -> None:
             # Each round runs both back to back, the order alternating, so that a slow spell of a
             # shared machine lands on both sides of a round's ratio.
             for side in ("bare", "ext") if r % 2 == 0 else ("ext", "bare"):
+                before_cpu = cpu_snapshot(workers) if args.cpu else {}
                 if side == "bare":
                     results["bare"].append(run_bare(bare, rds, args.n))
                 else:
                     before = rt.storage.tasks.count_by_status().get("succeeded", 0)
                     results["ext"].append(run_ext(rt.manager, rt.storage, args.n, before))
+                for key, value in cpu_snapshot(workers).items() if args.cpu else ():
+                    cpu[side][key] = cpu[side].get(key, 0.0) + value - before_cpu[key]
             ratios.append(results["ext"][-1] / results["bare"][-1])
             print(
                 f"round {r + 1}: bare {results['bare'][-1]:.0f}/s  celery_ext {results['ext'][-1]:.0f}/s  "
@@ -344,6 +382,8 @@ def full(args: argparse.Namespace, run: Setup) -> None:
 
     if rounds:
         report_rounds(args, results, ratios)
+    if args.cpu and rounds:
+        report_cpu(cpu, args.n * rounds)
     print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
     for key, values in latency.items():
         print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
@@ -355,6 +395,16 @@ def full(args: argparse.Namespace, run: Setup) -> None:
     print("\nsubmit rate (no worker running):")
     for key, value in rates.items():
         print(f"  {key:<20}: {value:8.0f} /s")
+
+
+def report_cpu(cpu: dict[str, dict[str, float]], tasks: int) -> None:
+    print(f"\nCPU per task, ms, summed over the rounds ({tasks} tasks a side), while each side ran:")
+    print(f"  {'process':<26}{'bare run':>10}{'ext run':>10}")
+    for key in cpu["bare"]:
+        print(f"  {key:<26}{cpu['bare'][key] * 1000 / tasks:>10.3f}{cpu['ext'][key] * 1000 / tasks:>10.3f}")
+    print(
+        f"  {'total':<26}{sum(cpu['bare'].values()) * 1000 / tasks:>10.3f}{sum(cpu['ext'].values()) * 1000 / tasks:>10.3f}"
+    )
 
 
 def report_memory(memory: dict[str, list[float]]) -> None:
