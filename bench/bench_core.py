@@ -402,9 +402,8 @@ def report_cpu(cpu: dict[str, dict[str, float]], tasks: int) -> None:
     print(f"  {'process':<26}{'bare run':>10}{'ext run':>10}")
     for key in cpu["bare"]:
         print(f"  {key:<26}{cpu['bare'][key] * 1000 / tasks:>10.3f}{cpu['ext'][key] * 1000 / tasks:>10.3f}")
-    print(
-        f"  {'total':<26}{sum(cpu['bare'].values()) * 1000 / tasks:>10.3f}{sum(cpu['ext'].values()) * 1000 / tasks:>10.3f}"
-    )
+    totals = {side: sum(cpu[side].values()) * 1000 / tasks for side in ("bare", "ext")}
+    print(f"  {'total':<26}{totals['bare']:>10.3f}{totals['ext']:>10.3f}")
 
 
 def report_memory(memory: dict[str, list[float]]) -> None:
