@@ -11,6 +11,10 @@ second read (``merged``); otherwise it reads the record again.  The record stays
 message is a copy of what was just committed.  A lost message costs at most ``fallback``
 seconds: the waiter re-reads the record that often anyway.
 
+The PUBLISH is written without waiting for Redis's reply (``NoReplyWriter``: nothing uses the
+count of subscribers it returns), so a pool process does not sleep a round trip per task after
+its outcome is committed.
+
 The Redis is the worker registry's (``scheduler.registry_url``, else a Redis broker, else the
 embedded one).  With no Redis (a RabbitMQ broker and no registry), waiting polls the record with
 a growing interval, as before.
@@ -31,6 +35,7 @@ import redis
 
 from celery_ext.forksafe import fork_safe_pool
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus
+from celery_ext.routing.nowait import NoReplyWriter
 
 logger = logging.getLogger("celery_ext.completion")
 
@@ -48,6 +53,7 @@ class Completion:
         self.prefix = prefix
         self.fallback = fallback
         self._client: Any = None
+        self._writer: NoReplyWriter | None = None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._warned = 0.0
@@ -71,7 +77,9 @@ class Completion:
         if not self.url:
             return
         try:
-            self.client.publish(self.channel(task_id), WAKE if final is None else pushed(final))
+            if self._writer is None:
+                self._writer = NoReplyWriter(self.client)
+            self._writer.send("PUBLISH", self.channel(task_id), WAKE if final is None else pushed(final))
         except Exception as exc:  # noqa: BLE001 - waiters fall back to reading the record
             now = time.monotonic()
             if now - self._warned > 10:
@@ -160,6 +168,9 @@ class Completion:
                 pass
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -9,6 +9,14 @@ each message's unacked bookkeeping and ack): ~75 us of Python apiece, four or mo
 the worker's main process.  This channel keeps one per connection pool; a Redis client is
 thread-safe and stateless apart from its pool, and pipelines are still made per call.
 
+A fanout message (a task event: ``task-sent`` from a producer, ``task-received``, ``-started``,
+``-succeeded`` from a worker) is a PUBLISH, whose reply (the count of subscribers) kombu waits
+for and throws away: a round trip per event, three per task inside the worker's event loop.  This
+channel writes them on a connection of its own with replies off (``routing/nowait.py``): in
+order, applied by Redis at once, a broken connection still raising to the caller (kombu's and
+Celery's retry and error handling are unchanged).  A PUBLISH is fire-and-forget in Redis anyway:
+a subscriber that is not connected misses it either way.
+
 Its connection pools are registered with ``celery_ext.forksafe``, so a pool process forked while
 a thread of the worker held a pool's lock does not hang on it.
 
@@ -39,8 +47,10 @@ from typing import Any
 
 from kombu import transport as kombu_transport
 from kombu.transport import redis
+from kombu.utils.json import dumps
 
 from celery_ext.forksafe import fork_safe_pool
+from celery_ext.routing.nowait import NoReplyWriter
 
 logger = logging.getLogger("celery_ext.transport")
 
@@ -76,6 +86,7 @@ def install() -> None:
 
 class Channel(redis.Channel):
     _sync_client: Any = None
+    _fanout_writer: NoReplyWriter | None = None
     connection_errors: tuple[type[BaseException], ...]
 
     def _base(self) -> Any:
@@ -88,6 +99,26 @@ class Channel(redis.Channel):
         if client is None or client.connection_pool is not self.pool:  # a new pool after a reconnect
             client = self._sync_client = self._base()._create_client()
         return client
+
+    def _put_fanout(self, exchange: Any, message: Any, routing_key: Any, **kwargs: Any) -> None:
+        if kwargs.get("_publish_batch") is not None:  # kombu's batch publish pipelines it already
+            self._base()._put_fanout(exchange, message, routing_key, **kwargs)
+            return
+        client = self._create_client()
+        writer = self._fanout_writer
+        if writer is None or writer.client is not client:  # a new client after a reconnect
+            if writer is not None:
+                writer.close()
+            writer = self._fanout_writer = NoReplyWriter(client)
+        payload = dumps(message)
+        for topic in self._base()._get_publish_topics(exchange, routing_key):
+            writer.send("PUBLISH", topic, payload)
+
+    def close(self) -> None:
+        writer, self._fanout_writer = self._fanout_writer, None
+        if writer is not None:
+            writer.close()
+        self._base().close()
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

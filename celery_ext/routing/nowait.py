@@ -7,7 +7,10 @@ of the worker's event loop.  Nothing uses the reply, so this connection switches
 (``CLIENT REPLY OFF``) and only writes: Redis still applies each command in order, at once.
 
 A write that fails drops the connection (the next write reconnects) and raises; the caller logs
-it and the heartbeat corrects the count, as it did for a failed synchronous call.  Errors Redis
+it and the heartbeat corrects the count, as it did for a failed synchronous call.  A connection
+the server closed (a restart, ``CLIENT KILL``, its idle ``timeout``) would take one more write
+without an error, which would be lost: since Redis sends nothing on this connection, a socket
+that is readable before a write means it was closed, and the writer reconnects first.  Errors Redis
 would have replied with are not seen; the commands used (HINCRBY, EVAL of a fixed script) cannot
 fail on a well-formed hash.  One connection per process (pool children reconnect after fork).
 """
@@ -15,6 +18,7 @@ fail on a well-formed hash.  One connection per process (pool children reconnect
 from __future__ import annotations
 
 import os
+import select
 import threading
 from typing import Any
 
@@ -30,7 +34,10 @@ class NoReplyWriter:
         with self._lock:
             try:
                 conn = self._conn
-                if conn is None or self._pid != os.getpid():
+                if conn is not None and (self._pid != os.getpid() or _closed(conn)):
+                    self._drop()  # a parent's connection is left alone, only forgotten
+                    conn = None
+                if conn is None:
                     conn = self._connect()
                 conn.send_packed_command(conn.pack_command(*args), check_health=False)
             except Exception:
@@ -56,3 +63,16 @@ class NoReplyWriter:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+def _closed(conn: Any) -> bool:
+    """Whether the server closed ``conn`` (readable: end of file or an error sent before closing;
+    a connection with replies off is sent nothing else)."""
+    sock = conn._sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

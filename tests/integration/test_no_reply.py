@@ -1,0 +1,86 @@
+"""Writes sent without waiting for Redis's reply (``routing/nowait.py``): the in-flight counts,
+the pushed completions and, through celery_ext's transport, every task event.  Nothing may be lost
+or reordered, also when the server closed the writer's connection (a restart, ``CLIENT KILL``, an
+idle ``timeout``): the first write on such a socket would otherwise vanish without an error."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_ext.routing.nowait import NoReplyWriter
+from celery_ext.transport import install
+from tests.support.services import unique
+
+
+def kill(rds: Any, conn: Any) -> None:
+    """Close ``conn`` from the server's side, as a restart or an idle timeout does."""
+    host, port = conn._sock.getsockname()[:2]
+    assert rds.client_kill_filter(_type=None, addr=f"{host}:{port}") == 1
+    time.sleep(0.05)  # the FIN reaches our side
+
+
+def eventually(read: Any, expected: Any, timeout: float = 5.0) -> Any:
+    end = time.monotonic() + timeout
+    while (got := read()) != expected and time.monotonic() < end:
+        time.sleep(0.01)
+    return got
+
+
+def test_writes_apply_in_order_and_none_is_lost_after_the_server_closed_the_connection(redis_url) -> None:
+    rds = redis.Redis.from_url(redis_url)
+    key = unique("nowait")
+    writer = NoReplyWriter(redis.Redis.from_url(redis_url))
+    try:
+        for i in range(200):
+            writer.send("RPUSH", key, i)
+        assert eventually(lambda: [int(x) for x in rds.lrange(key, 0, -1)], list(range(200))) == list(range(200))
+        kill(rds, writer._conn)
+        writer.send("RPUSH", key, 200)  # without the check, this one went into a dead socket
+        writer.send("RPUSH", key, 201)
+        assert eventually(lambda: rds.llen(key), 202) == 202
+        assert [int(x) for x in rds.lrange(key, -2, -1)] == [200, 201]
+    finally:
+        writer.close()
+        rds.delete(key)
+
+
+def test_task_events_reach_subscribers_in_order_also_after_the_connection_was_closed(redis_url) -> None:
+    """Events go out through celery_ext's transport (installed whenever celery_ext builds an app)
+    as PUBLISHes with replies off; a subscriber sees every one, in order, before and after a
+    server-side close."""
+    install()
+    app = Celery(unique("nowait"), broker=redis_url)
+    app.conf.event_serializer = "json"
+    app.conf.event_exchange = unique("celeryev")  # this test's events only
+    rds = redis.Redis.from_url(redis_url)
+    pubsub = rds.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"/*.{app.conf.event_exchange}/*")
+    pubsub.get_message(timeout=1)
+    try:
+        with app.connection_for_write() as conn:
+            dispatcher = app.events.Dispatcher(conn, enabled=True)
+            channel = dispatcher.producer.channel
+            assert type(channel).__module__ == "celery_ext.transport"
+            for i in range(50):
+                dispatcher.send("task-sent", uuid=str(i))
+            writer = channel._fanout_writer
+            assert writer is not None
+            kill(rds, writer._conn)
+            for i in range(50, 60):
+                dispatcher.send("task-sent", uuid=str(i))
+            dispatcher.close()
+        seen: list[str] = []
+        end = time.monotonic() + 10
+        while len(seen) < 60 and time.monotonic() < end:
+            got = pubsub.get_message(timeout=0.5)
+            if got is not None:
+                seen.append(json.loads(base64.b64decode(json.loads(got["data"])["body"]))["uuid"])
+        assert seen == [str(i) for i in range(60)]
+    finally:
+        pubsub.close()
