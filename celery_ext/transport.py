@@ -17,6 +17,12 @@ order, applied by Redis at once, a broken connection still raising to the caller
 Celery's retry and error handling are unchanged).  A PUBLISH is fire-and-forget in Redis anyway:
 a subscriber that is not connected misses it either way.
 
+A message's ack (its removal from kombu's unacked hash and index, one ``MULTI``/``EXEC``) is
+written the same way: a round trip per task less in the worker's event loop.  An ack that a dying
+connection lost leaves the message in the hash, to be restored after the visibility timeout as
+kombu does for a worker that died before its ack; its record is then finished, and the worker
+drops the copy (the record's dispatch token or terminal status says so).
+
 Its connection pools are registered with ``celery_ext.forksafe``, so a pool process forked while
 a thread of the worker held a pool's lock does not hang on it.
 
@@ -46,7 +52,7 @@ from queue import Empty
 from typing import Any
 
 from kombu import transport as kombu_transport
-from kombu.transport import redis
+from kombu.transport import redis, virtual
 from kombu.utils.json import dumps
 
 from celery_ext.forksafe import fork_safe_pool
@@ -84,7 +90,22 @@ def install() -> None:
             kombu_transport._transport_cache.pop(alias, None)  # type: ignore[attr-defined]
 
 
+class QoS(redis.QoS):
+    def ack(self, delivery_tag: Any) -> None:
+        channel: Any = self.channel  # this module's Channel
+        channel.fanout_writer().send_many(
+            [
+                ("MULTI",),
+                ("ZREM", channel.unacked_index_key, delivery_tag),
+                ("HDEL", channel.unacked_key, delivery_tag),
+                ("EXEC",),
+            ]
+        )
+        virtual.QoS.ack(self, delivery_tag)
+
+
 class Channel(redis.Channel):
+    QoS = QoS
     _sync_client: Any = None
     _fanout_writer: NoReplyWriter | None = None
     connection_errors: tuple[type[BaseException], ...]
@@ -104,15 +125,20 @@ class Channel(redis.Channel):
         if kwargs.get("_publish_batch") is not None:  # kombu's batch publish pipelines it already
             self._base()._put_fanout(exchange, message, routing_key, **kwargs)
             return
+        payload = dumps(message)
+        writer = self.fanout_writer()
+        for topic in self._base()._get_publish_topics(exchange, routing_key):
+            writer.send("PUBLISH", topic, payload)
+
+    def fanout_writer(self) -> NoReplyWriter:
+        """This channel's connection with replies off (events, acks)."""
         client = self._create_client()
         writer = self._fanout_writer
         if writer is None or writer.client is not client:  # a new client after a reconnect
             if writer is not None:
                 writer.close()
             writer = self._fanout_writer = NoReplyWriter(client)
-        payload = dumps(message)
-        for topic in self._base()._get_publish_topics(exchange, routing_key):
-            writer.send("PUBLISH", topic, payload)
+        return writer
 
     def close(self) -> None:
         writer, self._fanout_writer = self._fanout_writer, None

@@ -31,6 +31,10 @@ class NoReplyWriter:
         self._lock = threading.Lock()  # the threads pool finishes tasks on several threads
 
     def send(self, *args: Any) -> None:
+        self.send_many([args])
+
+    def send_many(self, commands: list[tuple[Any, ...]]) -> None:
+        """``commands`` in one write (a ``MULTI`` ... ``EXEC`` among them works as usual)."""
         with self._lock:
             try:
                 conn = self._conn
@@ -39,7 +43,7 @@ class NoReplyWriter:
                     conn = None
                 if conn is None:
                     conn = self._connect()
-                conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             except Exception:
                 self._drop()
                 raise

@@ -84,3 +84,36 @@ def test_task_events_reach_subscribers_in_order_also_after_the_connection_was_cl
         assert seen == [str(i) for i in range(60)]
     finally:
         pubsub.close()
+
+
+def test_acks_leave_nothing_in_the_unacked_hash_also_after_the_connection_was_closed(redis_url) -> None:
+    """kombu keeps a fetched message in its unacked hash until the ack; the ack, written with
+    replies off, removes it (else the message would come back after the visibility timeout)."""
+    from kombu import Connection
+
+    install()
+    rds = redis.Redis.from_url(redis_url)
+    queue = unique("nowait")
+    with Connection(redis_url) as conn:
+        channel = conn.default_channel
+        assert type(channel).__module__ == "celery_ext.transport"
+        unacked = channel.unacked_key
+        simple = conn.SimpleQueue(queue, no_ack=False)
+        try:
+            for i in range(3):
+                simple.put({"i": i})
+            first = simple.get(timeout=5)
+            assert rds.hexists(unacked, first.delivery_tag)
+            first.ack()
+            assert eventually(lambda: rds.hexists(unacked, first.delivery_tag), False) is False
+            assert rds.zscore(channel.unacked_index_key, first.delivery_tag) is None
+            second = simple.get(timeout=5)
+            kill(rds, simple.channel.fanout_writer()._conn)
+            second.ack()  # on a connection the server closed: reconnects first
+            assert eventually(lambda: rds.hexists(unacked, second.delivery_tag), False) is False
+            third = simple.get(timeout=5)
+            assert third.payload == {"i": 2}
+            third.ack()
+        finally:
+            simple.close()
+            rds.delete(queue)
