@@ -10,14 +10,18 @@ it is dispatch around a few steps, which this module runs with kombu's and Celer
             delivery tag, delivery info), as ``basic_publish`` does, with the delivery mode and
             priority ``send_task_message`` and ``Producer.publish`` give it
   key       the channel's ``_q_for_pri``: ``queue`` or ``queue\\x06\\x16<step>`` (kombu's ``_put``)
-  event     Celery's ``EventDispatcher._prepare_event`` (clock, utcoffset, pid, timestamp), PUBLISHed
-            to the channel's fanout topics for ``task.sent`` (kombu's ``_put_fanout``)
+  event     Celery's ``EventDispatcher._prepare_event`` (clock, utcoffset, pid, timestamp)
 
 The messages and events are those Celery would send (tests/integration/test_dispatch_batch.py
 reads both back raw from Redis and compares them).  A flush sends one LPUSH per queue key with
-all of its messages, then the events, in one non-transactional pipeline: every event follows its
-message.  A message for any other destination (a non-direct exchange, a route naming an exchange
-or routing key) is not taken here (``accepts``): the caller sends it through Celery.
+all of its messages, then the batch's task-sent events, in one non-transactional pipeline: every
+event follows its message.  The events go out as one list, PUBLISHed to the channel's fanout
+topics for ``task.multi``, the form in which a Celery worker sends its buffered task events
+(``EventDispatcher.flush``) and every Celery event receiver (Flower's too) reads as the events
+one after another; one PUBLISH and one envelope per flush instead of one per message (a fifth of
+a batch's publishing time, profiled in docs/benchmarks.md).  A message for any other destination
+(a non-direct exchange, a route naming an exchange or routing key) is not taken here
+(``accepts``): the caller sends it through Celery.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from kombu.serialization import dumps as serialize
 from kombu.utils import json as kombu_json
 
 EVENT = "task-sent"
-EVENT_ROUTING_KEY = EVENT.replace("-", ".")
+EVENT_ROUTING_KEY = "task.multi"  # a list of task events, as a worker's buffered ones
 # kombu's ``_put`` writes ``kombu.utils.json.dumps(envelope)``, i.e. ``json.dumps(envelope,
 # cls=JSONEncoder)``: the same encoder with the same defaults, made once instead of per call.
 json_dumps = kombu_json.JSONEncoder().encode
@@ -61,7 +65,7 @@ class RedisWire:
         self.serialize_event = serializer(events.serializer) if events is not None else self.serialize
         self.default_delivery_mode = app.conf.task_default_delivery_mode
         self._pushes: dict[str, list[str]] = {}
-        self._published: list[tuple[Sequence[str], str]] = []
+        self._events: list[dict[str, Any]] = []
         self._expiring: dict[str, int] = {}
         self._count = 0
         self._topics: Sequence[str] = ()
@@ -95,30 +99,36 @@ class RedisWire:
             self.flush()
 
     def _event(self, fields: dict[str, Any], qname: str) -> None:
+        assert self.events is not None
+        fields.update({"queue": qname, "exchange": "", "routing_key": qname})
+        self._events.append(self.events._prepare_event(EVENT, fields))
+
+    def _events_envelope(self, events: list[dict[str, Any]]) -> str:
+        """The batch's task-sent events as one ``task.multi`` message, as kombu's ``basic_publish``
+        would wrap it for the event exchange."""
         evd, ch = self.events, self.channel
         assert evd is not None
-        fields.update({"queue": qname, "exchange": "", "routing_key": qname})
-        event = evd._prepare_event(EVENT, fields)
-        content_type, encoding, payload = self.serialize_event(event)
+        content_type, encoding, payload = self.serialize_event(events)
         envelope = ch.prepare_message(
             payload, 0, content_type, encoding, evd.headers, {"delivery_mode": maybe_delivery_mode(evd.delivery_mode)}
         )
         ch._inplace_augment_message(envelope, evd.exchange.name, EVENT_ROUTING_KEY)
-        self._published.append((self._topics, json_dumps(envelope)))
+        return json_dumps(envelope)
 
     def flush(self) -> None:
         """Write what was added: one round trip."""
         if not self._count:
             return
-        pushes, published, expiring = self._pushes, self._published, self._expiring
-        self._pushes, self._published, self._expiring, self._count = {}, [], {}, 0
+        pushes, events, expiring = self._pushes, self._events, self._expiring
+        self._pushes, self._events, self._expiring, self._count = {}, [], {}, 0
         with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             for key, values in pushes.items():
                 pipe.lpush(key, *values)
             for qname, ttl in expiring.items():
                 for step in self.channel.priority_steps:
                     pipe.pexpire(self.channel._q_for_pri(qname, step), ttl)
-            for topics, payload in published:
-                for topic in topics:
+            if events:
+                payload = self._events_envelope(events)
+                for topic in self._topics:
                     pipe.publish(topic, payload)
             pipe.execute()

@@ -1,5 +1,6 @@
 """A batch publish (``Dispatcher.publish_many``: the scheduler's due work, ``submit_many``) sends
-the same messages and task-sent events as Celery's ``send_task`` does, read back raw from Redis."""
+the same messages and task-sent events as Celery's ``send_task`` does, read back raw from Redis;
+the events as one ``task.multi`` list per pipeline, as a Celery worker sends its buffered ones."""
 
 from __future__ import annotations
 
@@ -90,7 +91,10 @@ class Captured:
         while not self._stop.is_set():
             m = self._pubsub.get_message(timeout=0.1)
             if m is not None and m["type"] == "pmessage":
-                self.events.append(decoded(json.loads(m["data"])))
+                event = decoded(json.loads(m["data"]))
+                body = event["body"]
+                # A list is several events, as Celery's event receiver (Flower's) reads it.
+                self.events += [{**event, "body": b} for b in body] if isinstance(body, list) else [event]
                 self.raw_events.append((m["channel"].decode(), m["data"]))
 
     def messages(self) -> list[dict[str, Any]]:
@@ -111,7 +115,7 @@ class Captured:
         return found
 
     def wait_events(self, n: int) -> list[tuple[str, tuple[str, bytes]]]:
-        """The next ``n`` events, raw, with their channels (then forgotten)."""
+        """The next ``n`` event messages, raw, with their channels (then forgotten)."""
         deadline = time.monotonic() + 10
         while len(self.raw_events) < n and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -123,6 +127,19 @@ class Captured:
         self._thread.join(5)
         self._pubsub.close()
         self.client.flushdb()
+
+
+def unpacked(events: list[tuple[str, tuple[str, bytes]]]) -> tuple[list[str], list[Any]]:
+    """Event messages (``wait_events``) as their envelopes with the routing key left out, and the
+    events they carry, one after another (a ``task.multi`` message's list in order)."""
+    envelopes, bodies = [], []
+    for _, (envelope, body) in events:
+        data = json.loads(envelope)
+        data["properties"]["delivery_info"].pop("routing_key")
+        envelopes.append(json.dumps(data))
+        decoded_body = json.loads(body)
+        bodies += decoded_body if isinstance(decoded_body, list) else [decoded_body]
+    return envelopes, bodies
 
 
 def decoded(message: dict[str, Any]) -> dict[str, Any]:
@@ -206,9 +223,17 @@ def test_batch_bytes_equal_send_tasks_for_every_priority_type_and_queue(dispatch
         send_task_path(dispatcher, batch)
         old, old_events = cap.raw(), cap.wait_events(len(batch))
         dispatcher.publish_many(batch)
-        new, new_events = cap.raw(), cap.wait_events(len(batch))
+        new, new_events = cap.raw(), cap.wait_events(1)
         assert new == old
-        assert new_events == old_events
+        # One PUBLISH for the batch's events, on the topic of task.multi; each event in it is
+        # the one send_task sent, in the same order, in the same envelope.
+        assert not cap.wait_events(1)
+        assert [channel.rsplit("/", 1)[1] for channel, _ in old_events] == ["task.sent"] * len(batch)
+        assert new_events[0][0].rsplit("/", 1)[1] == "task.multi"
+        old_envelopes, old_bodies = unpacked(old_events)
+        new_envelopes, new_bodies = unpacked(new_events)
+        assert new_bodies == old_bodies and len(new_bodies) == len(batch)
+        assert new_envelopes == old_envelopes[:1] and len(set(old_envelopes)) == 1
         # Each type's queue, one list per priority (celery_ext sets kombu's steps to 0-9, sep ":").
         with dispatcher.app.producer_or_acquire() as producer:
             channel = producer.channel
@@ -257,3 +282,28 @@ def test_a_big_batch_runs_each_task_once_on_a_real_worker_with_records(make_clus
     assert sorted(values) == sorted(["first", "twice", *map(str, range(5002))])
     records = [m.get(t.task_id) for t in fresh]
     assert all(r.status is TaskStatus.SUCCEEDED and r.attempt == 1 and r.queued_at for r in records)
+
+
+def test_celerys_event_receiver_reads_each_task_sent_event_of_a_batch(dispatcher: Dispatcher) -> None:
+    """Celery's own ``EventReceiver`` (what Flower and ``celery events`` run) hands each event of a
+    batch's ``task.multi`` message to its handler, one by one, with the task's id and queue."""
+    app = dispatcher.app
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    batch = [dispatch(None) for _ in range(5)]
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append})
+        receiver.on_consume_ready = lambda *_, **__: ready.set()  # type: ignore[method-assign]
+        thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=10, wakeup=False))
+        thread.daemon = True
+        thread.start()
+        assert ready.wait(10)
+        time.sleep(0.5)  # kombu subscribes to the fanout topics on the receiver's first poll
+        dispatcher.publish_many(batch)
+        deadline = time.monotonic() + 10
+        while len(seen) < len(batch) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        receiver.should_stop = True
+        thread.join(15)
+    assert [e["uuid"] for e in seen] == [d.task.task_id for d in batch]
+    assert all(e["type"] == "task-sent" and e["queue"] == queue_name(app.main, "echo") for e in seen)
