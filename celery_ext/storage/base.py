@@ -135,12 +135,15 @@ class TaskRepository(abc.ABC):
         task_ids: Sequence[str],
         expected: Iterable[TaskStatus],
         *,
+        tokens: Sequence[str] | None = None,
         fence: Fence | None = None,
         durable: bool = True,
         **fields: Any,
     ) -> int:
         """Conditional update of several records (fenced and ``durable`` as ``update``); returns
-        how many changed."""
+        how many changed.  With ``tokens``, only records whose dispatch token is one of them: as
+        ``update``'s ``token`` for each record, since a token is a fresh id that only its record
+        (or the records of one batch) holds."""
 
     def take_due(
         self,

@@ -282,13 +282,16 @@ class MongoTaskRepository(TaskRepository, TaskMaintenance):
         task_ids: Sequence[str],
         expected: Iterable[TaskStatus],
         *,
+        tokens: Sequence[str] | None = None,
         fence: Fence | None = None,
         durable: bool = True,  # as update's
         **fields: Any,
     ) -> int:
-        if not task_ids or not self.storage.fences.holds(fence):
+        if not task_ids or (tokens is not None and not tokens) or not self.storage.fences.holds(fence):
             return 0
         query = {"task_id": {"$in": list(task_ids)}, "status": {"$in": values_of(expected)}}
+        if tokens is not None:
+            query["dispatch_token"] = {"$in": list(tokens)}
         with self.storage.guard():
             return int(self.col.update_many(query, set_fields(fields)).matched_count)
 

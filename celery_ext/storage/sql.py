@@ -578,21 +578,17 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         task_ids: Sequence[str],
         expected: Iterable[TaskStatus],
         *,
+        tokens: Sequence[str] | None = None,
         fence: Fence | None = None,
         durable: bool = True,
         **fields: Any,
     ) -> int:
-        if not task_ids:
+        if not task_ids or (tokens is not None and not tokens):
             return 0
         params = fence_params(fence)
-        if self.storage.type_name == "postgresql":
-            # One array parameter, not an IN list of a bind per id (rendered, sent and parsed
-            # for each of a batch's thousand ids).
-            ids = tasks.c.task_id == any_(bindparam("p_ids", type_=ARRAY(tasks.c.task_id.type)))
-            params["p_ids"] = list(task_ids)
-        else:
-            ids = tasks.c.task_id.in_(list(task_ids))
-        cond = [ids, tasks.c.status.in_(status_values(expected))]
+        cond = [self._among(tasks.c.task_id, "p_ids", task_ids, params), tasks.c.status.in_(status_values(expected))]
+        if tokens is not None:
+            cond.append(self._among(tasks.c.dispatch_token, "p_tokens", tokens, params))
         if fence is not None:
             cond.append(fence_holds())
         stmt = update(tasks).where(*cond).values(**record_changes(fields))
@@ -600,6 +596,14 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             if not durable and self.no_wait:
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             return int(conn.execute(stmt, params).rowcount)
+
+    def _among(self, column: Any, name: str, values: Sequence[str], params: dict[str, Any]) -> Any:
+        """``column`` is one of ``values``: on PostgreSQL one array parameter, not an IN list of a
+        bind per value (rendered, sent and parsed for each of a batch's thousand ids)."""
+        if self.storage.type_name != "postgresql":
+            return column.in_(list(values))
+        params[name] = list(values)
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
 
     def take_due(
         self,

@@ -206,6 +206,25 @@ def test_update_many_changes_only_expected_statuses(storage: Storage) -> None:
     assert storage.tasks.update_many([], [S.PENDING], status=S.QUEUED) == 0
 
 
+def test_update_many_with_tokens_changes_only_records_holding_one(storage: Storage) -> None:
+    """A failed publish puts its records back, each only while it holds the token the message
+    carried (``Lifecycle.publish_failed``)."""
+    storage.tasks.create_many([make(i, status=S.QUEUED, dispatch_token=f"k{i}", queued_at=at(i)) for i in range(1, 5)])
+    assert storage.tasks.update("t00002", [S.QUEUED], token="k2", dispatch_token="fresh")  # republished meanwhile
+    n = storage.tasks.update_many(
+        ["t00001", "t00002", "t00003"], [S.QUEUED], tokens=["k1", "k2", "k3"], status=S.PENDING, queued_at=None
+    )
+    assert n == 2
+    got = [storage.tasks.get(f"t0000{i}") for i in range(1, 5)]
+    assert [(t.status, t.queued_at) for t in got if t is not None] == [
+        (S.PENDING, None),
+        (S.QUEUED, at(2)),
+        (S.PENDING, None),
+        (S.QUEUED, at(4)),  # not among the ids
+    ]
+    assert storage.tasks.update_many(["t00004"], [S.QUEUED], tokens=[], status=S.PENDING) == 0
+
+
 def test_delete_removes_the_task_and_its_logs(storage: Storage) -> None:
     from celery_ext.model import TaskLog
 
