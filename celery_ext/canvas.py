@@ -1,6 +1,8 @@
 """Celery canvas through ``TaskManager``: groups, chains and chords of recorded tasks.
 
-Every step gets its record before anything is published (the outbox order of ``submit``):
+Every step gets its record before anything is published (the outbox order of ``submit``; the
+steps published now written QUEUED on a Redis broker, as a submit's record, and put back to
+PENDING if the publish fails):
 
 - a group's members are ordinary tasks sharing a ``group_id``;
 - a chain's first step is published now; each later step waits ``scheduled`` (``run_at`` empty:
@@ -26,12 +28,15 @@ from celery.canvas import Signature
 
 from celery_ext.dispatch import Dispatch
 from celery_ext.errors import PublishError
+from celery_ext.lifecycle import publish_time
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 
 if TYPE_CHECKING:
     from celery_ext.manager import TaskManager
 
 NOT_IN_CANVAS = frozenset({"delay", "run_at", "idempotency_key"})
+#: A later step: it waits in storage until its previous step publishes it (not queued yet).
+WAITING: dict[str, Any] = {"status": TaskStatus.SCHEDULED, "queued_at": None}
 
 
 def submit_group(manager: TaskManager, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
@@ -47,10 +52,12 @@ def submit_chain(manager: TaskManager, specs: Iterable[Mapping[str, Any]]) -> li
     root = built[0].task_id
     steps = [built[0].replace(root_id=root)]
     for t in built[1:]:
-        steps.append(t.replace(status=TaskStatus.SCHEDULED, root_id=root, parent_id=steps[-1].task_id))
+        steps.append(t.replace(root_id=root, parent_id=steps[-1].task_id, **WAITING))
     now = _record(manager, steps)
-    _apply(chain(*[signature(manager, t, now if i == 0 else None) for i, t in enumerate(steps)]), steps[0])
-    return manager.lifecycle.mark_queued(steps[:1], now) + steps[1:]
+    first = steps[:1]
+    sigs = [signature(manager, t, publish_time(t, now) if i == 0 else None) for i, t in enumerate(steps)]
+    _apply(manager, chain(*sigs), first)
+    return manager.lifecycle.mark_queued(first, now) + steps[1:]
 
 
 def submit_chord(manager: TaskManager, header: Iterable[Mapping[str, Any]], body: Mapping[str, Any]) -> list[Task]:
@@ -59,10 +66,10 @@ def submit_chord(manager: TaskManager, header: Iterable[Mapping[str, Any]], body
     if not members:
         raise ValueError("a chord needs at least one header task")
     ((callback, _),) = manager.build_specs([body], forbid=NOT_IN_CANVAS)
-    callback = callback.replace(status=TaskStatus.SCHEDULED)
+    callback = callback.replace(**WAITING)
     now = _record(manager, [*members, callback])
-    sigs = [signature(manager, t, now) for t in members]
-    _apply(chord(sigs, signature(manager, callback, None)), members[0], group_id=group_id)
+    sigs = [signature(manager, t, publish_time(t, now)) for t in members]
+    _apply(manager, chord(sigs, signature(manager, callback, None)), members, group_id=group_id)
     return [*manager.lifecycle.mark_queued(members, now), callback]
 
 
@@ -80,8 +87,9 @@ def _record(manager: TaskManager, tasks: Sequence[Task]) -> datetime:
     return utcnow()
 
 
-def _apply(canvas: Signature, first: Task, **options: Any) -> None:
+def _apply(manager: TaskManager, canvas: Signature, published: Sequence[Task], **options: Any) -> None:
     try:
         canvas.apply_async(**options)
     except Exception as exc:
-        raise PublishError(first.task_id, exc) from exc
+        manager.lifecycle.publish_failed(published)  # back to PENDING: the outbox publishes them
+        raise PublishError(published[0].task_id, exc) from exc

@@ -145,6 +145,8 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
         observer,
         # Spooled outcomes are held in the registry, so recovery leaves their tasks be.
         holds=registry.holds(config.worker.task_lease) if registry is not None else None,
+        # Redis: a record whose message never went out is found by looking into the queues.
+        queued_before_publish=is_redis_url(broker_url),
     )
     runtime = Runtime(
         config=config,

@@ -46,8 +46,9 @@ REOPENABLE = (TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 
 
 class QueuedMarks:
-    """The PENDING -> QUEUED writes of tasks submitted one at a time, made by a thread of the
-    producer: off the caller's path (submit-to-result latency loses a database round trip), and
+    """The PENDING -> QUEUED writes of tasks submitted one at a time (on a broker where records
+    are not written QUEUED before their publish, ``Lifecycle.queued_before_publish``), made by a
+    thread of the producer: off the caller's path (submit-to-result latency loses a database round trip), and
     the submits of a burst (many threads, a web process) share one conditional ``UPDATE``.
     Readers in this process see their own submits queued (``flush`` before reading).  If the
     process dies before a batch is written, its records stay PENDING with their messages
@@ -128,8 +129,15 @@ class Lifecycle:
         observer: TaskObserver = NULL_OBSERVER,
         *,
         holds: Holds | None = None,
+        queued_before_publish: bool = False,
     ) -> None:
         self.storage = storage
+        # A Redis broker: records published now are written QUEUED (with ``queued_at``) by the
+        # same statement that writes them (a submit's insert, the due take), and no mark follows.
+        # A record whose message never went out (its producer died in between) is then found by
+        # the scheduler's purged-queue duty, which looks into Redis queues (``_purged``); on
+        # another broker nothing can look, so they are written PENDING and marked after.
+        self.queued_before_publish = queued_before_publish
         self.completion = completion or Completion(None, "")
         self.observer = observer  # events and metrics (events.bridge)
         # Writes made for the scheduler and the main process (not a run's outcome, which is
@@ -148,8 +156,9 @@ class Lifecycle:
                 self.observer.task_scheduled(t)
 
     def mark_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
-        """PENDING -> QUEUED after a publish.  One task's mark is written off the submit path
-        (``QueuedMarks``): the producer returns as soon as the message is out.  A batch's is
+        """PENDING -> QUEUED after a publish; a record written QUEUED before it
+        (``queued_before_publish``) is only announced.  One task's mark is written off the submit
+        path (``QueuedMarks``): the producer returns as soon as the message is out.  A batch's is
         written at once, in one statement (``write_queued``), before its workers get far: written
         later, it would hold the row locks of hundreds of records their claims are waiting for.
         A worker that claims first moves the record PENDING -> RUNNING and sets ``queued_at``
@@ -171,7 +180,9 @@ class Lifecycle:
         )
 
     def announce_queued(self, tasks: Sequence[Task], queued_at: datetime) -> list[Task]:
-        """``tasks`` as marked queued (those that were PENDING), each announced (``task_queued``)."""
+        """``tasks`` as published: the PENDING ones as marked queued at ``queued_at``, the ones
+        written QUEUED before the publish as they are; each QUEUED one announced
+        (``task_queued``), once: the caller calls this once per publish."""
         out = [
             t.replace(status=TaskStatus.QUEUED, queued_at=queued_at) if t.status is TaskStatus.PENDING else t
             for t in tasks
@@ -180,6 +191,34 @@ class Lifecycle:
             if t.status is TaskStatus.QUEUED:
                 self.observer.task_queued(t)
         return out
+
+    def publish_failed(self, tasks: Sequence[Task]) -> None:
+        """The publish of ``tasks`` raised: the ones written QUEUED before it
+        (``queued_before_publish``) go back to PENDING, conditional on QUEUED and their dispatch
+        token, waiting for the disk, so that the outbox duty publishes them after
+        ``scheduler.publish_grace`` (one a worker claimed meanwhile, its message out after all,
+        stays claimed).  If this write fails too (storage away as well), it is logged: the records
+        stay QUEUED without a message, and the scheduler's purged-queue duty publishes them again
+        after ``scheduler.lost_after``.  PENDING records need nothing: the outbox finds them."""
+        queued = [t for t in tasks if t.status is TaskStatus.QUEUED]
+        if not queued:
+            return
+        back: dict[str, Any] = {"status": TaskStatus.PENDING, "queued_at": None}
+        try:
+            if len(queued) == 1:
+                (one,) = queued
+                self.storage.tasks.update(one.task_id, (TaskStatus.QUEUED,), token=one.dispatch_token, **back)
+            else:
+                ids, tokens = [t.task_id for t in queued], [t.dispatch_token or "" for t in queued]
+                self.storage.tasks.update_many(ids, (TaskStatus.QUEUED,), tokens=tokens, **back)
+        except Exception as exc:  # noqa: BLE001 - the publish's error is the one raised
+            logger.warning(
+                "could not put %d unpublished task(s) back to pending; the scheduler publishes them "
+                "after scheduler.lost_after: %s: %s",
+                len(queued),
+                exc.__class__.__name__,
+                exc,
+            )
 
     def cancel(self, task: Task) -> bool:
         """Any non-terminal status -> CANCELLED.  A running task keeps its lease: the run still
@@ -609,6 +648,12 @@ def _start_lost(record: Task, token: str, run: int, attempt: int) -> bool:
     )
 
 
+def publish_time(task: Task, now: datetime) -> datetime:
+    """The ``queued_at`` the message of ``task`` carries: the record's, when it was written
+    QUEUED before its publish (``Lifecycle.queued_before_publish``), else ``now``."""
+    return task.queued_at if task.status is TaskStatus.QUEUED and task.queued_at is not None else now
+
+
 def _since(start: datetime | None, now: datetime) -> float | None:
     return (now - start).total_seconds() if start else None
 
@@ -616,6 +661,7 @@ def _since(start: datetime | None, now: datetime) -> float | None:
 # Each arrow the methods above take must be one of model.TRANSITIONS (checked at import).
 for _src, _dst in (
     (TaskStatus.PENDING, TaskStatus.QUEUED),
+    (TaskStatus.QUEUED, TaskStatus.PENDING),
     (TaskStatus.RUNNING, TaskStatus.SUCCEEDED),
     (TaskStatus.RUNNING, TaskStatus.FAILED),
     (TaskStatus.RUNNING, TaskStatus.DEAD),

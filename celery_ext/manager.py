@@ -1,7 +1,13 @@
 """``TaskManager``: submit, inspect, cancel, retry and wait for tasks.
 
-The record is always written before the message is published (outbox order): a crash or a
-broker outage between the two leaves a PENDING record for the scheduler to publish later.
+The record is always written before the message is published (outbox order), so a published
+message always has its record, and a crash or a broker outage between the two never loses one.
+On a Redis broker the record is written QUEUED, the time its message will carry as
+``queued_at`` (``Lifecycle.queued_before_publish``: no second write after the publish); a
+publish that fails puts it back to PENDING, for the scheduler's outbox duty to publish after
+``scheduler.publish_grace``, and a producer that dies between the two leaves it QUEUED without a
+message, for the scheduler's purged-queue duty to publish after ``scheduler.lost_after``.  On
+RabbitMQ it is written PENDING (the outbox case) and marked QUEUED after the publish.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from celery_ext.errors import (
 )
 from celery_ext.executors.base import ExecutorSettings
 from celery_ext.executors.pool import ExecutorSet
-from celery_ext.lifecycle import Lifecycle
+from celery_ext.lifecycle import Lifecycle, publish_time
 from celery_ext.model import (
     TERMINAL,
     Task,
@@ -213,14 +219,12 @@ class TaskManager:
             run_at = now + timedelta(seconds=delay)
         # A type this process has no executor for gets the defaults of the worker section.
         settings = executor.settings if executor is not None else ExecutorSettings()
+        status = self._first_status(delay)
         task = Task(
             task_id=new_id(),
             task_type=task_type,
             payload=payload,
-            # Longer than scheduler.max_countdown: held in storage until due (no message yet).
-            status=TaskStatus.SCHEDULED
-            if delay and delay > self.config.scheduler.max_countdown
-            else TaskStatus.PENDING,
+            status=status,
             priority=priority,
             max_retries=max_retries
             if max_retries is not None
@@ -229,9 +233,19 @@ class TaskManager:
             run_at=run_at,
             idempotency_key=idempotency_key,
             created_at=now,
+            # Published now and written QUEUED: the time its message carries (``publish_time``).
+            queued_at=now if status is TaskStatus.QUEUED else None,
             dispatch_token=new_id(),
         )
         return task, delay or None
+
+    def _first_status(self, delay: float | None) -> TaskStatus:
+        """SCHEDULED past ``scheduler.max_countdown`` (held in storage until due: no message
+        yet); else published now, and written QUEUED on a Redis broker (no mark after the
+        publish, ``Lifecycle.queued_before_publish``), PENDING elsewhere."""
+        if delay and delay > self.config.scheduler.max_countdown:
+            return TaskStatus.SCHEDULED
+        return TaskStatus.QUEUED if self.lifecycle.queued_before_publish else TaskStatus.PENDING
 
     def _advertised_types(self) -> frozenset[str]:
         """The task types live workers advertise in the registry (the router's snapshot, read at
@@ -259,22 +273,28 @@ class TaskManager:
 
     def publish_pending(self, task: Task) -> Task:
         """Publish a PENDING record under its dispatch token and mark it queued (the scheduler's
-        recovery of a record whose producer never published it)."""
+        outbox duty: a record whose producer never published it, or whose publish failed)."""
         return self._publish([(task, None)])[0]
 
     def _publish(self, batch: list[tuple[Task, float | None]]) -> list[Task]:
-        # Taken before publishing, so queued_at never comes after a fast worker's started_at;
-        # the message carries it, so a worker that claims first records it too.
+        # Taken before publishing (or at the build, for a record written QUEUED), so queued_at
+        # never comes after a fast worker's started_at; the message carries it, so a worker that
+        # claims first records it too.
         now = utcnow()
-        dispatches = [Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c, queued_at=now) for t, c in batch]
+        dispatches = [
+            Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c, queued_at=publish_time(t, now))
+            for t, c in batch
+        ]
+        tasks = [t for t, _ in batch]
         try:
             if len(dispatches) == 1:
                 self.dispatcher.publish(dispatches[0])
             else:
                 self.dispatcher.publish_many(dispatches)
         except Exception as exc:
+            self.lifecycle.publish_failed(tasks)  # back to PENDING: the outbox publishes them
             raise PublishError(batch[0][0].task_id, exc) from exc
-        return self.lifecycle.mark_queued([t for t, _ in batch], now)
+        return self.lifecycle.mark_queued(tasks, now)
 
     def ensure_schema(self) -> None:
         if not self._schema_ready:

@@ -51,11 +51,16 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
         {TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.SCHEDULED, TaskStatus.RETRYING}
     ),
     # FAILED without running: a chain or chord step whose previous step failed (parent_failed).
-    # PENDING: taken by the scheduler's leader to be published (then QUEUED), as a submit is.
+    # Taken by the scheduler's leader to be published: QUEUED at once on a Redis broker, else
+    # PENDING (then QUEUED after the publish), as a submit is.
     TaskStatus.SCHEDULED: frozenset(
         {TaskStatus.PENDING, TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}
     ),
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
+    # Back to PENDING, SCHEDULED or RETRYING: written QUEUED before its publish (a Redis broker),
+    # and the publish failed (the outbox, or the due scan, publishes it again).
+    TaskStatus.QUEUED: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.RETRYING}
+    ),
     TaskStatus.RUNNING: frozenset(
         {
             TaskStatus.SUCCEEDED,

@@ -14,7 +14,7 @@ class TaskObserver:
     """Every method is a no-op; subclasses override what they need."""
 
     def task_created(self, task: Task) -> None:
-        """A record was written (status pending or scheduled)."""
+        """A record was written (status pending, queued on a Redis broker, or scheduled)."""
 
     def task_queued(self, task: Task) -> None:
         """Its message was published."""

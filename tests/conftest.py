@@ -12,7 +12,10 @@ from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
 from celery_ext.runtime import runtime_of
 from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
-from tests.support.private import private_postgres  # noqa: F401 - fixture (a PostgreSQL a test may stop)
+from tests.support.private import (
+    private_postgres,  # noqa: F401 - fixture (a PostgreSQL a test may stop)
+    private_redis,  # noqa: F401 - fixture (a Redis a test may kill)
+)
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
 from tests.support.workers import WorkerProcess, write_config
 

@@ -5,10 +5,7 @@ this test on a free port (never the shared one), is killed and started again."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from celery_ext.dispatch import queue_name
@@ -16,19 +13,8 @@ from celery_ext.model import TaskStatus
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.scheduler import Scheduler
 from tests.conftest import TEST_TASKS
-from tests.support.private import REDIS_SERVER, PrivateRedis
 
 MARK = [{"type": "python", "config": {"modules": ["tests.support.storage_tasks"]}}]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if not Path(REDIS_SERVER).exists():
-        pytest.skip("no system redis-server")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_queued_tasks_are_published_again_after_the_broker_lost_them(make_cluster, private_redis) -> None:

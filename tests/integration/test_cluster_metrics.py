@@ -23,7 +23,7 @@ import yaml
 from celery_ext.metrics.cluster import ClusterCounters
 from tests.conftest import TEST_TASKS
 from tests.integration.test_api import ApiProcess
-from tests.integration.test_broker_loss import PrivateRedis, private_redis  # noqa: F401 - a fixture
+from tests.support.private import PrivateRedis
 from tests.support.schedulers import SchedulerProcess
 from tests.support.scrape import free_port, poll, scrape
 from tests.support.services import unique
@@ -211,7 +211,7 @@ def test_a_worker_whose_scheduler_thread_leads_exports_the_clusters_count(make_c
     poll(lambda: created(port) == {"echo": 3.0}, 30, f"3 created on the worker's endpoint: {created(port)}")
 
 
-def test_counts_are_batched_kept_through_a_redis_outage_and_never_applied_twice(private_redis) -> None:  # noqa: F811
+def test_counts_are_batched_kept_through_a_redis_outage_and_never_applied_twice(private_redis) -> None:
     server: PrivateRedis = private_redis
     counters = ClusterCounters.from_url(server.url, unique("m"))
     counters.FLUSH_DELAY = 3600.0  # this test flushes by hand

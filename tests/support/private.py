@@ -183,3 +183,14 @@ def running_postgres() -> Iterator[PrivatePostgres]:
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A private PostgreSQL a test may stop and start (never the shared one on 5432)."""
     yield from running_postgres()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private Redis without persistence a test may kill and start (never the shared one)."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("no system redis-server")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()

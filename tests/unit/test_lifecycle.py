@@ -4,15 +4,18 @@ Storage is SQLite in a temp dir."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from celery_ext.config import StorageConfig
 from celery_ext.lifecycle import Lifecycle
 from celery_ext.model import STARTABLE, TERMINAL, Task, TaskErrorInfo, TaskStatus, can_transition, new_id, utcnow
-from celery_ext.storage import Storage
+from celery_ext.observer import TaskObserver
+from celery_ext.storage import Storage, open_storage
 
 ERROR = TaskErrorInfo("boom", "it broke")
 ALL = list(TaskStatus)
@@ -220,9 +223,47 @@ def test_due_takes_scheduled_and_retrying_records_under_one_token(lc: Lifecycle)
         else:
             assert (got.status, got.dispatch_token) == (status, task.dispatch_token)
     # The publish failed: they wait again where they were.
-    lc.undue([(tasks[s], s) for s in (TaskStatus.SCHEDULED, TaskStatus.RETRYING)])
+    lc.undue(taken)
     assert stored(lc, tasks[TaskStatus.SCHEDULED]).status is TaskStatus.SCHEDULED
     assert stored(lc, tasks[TaskStatus.RETRYING]).status is TaskStatus.RETRYING
+
+
+class Announced(TaskObserver):
+    def __init__(self) -> None:
+        self.queued: list[str] = []
+
+    def task_queued(self, task: Task) -> None:
+        self.queued.append(task.task_id)
+
+
+@pytest.fixture
+def folded(tmp_path: Path) -> Iterator[Lifecycle]:
+    """A Redis broker's: records published now are written QUEUED before the publish (storage of
+    its own: the due scan sees no other test's records)."""
+    storage = open_storage(StorageConfig(type="sqlite", config={"path": str(tmp_path / "tasks.db")}), tmp_path)
+    storage.migrate()
+    yield Lifecycle(storage, observer=Announced(), queued_before_publish=True)
+    storage.close()
+
+
+def test_a_failed_publish_puts_records_written_queued_back_to_pending(folded: Lifecycle) -> None:
+    at = utcnow()
+    one = record(folded, TaskStatus.QUEUED, queued_at=at)
+    folded.publish_failed([one])
+    assert (stored(folded, one).status, stored(folded, one).queued_at) == (TaskStatus.PENDING, None)
+    batch = [record(folded, TaskStatus.QUEUED, queued_at=at) for _ in range(3)]
+    moved_on = batch[1]
+    assert folded.fresh_token(moved_on) is not None  # republished under a new token meanwhile
+    claimed = batch[2]
+    assert folded.claim(claimed.replace(attempt=1), claimed.dispatch_token or "", "w1", 30.0, at) is not None
+    pending = record(folded, TaskStatus.PENDING)  # written PENDING: the outbox finds it as it is
+    folded.publish_failed([*batch, pending])
+    assert [stored(folded, t).status for t in [*batch, pending]] == [
+        TaskStatus.PENDING,
+        TaskStatus.QUEUED,  # not the token the failed publish carried: its own message is out
+        TaskStatus.RUNNING,
+        TaskStatus.PENDING,
+    ]
 
 
 def test_mark_queued_moves_pending_records_only(lc: Lifecycle) -> None:
@@ -266,6 +307,8 @@ METHODS: dict[str, Callable[[Lifecycle, Task], object]] = {
     "release": lambda lc, t: lc.release(t),
     "fresh_token": lambda lc, t: lc.fresh_token(t),
     "due": lambda lc, t: lc.due(utcnow() + timedelta(days=1), 10),
+    "undue": lambda lc, t: lc.undue([(t, TaskStatus.SCHEDULED)]),
+    "publish_failed": lambda lc, t: lc.publish_failed([t]),
     "mark_queued": lambda lc, t: lc.mark_queued([t, t], utcnow()),
     "cancel": lambda lc, t: lc.cancel(t),
     "reopen": lambda lc, t: lc.reopen(t),

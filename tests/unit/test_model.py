@@ -57,7 +57,8 @@ def test_terminal_states_never_move_forward_except_manual_retry() -> None:
         (TaskStatus.SCHEDULED, TaskStatus.QUEUED, True),
         (TaskStatus.SUCCEEDED, TaskStatus.RUNNING, False),
         (TaskStatus.FAILED, TaskStatus.RUNNING, False),
-        (TaskStatus.QUEUED, TaskStatus.PENDING, False),
+        (TaskStatus.QUEUED, TaskStatus.PENDING, True),  # written queued, and its publish failed
+        (TaskStatus.QUEUED, TaskStatus.SUCCEEDED, False),
         (TaskStatus.RUNNING, TaskStatus.PENDING, False),
     ],
 )
@@ -96,6 +97,9 @@ ARROWS = {
     (S, R),
     (S, F),  # a chain step whose previous step failed
     (Q, R),
+    (Q, P),  # written queued before its publish (a Redis broker), and the publish failed: the outbox
+    (Q, S),  # due, taken queued (a Redis broker), and the publish failed: back to wait
+    (Q, RT),
     (R, OK),
     (R, RT),  # a retryable failure with attempts left
     (R, F),
