@@ -545,26 +545,35 @@ class Lifecycle:
         self, before: datetime, limit: int, fence: Fence | None = None, now: datetime | None = None
     ) -> tuple[str, list[tuple[Task, TaskStatus]]]:
         """Up to ``limit`` SCHEDULED or RETRYING records whose ``run_at`` is not after ``before``,
-        the earliest due first -> PENDING, all under one new dispatch token, with ``queued_at``
-        ``now``: taken in one statement where the backend can (``TaskRepository.take_due``).
-        Returns the token and each record moved with the status it waited in (for ``undue``);
-        the caller publishes them, then marks them queued.  PENDING, as a submit's record before
-        its publish: a leader that dies in between leaves them to the outbox duty (published
-        again after ``publish_grace``), so none is lost.  A record cancelled or started meanwhile
-        does not move, nor one another taker holds; with a ``fence`` that storage refuses (a
-        newer leader), none does."""
+        the earliest due first -> QUEUED (``queued_before_publish``) or PENDING, all under one
+        new dispatch token, with ``queued_at`` ``now``: taken in one statement where the backend
+        can (``TaskRepository.take_due``).  Returns the token and each record moved with the
+        status it waited in (for ``undue``); the caller publishes them, then marks the PENDING
+        ones queued (``write_queued``).  As a submit's record before its publish: a leader that
+        dies in between leaves them to the outbox duty (PENDING: published again after
+        ``publish_grace``) or to the purged-queue duty (QUEUED: after ``lost_after``), so none is
+        lost.  A record cancelled or started meanwhile does not move, nor one another taker
+        holds; with a ``fence`` that storage refuses (a newer leader), none does."""
         token, now = new_id(), now or utcnow()
+        status = TaskStatus.QUEUED if self.queued_before_publish else TaskStatus.PENDING
         taken = self.storage.tasks.take_due(
-            DUE, before, limit, fence=fence, status=TaskStatus.PENDING, dispatch_token=token, queued_at=now
+            DUE, before, limit, fence=fence, status=status, dispatch_token=token, queued_at=now
         )
         return token, taken
 
     def undue(self, moved: Sequence[tuple[Task, TaskStatus]]) -> None:
         """Put records ``due`` moved back to the status they waited in (the publish failed), so
-        that the next round publishes them; one a worker claimed meanwhile stays claimed."""
+        that the next round publishes them, conditional on the status and token ``due`` gave
+        them; one a worker claimed meanwhile stays claimed."""
         for status in {s for _, s in moved}:
-            ids = [t.task_id for t, s in moved if s is status]
-            self.storage.tasks.update_many(ids, (TaskStatus.PENDING,), status=status, queued_at=None)
+            back = [t for t, s in moved if s is status]
+            self.storage.tasks.update_many(
+                [t.task_id for t in back],
+                (TaskStatus.PENDING, TaskStatus.QUEUED),
+                tokens=sorted({t.dispatch_token or "" for t in back}),
+                status=status,
+                queued_at=None,
+            )
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -669,6 +678,8 @@ for _src, _dst in (
     (TaskStatus.SCHEDULED, TaskStatus.FAILED),
     *((s, TaskStatus.PENDING) for s in DUE),
     *((TaskStatus.PENDING, s) for s in DUE),
+    *((s, TaskStatus.QUEUED) for s in DUE),
+    *((TaskStatus.QUEUED, s) for s in DUE),
     *((s, TaskStatus.RUNNING) for s in STARTABLE),
     *((s, TaskStatus.PENDING) for s in REOPENABLE),
     *((s, TaskStatus.CANCELLED) for s in TaskStatus if s not in TERMINAL),

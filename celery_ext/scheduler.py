@@ -20,15 +20,17 @@ Each tick, the leader:
   - publishes the delayed work that waits in storage (SCHEDULED tasks and RETRYING ones waiting
     out a backoff) once due, ``scheduler.max_countdown`` ahead with the rest as a countdown: in
     batches of ``scheduler.due_batch``, each taken on the ``run_at`` index and moved on by one
-    statement (PostgreSQL; a query and a conditional update elsewhere), published as one
-    producer batch and marked queued, the database work beside the publish (``_due``);
+    statement (PostgreSQL; a query and a conditional update elsewhere), QUEUED at once on a
+    Redis broker (else PENDING, marked queued after), and published as one producer batch, the
+    database work beside the publish (``_due``);
   - publishes PENDING records older than ``scheduler.publish_grace``: the producer wrote the
-    record and died (or lost the broker) before its publish, the outbox case;
+    record and died (RabbitMQ) or lost the broker before its publish, the outbox case;
   - publishes again, under fresh tokens, the records whose messages a broker that lost its data
     held (an epoch marker key in the broker tells);
   - publishes again, under fresh tokens, QUEUED records older than ``scheduler.lost_after``
     whose message is in none of the queues it may wait in, nor fetched by a worker (a queue
-    purged on its own; Redis brokers only: ``routing/presence.py``);
+    purged on its own, or a producer that died between its insert and its publish, the record
+    written QUEUED; Redis brokers only: ``routing/presence.py``);
   - fires the periodic schedules that are due (``celery_ext.schedules``; config.yaml's are
     synced into storage when it takes the lead), each fire a task with the idempotency key
     ``schedule:<name>:<fire time>``;
@@ -306,8 +308,9 @@ class Scheduler:
 
         The database's part runs on a thread of its own (``_storage_thread``), beside the
         publish: while a batch is published, the next one is taken (``Lifecycle.due``: one
-        statement on PostgreSQL), and after it, the batch's mark queued is written while the
-        next one is published.  A publish that fails puts its batch, and the next one already
+        statement on PostgreSQL, which on a Redis broker moves them QUEUED at once), and after
+        it, on another broker, the batch's mark queued is written while the next one is
+        published.  A publish that fails puts its batch, and the next one already
         taken, back where they waited (``undue``); the round waits for its marks before it ends."""
         ahead = timedelta(seconds=self.config.max_countdown)
         size = self.config.due_batch
@@ -340,7 +343,9 @@ class Scheduler:
                 except Exception:
                     lifecycle.undue(taken)
                     raise
-                marks.append(pool.submit(lifecycle.write_queued, [t.task_id for t in moved], queued_at))
+                pending = [t.task_id for t in moved if t.status is TaskStatus.PENDING]  # not taken QUEUED
+                if pending:
+                    marks.append(pool.submit(lifecycle.write_queued, pending, queued_at))
                 lifecycle.announce_queued(moved, queued_at)
                 self._due_lag(moved, now)
                 report.due.extend(t.task_id for t in moved)
@@ -355,7 +360,8 @@ class Scheduler:
         """The end of ``_due``'s round: a batch taken but not published (the publish failed) is
         put back, and the marks queued are waited for.  Either failing is only logged: a record
         left PENDING is claimed from there by its worker, or published again by the outbox duty
-        (``_unpublished``) if it never was."""
+        (``_unpublished``) if it never was; one left QUEUED without a message (taken QUEUED on a
+        Redis broker, its put-back failed) is published again by ``_purged`` after ``lost_after``."""
         try:
             if taken is not None:
                 self.rt.lifecycle.undue(taken.result()[1])

@@ -246,6 +246,27 @@ def folded(tmp_path: Path) -> Iterator[Lifecycle]:
     storage.close()
 
 
+def test_due_takes_records_queued_at_once_and_puts_back_only_its_own(folded: Lifecycle) -> None:
+    due_at = utcnow() - timedelta(seconds=1)
+    waiting = [record(folded, s, run_at=due_at) for s in (TaskStatus.SCHEDULED, TaskStatus.RETRYING)]
+    at = utcnow()
+    token, taken = folded.due(utcnow(), 100, now=at)
+    assert sorted((t.status, t.dispatch_token, t.queued_at) for t, _ in taken) == [(TaskStatus.QUEUED, token, at)] * 2
+    assert all(stored(folded, t).status is TaskStatus.QUEUED for t in waiting)
+    # No mark follows: only the announcement, once each.
+    out = folded.mark_queued([t for t, _ in taken], utcnow())
+    assert [t.queued_at for t in out] == [at, at] and all(stored(folded, t).queued_at == at for t in waiting)
+    observer = folded.observer
+    assert isinstance(observer, Announced) and sorted(observer.queued) == sorted(t.task_id for t in waiting)
+    # The publish failed; meanwhile the first one's message went out after all and was claimed.
+    first, _ = taken[0]
+    assert folded.claim(first.replace(attempt=1), token, "w1", 30.0, at) is not None
+    folded.undue(taken)
+    assert stored(folded, first).status is TaskStatus.RUNNING
+    (second, was), *_ = [(t, s) for t, s in taken if t.task_id != first.task_id]
+    assert (stored(folded, second).status, stored(folded, second).queued_at) == (was, None)
+
+
 def test_a_failed_publish_puts_records_written_queued_back_to_pending(folded: Lifecycle) -> None:
     at = utcnow()
     one = record(folded, TaskStatus.QUEUED, queued_at=at)
@@ -307,12 +328,17 @@ METHODS: dict[str, Callable[[Lifecycle, Task], object]] = {
     "release": lambda lc, t: lc.release(t),
     "fresh_token": lambda lc, t: lc.fresh_token(t),
     "due": lambda lc, t: lc.due(utcnow() + timedelta(days=1), 10),
+    "due queued": lambda lc, t: folded_twin(lc).due(utcnow() + timedelta(days=1), 10),
     "undue": lambda lc, t: lc.undue([(t, TaskStatus.SCHEDULED)]),
     "publish_failed": lambda lc, t: lc.publish_failed([t]),
     "mark_queued": lambda lc, t: lc.mark_queued([t, t], utcnow()),
     "cancel": lambda lc, t: lc.cancel(t),
     "reopen": lambda lc, t: lc.reopen(t),
 }
+
+
+def folded_twin(lc: Lifecycle) -> Lifecycle:
+    return Lifecycle(lc.storage, queued_before_publish=True)
 
 
 @pytest.mark.parametrize(
