@@ -3,7 +3,7 @@
 Round after round, interleaved, on one Redis broker and task records in PostgreSQL (a fresh
 database):
   bare       ``apply_async`` of a no-op task, one call per message (the default producer pool)
-  submit     ``manager.submit`` one task at a time (insert, publish, mark queued)
+  submit     ``manager.submit`` one task at a time (insert written queued, publish: no mark on Redis)
   submit-durable  the same with every write waiting for the disk (``synchronous_commit: always``)
   many(B)    ``manager.submit_many`` in batches of B (one insert, one pipelined publish)
   dispatch   N due records (SCHEDULED) published by one in-process leader (``Scheduler.tick``)

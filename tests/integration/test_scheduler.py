@@ -48,7 +48,8 @@ def test_one_holder_leads_renews_hands_over_and_fences(redis_url: str) -> None:
 
 
 def orphan(cluster: Cluster, age: float) -> Task:
-    """A PENDING record as a producer leaves it when it dies between its insert and its publish."""
+    """A PENDING record as a producer leaves it when its publish failed (or, on RabbitMQ, when it
+    dies between its insert and its publish; on Redis that record is QUEUED: test_outbox.py)."""
     then = utcnow() - timedelta(seconds=age)
     task = Task(
         task_id=new_id(),

@@ -52,8 +52,8 @@ def test_retry_of_a_task_cancelled_while_queued_is_published_at_once(make_cluste
 
 
 def test_queued_at_is_always_set(make_cluster) -> None:
-    """A fast worker claims before the producer marks the record queued: the message carries the
-    publish time, so the claim records it."""
+    """The message carries the publish time (on a Redis broker the record's own, written with it),
+    so a fast worker's claim records it, also before the producer marks the record queued."""
     c = make_cluster(executors=TEST_TASKS)
     c.worker(concurrency=2)
     m = c.manager
