@@ -52,14 +52,21 @@ def run_and_check(cluster: Any, bus: EventBus) -> None:
     worker = cluster.worker()
     ok = cluster.manager.submit("whoami")
     bad = cluster.manager.submit("doomed", {"reason": "nope"})
+    batch = cluster.manager.submit_many([{"task_type": "whoami"}] * 2)
     assert cluster.manager.wait(ok.task_id, 30).status is TaskStatus.SUCCEEDED
     assert cluster.manager.wait(bad.task_id, 30).status is TaskStatus.FAILED
-    poll(lambda: len(seen.types_of(ok.task_id)) >= 4 and len(seen.types_of(bad.task_id)) >= 4, 20, "task events")
+    for t in batch:
+        assert cluster.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
+    outcomes = [(ok, "task_completed"), (bad, "task_failed"), *((t, "task_completed") for t in batch)]
+    poll(lambda: all(len(seen.types_of(t.task_id)) >= 4 for t, _ in outcomes), 20, "task events")
     # task_queued is recorded after the publish, so the worker may start the task before it.
-    for task, last in ((ok, "task_completed"), (bad, "task_failed")):
+    for task, last in outcomes:
         types = seen.types_of(task.task_id)
         assert sorted(types) == sorted(["task_created", "task_queued", "task_started", last]), types
         assert types[0] == "task_created" and types.index("task_started") < types.index(last), types
+    # Written queued before the publish on a Redis broker; pending, then marked, on RabbitMQ.
+    written = "queued" if cluster.data["broker"]["url"].startswith("redis") else "pending"
+    assert {e.data["status"] for e in seen.of_type("task_created")} == {written}
     failed = seen.of_type("task_failed")[0]
     assert failed.data["reason"] == "nope" and failed.data["task_type"] == "doomed"
     assert failed.worker_id and failed.worker_id.startswith(worker.hostname.split("@")[0])
