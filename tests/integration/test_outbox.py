@@ -121,5 +121,6 @@ def test_on_rabbitmq_records_are_written_pending_and_marked_queued_after_the_pub
         stored = {t.task_id: t for t in records(c)}  # read after the marks (``get`` and ``list`` flush them)
         assert all(stored[t.task_id].status is TaskStatus.QUEUED for t in [one, *many])
         assert all((r := stored[t.task_id]).queued_at and r.queued_at > r.created_at for t in [one, *many])
-    finally:
-        c.runtime.celery.control.purge()  # no worker runs them: leave nothing on the shared server
+    finally:  # no worker runs them: leave nothing on the shared server (its own queue only)
+        with c.runtime.celery.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue_name(c.data["app"]["name"], "mark"))
