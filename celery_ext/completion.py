@@ -35,7 +35,7 @@ import redis
 
 from celery_ext.forksafe import fork_safe_pool
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus
-from celery_ext.routing.nowait import NoReplyWriter
+from celery_ext.nowait import NoReplyWriter
 
 logger = logging.getLogger("celery_ext.completion")
 

@@ -12,7 +12,7 @@ thread-safe and stateless apart from its pool, and pipelines are still made per 
 A fanout message (a task event: ``task-sent`` from a producer, ``task-received``, ``-started``,
 ``-succeeded`` from a worker) is a PUBLISH, whose reply (the count of subscribers) kombu waits
 for and throws away: a round trip per event, three per task inside the worker's event loop.  This
-channel writes them on a connection of its own with replies off (``routing/nowait.py``): in
+channel writes them on a connection of its own with replies off (``nowait.py``): in
 order, applied by Redis at once, a broken connection still raising to the caller (kombu's and
 Celery's retry and error handling are unchanged).  A PUBLISH is fire-and-forget in Redis anyway:
 a subscriber that is not connected misses it either way.
@@ -56,7 +56,7 @@ from kombu.transport import redis, virtual
 from kombu.utils.json import dumps
 
 from celery_ext.forksafe import fork_safe_pool
-from celery_ext.routing.nowait import NoReplyWriter
+from celery_ext.nowait import NoReplyWriter
 
 logger = logging.getLogger("celery_ext.transport")
 

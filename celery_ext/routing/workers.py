@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery_ext.forksafe import fork_safe
-from celery_ext.routing.nowait import NoReplyWriter
+from celery_ext.nowait import NoReplyWriter
 from celery_ext.transport import redis_py_url
 
 logger = logging.getLogger("celery_ext.routing")
@@ -287,7 +287,7 @@ class WorkerRegistry:
         return int(self._adjust(keys=[self.keys[2]], args=[worker_id, delta]))
 
     def adjust_nowait(self, worker_id: str, delta: int) -> None:
-        """``adjust`` without waiting for Redis (the per-task path; see routing/nowait.py)."""
+        """``adjust`` without waiting for Redis (the per-task path; see nowait.py)."""
         if self._nowait is None:
             self._nowait = NoReplyWriter(self.client)
         if delta >= 0:  # only a decrement can cross zero

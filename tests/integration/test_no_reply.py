@@ -1,4 +1,4 @@
-"""Writes sent without waiting for Redis's reply (``routing/nowait.py``): the in-flight counts,
+"""Writes sent without waiting for Redis's reply (``nowait.py``): the in-flight counts,
 the pushed completions and, through celery_ext's transport, every task event.  Nothing may be lost
 or reordered, also when the server closed the writer's connection (a restart, ``CLIENT KILL``, an
 idle ``timeout``): the first write on such a socket would otherwise vanish without an error."""
@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_ext.routing.nowait import NoReplyWriter
+from celery_ext.nowait import NoReplyWriter
 from celery_ext.transport import install
 from tests.support.services import unique
 

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "config",
             "registry",
             "forksafe",
+            "nowait",
             "transport",
             "observer",
             "tasklog",

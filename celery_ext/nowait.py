@@ -1,4 +1,7 @@
-"""Fire-and-forget Redis writes for the per-task in-flight counts.
+"""Fire-and-forget Redis writes: what the per-task path sends and never reads the reply of.
+
+Used for the routing's in-flight counts (below), the pushed completions (``completion``), and by
+celery_ext's transport for task events and acks (``transport``).
 
 Each task moves its worker's in-flight count twice (+1 when the worker's main process receives it
 from a shared queue, -1 when a pool process finishes it).  A normal call waits for the reply and
