@@ -44,12 +44,12 @@ def test_tasks_of_a_purged_queue_are_published_again_once(make_cluster, tmp_path
     scheduler = Scheduler(c.runtime)
     assert scheduler.tick().leader
     side = tmp_path / "runs.txt"
-    purged = [c.manager.submit("mark", {"path": str(side), "key": f"p{i}", "seconds": 0}) for i in range(10)]
+    purged = [c.manager.submit("mark_file", {"path": str(side), "key": f"p{i}", "seconds": 0}) for i in range(10)]
     waiting = [c.manager.submit("drip", {"lines": 0, "interval": 0}) for _ in range(5)]  # not purged
     c.runtime.lifecycle.marks.flush()
     broker = redis.Redis.from_url(c.data["broker"]["url"])
     options = c.runtime.celery.conf.broker_transport_options
-    keys = queue_keys(queue_name(c.data["app"]["name"], "mark"), options)
+    keys = queue_keys(queue_name(c.data["app"]["name"], "mark_file"), options)
     assert sum(broker.llen(k) for k in keys) == 10
     broker.delete(*keys)  # the purge: the epoch marker stays
 
@@ -81,7 +81,7 @@ def test_a_run_whose_claim_the_database_undid_is_not_published_again(make_cluste
     c = make_cluster(executors=MARK)
     side = tmp_path / "runs.txt"
     c.worker()
-    task = c.manager.submit("mark", {"path": str(side), "key": "k", "seconds": 4})
+    task = c.manager.submit("mark_file", {"path": str(side), "key": "k", "seconds": 4})
     deadline = time.monotonic() + 60
     while not side.exists() or "start k" not in side.read_text():
         assert time.monotonic() < deadline, "the task never started"

@@ -51,9 +51,9 @@ def test_outcomes_finished_during_a_postgresql_outage_are_applied_once_it_return
     try:
         scheduler.wait_for_log("is the leader", 60)
         # Four that run across the start of the outage and finish during it, four that wait.
-        running = [m.submit("mark", {"path": str(side), "key": f"r{i}", "seconds": 6}) for i in range(4)]
+        running = [m.submit("mark_file", {"path": str(side), "key": f"r{i}", "seconds": 6}) for i in range(4)]
         poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in running), 60, "four tasks running")
-        waiting = [m.submit("mark", {"path": str(side), "key": f"w{i}", "seconds": 0.5}) for i in range(4)]
+        waiting = [m.submit("mark_file", {"path": str(side), "key": f"w{i}", "seconds": 0.5}) for i in range(4)]
         c.runtime.storage.close()  # the test's own pooled connections must not outlive the server
         private_postgres.stop()
         time.sleep(50)  # > 8 leases: every outcome of the running four is spooled meanwhile
@@ -76,7 +76,7 @@ def test_outcomes_finished_during_a_postgresql_outage_are_applied_once_it_return
         assert "refused: the record moved on" not in log, log[-4000:]
         assert "whose worker was lost" not in scheduler.log(), scheduler.log()[-4000:]
         assert worker.alive()
-        after = m.submit("mark", {"path": str(side), "key": "after", "seconds": 0})
+        after = m.submit("mark_file", {"path": str(side), "key": "after", "seconds": 0})
         assert m.wait(after.task_id, 60).status is TaskStatus.SUCCEEDED
     finally:
         scheduler.stop()

@@ -19,7 +19,7 @@ def drip(lines: int = 10, interval: float = 0.5) -> int:
     return lines
 
 
-@task_type("mark")
+@task_type("mark_file")
 def mark(path: str, key: str, seconds: float = 1.0) -> str:
     """Appends ``start <key>`` and ``end <key>`` lines to ``path``, ``seconds`` apart: a run is
     counted by the file even when its record hides it (a duplicate execution)."""
