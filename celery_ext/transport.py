@@ -93,7 +93,7 @@ def install() -> None:
 class QoS(redis.QoS):
     def ack(self, delivery_tag: Any) -> None:
         channel: Any = self.channel  # this module's Channel
-        channel.fanout_writer().send_many(
+        channel.no_reply_writer().send_many(
             [
                 ("MULTI",),
                 ("ZREM", channel.unacked_index_key, delivery_tag),
@@ -107,7 +107,7 @@ class QoS(redis.QoS):
 class Channel(redis.Channel):
     QoS = QoS
     _sync_client: Any = None
-    _fanout_writer: NoReplyWriter | None = None
+    _no_reply_writer: NoReplyWriter | None = None
     connection_errors: tuple[type[BaseException], ...]
 
     def _base(self) -> Any:
@@ -126,22 +126,22 @@ class Channel(redis.Channel):
             self._base()._put_fanout(exchange, message, routing_key, **kwargs)
             return
         payload = dumps(message)
-        writer = self.fanout_writer()
+        writer = self.no_reply_writer()
         for topic in self._base()._get_publish_topics(exchange, routing_key):
             writer.send("PUBLISH", topic, payload)
 
-    def fanout_writer(self) -> NoReplyWriter:
-        """This channel's connection with replies off (events, acks)."""
+    def no_reply_writer(self) -> NoReplyWriter:
+        """This channel's connection with replies off: task events (``_put_fanout``) and acks."""
         client = self._create_client()
-        writer = self._fanout_writer
+        writer = self._no_reply_writer
         if writer is None or writer.client is not client:  # a new client after a reconnect
             if writer is not None:
                 writer.close()
-            writer = self._fanout_writer = NoReplyWriter(client)
+            writer = self._no_reply_writer = NoReplyWriter(client)
         return writer
 
     def close(self) -> None:
-        writer, self._fanout_writer = self._fanout_writer, None
+        writer, self._no_reply_writer = self._no_reply_writer, None
         if writer is not None:
             writer.close()
         self._base().close()

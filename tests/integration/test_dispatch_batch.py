@@ -289,21 +289,27 @@ def test_celerys_event_receiver_reads_each_task_sent_event_of_a_batch(dispatcher
     batch's ``task.multi`` message to its handler, one by one, with the task's id and queue."""
     app = dispatcher.app
     seen: list[dict[str, Any]] = []
-    ready = threading.Event()
     batch = [dispatch(None) for _ in range(5)]
-    with app.connection_for_read() as conn:
+    with app.connection_for_write() as out, app.connection_for_read() as conn:
+        probe = app.events.Dispatcher(out, enabled=True)
         receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append})
-        receiver.on_consume_ready = lambda *_, **__: ready.set()  # type: ignore[method-assign]
         thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=10, wakeup=False))
         thread.daemon = True
         thread.start()
-        assert ready.wait(10)
-        time.sleep(0.5)  # kombu subscribes to the fanout topics on the receiver's first poll
+        # kombu subscribes to the fanout topics on the receiver's first poll: until then, send
+        # a probe event now and then; the first one it hands over says it listens.
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            probe.send("task-sent", uuid="probe")
+            time.sleep(0.05)
+        assert seen, "the receiver never listened"
+        probe.close()
         dispatcher.publish_many(batch)
         deadline = time.monotonic() + 10
-        while len(seen) < len(batch) and time.monotonic() < deadline:
+        while len([e for e in seen if e["uuid"] != "probe"]) < len(batch) and time.monotonic() < deadline:
             time.sleep(0.05)
         receiver.should_stop = True
         thread.join(15)
+    seen[:] = [e for e in seen if e["uuid"] != "probe"]
     assert [e["uuid"] for e in seen] == [d.task.task_id for d in batch]
     assert all(e["type"] == "task-sent" and e["queue"] == queue_name(app.main, "echo") for e in seen)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import time
 from typing import Any
 
@@ -22,7 +23,8 @@ def kill(rds: Any, conn: Any) -> None:
     """Close ``conn`` from the server's side, as a restart or an idle timeout does."""
     host, port = conn._sock.getsockname()[:2]
     assert rds.client_kill_filter(_type=None, addr=f"{host}:{port}") == 1
-    time.sleep(0.05)  # the FIN reaches our side
+    readable, _, _ = select.select([conn._sock], [], [], 5)  # the server's FIN reached our side
+    assert readable
 
 
 def eventually(read: Any, expected: Any, timeout: float = 5.0) -> Any:
@@ -69,7 +71,7 @@ def test_task_events_reach_subscribers_in_order_also_after_the_connection_was_cl
             assert type(channel).__module__ == "celery_ext.transport"
             for i in range(50):
                 dispatcher.send("task-sent", uuid=str(i))
-            writer = channel._fanout_writer
+            writer = channel._no_reply_writer
             assert writer is not None
             kill(rds, writer._conn)
             for i in range(50, 60):
@@ -108,7 +110,7 @@ def test_acks_leave_nothing_in_the_unacked_hash_also_after_the_connection_was_cl
             assert eventually(lambda: rds.hexists(unacked, first.delivery_tag), False) is False
             assert rds.zscore(channel.unacked_index_key, first.delivery_tag) is None
             second = simple.get(timeout=5)
-            kill(rds, simple.channel.fanout_writer()._conn)
+            kill(rds, simple.channel.no_reply_writer()._conn)
             second.ack()  # on a connection the server closed: reconnects first
             assert eventually(lambda: rds.hexists(unacked, second.delivery_tag), False) is False
             third = simple.get(timeout=5)
