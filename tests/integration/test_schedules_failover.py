@@ -65,7 +65,13 @@ def test_no_duplicate_and_at_most_one_missed_fire_across_kill_and_pause(make_clu
         )
         later = len(fires(c))
         poll(lambda: len(fires(c)) >= later + 3, 30, "fires after the pause")
-        assert "fired for" not in second.log()[resumed_at:].split("no longer the leader")[-1]
+        # Nothing fired between its step-down and the lease's next grant to it, if any (a loaded
+        # machine can stall the third past its own lease: the resumed one may then lead again, by
+        # a new fencing token, and fire as the leader it is).
+        after = second.log()[resumed_at:]
+        stepped_down = max(after.find("no longer the leader"), 0)
+        until_led_again = after[stepped_down:].split("is the leader")[0]
+        assert "fired for" not in until_led_again, after
     finally:
         for s in schedulers:
             if s.proc is not None and s.proc.poll() is None:
