@@ -1,7 +1,7 @@
 """Fire-and-forget Redis writes: what the per-task path sends and never reads the reply of.
 
 Used for the routing's in-flight counts (below), the pushed completions (``completion``), and by
-celery_ext's transport for task events and acks (``transport``).
+celery_ext's transport for task events and kombu's unacked bookkeeping (``transport``).
 
 Each task moves its worker's in-flight count twice (+1 when the worker's main process receives it
 from a shared queue, -1 when a pool process finishes it).  A normal call waits for the reply and
@@ -47,6 +47,22 @@ class NoReplyWriter:
                 if conn is None:
                     conn = self._connect()
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            except Exception:
+                self._drop()
+                raise
+
+    def sync(self) -> None:
+        """Wait until Redis has applied every write sent so far: one round trip (replies on for a
+        ``PING``, then off again).  For a reader on another connection that must see them."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or self._pid != os.getpid():
+                return  # nothing sent from this process on a live connection
+            try:
+                conn.send_packed_command(conn.pack_commands([("CLIENT", "REPLY", "ON"), ("PING",)]), check_health=False)
+                conn.read_response()  # OK
+                conn.read_response()  # PONG: everything before it is applied
+                conn.send_command("CLIENT", "REPLY", "OFF")
             except Exception:
                 self._drop()
                 raise

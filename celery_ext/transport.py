@@ -17,11 +17,18 @@ order, applied by Redis at once, a broken connection still raising to the caller
 Celery's retry and error handling are unchanged).  A PUBLISH is fire-and-forget in Redis anyway:
 a subscriber that is not connected misses it either way.
 
-A message's ack (its removal from kombu's unacked hash and index, one ``MULTI``/``EXEC``) is
-written the same way: a round trip per task less in the worker's event loop.  An ack that a dying
-connection lost leaves the message in the hash, to be restored after the visibility timeout as
-kombu does for a worker that died before its ack; its record is then finished, and the worker
-drops the copy (the record's dispatch token or terminal status says so).
+kombu's unacked bookkeeping is written the same way: a message's entry in the unacked hash and
+index when it is fetched, and its removal by the ack (each one ``MULTI``/``EXEC``): two round
+trips per task less in the worker's event loop.  Both go on the one connection, so Redis applies
+them in order.  A requeue (a reject with ``requeue``, a restore at shutdown) reads the entry back on
+another connection: it first waits for the writes sent so far to be applied (``sync``, one round
+trip on that rare path).  An ack that a dying connection lost leaves the message in the hash, to
+be restored after the visibility timeout as kombu does for a worker that died before its ack; its
+record is then finished, and the worker drops the copy (the record's dispatch token or terminal
+status says so).  An entry that a dying connection lost leaves the message out of the hash, as
+kombu does when a worker dies between its fetch and its bookkeeping: if the worker then dies
+before the ack, kombu cannot restore it, and the task's record (its lease runs out) is what
+recovery publishes again.
 
 Its connection pools are registered with ``celery_ext.forksafe``, so a pool process forked while
 a thread of the worker held a pool's lock does not hang on it.
@@ -41,13 +48,14 @@ setting, used before, made the URI start with ``celery_ext.transport:Transport:/
 The alias table is process-wide: this affects only processes that import celery_ext and build
 an app (a worker, Flower or a producer run with ``-A celery_ext``, the CLI, an embedding
 program).  There every kombu Redis connection uses this transport, which behaves as kombu's
-apart from the three points above; ``sentinel://`` keeps kombu's own.  A process that never
+apart from the points above; ``sentinel://`` keeps kombu's own.  A process that never
 builds a celery_ext app keeps kombu's transport for every scheme.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from queue import Empty
 from typing import Any
 
@@ -91,8 +99,28 @@ def install() -> None:
 
 
 class QoS(redis.QoS):
-    def ack(self, delivery_tag: Any) -> None:
+    """kombu's unacked bookkeeping, its writes with replies off (see the module's docstring)."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
         channel: Any = self.channel  # this module's Channel
+        delivery = message.delivery_info
+        channel.no_reply_writer().send_many(
+            [
+                ("MULTI",),
+                ("ZADD", channel.unacked_index_key, time.time(), delivery_tag),
+                (
+                    "HSET",
+                    channel.unacked_key,
+                    delivery_tag,
+                    dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+                ),
+                ("EXEC",),
+            ]
+        )
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        channel: Any = self.channel
         channel.no_reply_writer().send_many(
             [
                 ("MULTI",),
@@ -102,6 +130,20 @@ class QoS(redis.QoS):
             ]
         )
         virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            self.ack(delivery_tag)  # kombu's reject without requeue is its ack
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        # kombu reads the message back from the unacked hash on another connection: the append
+        # (and any ack) written without replies must be applied first.
+        channel: Any = self.channel
+        channel.no_reply_writer().sync()
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
 
 
 class Channel(redis.Channel):

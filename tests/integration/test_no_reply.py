@@ -52,6 +52,26 @@ def test_writes_apply_in_order_and_none_is_lost_after_the_server_closed_the_conn
         rds.delete(key)
 
 
+def test_sync_returns_once_every_write_sent_is_applied(redis_url) -> None:
+    """What a reader on another connection sees after ``sync``: every write sent before it."""
+    rds = redis.Redis.from_url(redis_url)
+    key = unique("nowait")
+    writer = NoReplyWriter(redis.Redis.from_url(redis_url))
+    try:
+        writer.sync()  # nothing sent yet: nothing to wait for
+        for _ in range(5):
+            writer.send_many([("RPUSH", key, "x" * 100)] * 20_000)
+            writer.sync()
+            assert rds.llen(key) % 20_000 == 0  # never part of a batch
+        assert rds.llen(key) == 100_000
+        writer.send("RPUSH", key, "after")  # replies are off again: nothing left to read
+        assert eventually(lambda: rds.llen(key), 100_001) == 100_001
+        assert not select.select([writer._conn._sock], [], [], 0.2)[0]
+    finally:
+        writer.close()
+        rds.delete(key)
+
+
 def test_task_events_reach_subscribers_in_order_also_after_the_connection_was_closed(redis_url) -> None:
     """Events go out through celery_ext's transport (installed whenever celery_ext builds an app)
     as PUBLISHes with replies off; a subscriber sees every one, in order, before and after a
@@ -105,7 +125,7 @@ def test_acks_leave_nothing_in_the_unacked_hash_also_after_the_connection_was_cl
             for i in range(3):
                 simple.put({"i": i})
             first = simple.get(timeout=5)
-            assert rds.hexists(unacked, first.delivery_tag)
+            assert eventually(lambda: rds.hexists(unacked, first.delivery_tag), True) is True
             first.ack()
             assert eventually(lambda: rds.hexists(unacked, first.delivery_tag), False) is False
             assert rds.zscore(channel.unacked_index_key, first.delivery_tag) is None
@@ -116,6 +136,42 @@ def test_acks_leave_nothing_in_the_unacked_hash_also_after_the_connection_was_cl
             third = simple.get(timeout=5)
             assert third.payload == {"i": 2}
             third.ack()
+        finally:
+            simple.close()
+            rds.delete(queue)
+
+
+def test_a_requeue_right_after_the_fetch_finds_the_message_in_the_unacked_hash(redis_url) -> None:
+    """kombu's entry for a fetched message (hash and index) is written with replies off too; a
+    requeue reads it back on another connection at once, and must find it there: no message is
+    lost, and the hash and index are empty once all are acked."""
+    from kombu import Connection
+
+    install()
+    rds = redis.Redis.from_url(redis_url)
+    queue = unique("nowait")
+    with Connection(redis_url) as conn:
+        simple = conn.SimpleQueue(queue, no_ack=False)
+        channel = simple.channel
+        try:
+            for i in range(100):
+                simple.put({"i": i})
+            for _ in range(100):  # each requeued as soon as it is fetched
+                simple.get(timeout=5).requeue()
+            seen = []
+            for _ in range(100):
+                message = simple.get(timeout=5)
+                assert eventually(lambda t=message.delivery_tag: rds.hexists(channel.unacked_key, t), True) is True
+                seen.append(message.payload["i"])
+                message.ack()
+            assert sorted(seen) == list(range(100))
+            kill(rds, channel.no_reply_writer()._conn)
+            simple.put({"i": 100})
+            message = simple.get(timeout=5)  # its entry written on a new connection
+            message.reject()  # without requeue: removed, as an ack
+            assert eventually(lambda: rds.hlen(channel.unacked_key), 0) == 0
+            assert rds.zcard(channel.unacked_index_key) == 0
+            assert rds.llen(queue) == 0
         finally:
             simple.close()
             rds.delete(queue)
