@@ -11,6 +11,14 @@ second read (``merged``); otherwise it reads the record again.  The record stays
 message is a copy of what was just committed.  A lost message costs at most ``fallback``
 seconds: the waiter re-reads the record that often anyway.
 
+A thread that waits for what it submits skips the subscription and the read: once it has waited,
+``submit`` subscribes it to the task's channel before publishing the message (``expect``; Celery's
+Redis result backend subscribes on publish the same way), and the record as submitted stands in
+for the first read.  The SUBSCRIBE is sent before the message's LPUSH, so Redis has applied it
+before any worker can have taken the message, let alone published its outcome.  Messages of other
+expected tasks that a wait reads past are kept for their own waits.  A thread that submits
+without waiting stops subscribing as soon as one expected task goes unwaited (``MAX_EXPECTED``).
+
 The PUBLISH is written without waiting for Redis's reply (``NoReplyWriter``: nothing uses the
 count of subscribers it returns), so a pool process does not sleep a round trip per task after
 its outcome is committed.
@@ -27,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -41,6 +50,7 @@ logger = logging.getLogger("celery_ext.completion")
 
 R = TypeVar("R", Task, Task | None)
 MAX_PUSH = 64 * 1024  # a larger outcome is read from the record
+MAX_EXPECTED = 64  # tasks a thread is subscribed to before their wait (``expect``)
 WAKE = b"1"
 # What a run's claim and outcome write: all that can differ from a record read before the claim.
 PUSHED = ("status", "attempt", "run", "worker_id", "dispatch_token", "result", "lease_until")
@@ -86,16 +96,55 @@ class Completion:
                 self._warned = now
                 logger.warning("could not publish the completion of %s (waiters poll instead): %s", task_id, exc)
 
+    def expect(self, task: Task) -> None:
+        """Subscribe this thread to ``task``'s channel before its message is published, so that
+        a wait for it in this thread needs neither a subscription nor a read of the record: the
+        record is ``task`` as submitted, and its outcome arrives as a message (Celery's Redis
+        result backend subscribes on publish the same way).  Only in a thread that waits: it
+        starts with a wait, and stops when a task expected was never waited for (then the
+        thread submits without waiting, and subscribing would only cost it).  So at most
+        ``MAX_EXPECTED`` messages wait unread on the thread's connection between two waits."""
+        local = self._local
+        if not getattr(local, "presubscribe", False) or getattr(local, "pid", None) != os.getpid():
+            return
+        pubsub = getattr(local, "pubsub", None)
+        if pubsub is None:
+            return
+        expected: OrderedDict[str, list[Any]] = local.expected
+        try:
+            channel = self.channel(task.task_id)
+            pubsub.subscribe(channel)  # sent before the publish: applied before any outcome's PUBLISH
+            expected[channel] = [task, None]
+            while len(expected) > MAX_EXPECTED:
+                old, _ = expected.popitem(last=False)
+                pubsub.unsubscribe(old)
+                local.presubscribe = False  # expected and never waited for
+        except Exception:  # noqa: BLE001 - a wait subscribes again, or polls
+            self._drop(pubsub)
+
     def wait(self, task_id: str, read: Callable[[], R], timeout: float | None) -> R:
         """``read()`` until the record is terminal, or a pushed outcome of the run read ends it;
-        returns the last record (not terminal, or None for no record yet: timed out)."""
+        returns the last record (not terminal, or None for no record yet: timed out).  For a task
+        this thread ``expect``-ed, its submitted record stands in for the first read."""
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = self.channel(task_id)
-        pubsub = self._subscribe(channel)
+        early = self._expected(channel)
+        pubsub = self._local.pubsub if early is not None else self._subscribe(channel)
+        if pubsub is not None:
+            self._local.presubscribe = True
         try:
             delay = 0.02
+            task: R
             while True:
-                task = read()
+                if early is not None:
+                    submitted, data = early
+                    early = None
+                    final = merged(submitted, data) if data is not None else None  # came before the wait
+                    if final is not None:
+                        return final
+                    task = read() if data is not None else submitted
+                else:
+                    task = read()
                 if task is not None and task.status.terminal:
                     return task
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -115,6 +164,16 @@ class Completion:
             if pubsub is not None:
                 self._release(pubsub, channel)
 
+    def _expected(self, channel: str) -> tuple[Task, Any] | None:
+        """The record submitted for ``channel``'s task and the message that came for it already,
+        if this thread subscribed to it before the publish (and its connection still stands)."""
+        local = self._local
+        expected = getattr(local, "expected", None)
+        if not expected or getattr(local, "pubsub", None) is None or getattr(local, "pid", None) != os.getpid():
+            return None
+        entry = expected.pop(channel, None)
+        return None if entry is None else (entry[0], entry[1])
+
     # Each thread keeps one subscriber connection and reuses it: opening one per wait would cost
     # a TCP connect, since redis-py disconnects a PubSub when it is closed.
 
@@ -126,8 +185,9 @@ class Completion:
             pubsub = None
         try:
             if pubsub is None:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self.client.pubsub()
                 self._local.pubsub, self._local.pid = pubsub, os.getpid()
+                self._local.expected = OrderedDict()
             pubsub.subscribe(channel)
             return pubsub
         except Exception as exc:  # noqa: BLE001 - Redis away: poll the record
@@ -144,13 +204,26 @@ class Completion:
                 message = pubsub.get_message(timeout=max(0.0, end - time.monotonic()))
                 if message is None:
                     return pubsub, None
-                if _text(message.get("channel")) == channel:
+                if message.get("type") != "message":
+                    # A (un)subscribe confirmation: read past it.  (redis-py returns None for
+                    # one it is told to ignore, the same as for no message: the wait would
+                    # then read the record again at once, for nothing.)
+                    continue
+                got = _text(message.get("channel"))
+                if got == channel:
                     return pubsub, message.get("data")
+                self._keep(got, message.get("data"))
                 if time.monotonic() >= end:
                     return pubsub, None  # a late message of an earlier wait on this connection is skipped
         except Exception:  # noqa: BLE001 - fall back to polling
             self._drop(pubsub)
             return None, None
+
+    def _keep(self, channel: str, data: Any) -> None:
+        """A message for a task expected and not waited for yet: kept for its wait."""
+        entry = getattr(self._local, "expected", {}).get(channel)
+        if entry is not None:
+            entry[1] = data
 
     def _release(self, pubsub: Any, channel: str) -> None:
         try:
@@ -161,6 +234,7 @@ class Completion:
     def _drop(self, pubsub: Any) -> None:
         if getattr(self._local, "pubsub", None) is pubsub:
             self._local.pubsub = None
+            self._local.expected = OrderedDict()  # its subscriptions went with it
         if pubsub is not None:
             try:
                 pubsub.close()

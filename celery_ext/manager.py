@@ -110,6 +110,7 @@ class TaskManager:
         self.lifecycle.created([task])
         if task.status is TaskStatus.SCHEDULED:
             return task  # waits in storage: the scheduler's leader publishes it when due
+        self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
         return self._publish([(task, countdown)])[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:

@@ -131,3 +131,75 @@ def test_lost_push_or_channel_down_falls_back_to_the_record(make_cluster) -> Non
             assert failed.error.reason == "rejected"
     finally:
         lifecycle.completion = real
+
+
+def counting(read: Any) -> tuple[Any, list[int]]:
+    calls: list[int] = []
+
+    def counted() -> Any:
+        calls.append(1)
+        return read()
+
+    return counted, calls
+
+
+def test_a_thread_that_waits_is_subscribed_before_the_publish_and_reads_no_record(make_cluster) -> None:
+    """After a first wait, ``submit`` in the same thread subscribes to the task's channel before
+    publishing it: its wait (``manager.wait``, ``AsyncResult.get``) takes the outcome from the
+    message laid over the record as submitted, without reading the record, also when the task
+    ended before the wait began, or while the thread waited for another task."""
+    from celery_ext.completion import MAX_EXPECTED
+
+    c = make_cluster(executors=TEST_TASKS)
+    c.worker()
+    m, completion, records = c.manager, c.runtime.lifecycle.completion, c.runtime.storage.tasks
+    m.wait(m.submit("echo", {}).task_id, 30)  # the first wait: this thread waits
+
+    task = m.submit("echo", {"i": 1})
+    read, calls = counting(lambda: records.get(task.task_id))
+    done = completion.wait(task.task_id, read, 30)
+    assert (done.status, done.result, calls) == (TaskStatus.SUCCEEDED, {"i": 1}, [])
+    assert done == records.get(task.task_id)  # the message laid over the submitted record
+
+    first, second = m.submit("add", {"x": 1, "y": 2}), m.submit("reject", {"reason": "no"})
+    deadline = time.monotonic() + 30
+    while not records.get(first.task_id).status.terminal or not records.get(second.task_id).status.terminal:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    read, calls = counting(lambda: records.get(second.task_id))
+    failed = completion.wait(second.task_id, read, 30)  # reads past the first one's message, keeps it
+    assert failed.status is TaskStatus.FAILED and failed.error is not None and failed.error.reason == "rejected"
+    read, calls2 = counting(lambda: records.get(first.task_id))
+    assert completion.wait(first.task_id, read, 30).result == 3
+    assert calls == calls2 == []
+    assert c.runtime.celery.AsyncResult(m.submit("echo", {"via": "celery"}).task_id).get(timeout=30) == {
+        "via": "celery"
+    }
+
+    # A thread that then submits without waiting stops subscribing, and never holds more than
+    # MAX_EXPECTED subscriptions; a later wait, on any of them, still gets its outcome.
+    rds = redis.Redis.from_url(completion.url)
+    many = [m.submit("echo", {"n": i}) for i in range(MAX_EXPECTED + 20)]
+    channels = [completion.channel(t.task_id) for t in many]
+    deadline = time.monotonic() + 5  # the evicted one's UNSUBSCRIBE went out without waiting for its reply
+    while sum(n for _, n in rds.pubsub_numsub(*channels)) > MAX_EXPECTED:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not any(n for _, n in rds.pubsub_numsub(*channels[MAX_EXPECTED + 1 :]))
+    for t in (many[0], many[MAX_EXPECTED - 1], many[-1]):
+        assert m.wait(t.task_id, 30).result == t.payload
+    assert m.get(many[-1].task_id).status is TaskStatus.SUCCEEDED
+
+
+def test_a_thread_that_never_waits_subscribes_to_nothing(make_cluster) -> None:
+    import threading
+
+    c = make_cluster(executors=TEST_TASKS)
+    m, completion = c.manager, c.runtime.lifecycle.completion
+    submitted: list[Any] = []
+    thread = threading.Thread(target=lambda: submitted.extend(m.submit("echo", {"n": i}) for i in range(5)))
+    thread.start()
+    thread.join(30)
+    rds = redis.Redis.from_url(completion.url)
+    assert len(submitted) == 5
+    assert not any(n for _, n in rds.pubsub_numsub(*(completion.channel(t.task_id) for t in submitted)))
