@@ -54,6 +54,7 @@ builds a celery_ext app keeps kombu's transport for every scheme.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from queue import Empty
@@ -185,6 +186,8 @@ class Channel(redis.Channel):
     def close(self) -> None:
         writer, self._no_reply_writer = self._no_reply_writer, None
         if writer is not None:
+            with contextlib.suppress(Exception):  # a connection already gone has nothing to apply
+                writer.sync()  # kombu's close restores the unacked messages next, on another connection
             writer.close()
         self._base().close()
 
