@@ -204,13 +204,9 @@ class Lifecycle:
         if not queued:
             return
         back: dict[str, Any] = {"status": TaskStatus.PENDING, "queued_at": None}
+        ids, tokens = [t.task_id for t in queued], [t.dispatch_token or "" for t in queued]
         try:
-            if len(queued) == 1:
-                (one,) = queued
-                self.storage.tasks.update(one.task_id, (TaskStatus.QUEUED,), token=one.dispatch_token, **back)
-            else:
-                ids, tokens = [t.task_id for t in queued], [t.dispatch_token or "" for t in queued]
-                self.storage.tasks.update_many(ids, (TaskStatus.QUEUED,), tokens=tokens, **back)
+            self.storage.tasks.update_many(ids, (TaskStatus.QUEUED,), tokens=tokens, **back)
         except Exception as exc:  # noqa: BLE001 - the publish's error is the one raised
             logger.warning(
                 "could not put %d unpublished task(s) back to pending; the scheduler publishes them "

@@ -14,8 +14,10 @@ it and the heartbeat corrects the count, as it did for a failed synchronous call
 the server closed (a restart, ``CLIENT KILL``, its idle ``timeout``) would take one more write
 without an error, which would be lost: since Redis sends nothing on this connection, a socket
 that is readable before a write means it was closed, and the writer reconnects first.  Errors Redis
-would have replied with are not seen; the commands used (HINCRBY, EVAL of a fixed script) cannot
-fail on a well-formed hash.  One connection per process (pool children reconnect after fork).
+would have replied with are not seen; the commands used (HINCRBY, EVAL of a fixed script, PUBLISH,
+ZADD/HSET and ZREM/HDEL in MULTI/EXEC) cannot fail on well-formed keys.  ``sync`` waits for
+Redis to have applied everything written so far, for a reader on another connection.  One
+connection per process (pool children reconnect after fork).
 """
 
 from __future__ import annotations

@@ -105,37 +105,24 @@ class QoS(redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         channel: Any = self.channel  # this module's Channel
         delivery = message.delivery_info
-        channel.no_reply_writer().send_many(
-            [
-                ("MULTI",),
-                ("ZADD", channel.unacked_index_key, time.time(), delivery_tag),
-                (
-                    "HSET",
-                    channel.unacked_key,
-                    delivery_tag,
-                    dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
-                ),
-                ("EXEC",),
-            ]
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        self._transaction(
+            ("ZADD", channel.unacked_index_key, time.time(), delivery_tag),
+            ("HSET", channel.unacked_key, delivery_tag, entry),
         )
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
         channel: Any = self.channel
-        channel.no_reply_writer().send_many(
-            [
-                ("MULTI",),
-                ("ZREM", channel.unacked_index_key, delivery_tag),
-                ("HDEL", channel.unacked_key, delivery_tag),
-                ("EXEC",),
-            ]
+        self._transaction(
+            ("ZREM", channel.unacked_index_key, delivery_tag),
+            ("HDEL", channel.unacked_key, delivery_tag),
         )
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if requeue:
-            self.restore_by_tag(delivery_tag, leftmost=True)
-            virtual.QoS.ack(self, delivery_tag)
+            super().reject(delivery_tag, requeue=True)  # restore_by_tag, below
         else:
             self.ack(delivery_tag)  # kombu's reject without requeue is its ack
 
@@ -145,6 +132,10 @@ class QoS(redis.QoS):
         channel: Any = self.channel
         channel.no_reply_writer().sync()
         super().restore_by_tag(tag, client=client, leftmost=leftmost)
+
+    def _transaction(self, *commands: tuple[Any, ...]) -> None:
+        channel: Any = self.channel
+        channel.no_reply_writer().send_many([("MULTI",), *commands, ("EXEC",)])
 
 
 class Channel(redis.Channel):
@@ -174,7 +165,8 @@ class Channel(redis.Channel):
             writer.send("PUBLISH", topic, payload)
 
     def no_reply_writer(self) -> NoReplyWriter:
-        """This channel's connection with replies off: task events (``_put_fanout``) and acks."""
+        """This channel's connection with replies off: task events (``_put_fanout``) and kombu's
+        unacked bookkeeping (``QoS``)."""
         client = self._create_client()
         writer = self._no_reply_writer
         if writer is None or writer.client is not client:  # a new client after a reconnect
