@@ -1,7 +1,11 @@
 """``TaskManager``: submit, inspect, cancel, retry and wait for tasks.
 
-The record is always written before the message is published (outbox order), so a published
-message always has its record, and a crash or a broker outage between the two never loses one.
+The record is written before the message is published (outbox order), so a published message
+always has its record, and a crash or a broker outage between the two never loses one.  On
+PostgreSQL a single ``submit`` sends the insert before the publish and reads its answer after it
+(``create_sent``: the round trips overlap); a worker whose claim finds no record yet makes it from
+the message, its insert waiting for the submit's (``TaskRunner.start``), and so does one whose
+record the database never wrote (it failed after the send: the submit logs it and returns).
 On a Redis broker the record is written QUEUED, the time its message will carry as
 ``queued_at`` (``Lifecycle.queued_before_publish``: no second write after the publish); a
 publish that fails puts it back to PENDING, for the scheduler's outbox duty to publish after
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +30,7 @@ from celery_ext.errors import (
     InvalidPayloadError,
     InvalidTransitionError,
     PublishError,
+    StorageError,
     TaskNotFoundError,
     TaskWaitTimeoutError,
     UnknownTaskTypeError,
@@ -57,6 +63,8 @@ from celery_ext.validation import (
     check_number,
     storable_id,
 )
+
+logger = logging.getLogger(__name__)
 
 _SUBMIT_KEYS = frozenset(
     {"task_type", "payload", "priority", "delay", "run_at", "max_retries", "timeout", "idempotency_key"}
@@ -101,17 +109,23 @@ class TaskManager:
             task_type, payload, priority, delay, run_at, max_retries, timeout, idempotency_key
         )
         self.ensure_schema()
-        # Not waiting for the disk: if a crash of the database loses the record, its message,
-        # published next, makes it again on the worker (``TaskRunner.start``).  A delayed task
-        # has no message yet, so its record waits for the disk.
-        stored, created = self.storage.tasks.create(task, durable=task.status is TaskStatus.SCHEDULED)
-        if not created:
-            return stored
-        self.lifecycle.created([task])
-        if task.status is TaskStatus.SCHEDULED:
-            return task  # waits in storage: the scheduler's leader publishes it when due
+        if task.status is TaskStatus.SCHEDULED or task.idempotency_key is not None:
+            # A delayed task has no message yet, so its record waits for the disk; a key's
+            # task is published only if its record is the one written.
+            stored, created = self.storage.tasks.create(task, durable=task.status is TaskStatus.SCHEDULED)
+            if not created:
+                return stored
+            self.lifecycle.created([task])
+            if task.status is TaskStatus.SCHEDULED:
+                return task  # waits in storage: the scheduler's leader publishes it when due
+            self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
+            return self._publish([(task, countdown)])[0]
+        # The insert is sent, and its outcome read after the publish: its round trip overlaps
+        # the publish's.  Not waiting for the disk either: a record that the database lost, or
+        # never got, is made by the worker from its message (``TaskRunner.start``).
         self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
-        return self._publish([(task, countdown)])[0]
+        written = self.storage.tasks.create_sent(task)  # read by _publish, whatever happens
+        return self._publish([(task, countdown)], written)[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
         """Submit several tasks with one insert and one producer; each spec holds ``submit``'s
@@ -277,25 +291,55 @@ class TaskManager:
         outbox duty: a record whose producer never published it, or whose publish failed)."""
         return self._publish([(task, None)])[0]
 
-    def _publish(self, batch: list[tuple[Task, float | None]]) -> list[Task]:
+    def _publish(
+        self, batch: list[tuple[Task, float | None]], written: Callable[[], tuple[Task, bool]] | None = None
+    ) -> list[Task]:
+        """Publish ``batch``, whose records are written, or, with ``written`` (one task), whose
+        record's insert is on the way (``create_sent``): its outcome is read after the publish."""
         # Taken before publishing (or at the build, for a record written QUEUED), so queued_at
         # never comes after a fast worker's started_at; the message carries it, so a worker that
         # claims first records it too.
         now = utcnow()
-        dispatches = [
-            Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c, queued_at=publish_time(t, now))
-            for t, c in batch
-        ]
         tasks = [t for t, _ in batch]
         try:
+            dispatches = [
+                Dispatch(t, t.dispatch_token or "", t.attempt + 1, countdown=c, queued_at=publish_time(t, now))
+                for t, c in batch
+            ]
             if len(dispatches) == 1:
                 self.dispatcher.publish(dispatches[0])
             else:
                 self.dispatcher.publish_many(dispatches)
-        except Exception as exc:
-            self.lifecycle.publish_failed(tasks)  # back to PENDING: the outbox publishes them
+        except BaseException as exc:
+            if written is None or self._written(tasks[0].task_id, written, published=False):
+                self.lifecycle.publish_failed(tasks)  # back to PENDING: the outbox publishes them
+            if not isinstance(exc, Exception):
+                raise
             raise PublishError(batch[0][0].task_id, exc) from exc
+        if written is not None and not self._written(tasks[0].task_id, written, published=True):
+            return tasks
         return self.lifecycle.mark_queued(tasks, now)
+
+    def _written(self, task_id: str, written: Callable[[], tuple[Task, bool]], *, published: bool) -> bool:
+        """The outcome of a single submit's insert, read after its publish: whether this
+        producer wrote the record.  ``False`` when a worker made it first, from the message
+        (``TaskRunner.start``), or when the write failed: unpublished, the submit raises the
+        publish's error (nothing written, nothing sent); published, the task is out, and the
+        worker makes its record on receipt, as for a record that a crash of the database lost."""
+        try:
+            stored, created = written()
+        except StorageError as exc:
+            if published:
+                logger.warning(
+                    "task %s: published, but its record could not be written (%s); "
+                    "the worker that receives it makes it",
+                    task_id,
+                    exc,
+                )
+            return False
+        if created:
+            self.lifecycle.created([stored])
+        return created
 
     def ensure_schema(self) -> None:
         if not self._schema_ready:

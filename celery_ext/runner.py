@@ -169,14 +169,21 @@ class TaskRunner:
             )
             running = self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
             if running is None and self._lost_record(h) and self.storage.tasks.get(d.task_id) is None:
-                # A submit's record is committed without waiting for the disk (storage/sql.py):
-                # a crash of the database just after the submit can lose it, never its message.
-                logger.warning(
-                    "task %s: no record for its first message (lost by the database?); made again", d.task_id
-                )
-                return self.lifecycle.received(
+                # A single submit publishes while its record's insert is on the way, committed
+                # without waiting for the disk (``TaskManager.submit``): the record may not be
+                # visible yet, or a crash of the database may have lost it.  Made here; when
+                # the submit's insert got there first (this insert waited for it), claimed.
+                made = self.lifecycle.received(
                     task.replace(dispatch_token=h.token, queued_at=h.queued_at, worker_id=worker_id), self.lease(task)
                 )
+                if made is not None:
+                    logger.info(
+                        "task %s: no record for its first message (not written yet, or lost by the "
+                        "database); made again from the message",
+                        d.task_id,
+                    )
+                    return made
+                return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
             return running
         # A plain Celery message: record it on receipt, keyed by its Celery task id.
         executor = self.executors.get(d.task_type)

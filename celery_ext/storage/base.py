@@ -104,6 +104,15 @@ class TaskRepository(abc.ABC):
         reader at once); a backend that cannot tell the difference ignores it.  Only for writes
         that can be rebuilt if a crash of the store loses them (see ``Lifecycle``)."""
 
+    def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
+        """``create(task, durable=False)`` in two halves, for a record whose message may be
+        published while its write is on the way: the write is sent (and commits on its own) before
+        this returns, and the function returned reads its outcome, ``create``'s, raising its errors.
+        That function must be called, and before any other statement of this thread.  A store that
+        cannot split the write does it all here."""
+        outcome = self.create(task, durable=False)
+        return lambda: outcome
+
     @abc.abstractmethod
     def create_many(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
         """Insert several tasks in one round trip where possible; same contract as ``create``."""

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -411,6 +411,26 @@ def _decoded(columns: list[tuple[str, Callable[[Any], Any] | None]], row: Sequen
     }
 
 
+@functools.cache
+def _can_send_alone() -> bool:
+    """Whether this psycopg has the cursor's execution generator ``create_sent`` runs in two
+    halves (psycopg 3.1 to 3.3 have it; a later one without it gets the plain ``create``)."""
+    import psycopg
+
+    return hasattr(psycopg.Cursor, "_execute_gen")
+
+
+def _resumed(execution: Generator[Any, Any, Any], waiting: Any) -> Generator[Any, Any, Any]:
+    """A psycopg generator stopped at its first wait (``waiting``), to be run on by
+    ``Connection.wait`` from there."""
+    try:
+        while True:
+            ready = yield waiting
+            waiting = execution.send(ready)
+    except StopIteration as stop:
+        return stop.value
+
+
 class SqlTaskRepository(TaskRepository, TaskMaintenance):
     def __init__(self, storage: SqlStorage) -> None:
         self.storage = storage
@@ -425,12 +445,61 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             self._insert(task, no_wait=not durable and self.no_wait)
             return task, True
         except IntegrityError:
-            existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
-            if existing is None:
-                existing = self.get(task.task_id)
+            existing = self._taken(task)
             if existing is None:
                 raise
             return existing, False
+
+    def _taken(self, task: Task) -> Task | None:
+        """The record that holds the key the insert of ``task`` found taken, if still there."""
+        existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
+        return existing if existing is not None else self.get(task.task_id)
+
+    def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
+        """PostgreSQL: ``_insert``'s INSERT (autocommit, committed on its own) is sent on this
+        thread's kept connection, and the function returned reads its result: psycopg's own
+        execution of the statement, run up to its wait for the server's answer, and resumed there.
+        A single ``submit`` publishes the task's message in between, so the insert's round trip
+        and the server's work overlap the publish (see docs/benchmarks.md).  Other stores, or a
+        psycopg without the generator used here: ``create``."""
+        if self.storage.type_name != "postgresql" or not _can_send_alone():
+            return super().create_sent(task)
+        compiled = self._insert_compiled(self.no_wait)
+        args = compiled.args({f"v_{k}": v for k, v in to_record(task).items()})
+        try:
+            with contextlib.ExitStack() as stack:  # unwound here only by an error while sending
+                dbapi_conn = stack.enter_context(self.storage.single_dbapi())
+                cursor = stack.enter_context(dbapi_conn.cursor())
+                # Not taking the connection's lock as ``Cursor.execute`` does: the kept connection
+                # is this thread's alone, and a statement run on it in between (say, by a publish
+                # signal's receiver) fails at once ("another command is already in progress"),
+                # where holding the lock would hang it.
+                execution = cursor._execute_gen(compiled.sql, args)
+                try:
+                    waiting: Any = next(execution)  # sent; waiting for the answer
+                except StopIteration:
+                    waiting = None
+                pending = stack.pop_all()
+        except StorageError:  # the kept connection is gone: the whole insert on a fresh one
+            return super().create_sent(task)
+
+        def outcome() -> tuple[Task, bool]:
+            try:
+                with pending:
+                    if waiting is not None:
+                        dbapi_conn.wait(_resumed(execution, waiting))
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, self.storage.engine.dialect.loaded_dbapi.IntegrityError):
+                    # The kept connection failed (a restarted server, an idle timeout): once
+                    # more on a fresh one (a write that did commit is then found taken).
+                    return self.create(task, durable=False)
+                existing = self._taken(task)
+                if existing is None:
+                    raise IntegrityError(compiled.sql, None, exc.__cause__) from exc.__cause__
+                return existing, False
+            return task, True
+
+        return outcome
 
     def create_many(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
         if not new:

@@ -167,3 +167,94 @@ def test_only_starts_skip_the_flush_wait_and_only_for_their_statement(
         cursor.execute("SHOW synchronous_commit")
         assert cursor.fetchone()[0] == "on"
     storage.close()
+
+
+# --- a single submit publishes while its record's insert is on the way (``create_sent``) -----
+
+
+def backends_waiting_on_a_lock(cluster: Any, query_prefix: str) -> int:
+    with psycopg.connect(
+        cluster.runtime.storage.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    ) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (query_prefix + "%",),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_message_ahead_of_its_record_waits_for_it_and_runs_once(cluster: Any) -> None:
+    """The message of a single submit can reach a worker before the submit's insert commits: the
+    worker's claim finds no record, its own insert of the record waits for the submit's (same
+    id), finds it taken, and claims it.  The run is the submit's: its token, attempt 1, once."""
+    from sqlalchemy import insert
+
+    from celery_ext.storage.base import to_record
+    from celery_ext.storage.sql_schema import tasks
+
+    m = cluster.manager
+    w = cluster.worker(concurrency=1)
+    task, _ = m._build("echo", {"ahead": True}, 0, None, None, 0, None, None)
+    with cluster.runtime.storage.begin() as conn:  # the submit's insert, not committed yet
+        conn.execute(insert(tasks).values(**to_record(task)))
+        m.dispatcher.publish(Dispatch(task, task.dispatch_token or "", 1, queued_at=task.queued_at))
+        deadline = time.monotonic() + 30
+        while backends_waiting_on_a_lock(cluster, "INSERT INTO tasks") == 0:
+            assert time.monotonic() < deadline, "the worker never tried to make the record"
+            time.sleep(0.05)
+    done = m.wait(task.task_id, 30)
+    assert (done.status, done.result, done.attempt, done.run) == (TaskStatus.SUCCEEDED, {"ahead": True}, 1, 1)
+    assert done.dispatch_token == task.dispatch_token and done.queued_at == task.queued_at
+    assert "made again" not in w.log()  # the submit's record was the one kept
+
+
+def test_a_submit_whose_kept_connection_was_killed_writes_its_record(cluster: Any) -> None:
+    """The server closed this thread's connection (a restart, an administrator): the insert is
+    written on a fresh one, whether the dead one failed while sending or only when read."""
+    m = cluster.manager
+    m.submit("echo", {"first": True})  # opens this thread's kept connection
+    pid = cluster.runtime.storage._held.conn.connection.dbapi_connection.info.backend_pid
+    sql(cluster, "SELECT pg_terminate_backend(%s)", pid)
+    task = m.submit("echo", {"second": True})
+    assert cluster.runtime.storage._held.conn.connection.dbapi_connection.info.backend_pid != pid
+    stored = m.get(task.task_id)  # written by the submit itself, before any worker runs
+    assert stored.status is TaskStatus.QUEUED and stored.payload == {"second": True}
+    cluster.worker()
+    assert m.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+
+
+def test_a_submit_whose_insert_fails_after_its_publish_still_runs(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The insert's error comes back after the message is out (here a trigger refuses the
+    submit's insert and its retry): the submit does not raise, since the task will run; it logs
+    why, and the worker makes the record from the message."""
+    fence = unique("fail_")
+    sql(cluster, f"CREATE SEQUENCE {fence}")
+    sql(
+        cluster,
+        f"CREATE FUNCTION {fence}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.payload ? '{fence}' AND nextval('{fence}') <= 2 THEN "
+        "RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$",
+    )
+    sql(cluster, f"CREATE TRIGGER {fence} BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION {fence}()")
+    try:
+        m = cluster.manager
+        with caplog.at_level("WARNING", logger="celery_ext.manager"):
+            task = m.submit("echo", {fence: 1})
+        assert "published, but its record could not be written" in caplog.text
+        assert "refused by the test" in caplog.text
+        assert cluster.runtime.storage.tasks.get(task.task_id) is None
+        w = cluster.worker()
+        done = record(cluster, task.task_id, TaskStatus.SUCCEEDED)
+        assert (done.payload, done.result, done.attempt, done.dispatch_token) == (
+            {fence: 1},
+            {fence: 1},
+            1,
+            task.dispatch_token,
+        )
+        assert "made again from the message" in w.log()
+    finally:
+        sql(cluster, f"DROP TRIGGER {fence} ON tasks")
+        sql(cluster, f"DROP FUNCTION {fence}()")
+        sql(cluster, f"DROP SEQUENCE {fence}")
