@@ -124,8 +124,8 @@ class TaskManager:
         # the publish's.  Not waiting for the disk either: a record that the database lost, or
         # never got, is made by the worker from its message (``TaskRunner.start``).
         self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
-        written = self.storage.tasks.create_sent(task)  # read by _publish, whatever happens
-        return self._publish([(task, countdown)], written)[0]
+        sent = self.storage.tasks.create_sent(task)  # read by _publish, whatever happens
+        return self._publish([(task, countdown)], lambda: [sent()])[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
         """Submit several tasks with one insert and one producer; each spec holds ``submit``'s
@@ -137,6 +137,10 @@ class TaskManager:
         if not built:
             return []
         self.ensure_schema()
+        if all(t.idempotency_key is None and t.status is not TaskStatus.SCHEDULED for t, _ in built):
+            # As a single submit: the insert overlaps the publish (a batch has no key to check).
+            sent = self.storage.tasks.create_many_sent([t for t, _ in built])  # read by _publish
+            return self._publish(built, sent)
         results = self.storage.tasks.create_many([t for t, _ in built])
         fresh = [(t, c) for (t, c), (_, created) in zip(built, results, strict=True) if created]
         self.lifecycle.created([t for t, _ in fresh])
@@ -292,10 +296,12 @@ class TaskManager:
         return self._publish([(task, None)])[0]
 
     def _publish(
-        self, batch: list[tuple[Task, float | None]], written: Callable[[], tuple[Task, bool]] | None = None
+        self,
+        batch: list[tuple[Task, float | None]],
+        written: Callable[[], builtins.list[tuple[Task, bool]]] | None = None,
     ) -> list[Task]:
-        """Publish ``batch``, whose records are written, or, with ``written`` (one task), whose
-        record's insert is on the way (``create_sent``): its outcome is read after the publish."""
+        """Publish ``batch``, whose records are written, or, with ``written``, whose insert is on
+        the way (``create_sent``, ``create_many_sent``): its outcome is read after the publish."""
         # Taken before publishing (or at the build, for a record written QUEUED), so queued_at
         # never comes after a fast worker's started_at; the message carries it, so a worker that
         # claims first records it too.
@@ -311,35 +317,48 @@ class TaskManager:
             else:
                 self.dispatcher.publish_many(dispatches)
         except BaseException as exc:
-            if written is None or self._written(tasks[0].task_id, written, published=False):
-                self.lifecycle.publish_failed(tasks)  # back to PENDING: the outbox publishes them
+            mine = tasks if written is None else self._written(tasks, written, published=False)
+            if mine:
+                self.lifecycle.publish_failed(mine)  # back to PENDING: the outbox publishes them
             if not isinstance(exc, Exception):
                 raise
             raise PublishError(batch[0][0].task_id, exc) from exc
-        if written is not None and not self._written(tasks[0].task_id, written, published=True):
-            return tasks
-        return self.lifecycle.mark_queued(tasks, now)
+        if written is None:
+            return self.lifecycle.mark_queued(tasks, now)
+        mine = self._written(tasks, written, published=True)
+        queued = {t.task_id: t for t in self.lifecycle.mark_queued(mine, now)} if mine else {}
+        return [queued.get(t.task_id, t) for t in tasks]
 
-    def _written(self, task_id: str, written: Callable[[], tuple[Task, bool]], *, published: bool) -> bool:
-        """The outcome of a single submit's insert, read after its publish: whether this
-        producer wrote the record.  ``False`` when a worker made it first, from the message
-        (``TaskRunner.start``), or when the write failed: unpublished, the submit raises the
-        publish's error (nothing written, nothing sent); published, the task is out, and the
-        worker makes its record on receipt, as for a record that a crash of the database lost."""
+    def _written(
+        self, tasks: list[Task], written: Callable[[], builtins.list[tuple[Task, bool]]], *, published: bool
+    ) -> list[Task]:
+        """The outcome of an insert read after its publish: the records this producer wrote.
+        Not the ones a worker made first, from their messages (``TaskRunner.start``), and none
+        when the write failed: unpublished, the submit raises the publish's error (nothing
+        written, nothing sent); published, the tasks are out, and the workers make their records
+        on receipt, as for records that a crash of the database lost."""
         try:
-            stored, created = written()
+            outcomes = written()
         except StorageError as exc:
-            if published:
+            if published and len(tasks) == 1:
                 logger.warning(
-                    "task %s: published, but its record could not be written (%s); "
-                    "the worker that receives it makes it",
-                    task_id,
+                    "task %s: published, but its record could not be written (%s); the worker that "
+                    "receives it makes it",
+                    tasks[0].task_id,
                     exc,
                 )
-            return False
-        if created:
-            self.lifecycle.created([stored])
-        return created
+            elif published:
+                logger.warning(
+                    "%d tasks (the first %s): published, but their records could not be written (%s); "
+                    "the workers that receive them make them",
+                    len(tasks),
+                    tasks[0].task_id,
+                    exc,
+                )
+            return []
+        mine = [stored for stored, created in outcomes if created]
+        self.lifecycle.created(mine)
+        return mine
 
     def ensure_schema(self) -> None:
         if not self._schema_ready:

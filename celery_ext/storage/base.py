@@ -117,6 +117,11 @@ class TaskRepository(abc.ABC):
     def create_many(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
         """Insert several tasks in one round trip where possible; same contract as ``create``."""
 
+    def create_many_sent(self, tasks: Sequence[Task]) -> Callable[[], list[tuple[Task, bool]]]:
+        """``create_many`` in two halves, as ``create_sent``; for tasks without idempotency keys."""
+        outcome = self.create_many(tasks)
+        return lambda: outcome
+
     @abc.abstractmethod
     def get(self, task_id: str) -> Task | None: ...
 

@@ -456,38 +456,20 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         return existing if existing is not None else self.get(task.task_id)
 
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
-        """PostgreSQL: ``_insert``'s INSERT (autocommit, committed on its own) is sent on this
-        thread's kept connection, and the function returned reads its result: psycopg's own
-        execution of the statement, run up to its wait for the server's answer, and resumed there.
-        A single ``submit`` publishes the task's message in between, so the insert's round trip
-        and the server's work overlap the publish (see docs/benchmarks.md).  Other stores, or a
-        psycopg without the generator used here: ``create``."""
-        if self.storage.type_name != "postgresql" or not _can_send_alone():
-            return super().create_sent(task)
+        """PostgreSQL: ``_insert``'s INSERT (autocommit, committed on its own) is sent (``_send``)
+        and the function returned reads its result.  A single ``submit`` publishes the task's
+        message in between, so the insert's round trip and the server's work overlap the publish
+        (see docs/benchmarks.md).  Other stores: ``create``."""
         compiled = self._insert_compiled(self.no_wait)
-        args = compiled.args({f"v_{k}": v for k, v in to_record(task).items()})
-        try:
-            with contextlib.ExitStack() as stack:  # unwound here only by an error while sending
-                dbapi_conn = stack.enter_context(self.storage.single_dbapi())
-                cursor = stack.enter_context(dbapi_conn.cursor())
-                # Not taking the connection's lock as ``Cursor.execute`` does: the kept connection
-                # is this thread's alone, and a statement run on it in between (say, by a publish
-                # signal's receiver) fails at once ("another command is already in progress"),
-                # where holding the lock would hang it.
-                execution = cursor._execute_gen(compiled.sql, args)
-                try:
-                    waiting: Any = next(execution)  # sent; waiting for the answer
-                except StopIteration:
-                    waiting = None
-                pending = stack.pop_all()
-        except StorageError:  # the kept connection is gone: the whole insert on a fresh one
+        finish = None
+        if self.storage.type_name == "postgresql":
+            finish = self._send(compiled.sql, compiled.args({f"v_{k}": v for k, v in to_record(task).items()}))
+        if finish is None:
             return super().create_sent(task)
 
         def outcome() -> tuple[Task, bool]:
             try:
-                with pending:
-                    if waiting is not None:
-                        dbapi_conn.wait(_resumed(execution, waiting))
+                finish()
             except StorageError as exc:
                 if not isinstance(exc.__cause__, self.storage.engine.dialect.loaded_dbapi.IntegrityError):
                     # The kept connection failed (a restarted server, an idle timeout): once
@@ -500,6 +482,62 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             return task, True
 
         return outcome
+
+    def create_many_sent(self, new: Sequence[Task]) -> Callable[[], list[tuple[Task, bool]]]:
+        """PostgreSQL, up to ``INSERT_ROWS`` records: ``_insert_rows``'s statement is sent
+        (``_send``; atomic on its own, and waiting for the disk as ``create_many``'s transaction
+        does) and the function returned reads which records it inserted.  ``submit_many``
+        publishes the batch in between.  Other stores, or more records: ``create_many``."""
+        finish = None
+        if self.storage.type_name == "postgresql" and 0 < len(new) <= INSERT_ROWS:
+            finish = self._send(self._unnest(), self._unnest_params(new))
+        if finish is None:
+            return super().create_many_sent(new)
+
+        def outcome() -> list[tuple[Task, bool]]:
+            try:
+                inserted = {row[0] for row in finish()}
+            except StorageError:
+                # The kept connection failed: once more on a fresh one (ON CONFLICT DO NOTHING:
+                # records that did commit are answered with themselves, as taken).
+                return self.create_many(new)
+            return [(t, True) if t.task_id in inserted else self._holder(t) for t in new]
+
+        return outcome
+
+    def _send(self, sql: str, args: Any) -> Callable[[], list[Any]] | None:
+        """Send one statement on this thread's kept (autocommit) connection without waiting for
+        its answer: psycopg's own execution of it, run up to its wait for the server and resumed
+        there by the function returned, which returns the rows it read (its errors as ``single``'s).
+        That function must be called before any other statement of this thread.  ``None`` when
+        the kept connection failed while sending (dropped: the caller writes on a fresh one), or
+        this psycopg lacks the execution generator."""
+        if not _can_send_alone():
+            return None
+        try:
+            with contextlib.ExitStack() as stack:  # unwound here only by an error while sending
+                dbapi_conn = stack.enter_context(self.storage.single_dbapi())
+                cursor = stack.enter_context(dbapi_conn.cursor())
+                # Not taking the connection's lock as ``Cursor.execute`` does: the kept connection
+                # is this thread's alone, and a statement run on it in between (say, by a publish
+                # signal's receiver) fails at once ("another command is already in progress"),
+                # where holding the lock would hang it.
+                execution = cursor._execute_gen(sql, args)
+                try:
+                    waiting: Any = next(execution)  # sent; waiting for the answer
+                except StopIteration:
+                    waiting = None
+                pending = stack.pop_all()
+        except StorageError:
+            return None
+
+        def finish() -> list[Any]:
+            with pending:
+                if waiting is not None:
+                    dbapi_conn.wait(_resumed(execution, waiting))
+                return cursor.fetchall() if cursor.description is not None else []
+
+        return finish
 
     def create_many(self, new: Sequence[Task]) -> list[tuple[Task, bool]]:
         if not new:
@@ -527,11 +565,19 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         types' bind processing), 26 binary array parameters.  Profiled: SQLAlchemy's executemany
         spent its time in its per-row machinery, a multi-row VALUES list in psycopg parsing the
         long query, text arrays in psycopg's Python array quoting."""
-        one = self._insert_compiled()
-        cols = [c.name for c in tasks.columns]
+        sql = self._unnest()
+        inserted: set[str] = set()
+        with self.storage.begin() as conn:
+            for i in range(0, len(new), INSERT_ROWS):
+                inserted.update(r[0] for r in conn.exec_driver_sql(sql, self._unnest_params(new[i : i + INSERT_ROWS])))
+        return [(t, True) if t.task_id in inserted else self._holder(t) for t in new]
+
+    def _unnest(self) -> str:
+        """``_insert_rows``'s statement, rendered once."""
         sql = self._unnest_sql
         if sql is None:
             dialect = self.storage.engine.dialect
+            cols = [c.name for c in tasks.columns]
             # %b: psycopg's binary array dumpers (4x less client time than text arrays, measured).
             arrays = ", ".join(f"CAST(%b AS {c.type.compile(dialect=dialect)}[])" for c in tasks.columns)
             table = dialect.identifier_preparer.format_table(tasks)
@@ -539,13 +585,13 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
             sql = self._unnest_sql = (
                 f"INSERT INTO {table} ({', '.join(cols)}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING RETURNING task_id"  # noqa: S608, E501
             )
-        inserted: set[str] = set()
-        with self.storage.begin() as conn:
-            for i in range(0, len(new), INSERT_ROWS):
-                rows = [one.args({f"v_{k}": v for k, v in to_record(t).items()}) for t in new[i : i + INSERT_ROWS]]
-                params = tuple([r[f"v_{c}"] for r in rows] for c in cols)
-                inserted.update(r[0] for r in conn.exec_driver_sql(sql, params))
-        return [(t, True) if t.task_id in inserted else self._holder(t) for t in new]
+        return sql
+
+    def _unnest_params(self, new: Sequence[Task]) -> tuple[list[Any], ...]:
+        """``_unnest``'s parameters for ``new``: one array a column, bound as ``_insert``'s."""
+        one = self._insert_compiled()
+        rows = [one.args({f"v_{k}": v for k, v in to_record(t).items()}) for t in new]
+        return tuple([r[f"v_{c.name}"] for r in rows] for c in tasks.columns)
 
     def _holder(self, task: Task) -> tuple[Task, bool]:
         existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None

@@ -208,27 +208,33 @@ def test_a_message_ahead_of_its_record_waits_for_it_and_runs_once(cluster: Any) 
     assert "made again" not in w.log()  # the submit's record was the one kept
 
 
-def test_a_submit_whose_kept_connection_was_killed_writes_its_record(cluster: Any) -> None:
+@pytest.mark.parametrize("how", ["submit", "submit_many"])
+def test_a_submit_whose_kept_connection_was_killed_writes_its_record(cluster: Any, how: str) -> None:
     """The server closed this thread's connection (a restart, an administrator): the insert is
     written on a fresh one, whether the dead one failed while sending or only when read."""
     m = cluster.manager
     m.submit("echo", {"first": True})  # opens this thread's kept connection
     pid = cluster.runtime.storage._held.conn.connection.dbapi_connection.info.backend_pid
     sql(cluster, "SELECT pg_terminate_backend(%s)", pid)
-    task = m.submit("echo", {"second": True})
+    if how == "submit":
+        submitted = [m.submit("echo", {"second": True})]
+    else:
+        submitted = m.submit_many([{"task_type": "echo", "payload": {"second": i}} for i in range(3)])
+    for task in submitted:  # written by the submit itself, before any worker runs
+        stored = m.get(task.task_id)
+        assert stored.status is TaskStatus.QUEUED and stored.payload == task.payload
     assert cluster.runtime.storage._held.conn.connection.dbapi_connection.info.backend_pid != pid
-    stored = m.get(task.task_id)  # written by the submit itself, before any worker runs
-    assert stored.status is TaskStatus.QUEUED and stored.payload == {"second": True}
     cluster.worker()
-    assert m.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+    assert all(m.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED for t in submitted)
 
 
+@pytest.mark.parametrize("how", ["submit", "submit_many"])
 def test_a_submit_whose_insert_fails_after_its_publish_still_runs(
-    cluster: Any, caplog: pytest.LogCaptureFixture
+    cluster: Any, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
-    """The insert's error comes back after the message is out (here a trigger refuses the
-    submit's insert and its retry): the submit does not raise, since the task will run; it logs
-    why, and the worker makes the record from the message."""
+    """The insert's error comes back after the messages are out (here a trigger refuses the
+    insert and its retry on a fresh connection): the submit does not raise, since the tasks will
+    run; it logs why, and the worker makes the records from the messages."""
     fence = unique("fail_")
     sql(cluster, f"CREATE SEQUENCE {fence}")
     sql(
@@ -241,19 +247,24 @@ def test_a_submit_whose_insert_fails_after_its_publish_still_runs(
     try:
         m = cluster.manager
         with caplog.at_level("WARNING", logger="celery_ext.manager"):
-            task = m.submit("echo", {fence: 1})
-        assert "published, but its record could not be written" in caplog.text
+            if how == "submit":
+                submitted = [m.submit("echo", {fence: 1})]
+            else:
+                submitted = m.submit_many([{"task_type": "echo", "payload": {fence: i}} for i in range(3)])
+        said = "published, but its record" if how == "submit" else "3 tasks (the first"
+        assert said in caplog.text and "could not be written" in caplog.text
         assert "refused by the test" in caplog.text
-        assert cluster.runtime.storage.tasks.get(task.task_id) is None
+        assert all(cluster.runtime.storage.tasks.get(t.task_id) is None for t in submitted)
         w = cluster.worker()
-        done = record(cluster, task.task_id, TaskStatus.SUCCEEDED)
-        assert (done.payload, done.result, done.attempt, done.dispatch_token) == (
-            {fence: 1},
-            {fence: 1},
-            1,
-            task.dispatch_token,
-        )
-        assert "made again from the message" in w.log()
+        for task in submitted:
+            done = record(cluster, task.task_id, TaskStatus.SUCCEEDED)
+            assert (done.payload, done.result, done.attempt, done.dispatch_token) == (
+                task.payload,
+                task.payload,
+                1,
+                task.dispatch_token,
+            )
+        assert w.log().count("made again from the message") == len(submitted)
     finally:
         sql(cluster, f"DROP TRIGGER {fence} ON tasks")
         sql(cluster, f"DROP FUNCTION {fence}()")
