@@ -168,11 +168,12 @@ class TaskRunner:
                 group_id=d.group_id,
             )
             running = self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
-            if running is None and self._lost_record(h) and self.storage.tasks.get(d.task_id) is None:
-                # A single submit publishes while its record's insert is on the way, committed
-                # without waiting for the disk (``TaskManager.submit``): the record may not be
-                # visible yet, or a crash of the database may have lost it.  Made here; when
-                # the submit's insert got there first (this insert waited for it), claimed.
+            if running is not None or not self._lost_record(h):
+                return running
+            # A single submit publishes while its record's insert is on the way, committed
+            # without waiting for the disk (``TaskManager.submit``): the claim may have run before
+            # that insert committed, or a crash of the database may have lost it.
+            if self.storage.tasks.get(d.task_id) is None:
                 made = self.lifecycle.received(
                     task.replace(dispatch_token=h.token, queued_at=h.queued_at, worker_id=worker_id), self.lease(task)
                 )
@@ -183,8 +184,9 @@ class TaskRunner:
                         d.task_id,
                     )
                     return made
-                return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
-            return running
+            # The submit's insert committed since the claim (this insert waited for it, or the
+            # read found it): claimed now.  A duplicate or stale message fails this claim too.
+            return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
         # A plain Celery message: record it on receipt, keyed by its Celery task id.
         executor = self.executors.get(d.task_type)
         settings = executor.settings if executor is not None else None

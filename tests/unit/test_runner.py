@@ -299,3 +299,49 @@ def test_backoff_with_jitter_stays_under_the_exponential(sqlite_storage: Storage
     for attempt, cap in ((1, 1.0), (3, 4.0), (9, 8.0)):
         delays = [runner.backoff(attempt) for _ in range(200)]
         assert all(0 <= d <= cap for d in delays) and len(set(delays)) > 100
+
+
+# --- a first message ahead of its record (a submit publishes while its insert is on the way) ---
+
+
+def test_a_first_message_whose_record_commits_just_after_the_failed_claim_is_claimed(
+    s: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim finds no record; the submit's insert commits before the worker reads the record
+    back: the message is the submit's, claimed then, not dropped as a duplicate."""
+    task = Task(
+        new_id(), "scripted", {"do": "ok"}, status=TaskStatus.QUEUED, max_retries=MAX_RETRIES, dispatch_token=new_id()
+    )
+    task = task.replace(queued_at=task.created_at)
+    claim, claims = s.lifecycle.claim, []
+
+    def insert_lands_after_the_claim(*args: Any, **kwargs: Any) -> Task | None:
+        out = claim(*args, **kwargs)
+        if not claims:
+            s.storage.tasks.create(task)
+        claims.append(out)
+        return out
+
+    monkeypatch.setattr(s.lifecycle, "claim", insert_lands_after_the_claim)
+    header = ExtHeader(task.dispatch_token or "", 1, max_retries=MAX_RETRIES, queued_at=task.queued_at)
+    outcome = s.runner.run(Delivery(task.task_id, "scripted", [], dict(task.payload), header), "w1")
+    assert outcome.kind == "succeeded", outcome
+    assert claims[0] is None and claims[1] is not None and len(s.executor.runs) == 1
+    record = s.stored(task)
+    assert (record.status, record.attempt, record.dispatch_token) == (TaskStatus.SUCCEEDED, 1, task.dispatch_token)
+
+
+def test_a_first_message_whose_record_is_missing_makes_it(s: Setup) -> None:
+    task = Task(new_id(), "scripted", {"do": "ok"}, max_retries=MAX_RETRIES, dispatch_token=new_id())
+    header = ExtHeader(task.dispatch_token or "", 1, max_retries=MAX_RETRIES, queued_at=task.created_at)
+    assert s.runner.run(Delivery(task.task_id, "scripted", [], dict(task.payload), header), "w1").kind == "succeeded"
+    record = s.stored(task)
+    assert (record.status, record.attempt, record.dispatch_token) == (TaskStatus.SUCCEEDED, 1, task.dispatch_token)
+
+
+def test_a_duplicate_first_message_is_still_dropped(s: Setup) -> None:
+    task = s.record("ok")
+    header = ExtHeader(task.dispatch_token or "", 1, max_retries=MAX_RETRIES, queued_at=task.created_at)
+    d = Delivery(task.task_id, "scripted", [], dict(task.payload), header)
+    assert s.runner.run(d, "w1").kind == "succeeded"
+    assert s.runner.run(d, "w1").kind == "dropped" and len(s.executor.runs) == 1
