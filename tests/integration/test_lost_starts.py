@@ -269,3 +269,47 @@ def test_a_submit_whose_insert_fails_after_its_publish_still_runs(
         sql(cluster, f"DROP TRIGGER {fence} ON tasks")
         sql(cluster, f"DROP FUNCTION {fence}()")
         sql(cluster, f"DROP SEQUENCE {fence}")
+
+
+def test_concurrent_submits_while_workers_consume_all_run_once(cluster: Any) -> None:
+    """Producers in several threads (single submits and batches, each insert overlapping its
+    publish) while two workers consume: every task ends succeeded, once, and nothing is left
+    queued by a message that overtook its record."""
+    import threading
+
+    m = cluster.manager
+    w = cluster.worker(concurrency=2)
+    cluster.worker(concurrency=2)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def singles(k: int) -> None:
+        got = [m.submit("echo", {"k": k, "i": i}).task_id for i in range(150)]
+        with lock:
+            ids.extend(got)
+
+    def batches() -> None:
+        for b in range(15):
+            specs = [{"task_type": "echo", "payload": {"b": b, "j": j}} for j in range(10)]
+            got = [t.task_id for t in m.submit_many(specs)]
+            with lock:
+                ids.extend(got)
+
+    threads = [threading.Thread(target=singles, args=(k,)) for k in range(3)] + [threading.Thread(target=batches)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 600
+    deadline = time.monotonic() + 120
+    while True:
+        counts = cluster.runtime.storage.tasks.count_by_status()
+        if counts.get("succeeded", 0) >= 600:
+            break
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.2)
+    assert counts == {"succeeded": 600}, counts
+    finished = [cluster.runtime.storage.tasks.get(i) for i in ids]
+    assert all(t is not None and t.attempt == 1 for t in finished)
+    logs = w.log() + cluster.workers[1].log()
+    assert "duplicate or stale message dropped" not in logs
