@@ -611,8 +611,7 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         return tuple([r[f"v_{c.name}"] for r in rows] for c in tasks.columns)
 
     def _holder(self, task: Task) -> tuple[Task, bool]:
-        existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
-        existing = existing or self.get(task.task_id)
+        existing = self._taken(task)
         return (existing, False) if existing is not None else self.create(task)  # gone meanwhile: try again
 
     def _insert_compiled(self, no_wait: bool = False) -> _Compiled:
