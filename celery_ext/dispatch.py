@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from celery import Celery, signals
 from kombu.common import maybe_declare
+from kombu.exceptions import OperationalError
 
 from celery_ext.config import Config
 from celery_ext.message import ExtHeader
@@ -72,6 +74,17 @@ def _plain(value: Any, levels: int) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class _LeanChannel:
+    """What ``Dispatcher._publish_lean`` sets up for a producer's channel, kept with the channel
+    (the producer pool hands it to one thread at a time): its task-sent event dispatcher, its
+    ``RedisWire`` (emptied by every flush) and the queues declared on it."""
+
+    events: Any
+    wire: RedisWire
+    declared: dict[str, Any] = field(default_factory=dict)
+
+
 class Dispatcher:
     """Publishes messages over the app's producer pool; routing is the app's ``task_routes``.
 
@@ -85,6 +98,8 @@ class Dispatcher:
         self.grace = hard_timeout_grace
         # Redis consumes priority 0 first, AMQP the highest number first; ours is AMQP's order.
         self.redis_priorities = redis_priorities
+        self._lean: weakref.WeakKeyDictionary[Any, _LeanChannel] = weakref.WeakKeyDictionary()
+        self._broker_errors: tuple[type[BaseException], ...] | None = None
 
     def options(self, d: Dispatch) -> dict[str, Any]:
         t = d.task
@@ -111,7 +126,27 @@ class Dispatcher:
         return opts
 
     def publish(self, d: Dispatch) -> None:
+        """Publish one message: on Redis through ``_publish_lean`` (its message and task-sent
+        event in one round trip, where Celery's ``send_task`` takes two), else, or when that
+        fails on the connection, through Celery's ``send_task`` with its publish retry (a message
+        the failed pipeline did deliver arrives twice: its dispatch token runs it once)."""
+        if self._lean_batches():
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    if producer.supports_batch_publish:
+                        self._publish_lean(producer, (d,))
+                        return
+            except self._connection_errors():
+                pass  # the broker failed: Celery's send_task retries, as its publish policy says
         self.app.send_task(d.task.task_type, **self.options(d))
+
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        """What a publish raises when the broker fails: kombu's ``OperationalError`` (a channel
+        that could not be opened) and the transport's connection errors (Redis's)."""
+        if self._broker_errors is None:
+            with self.app.connection_for_write() as conn:  # not connected: the transport's list
+                self._broker_errors = (OperationalError, *conn.connection_errors)
+        return self._broker_errors
 
     def publish_many(self, batch: Sequence[Dispatch]) -> None:
         """Publish a batch over one producer.
@@ -141,12 +176,16 @@ class Dispatcher:
         amqp, conf = self.app.amqp, self.app.conf
         reply_to, backend = self.app.thread_oid, self.app.backend
         channel = producer.channel
-        evd = self.app.events.Dispatcher(enabled=False)
-        evd.exchange = evd.exchange(channel)  # bound once: no copy per event
-        maybe_declare(evd.exchange, channel)
-        wire = RedisWire(self.app, channel, evd if conf.task_send_sent_event else None, PUBLISH_BATCH)
-        declared: dict[str, Any] = {}
-        maxlevels = conf.task_repr_maxlevels
+        lean = self._lean.get(channel)
+        if lean is None:
+            evd = self.app.events.Dispatcher(enabled=False)
+            evd.exchange = evd.exchange(channel)  # bound once: no copy per event
+            maybe_declare(evd.exchange, channel)
+            wire = RedisWire(self.app, channel, evd if conf.task_send_sent_event else None, PUBLISH_BATCH)
+            lean = self._lean[channel] = _LeanChannel(evd, wire)
+        evd, wire, declared = lean.events, lean.wire, lean.declared
+        wire.clear()  # anything a failed batch left
+        maxlevels, sent_event = conf.task_repr_maxlevels, conf.task_send_sent_event
         for d in batch:
             opts = self.options(d)
             name = d.task.task_type
@@ -165,7 +204,7 @@ class Dispatcher:
                 reply_to=reply_to,
                 time_limit=opts.get("time_limit"),
                 soft_time_limit=opts.get("soft_time_limit"),
-                create_sent_event=conf.task_send_sent_event,
+                create_sent_event=sent_event,
                 argsrepr=plain_repr(opts["args"], amqp.argsrepr_maxsize, maxlevels),
                 kwargsrepr=plain_repr(opts["kwargs"], amqp.kwargsrepr_maxsize, maxlevels),
                 root_id=opts.get("root_id"),

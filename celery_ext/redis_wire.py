@@ -55,7 +55,8 @@ def serializer(name: str) -> Callable[[Any], tuple[str, str, Any]]:
 class RedisWire:
     """Collects a batch's messages for one kombu Redis ``channel`` and writes them on ``flush``
     (also every ``max_messages``); ``events`` is the batch's ``EventDispatcher`` (its exchange
-    bound to ``channel``), or ``None`` without task-sent events.  Not thread-safe: one per batch."""
+    bound to ``channel``), or ``None`` without task-sent events.  Not thread-safe: one per
+    channel (``Dispatcher`` keeps it with the channel, which one thread uses at a time)."""
 
     def __init__(self, app: Celery, channel: Any, events: Any, max_messages: int) -> None:
         self.channel = channel
@@ -115,12 +116,16 @@ class RedisWire:
         ch._inplace_augment_message(envelope, evd.exchange.name, EVENT_ROUTING_KEY)
         return json_dumps(envelope)
 
+    def clear(self) -> None:
+        """Drop what was added and not flushed."""
+        self._pushes, self._events, self._expiring, self._count = {}, [], {}, 0
+
     def flush(self) -> None:
         """Write what was added: one round trip."""
         if not self._count:
             return
         pushes, events, expiring = self._pushes, self._events, self._expiring
-        self._pushes, self._events, self._expiring, self._count = {}, [], {}, 0
+        self.clear()
         with self.channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             for key, values in pushes.items():
                 pipe.lpush(key, *values)

@@ -313,3 +313,54 @@ def test_celerys_event_receiver_reads_each_task_sent_event_of_a_batch(dispatcher
     seen[:] = [e for e in seen if e["uuid"] != "probe"]
     assert [e["uuid"] for e in seen] == [d.task.task_id for d in batch]
     assert all(e["type"] == "task-sent" and e["queue"] == queue_name(app.main, "echo") for e in seen)
+
+
+def test_a_single_publish_sends_what_send_task_sends_in_one_pipeline(dispatcher: Dispatcher) -> None:
+    """``Dispatcher.publish`` (``submit``'s, a retry's) writes a message and its task-sent event
+    byte for byte as Celery's ``send_task`` does, the event as a ``task.multi`` list of one; the
+    channel's setup is kept, so a second publish on it sends the same again."""
+    batch = [dispatch(None), dispatch(0.5), dispatch(None)]
+    cap = Captured()
+    try:
+        for d in batch:
+            send_task_path(dispatcher, [d])
+            old, old_events = cap.raw(), cap.wait_events(1)
+            dispatcher.publish(d)
+            new, new_events = cap.raw(), cap.wait_events(1)
+            assert new == old and sum(len(v) for v in new.values()) == 1
+            assert old_events[0][0].rsplit("/", 1)[1] == "task.sent"
+            assert new_events[0][0].rsplit("/", 1)[1] == "task.multi"
+            assert unpacked(new_events) == unpacked(old_events)
+        assert not cap.wait_events(1)
+    finally:
+        cap.close()
+
+
+def test_a_single_publish_after_the_broker_dropped_the_connection_still_arrives(
+    tmp_path: Path, private_redis: Any
+) -> None:
+    """The server closes every client connection between two publishes (``CLIENT KILL``): the
+    second publish still delivers its message (the channel's kept pipeline fails, and Celery's
+    ``send_task`` with its publish retry sends it), and the next one takes the lean path again."""
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": private_redis.url},
+        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
+    }
+    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        d = rt.dispatcher
+        sent = [dispatch(None) for _ in range(3)]
+        d.publish(sent[0])
+        client.client_kill_filter(_type="normal", skipme=True)
+        d.publish(sent[1])
+        d.publish(sent[2])
+        queue = queue_name(d.app.main, "echo")
+        ids = []
+        for key in client.keys(f"{queue}*"):
+            ids += [json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1)]
+        assert {d.task.task_id for d in sent} <= set(ids), ids
+    finally:
+        client.close()
+        rt.close()
