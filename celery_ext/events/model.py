@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from celery_ext.model import new_id
 
 TASK_CREATED = "task_created"
 TASK_QUEUED = "task_queued"
@@ -55,7 +56,7 @@ class Event:
     worker_id: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +81,7 @@ class Event:
             d.get("worker_id"),
             dict(d.get("data") or {}),
             float(d.get("timestamp") or time.time()),
-            str(d.get("id") or uuid.uuid4().hex),
+            str(d.get("id") or new_id()),
         )
 
     @classmethod
