@@ -5,7 +5,8 @@ publish path (``send_task_message`` -> ``Producer.publish`` -> ``Channel.basic_p
 ``_put``, and the same again for the task-sent event; profiled in docs/benchmarks.md).  Most of
 it is dispatch around a few steps, which this module runs with kombu's and Celery's own functions:
 
-  body      kombu's serializer registry (``task_serializer``; JSON)
+  body      kombu's serializer registry (``task_serializer``); for JSON, the same JSON value
+            by orjson (``envelope_dumps``)
   envelope  the channel's ``prepare_message`` and what its ``_inplace_augment_message`` adds
             (``augment``: base64 body, delivery tag, delivery info), as ``basic_publish`` does,
             with the delivery mode and priority ``send_task_message`` and ``Producer.publish``
@@ -63,12 +64,13 @@ def envelope_dumps(envelope: Any) -> str | bytes:
 
 def serializer(name: str) -> Callable[[Any], tuple[str, str, Any]]:
     """kombu's ``serialization.dumps(data, serializer=name)``; for kombu's own JSON encoder
-    (``registry.register('json', kombu.utils.json.dumps, ...)``) with one encoder made once."""
+    (``registry.register('json', kombu.utils.json.dumps, ...)``) the same JSON value by
+    ``envelope_dumps`` (its UTF-8, the content encoding kombu declares for it)."""
     entry = serialization.registry._encoders.get(name)  # type: ignore[attr-defined]
     if entry is None or entry.encoder is not kombu_json.dumps:
         return lambda data: serialize(data, serializer=name)
     content_type, encoding = entry.content_type, entry.content_encoding
-    return lambda data: (content_type, encoding, json_dumps(data))
+    return lambda data: (content_type, encoding, envelope_dumps(data))
 
 
 def augment(channel: Any, envelope: dict[str, Any], exchange: str, routing_key: str) -> None:
