@@ -320,8 +320,8 @@ def test_celerys_event_receiver_reads_each_task_sent_event_of_a_batch(dispatcher
 
 def test_a_single_publish_sends_what_send_task_sends_in_one_pipeline(dispatcher: Dispatcher) -> None:
     """``Dispatcher.publish`` (``submit``'s, a retry's) writes a message and its task-sent event
-    as Celery's ``send_task`` does (the same JSON values, key order kept), the event as a ``task.multi`` list of one; the
-    channel's setup is kept, so a second publish on it sends the same again."""
+    as Celery's ``send_task`` does (the same JSON values, key order kept), the event as a
+    ``task.multi`` list of one; the channel's setup is kept, so each publish sends the same."""
     batch = [dispatch(None), dispatch(0.5), dispatch(None)]
     cap = Captured()
     try:
