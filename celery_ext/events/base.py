@@ -95,6 +95,17 @@ class EventBus:
         except queue.Full:
             self.stats.dropped += 1
 
+    def delivers(self, event_type: str) -> bool:
+        """Whether ``publish`` would deliver an event of ``event_type`` anywhere (the transport,
+        a pool child's forward, a handler): a producer skips building one nobody receives (a
+        batch submit's two events a task, with the default local bus and no handler)."""
+        self._ensure_threads()
+        if self._closed:
+            return False
+        return (
+            self.transport.remote or self._forward is not None or event_type in self._handlers or ALL in self._handlers
+        )
+
     def subscribe(self, event_type: str, handler: Handler, *, local_only: bool = False) -> None:
         """Call ``handler(event)`` for every event of ``event_type`` (``"*"``: all types)."""
         self._ensure_threads()

@@ -58,6 +58,8 @@ class EventBridge(TaskObserver):
         self.metrics = metrics
 
     def _emit(self, kind: str, task: Task, **data: Any) -> None:
+        if not self.bus.delivers(kind):
+            return
         self.bus.publish(
             Event(kind, task.task_id, task.worker_id, {"task_type": task.task_type, "attempt": task.attempt, **data})
         )
