@@ -48,3 +48,33 @@ def test_local_only_handlers_skip_events_from_other_processes() -> None:
     assert [e.task_id for e in seen_local] == ["mine"]
     assert sorted(e.task_id for e in seen_all) == ["mine", "remote"]
     bus.close()
+
+
+def test_delivers_says_whether_an_event_of_a_type_would_reach_anyone() -> None:
+    """What a producer asks before building an event (``EventBridge``): a local bus delivers a
+    type only to its handlers (or a catch-all), a forwarding bus everything, a closed one nothing;
+    and the bridge's events reach a handler subscribed after the first ones were skipped."""
+    from celery_ext.events.bridge import EventBridge
+    from celery_ext.metrics import NullMetrics
+    from celery_ext.model import Task
+
+    bus = EventBus()
+    assert not bus.delivers("task_created")
+    bridge = EventBridge(bus, NullMetrics())
+    task = Task(task_id="t1", task_type="echo", payload={})
+    bridge.task_created(task)  # nobody listens: not built, not counted
+    assert bus.stats.published == 0
+    got: list[str] = []
+    bus.subscribe("task_created", lambda e: got.append(e.type))
+    assert bus.delivers("task_created") and not bus.delivers("task_queued")
+    bridge.task_created(task)
+    bridge.task_queued(task)
+    assert bus.flush(5)
+    assert got == ["task_created"] and bus.stats.published == 1
+    bus.subscribe(ALL, lambda e: None)
+    assert bus.delivers("task_queued")
+    forwarding = EventBus()
+    forwarding.forward_to(lambda e: None)
+    assert forwarding.delivers("anything")
+    bus.close()
+    assert not bus.delivers("task_created")
