@@ -36,6 +36,36 @@ def tree_pss_mb(pid: int) -> list[float]:
     return out
 
 
+def cpu_snapshot(workers: dict[str, int] | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the system: each worker's main
+    process (``workers``: side -> pid) and its pool children, the PostgreSQL and Redis servers,
+    and this process (the producer and the waiting)."""
+    import psutil
+
+    def cpu(proc: psutil.Process) -> float:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
+    out: dict[str, float] = {}
+    for side, pid in (workers or {}).items():
+        main = psutil.Process(pid)
+        out[f"{side} worker main"] = cpu(main)
+        out[f"{side} worker pool"] = sum(cpu(child) for child in main.children(recursive=True))
+    out["postgres"] = 0.0
+    out["redis"] = 0.0
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info["name"] or ""
+        if name.startswith("postgres"):
+            out["postgres"] += cpu(proc)
+        elif name.startswith("redis-server"):
+            out["redis"] += cpu(proc)
+    out["producer (bench process)"] = cpu(psutil.Process())
+    return out
+
+
 def wait_healthy(base: str, timeout: float = 60.0) -> None:
     """Wait until the ``celery-ext api`` at ``base`` answers ``/healthz``."""
     import httpx

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import REDIS, tree_pss_mb, wait_until  # noqa: E402
+from bench import REDIS, cpu_snapshot, tree_pss_mb, wait_until  # noqa: E402
 from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
@@ -62,36 +62,6 @@ def run_ext(manager: Any, storage: Any, n: int, before: int) -> float:
     wait_until(lambda: storage.tasks.get(last.task_id).status in TERMINAL)
     wait_until(lambda: storage.tasks.count_by_status().get("succeeded", 0) >= before + n)
     return n / (time.perf_counter() - start)
-
-
-def cpu_snapshot(workers: dict[str, WorkerProcess]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each part of the system: each worker's main
-    process and its pool children, the PostgreSQL and Redis servers, and this process (the
-    producer and the waiting)."""
-    import psutil
-
-    def cpu(proc: psutil.Process) -> float:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            return 0.0
-        return float(times.user + times.system)
-
-    out: dict[str, float] = {}
-    for side, worker in workers.items():
-        main = psutil.Process(worker.pid)
-        out[f"{side} worker main"] = cpu(main)
-        out[f"{side} worker pool"] = sum(cpu(child) for child in main.children(recursive=True))
-    out["postgres"] = 0.0
-    out["redis"] = 0.0
-    for proc in psutil.process_iter(["name"]):
-        name = proc.info["name"] or ""
-        if name.startswith("postgres"):
-            out["postgres"] += cpu(proc)
-        elif name.startswith("redis-server"):
-            out["redis"] += cpu(proc)
-    out["producer (bench process)"] = cpu(psutil.Process())
-    return out
 
 
 def submit_rates(manager: Any, app: Any, n: int) -> dict[str, float]:
@@ -350,6 +320,7 @@ def full(args: argparse.Namespace, run: Setup) -> None:
     rounds = 0 if args.latency_only else args.rounds
     bare_worker, ext_worker = start_workers(config_path, name)
     workers = {"bare": bare_worker, "ext": ext_worker}
+    pids = {key: w.pid for key, w in workers.items()}
     cpu: dict[str, dict[str, float]] = {"bare": {}, "ext": {}}
     try:
         run_bare(bare, rds, 100)  # warm up both
@@ -358,13 +329,13 @@ def full(args: argparse.Namespace, run: Setup) -> None:
             # Each round runs both back to back, the order alternating, so that a slow spell of a
             # shared machine lands on both sides of a round's ratio.
             for side in ("bare", "ext") if r % 2 == 0 else ("ext", "bare"):
-                before_cpu = cpu_snapshot(workers) if args.cpu else {}
+                before_cpu = cpu_snapshot(pids) if args.cpu else {}
                 if side == "bare":
                     results["bare"].append(run_bare(bare, rds, args.n))
                 else:
                     before = rt.storage.tasks.count_by_status().get("succeeded", 0)
                     results["ext"].append(run_ext(rt.manager, rt.storage, args.n, before))
-                for key, value in cpu_snapshot(workers).items() if args.cpu else ():
+                for key, value in cpu_snapshot(pids).items() if args.cpu else ():
                     cpu[side][key] = cpu[side].get(key, 0.0) + value - before_cpu[key]
             ratios.append(results["ext"][-1] / results["bare"][-1])
             print(

@@ -7,9 +7,11 @@ database):
   submit-durable  the same with every write waiting for the disk (``synchronous_commit: always``)
   many(B)    ``manager.submit_many`` in batches of B (one insert, one pipelined publish)
   dispatch   N due records (SCHEDULED) published by one in-process leader (``Scheduler.tick``)
-Each round prints its rates and the ratios to ``bare`` of the same round.
+Each round prints its rates and the ratios to ``bare`` of the same round; ``--cpu`` also the CPU
+each side cost a task, summed over the rounds: this process (the producer), the PostgreSQL
+server (all its processes: the insert, its WAL) and Redis.
 
-    .venv/bin/python bench/bench_submit.py [--n 5000] [--batch 1000] [--rounds 5] [--only many]
+    .venv/bin/python bench/bench_submit.py [--n 5000] [--batch 1000] [--rounds 5] [--only many] [--cpu]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import REDIS, postgres_bench  # noqa: E402
+from bench import REDIS, cpu_snapshot, postgres_bench  # noqa: E402
 from tests.support.schedulers import due_records  # noqa: E402
 from tests.support.services import drop_database  # noqa: E402
 
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=["submit", "many", "dispatch"])
+    parser.add_argument("--cpu", action="store_true", help="also CPU us per task of each process, per side")
     args = parser.parse_args()
 
     import redis
@@ -108,13 +111,17 @@ def main() -> None:
     order = ["bare", *args.only]
     results: dict[str, list[float]] = {k: [] for k in order}
     ratios: dict[str, list[float]] = {k: [] for k in args.only}
+    cpu: dict[str, dict[str, float]] = {k: {} for k in order}
     try:
         many(rt, 500, 250)  # warm up
         submit(rt, 100)
         bare(bare_app, 200)
         for r in range(args.rounds):
             for side in order if r % 2 == 0 else order[::-1]:
+                before = cpu_snapshot() if args.cpu else {}
                 results[side].append(sides[side]())
+                for key, value in cpu_snapshot().items() if args.cpu else ():
+                    cpu[side][key] = cpu[side].get(key, 0.0) + value - before[key]
                 for key in rds.scan_iter(f"{name}*"):
                     if not key.endswith(b".broker.epoch"):
                         rds.delete(key)
@@ -140,6 +147,12 @@ def main() -> None:
             f"  {label.get(side, side):<20}: {statistics.median(results[side]):8,.0f} /s   ratio to bare "
             f"{statistics.median(ratios[side]):.2f} (rounds {min(ratios[side]):.2f}-{max(ratios[side]):.2f})"
         )
+    if args.cpu:
+        tasks = args.n * args.rounds
+        print(f"\nCPU per task, us, summed over the rounds ({tasks:,} tasks a side), while each side ran:")
+        print(f"  {'side':<20}" + "".join(f"{key.split(' ')[0]:>12}" for key in cpu["bare"]))
+        for side in order:
+            print(f"  {label.get(side, side):<20}" + "".join(f"{v * 1e6 / tasks:>12.0f}" for v in cpu[side].values()))
 
 
 if __name__ == "__main__":
