@@ -154,13 +154,14 @@ class Dispatcher:
         On Redis, each message is still routed by the app's router (one call per message: a
         balancer reserves a worker's slot) and built by Celery (``amqp.create_task_message``);
         ``RedisWire`` then writes the messages and their task-sent events, the same JSON Celery's
-        ``send_task_message`` would send (encoded by orjson), through one pipeline per ``PUBLISH_BATCH`` messages, one
-        LPUSH per queue key (profiled in docs/benchmarks.md: Celery's and kombu's generic publish
-        path was most of a batch's time).  Anything that changes the message takes Celery's
-        ``send_task`` instead, in kombu's publish batch: a publish signal receiver
-        (``before_task_publish``, ...), a call from inside a worker's task (Celery links the
-        parent), a broker other than Redis (quorum queues and native delayed delivery), a Redis
-        connection that would retry a pipeline (kombu's ``supports_batch_publish``).
+        ``send_task_message`` would send (encoded by orjson), through one pipeline per
+        ``PUBLISH_BATCH`` messages, one LPUSH per queue key (profiled in docs/benchmarks.md:
+        Celery's and kombu's generic publish path was most of a batch's time).  Anything that
+        changes the message takes Celery's ``send_task`` instead, in kombu's publish batch: a
+        publish signal receiver (``before_task_publish``, ...), a call from inside a worker's
+        task (Celery links the parent), a broker other than Redis (quorum queues and native
+        delayed delivery), a Redis connection that would retry a pipeline (kombu's
+        ``supports_batch_publish``).
         """
         if not batch:
             return

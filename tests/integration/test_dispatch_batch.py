@@ -339,18 +339,29 @@ def test_a_single_publish_sends_what_send_task_sends_in_one_pipeline(dispatcher:
         cap.close()
 
 
+def private_dispatcher(tmp_path: Path, url: str) -> Any:
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": url},
+        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
+    }
+    return runtime_of(create_app(parse_config(data, source="test")))
+
+
+def queued_ids(client: redis.Redis, d: Dispatcher) -> list[str]:
+    ids = []
+    for key in client.keys(f"{queue_name(d.app.main, 'echo')}*"):
+        ids += [json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1)]
+    return ids
+
+
 def test_a_single_publish_after_the_broker_dropped_the_connection_still_arrives(
     tmp_path: Path, private_redis: Any
 ) -> None:
     """The server closes every client connection between two publishes (``CLIENT KILL``): the
-    second publish still delivers its message (the channel's kept pipeline fails, and Celery's
-    ``send_task`` with its publish retry sends it), and the next one takes the lean path again."""
-    data = {
-        "app": {"name": unique("disp")},
-        "broker": {"url": private_redis.url},
-        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
-    }
-    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
+    channel kept for the lean path (its event dispatcher, ``RedisWire``) still publishes, redis-py
+    finding the dropped connection and opening another, and each message arrives."""
+    rt = private_dispatcher(tmp_path, private_redis.url)
     client = redis.Redis.from_url(private_redis.url)
     try:
         d = rt.dispatcher
@@ -359,11 +370,53 @@ def test_a_single_publish_after_the_broker_dropped_the_connection_still_arrives(
         client.client_kill_filter(_type="normal", skipme=True)
         d.publish(sent[1])
         d.publish(sent[2])
-        queue = queue_name(d.app.main, "echo")
-        ids = []
-        for key in client.keys(f"{queue}*"):
-            ids += [json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1)]
+        ids = queued_ids(client, d)
         assert {d.task.task_id for d in sent} <= set(ids), ids
     finally:
         client.close()
+        rt.close()
+
+
+def test_a_single_publish_the_broker_refuses_is_retried_by_celerys_send_task(
+    tmp_path: Path, private_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker is down when the lean path publishes: the publish goes on through Celery's
+    ``send_task`` and its retry policy, and arrives once the broker is back (started again as
+    soon as the lean attempt has failed)."""
+    rt = private_dispatcher(tmp_path, private_redis.url)
+    d = rt.dispatcher
+    d.app.conf.task_publish_retry_policy = {
+        "max_retries": 100,
+        "interval_start": 0.1,
+        "interval_step": 0,
+        "interval_max": 0.1,
+    }
+    lean_failed, lean = threading.Event(), d._publish_lean
+
+    def observed(producer: Any, batch: Any) -> None:
+        try:
+            lean(producer, batch)
+        except BaseException:
+            lean_failed.set()
+            raise
+
+    monkeypatch.setattr(d, "_publish_lean", observed)
+
+    def restart() -> None:
+        assert lean_failed.wait(30)
+        private_redis.start()
+
+    try:
+        d.publish(dispatch(None))  # the lean path set up on the live broker
+        private_redis.kill()
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        late = dispatch(None)
+        d.publish(late)
+        thread.join(30)
+        assert lean_failed.is_set()
+        client = redis.Redis.from_url(private_redis.url)
+        assert queued_ids(client, d) == [late.task.task_id]  # the restarted broker is empty but for it
+        client.close()
+    finally:
         rt.close()
