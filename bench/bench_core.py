@@ -360,8 +360,13 @@ def full(args: argparse.Namespace, run: Setup) -> None:
     if args.cpu and rounds:
         report_cpu(cpu, args.n * rounds)
     print(f"\nsubmit-to-result latency, one task at a time (n={args.latency_n} each, interleaved):")
+    bare_p50 = pct(latency["bare Celery AsyncResult.get"], 0.5)
     for key, values in latency.items():
-        print(f"  {key:<28}: p50 {pct(values, 0.5) * 1000:6.1f} ms   p99 {pct(values, 0.99) * 1000:6.1f} ms")
+        p50 = pct(values, 0.5)
+        print(
+            f"  {key:<28}: p50 {p50 * 1000:6.2f} ms   p99 {pct(values, 0.99) * 1000:6.2f} ms"
+            f"   p50 ratio to bare {p50 / bare_p50:.3f}"
+        )
     if loaded is not None:
         report_loaded(args, *loaded)
     if args.latency_only:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery, signals
 from kombu.common import maybe_declare
@@ -19,6 +19,14 @@ from celery_ext.redis_wire import RedisWire
 
 MAX_PRIORITY = 9
 PUBLISH_BATCH = 2000  # publish_many: messages per Redis pipeline (kombu batch fallback: commands)
+
+
+class Reserver(Protocol):
+    """What ``Dispatcher`` asks of ``TaskRouter`` (routing/router.py) for a single publish."""
+
+    def pending(self, task_type: str, kwargs: Any, options: Mapping[str, Any]) -> Any: ...
+
+    def reserved(self, reservation: Any, reply: int) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +101,12 @@ class Dispatcher:
     number within the run, so Celery's tools count retries as the record does.
     """
 
-    def __init__(self, app: Celery, *, hard_timeout_grace: float, redis_priorities: bool) -> None:
+    def __init__(
+        self, app: Celery, *, hard_timeout_grace: float, redis_priorities: bool, router: Reserver | None = None
+    ) -> None:
         self.app = app
+        # The app's router, when it can reserve a worker's slot with a single publish.
+        self.router = router
         self.grace = hard_timeout_grace
         # Redis consumes priority 0 first, AMQP the highest number first; ours is AMQP's order.
         self.redis_priorities = redis_priorities
@@ -174,63 +186,91 @@ class Dispatcher:
                     self.app.send_task(d.task.task_type, producer=producer, **self.options(d))
 
     def _publish_lean(self, producer: Any, batch: Sequence[Dispatch]) -> None:
-        amqp, conf = self.app.amqp, self.app.conf
-        reply_to, backend = self.app.thread_oid, self.app.backend
         channel = producer.channel
         lean = self._lean.get(channel)
         if lean is None:
             evd = self.app.events.Dispatcher(enabled=False)
             evd.exchange = evd.exchange(channel)  # bound once: no copy per event
             maybe_declare(evd.exchange, channel)
-            wire = RedisWire(self.app, channel, evd if conf.task_send_sent_event else None, PUBLISH_BATCH)
+            wire = RedisWire(self.app, channel, evd if self.app.conf.task_send_sent_event else None, PUBLISH_BATCH)
             lean = self._lean[channel] = _LeanChannel(evd, wire)
-        evd, wire, declared = lean.events, lean.wire, lean.declared
+        wire = lean.wire
         wire.clear()  # anything a failed batch left
-        maxlevels, sent_event = conf.task_repr_maxlevels, conf.task_send_sent_event
+        if len(batch) == 1 and self._publish_reserved(producer, lean, batch[0]):
+            return
         for d in batch:
             opts = self.options(d)
-            name = d.task.task_type
-            route = amqp.router.route({}, name, opts["args"], opts["kwargs"])
-            queue = route.pop("queue")
-            if queue.name not in declared:
-                declared[queue.name] = maybe_declare(queue(channel), channel)
-            message = amqp.create_task_message(
-                opts["task_id"],
-                name,
-                opts["args"],
-                opts["kwargs"],
-                countdown=opts.get("countdown"),
-                group_id=opts.get("group_id"),
-                retries=opts["retries"],
-                reply_to=reply_to,
-                time_limit=opts.get("time_limit"),
-                soft_time_limit=opts.get("soft_time_limit"),
-                create_sent_event=sent_event,
-                argsrepr=plain_repr(opts["args"], amqp.argsrepr_maxsize, maxlevels),
-                kwargsrepr=plain_repr(opts["kwargs"], amqp.kwargsrepr_maxsize, maxlevels),
-                root_id=opts.get("root_id"),
-                parent_id=opts.get("parent_id"),
-                ignore_result=None,
-                priority=opts["priority"],
-                **route,
-            )
-            backend.on_task_call(producer, opts["task_id"])
+            queue, route, message = self._message(producer, lean, d.task.task_type, opts, {})
             if wire.accepts(queue, route):
                 wire.add(queue, message, opts["headers"], opts["priority"])
                 continue
-            amqp.send_task_message(
+            self.app.amqp.send_task_message(
                 producer,
-                name,
+                d.task.task_type,
                 message,
                 queue=queue,
                 declare=[],
                 retry=False,
-                event_dispatcher=evd,
+                event_dispatcher=lean.events,
                 headers=opts["headers"],
                 priority=opts["priority"],
                 **route,
             )
         wire.flush()
+
+    def _publish_reserved(self, producer: Any, lean: _LeanChannel, d: Dispatch) -> bool:
+        """One message whose worker slot is reserved in the same round trip as its publish
+        (``TaskRouter.pending``: the registry is the broker); False if the router would not, or
+        the script did not take the slot and wrote nothing (the message is then routed again)."""
+        router = self.router
+        if router is None:
+            return False
+        opts = self.options(d)
+        name = d.task.task_type
+        reservation = router.pending(name, opts["kwargs"], opts)
+        if reservation is None:
+            return False
+        queue, route, message = self._message(producer, lean, name, opts, {"queue": reservation.worker.queue})
+        if not lean.wire.accepts_reserved(queue, route):
+            return False
+        reply = lean.wire.push_reserved(queue, message, opts["headers"], opts["priority"], reservation)
+        return router.reserved(reservation, reply)
+
+    def _message(
+        self, producer: Any, lean: _LeanChannel, name: str, opts: dict[str, Any], destination: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any], Any]:
+        """The queue (declared on the channel once), the rest of the route, and Celery's message
+        for a publish of ``name`` with ``opts``, routed by the app's router (to ``destination``'s
+        queue if it names one)."""
+        amqp, conf = self.app.amqp, self.app.conf
+        route = amqp.router.route(destination, name, opts["args"], opts["kwargs"])
+        queue = route.pop("queue")
+        declared = lean.declared
+        if queue.name not in declared:
+            declared[queue.name] = maybe_declare(queue(producer.channel), producer.channel)
+        maxlevels = conf.task_repr_maxlevels
+        message = amqp.create_task_message(
+            opts["task_id"],
+            name,
+            opts["args"],
+            opts["kwargs"],
+            countdown=opts.get("countdown"),
+            group_id=opts.get("group_id"),
+            retries=opts["retries"],
+            reply_to=self.app.thread_oid,
+            time_limit=opts.get("time_limit"),
+            soft_time_limit=opts.get("soft_time_limit"),
+            create_sent_event=conf.task_send_sent_event,
+            argsrepr=plain_repr(opts["args"], amqp.argsrepr_maxsize, maxlevels),
+            kwargsrepr=plain_repr(opts["kwargs"], amqp.kwargsrepr_maxsize, maxlevels),
+            root_id=opts.get("root_id"),
+            parent_id=opts.get("parent_id"),
+            ignore_result=None,
+            priority=opts["priority"],
+            **route,
+        )
+        self.app.backend.on_task_call(producer, opts["task_id"])
+        return queue, route, message
 
     def _lean_batches(self) -> bool:
         return (

@@ -137,7 +137,10 @@ def create_app(config: Config | None = None, *, config_path: str | os.PathLike[s
     register_task_types(app, executors.task_types)
     app.loader.override_backends["celery_ext"] = "celery_ext.backend:RecordBackend"
     dispatcher = Dispatcher(
-        app, hard_timeout_grace=config.worker.hard_timeout_grace, redis_priorities=is_redis_url(broker_url)
+        app,
+        hard_timeout_grace=config.worker.hard_timeout_grace,
+        redis_priorities=is_redis_url(broker_url),
+        router=router,
     )
     lifecycle = Lifecycle(
         storage,

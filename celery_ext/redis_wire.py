@@ -24,6 +24,9 @@ one after another; one PUBLISH and one envelope per flush instead of one per mes
 a batch's publishing time, profiled in docs/benchmarks.md).  A message for any other destination
 (a non-direct exchange, a route naming an exchange or routing key) is not taken here
 (``accepts``): the caller sends it through Celery.
+
+``push_reserved`` writes a single message and its event through the router's reservation script
+instead (``WorkerRegistry.reserve_push``): the worker's slot, then the message, in one call.
 """
 
 from __future__ import annotations
@@ -112,6 +115,42 @@ class RedisWire:
     def add(self, queue: Any, message: Any, headers: dict[str, Any], priority: int) -> None:
         """One task message (``amqp.create_task_message``'s) for ``queue``, with ``headers``
         merged into Celery's as ``send_task_message`` does, and its task-sent event."""
+        key, envelope, event = self._prepare(queue, message, headers, priority)
+        self._pushes.setdefault(key, []).append(envelope)
+        qname = queue.name
+        if qname in self.channel._expires:  # x-expires: kombu refreshes every priority list's TTL
+            self._expiring[qname] = self.channel._expires[qname]
+        if event is not None:
+            self._events.append(event)
+        self._count += 1
+        if self._count >= self.max_messages:
+            self.flush()
+
+    def push_reserved(self, queue: Any, message: Any, headers: dict[str, Any], priority: int, reservation: Any) -> int:
+        """Write one message as ``add`` and ``flush`` would, through the reservation's script
+        (``TaskRouter.pending``): only if it takes the worker's slot, in the same round trip.
+        Returns the script's reply (the worker's new in-flight count, or -1/-2: nothing was
+        written).  ``queue`` must have no ``x-expires`` (``accepts_reserved``)."""
+        key, envelope, event = self._prepare(queue, message, headers, priority)
+        events = self._events_envelope([event]) if event is not None else b""
+        topics = self._topics if event is not None else ()
+        keys = reservation.keys
+        with self.channel.conn_or_acquire() as client:
+            reply = reservation.script(
+                keys=[keys[0], key, *keys[1:]], args=[*reservation.args, envelope, events, *topics], client=client
+            )
+        return int(reply)
+
+    def accepts_reserved(self, queue: Any, route: dict[str, Any]) -> bool:
+        """Whether ``push_reserved`` can write a message for ``queue``: ``accepts``, and no queue
+        TTL to refresh."""
+        return self.accepts(queue, route) and queue.name not in self.channel._expires
+
+    def _prepare(
+        self, queue: Any, message: Any, headers: dict[str, Any], priority: int
+    ) -> tuple[str, str | bytes, dict[str, Any] | None]:
+        """The list key, the envelope as kombu's ``_put`` would write it, and the prepared
+        task-sent event (None without one) of a message for ``queue``."""
         ch, qname = self.channel, queue.name
         task_headers, properties, body, sent_event = message
         task_headers.update(headers)
@@ -120,19 +159,11 @@ class RedisWire:
         envelope = ch.prepare_message(payload, priority, content_type, encoding, task_headers, properties)
         augment(ch, envelope, "", qname)
         key = ch._q_for_pri(qname, ch._get_message_priority(envelope, reverse=False))
-        self._pushes.setdefault(key, []).append(envelope_dumps(envelope))
-        if qname in ch._expires:  # x-expires on the queue: kombu refreshes every priority list's TTL
-            self._expiring[qname] = ch._expires[qname]
+        event = None
         if sent_event is not None and self.events is not None:
-            self._event(sent_event, qname)
-        self._count += 1
-        if self._count >= self.max_messages:
-            self.flush()
-
-    def _event(self, fields: dict[str, Any], qname: str) -> None:
-        assert self.events is not None
-        fields.update({"queue": qname, "exchange": "", "routing_key": qname})
-        self._events.append(self.events._prepare_event(EVENT, fields))
+            sent_event.update({"queue": qname, "exchange": "", "routing_key": qname})
+            event = self.events._prepare_event(EVENT, sent_event)
+        return key, envelope_dumps(envelope), event
 
     def _events_envelope(self, events: list[dict[str, Any]]) -> str | bytes:
         """The batch's task-sent events as one ``task.multi`` message, as kombu's ``basic_publish``

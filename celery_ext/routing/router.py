@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery_ext.dispatch import queue_name
@@ -98,6 +99,20 @@ def candidates(pool: Sequence[WorkerInfo] | None, exclude: set[str] | frozenset[
     """The workers of a type's pool a balancer may choose: those with a free slot, less ``exclude``
     (found full when a slot was reserved)."""
     return [w for w in pool or () if w.in_flight < w.capacity and w.id not in exclude]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A slot to take with the publish of the message that fills it (``TaskRouter.pending``)."""
+
+    task_type: str
+    worker: WorkerInfo
+    keys: tuple[str, ...]  # the in-flight hash, then the type's shared sub-queues (a backlog)
+    script: Any  # ``WorkerRegistry.reserve_push``
+
+    @property
+    def args(self) -> tuple[str, int]:
+        return self.worker.id, self.worker.capacity
 
 
 class TaskRouter:
@@ -299,6 +314,46 @@ class TaskRouter:
             worker.in_flight = worker.capacity
             rejected.add(worker.id)
         return None
+
+    def pending(self, task_type: str, kwargs: Any, options: Mapping[str, Any]) -> Reservation | None:
+        """The reservation a publish of ``task_type`` can make in its own round trip, when the
+        registry is the broker: the worker ``route`` would try first, and what its script needs
+        (``WorkerRegistry.reserve_push``: the slot, then the message in that worker's queue).
+        None where ``__call__`` decides otherwise (no choice, a delayed task, a backlog seen, a
+        shared plan, an outage): the publish routes the message as usual.  The publish hands the
+        script's reply to ``reserved``."""
+        backlog = self.backlog_keys.get(task_type)
+        if backlog is None or self.registry is None or any(options.get(k) for k in ("queue", "countdown", "eta")):
+            return None
+        now = time.monotonic()
+        if now < self._down_until or now < self._backlog_until.get(task_type, 0.0):
+            return None
+        try:
+            if self.state is not None:
+                pool = self.snapshot().get(task_type)
+                if pool and self._plan(task_type, pool) is not None:
+                    return None  # a shared plan reserves in its own script
+            worker = self.choose(_routed(task_type, kwargs, options))
+        except Exception:  # noqa: BLE001 - __call__ meets the outage again, and reports it
+            return None
+        if worker is None:
+            return None
+        registry = self.registry
+        return Reservation(task_type, worker, (registry.keys[2], *backlog), registry.reserve_push)
+
+    def reserved(self, reservation: Reservation, reply: int) -> bool:
+        """Whether the reservation's script took the slot (and wrote the message).  Otherwise it
+        wrote nothing, and what it found is noted as ``route`` notes it (a backlog in the shared
+        queue, a worker full by the server's count): the message is then routed again."""
+        worker = reservation.worker
+        if reply >= 0:
+            worker.in_flight = reply  # the server's count
+            return True
+        if reply == -2:
+            self._backlog_until[reservation.task_type] = time.monotonic() + self.cache_ttl
+        else:
+            worker.in_flight = worker.capacity
+        return False
 
     def _plan(self, task_type: str, pool: list[WorkerInfo]) -> tuple[SharedPlan, dict[str, WorkerInfo], str] | None:
         """The balancer's shared plan for this pool, rebuilt only when the pool changes (a worker

@@ -91,18 +91,38 @@ return {gen, ids, loads, infos, redis.call('GET', KEYS[5])}
 """
 )
 
-# KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity
-# -> new in-flight; -1 when the worker is full; -2 when work already waits in the shared queue
-# (routing around a backlog would let new tasks overtake it, and a worker that frees a slot
-# takes from the backlog anyway)
-_RESERVE = """
-for i = 2, #KEYS do
+
+def _reserving(backlog_from: int, taken: str) -> str:
+    """A script that takes a slot: KEYS[1] the in-flight hash, KEYS[``backlog_from``...] the
+    type's shared sub-queues, ARGV[1], ARGV[2] the worker's id and capacity.  -2 when work
+    already waits in the shared queue (routing around a backlog would let new tasks overtake it,
+    and a worker that frees a slot takes from the backlog anyway); -1 when the worker is full;
+    else ``taken`` runs, with the new in-flight count in ``n``, and returns it."""
+    return f"""
+for i = {backlog_from}, #KEYS do
   if redis.call('LLEN', KEYS[i]) > 0 then return -2 end
 end
 local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if n >= tonumber(ARGV[2]) then return -1 end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+{taken}
+return n
 """
+
+
+# KEYS: inflight, the type's shared sub-queues  ARGV: id, capacity -> new in-flight, -1, -2
+_RESERVE = _reserving(2, "")
+
+# ``_RESERVE`` and the publish of the message that takes the slot, in one round trip, when the
+# registry is the broker (``TaskRouter.pending``, ``RedisWire.push_reserved``).
+# KEYS: inflight, the message's list, the type's shared sub-queues...
+# ARGV: id, capacity, the message, its task-sent events ('' for none), the events' topics...
+# -> as _RESERVE; the message and its events are written only when the slot was taken
+_RESERVE_PUSH = _reserving(
+    3,
+    """redis.call('LPUSH', KEYS[2], ARGV[3])
+for i = 5, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[4]) end""",
+)
 
 # KEYS: inflight  ARGV: id, delta -> new in-flight, never below zero
 _ADJUST = """
@@ -244,6 +264,8 @@ class WorkerRegistry:
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._online = client.register_script(_ONLINE)
         self._reserve = client.register_script(_RESERVE)
+        #: ``_RESERVE`` with the message's publish (run on the broker's own connection).
+        self.reserve_push = client.register_script(_RESERVE_PUSH)
         self._adjust = client.register_script(_ADJUST)
         self._sweep = client.register_script(_SWEEP)
         self.held_key = f"{prefix}.tasks.held"

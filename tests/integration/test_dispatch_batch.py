@@ -420,3 +420,138 @@ def test_a_single_publish_the_broker_refuses_is_retried_by_celerys_send_task(
         client.close()
     finally:
         rt.close()
+
+
+# --- a single publish that reserves its worker's slot in the same round trip -----------------
+
+
+def free_worker(rt: Any, capacity: int = 2) -> Any:
+    """A worker registered for ``echo`` (no process: the registry entry is what routing reads),
+    with the router's snapshot kept for the test (no refresh between two publishes)."""
+    from celery_ext.routing.workers import WorkerInfo, direct_queue_name
+
+    wid = unique("w") + "@test"
+    info = WorkerInfo(wid, direct_queue_name(rt.config.app.name, wid), capacity=capacity, supported_types=("echo",))
+    rt.registry.heartbeat(info, 60, 0)
+    rt.router.cache_ttl = 60.0
+    rt.router.invalidate()
+    return info
+
+
+def queue_of(key: str) -> str:
+    """The queue of a Redis list key (a priority's list is ``queue:<step>``, the transport's
+    separator)."""
+    base, _, step = key.rpartition(":")
+    return base if step.isdigit() else key
+
+
+def in_flight(rt: Any, worker_id: str) -> int:
+    return int(rt.registry.client.hget(rt.registry.keys[2], worker_id) or 0)
+
+
+def commands_of(client: redis.Redis, action: Any) -> list[tuple[str, str]]:
+    """The commands Redis ran while ``action`` ran (in this thread: Celery's ``reply_to`` is the
+    thread's), as (client type, command): ``lua`` for one a script ran (redis-py's ``MONITOR``),
+    up to a marker sent after it."""
+    marker, marking = unique("end"), redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    marking.ping()  # connected before: its handshake is not among the commands
+    got: list[tuple[str, str]] = []
+    with client.monitor() as monitor:  # MONITOR confirmed: every later command is seen
+
+        def read() -> None:
+            while marker not in (command := monitor.next_command())["command"]:
+                got.append((command["client_type"], command["command"]))
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        action()
+        marking.echo(marker)
+        thread.join(10)
+    marking.close()
+    return got
+
+
+def test_a_single_publish_reserves_its_workers_slot_and_writes_its_message_in_one_script() -> None:
+    """With a free worker registered and the registry on the broker, a single publish is one
+    command: the script takes the worker's slot and writes the message and its task-sent event,
+    the same JSON values ``send_task`` writes to that worker's queue."""
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
+        "storage": {"type": "sqlite", "config": {"url": "sqlite:///:memory:"}},
+    }
+    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
+    cap = Captured()
+    try:
+        worker = free_worker(rt, capacity=3)
+        d = rt.dispatcher
+        first, second = dispatch(None), dispatch(None)
+        d.publish(first)  # the script loaded, the queue declared
+        assert in_flight(rt, worker.id) == 1
+        cap.raw(), cap.wait_events(1)
+        ran = commands_of(cap.client, lambda: d.publish(second))
+        outside = [c for kind, c in ran if kind != "lua"]
+        assert len(outside) == 1 and outside[0].startswith("EVALSHA"), ran
+        inside = [c.split()[0].upper() for kind, c in ran if kind == "lua"]
+        assert inside[-3:] == ["HINCRBY", "LPUSH", "PUBLISH"], ran
+        assert in_flight(rt, worker.id) == 2
+        new, new_events = cap.raw(), cap.wait_events(1)
+        assert [queue_of(k) for k in new] == [worker.queue]
+        d.app.send_task(second.task.task_type, queue=worker.queue, **d.options(second))
+        old, old_events = cap.raw(), cap.wait_events(1)
+        assert new == old
+        assert unpacked(new_events) == unpacked(old_events)
+    finally:
+        cap.close()
+        rt.close()
+
+
+def test_a_single_publish_to_a_worker_full_by_the_servers_count_goes_to_the_shared_queue(dispatcher: Any) -> None:
+    """Another producer took the worker's last slot since this one's snapshot: the script writes
+    nothing, and the message is routed again (here to the type's shared queue), once, with one
+    task-sent event."""
+    rt = runtime_of(dispatcher.app)
+    cap = Captured()
+    try:
+        worker = free_worker(rt, capacity=2)
+        dispatcher.publish(dispatch(None))
+        cap.raw(), cap.wait_events(1)
+        rt.registry.client.hset(rt.registry.keys[2], worker.id, 2)  # the server's count: full
+        late = dispatch(None)
+        dispatcher.publish(late)
+        found = cap.raw()
+        shared = queue_name(rt.config.app.name, "echo")
+        assert [queue_of(k) for k in found] == [shared], found
+        assert sum(len(v) for v in found.values()) == 1
+        assert len(cap.wait_events(1)) == 1
+        time.sleep(0.3)
+        assert not cap.raw_events  # one event: none from the refused script
+        assert in_flight(rt, worker.id) == 2
+    finally:
+        cap.close()
+
+
+def test_a_single_publish_queues_behind_a_backlog_in_the_shared_queue(dispatcher: Any) -> None:
+    """Work already waits in the type's shared queue: the script takes no slot and writes
+    nothing; the message joins the backlog, and later ones go there without asking again."""
+    rt = runtime_of(dispatcher.app)
+    cap = Captured()
+    try:
+        worker = free_worker(rt, capacity=2)
+        shared = queue_name(rt.config.app.name, "echo")
+        waiting = dispatch(None)
+        dispatcher.app.send_task("echo", queue=shared, **dispatcher.options(waiting))
+        cap.raw()  # read and emptied: put it back, raw, as the backlog
+        dispatcher.app.send_task("echo", queue=shared, **dispatcher.options(waiting))
+        cap.wait_events(1)
+        sent = [dispatch(None), dispatch(None)]
+        ran = commands_of(cap.client, lambda: [dispatcher.publish(d) for d in sent])
+        sha = rt.registry.reserve_push.sha
+        assert sum(1 for kind, c in ran if kind != "lua" and c.startswith(f"EVALSHA {sha}")) == 1, ran
+        lists = [k.decode() for k in cap.client.keys("*") if cap.client.type(k) == b"list"]
+        assert [queue_of(k) for k in lists] == [shared], lists
+        ids = [json.loads(raw)["headers"]["id"] for raw in reversed(cap.client.lrange(lists[0], 0, -1))]
+        assert ids == [waiting.task.task_id] + [d.task.task_id for d in sent]
+        assert in_flight(rt, worker.id) == 0
+    finally:
+        cap.close()
