@@ -21,7 +21,8 @@ without waiting stops subscribing as soon as one expected task goes unwaited (``
 
 The PUBLISH is written without waiting for Redis's reply (``NoReplyWriter``: nothing uses the
 count of subscribers it returns), so a pool process does not sleep a round trip per task after
-its outcome is committed.
+its outcome is committed.  The worker's routing slot is released in the same write (``also``):
+one send a task instead of two.
 
 The Redis is the worker registry's (``scheduler.registry_url``, else a Redis broker, else the
 embedded one).  With no Redis (a RabbitMQ broker and no registry), waiting polls the record with
@@ -67,6 +68,9 @@ class Completion:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._warned = 0.0
+        #: Commands written after a run's pushed outcome, in the same write, given the task id:
+        #: the worker's slot release (``routing/heartbeat.py``); none outside a worker's run.
+        self.also: Callable[[str], list[tuple[Any, ...]]] | None = None
 
     def channel(self, task_id: str) -> str:
         return f"{self.prefix}:done:{task_id}"
@@ -89,7 +93,12 @@ class Completion:
         try:
             if self._writer is None:
                 self._writer = NoReplyWriter(self.client)
-            self._writer.send("PUBLISH", self.channel(task_id), WAKE if final is None else pushed(final))
+            commands: list[tuple[Any, ...]] = [
+                ("PUBLISH", self.channel(task_id), WAKE if final is None else pushed(final))
+            ]
+            if final is not None and self.also is not None:
+                commands += self.also(task_id)
+            self._writer.send_many(commands)
         except Exception as exc:  # noqa: BLE001 - waiters fall back to reading the record
             now = time.monotonic()
             if now - self._warned > 10:

@@ -174,6 +174,10 @@ def _queue_depth(app: Any, queue: str) -> Callable[[], int]:
     return depth
 
 
+# Set on a task's request when its slot was released with its pushed outcome.
+RELEASED = "celery_ext_released"
+
+
 def install_routing(app: Celery) -> None:
     """Worker options, the two bootsteps, and the in-flight accounting signals."""
     app.user_options["worker"].add(
@@ -213,10 +217,24 @@ def install_routing(app: Celery) -> None:
             seat.adjust(+1)
 
     def finished(sender: Any = None, **_: Any) -> None:
-        # Pool process (or thread): the slot is free again.
+        # Pool process (or thread): the slot is free again, unless released with the outcome.
         seat = runtime_of(app).worker.seat
         if seat is not None and getattr(sender, "name", None) in seat.types and sender.app is app:
-            seat.adjust(-1)
+            if not getattr(sender.request, RELEASED, False):
+                seat.adjust(-1)
+
+    def outcome_pushed(task_id: str) -> list[tuple[Any, ...]]:
+        # Pool process (or thread), inside the run of ``task_id``: its outcome is pushed
+        # (completion.py), and the slot's release goes in the same write, instead of a write of
+        # its own after the task (``finished``).  Not for a spooled outcome written later.
+        seat = runtime_of(app).worker.seat
+        task = app.current_worker_task
+        if seat is None or task is None or task.name not in seat.types or task.request.id != task_id:
+            return []
+        setattr(task.request, RELEASED, True)
+        return [seat.registry.release_command(seat.info.id)]
+
+    runtime_of(app).lifecycle.completion.also = outcome_pushed
 
     task_received.connect(received, weak=False, dispatch_uid=f"celery_ext.routing.received.{id(app)}")
     task_postrun.connect(finished, weak=False, dispatch_uid=f"celery_ext.routing.finished.{id(app)}")

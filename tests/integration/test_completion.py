@@ -14,6 +14,7 @@ from celery_ext.completion import WAKE, Completion, merged
 from celery_ext.errors import TaskFailed
 from celery_ext.model import TaskStatus
 from tests.conftest import TEST_TASKS
+from tests.support.redis_monitor import commands_of
 
 
 def subscribed(cluster: Any) -> Any:
@@ -203,3 +204,40 @@ def test_a_thread_that_never_waits_subscribes_to_nothing(make_cluster) -> None:
     rds = redis.Redis.from_url(completion.url)
     assert len(submitted) == 5
     assert not any(n for _, n in rds.pubsub_numsub(*(completion.channel(t.task_id) for t in submitted)))
+
+
+def test_the_workers_slot_is_released_in_the_write_that_pushes_the_outcome(make_cluster) -> None:
+    """A pool process writes a run's pushed outcome and the release of its worker's routing slot
+    together (one send a task); each run releases its slot exactly once, a retried run too (its
+    release after the task, as before), and the count ends at zero."""
+    c = make_cluster(executors=TEST_TASKS)
+    c.worker()
+    m = c.manager
+    m.wait(m.submit("echo", {}).task_id, 30)  # the worker is up and warm
+    registry = c.runtime.registry
+    (worker,) = registry.online()
+    client = redis.Redis.from_url(c.runtime.lifecycle.completion.url)
+    key = f"flaky-{time.monotonic_ns()}"
+    runs: list[Any] = []
+
+    def work() -> None:
+        for task_type, payload in (("echo", {"i": 1}), ("reject", {}), ("flaky", {"key": key, "fail_times": 1})):
+            task = m.submit(task_type, payload)
+            runs.append(m.wait(task.task_id, 30))
+
+    ran = commands_of(client, work)
+    assert [t.status for t in runs] == [TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.SUCCEEDED]
+    release = f"{registry.keys[2]} {worker.id} -1"
+    releases = [cmd for cmd in ran if cmd["command"].startswith("EVAL ") and cmd["command"].endswith(release)]
+    assert len(releases) == 4, releases  # echo, reject, flaky's two attempts
+    for task in runs:
+        channel = c.runtime.lifecycle.completion.channel(task.task_id)
+        (push,) = [cmd for cmd in ran if cmd["command"].startswith(f"PUBLISH {channel} ")]
+        conn = (push["client_address"], push["client_port"])
+        after = next(cmd for cmd in ran[ran.index(push) + 1 :] if (cmd["client_address"], cmd["client_port"]) == conn)
+        assert after in releases, (push, after)  # the pool process's next command on that connection
+    deadline = time.monotonic() + 10
+    while int(client.hget(registry.keys[2], worker.id) or 0) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert int(client.hget(registry.keys[2], worker.id) or 0) == 0
+    client.close()

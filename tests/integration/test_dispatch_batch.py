@@ -22,6 +22,7 @@ from celery_ext.factory import create_app
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.runtime import runtime_of
 from tests.conftest import TEST_TASKS
+from tests.support.redis_monitor import commands_of
 from tests.support.services import REDIS_HOST, REDIS_PORT, unique
 
 DB = 11  # a Redis database of its own: the test reads every list and event in it
@@ -449,28 +450,6 @@ def in_flight(rt: Any, worker_id: str) -> int:
     return int(rt.registry.client.hget(rt.registry.keys[2], worker_id) or 0)
 
 
-def commands_of(client: redis.Redis, action: Any) -> list[tuple[str, str]]:
-    """The commands Redis ran while ``action`` ran (in this thread: Celery's ``reply_to`` is the
-    thread's), as (client type, command): ``lua`` for one a script ran (redis-py's ``MONITOR``),
-    up to a marker sent after it."""
-    marker, marking = unique("end"), redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
-    marking.ping()  # connected before: its handshake is not among the commands
-    got: list[tuple[str, str]] = []
-    with client.monitor() as monitor:  # MONITOR confirmed: every later command is seen
-
-        def read() -> None:
-            while marker not in (command := monitor.next_command())["command"]:
-                got.append((command["client_type"], command["command"]))
-
-        thread = threading.Thread(target=read, daemon=True)
-        thread.start()
-        action()
-        marking.echo(marker)
-        thread.join(10)
-    marking.close()
-    return got
-
-
 def test_a_single_publish_reserves_its_workers_slot_and_writes_its_message_in_one_script() -> None:
     """With a free worker registered and the registry on the broker, a single publish is one
     command: the script takes the worker's slot and writes the message and its task-sent event,
@@ -489,7 +468,7 @@ def test_a_single_publish_reserves_its_workers_slot_and_writes_its_message_in_on
         d.publish(first)  # the script loaded, the queue declared
         assert in_flight(rt, worker.id) == 1
         cap.raw(), cap.wait_events(1)
-        ran = commands_of(cap.client, lambda: d.publish(second))
+        ran = [(c["client_type"], c["command"]) for c in commands_of(cap.client, lambda: d.publish(second))]
         outside = [c for kind, c in ran if kind != "lua"]
         assert len(outside) == 1 and outside[0].startswith("EVALSHA"), ran
         inside = [c.split()[0].upper() for kind, c in ran if kind == "lua"]
@@ -545,7 +524,10 @@ def test_a_single_publish_queues_behind_a_backlog_in_the_shared_queue(dispatcher
         dispatcher.app.send_task("echo", queue=shared, **dispatcher.options(waiting))
         cap.wait_events(1)
         sent = [dispatch(None), dispatch(None)]
-        ran = commands_of(cap.client, lambda: [dispatcher.publish(d) for d in sent])
+        ran = [
+            (c["client_type"], c["command"])
+            for c in commands_of(cap.client, lambda: [dispatcher.publish(d) for d in sent])
+        ]
         sha = rt.registry.reserve_push.sha
         assert sum(1 for kind, c in ran if kind != "lua" and c.startswith(f"EVALSHA {sha}")) == 1, ran
         lists = [k.decode() for k in cap.client.keys("*") if cap.client.type(k) == b"list"]
