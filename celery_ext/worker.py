@@ -173,6 +173,7 @@ def warm_statements(rt: Runtime) -> None:
     try:
         claimed = rt.lifecycle.claim(task, token, "celery_ext-warm", rt.runner.lease(task), None)
         succeeded = rt.lifecycle.succeed(task, None)
+        rt.storage.tasks.prepare()
     except StorageError as exc:
         logger.warning("could not prepare the task store's statements before the pool forks: %s", exc)
         return

@@ -104,6 +104,11 @@ class TaskRepository(abc.ABC):
         reader at once); a backend that cannot tell the difference ignores it.  Only for writes
         that can be rebuilt if a crash of the store loses them (see ``Lifecycle``)."""
 
+    def prepare(self) -> None:  # noqa: B027 - optional: nothing to prepare by default
+        """Build, in a worker's main process before its pool forks, what a pool process's first
+        runs would build for themselves beyond the claim and the outcome (``warm_statements``):
+        the children then share it instead of each allocating its own."""
+
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
         """``create(task, durable=False)`` in two halves, for a record whose message may be
         published while its write is on the way: the write is sent (and commits on its own) before

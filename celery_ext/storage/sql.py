@@ -458,6 +458,11 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         # Whether writes asked with ``durable=False`` commit without waiting for the disk.
         self.no_wait = storage.type_name == "postgresql" and storage.settings.synchronous_commit == "outcomes"
 
+    def prepare(self) -> None:
+        """The INSERT a plain Celery message's receipt runs (``Lifecycle.received``), rendered."""
+        if self.storage.type_name != "mysql":
+            self._insert_compiled(self.no_wait)
+
     def create(self, task: Task, *, durable: bool = True) -> tuple[Task, bool]:
         try:
             self._insert(task, no_wait=not durable and self.no_wait)

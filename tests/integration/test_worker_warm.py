@@ -1,6 +1,6 @@
 """The worker's main process renders the pool's task writes before the pool forks
 (``worker.warm_statements``): a claim and an outcome through the real ``Lifecycle`` against an id
-no record has.  It writes nothing, and a real run afterwards needs no statement shape that was
+no record has, and the insert of a plain message's receipt (``TaskRepository.prepare``).  It writes nothing, and a real run afterwards needs no statement shape that was
 not made then (PostgreSQL and SQLite render each shape once, ``SqlTaskRepository.update``)."""
 
 from __future__ import annotations
@@ -46,4 +46,7 @@ def test_warming_writes_nothing_and_makes_the_shapes_a_run_uses(make_cluster: Ca
     assert rt.runner.run(delivery, "w1").kind == "succeeded"
     record = rt.storage.tasks.get(queued.task_id)
     assert record is not None and record.status is TaskStatus.SUCCEEDED
+    # And a plain Celery message, recorded on receipt (its INSERT: ``TaskRepository.prepare``).
+    plain = Delivery(new_id(), "echo", [], {"x": 2}, None)
+    assert rt.runner.run(plain, "w1").kind == "succeeded"
     assert set(getattr(rt.storage.tasks, "_compiled", {})) == compiled  # no shape left to render
