@@ -1,7 +1,8 @@
 """The worker's main process renders the pool's task writes before the pool forks
 (``worker.warm_statements``): a claim and an outcome through the real ``Lifecycle`` against an id
-no record has, and the insert of a plain message's receipt (``TaskRepository.prepare``).  It writes nothing, and a real run afterwards needs no statement shape that was
-not made then (PostgreSQL and SQLite render each shape once, ``SqlTaskRepository.update``)."""
+no record has, and the insert of a plain message's receipt (``TaskRepository.prepare``).  It
+writes nothing, and a real run afterwards needs no statement shape that was not made then
+(PostgreSQL and SQLite render each shape once, ``SqlTaskRepository.update``)."""
 
 from __future__ import annotations
 
