@@ -232,7 +232,7 @@ def install_routing(app: Celery) -> None:
         if seat is None or task is None or task.name not in seat.types or task.request.id != task_id:
             return []
         setattr(task.request, RELEASED, True)
-        return [seat.registry.release_command(seat.info.id)]
+        return [seat.registry.adjust_command(seat.info.id, -1)]
 
     runtime_of(app).lifecycle.completion.also = outcome_pushed
 

@@ -302,18 +302,26 @@ class TaskRouter:
             if worker is None:
                 return None
             count = self.registry.reserve(worker.id, worker.capacity, self.backlog_keys.get(task_type, ()))
-            if count == -2:
-                # Work already waits in the shared queue: queue behind it, and keep doing so
-                # until the next snapshot (a burst then costs no round trip per task).
-                self._backlog_until[task_type] = time.monotonic() + self.cache_ttl
-                return None
-            if count >= 0:
-                worker.in_flight = count  # the server's count: it includes releases since the snapshot
+            if self._took(task_type, worker, count):
                 return worker
-            # Full by the server's count (another producer took the slot): try another.
-            worker.in_flight = worker.capacity
-            rejected.add(worker.id)
+            if count == -2:
+                return None
+            rejected.add(worker.id)  # another producer took the slot: try another
         return None
+
+    def _took(self, task_type: str, worker: WorkerInfo, reply: int) -> bool:
+        """Note what a reservation's reply says (``WorkerRegistry.reserve``'s, ``reserve_push``'s):
+        whether it took the slot on ``worker``."""
+        if reply >= 0:
+            worker.in_flight = reply  # the server's count: it includes releases since the snapshot
+            return True
+        if reply == -2:
+            # Work already waits in the shared queue: queue behind it, and keep doing so until
+            # the next snapshot (a burst then costs no round trip per task).
+            self._backlog_until[task_type] = time.monotonic() + self.cache_ttl
+        else:
+            worker.in_flight = worker.capacity  # full by the server's count
+        return False
 
     def pending(self, task_type: str, kwargs: Any, options: Mapping[str, Any]) -> Reservation | None:
         """The reservation a publish of ``task_type`` can make in its own round trip, when the
@@ -345,15 +353,7 @@ class TaskRouter:
         """Whether the reservation's script took the slot (and wrote the message).  Otherwise it
         wrote nothing, and what it found is noted as ``route`` notes it (a backlog in the shared
         queue, a worker full by the server's count): the message is then routed again."""
-        worker = reservation.worker
-        if reply >= 0:
-            worker.in_flight = reply  # the server's count
-            return True
-        if reply == -2:
-            self._backlog_until[reservation.task_type] = time.monotonic() + self.cache_ttl
-        else:
-            worker.in_flight = worker.capacity
-        return False
+        return self._took(reservation.task_type, reservation.worker, reply)
 
     def _plan(self, task_type: str, pool: list[WorkerInfo]) -> tuple[SharedPlan, dict[str, WorkerInfo], str] | None:
         """The balancer's shared plan for this pool, rebuilt only when the pool changes (a worker

@@ -308,9 +308,9 @@ class WorkerRegistry:
     def adjust(self, worker_id: str, delta: int) -> int:
         return int(self._adjust(keys=[self.keys[2]], args=[worker_id, delta]))
 
-    def release_command(self, worker_id: str) -> tuple[Any, ...]:
-        """``adjust(worker_id, -1)`` as a command for a ``NoReplyWriter`` on this registry's Redis."""
-        return ("EVAL", _ADJUST, 1, self.keys[2], worker_id, -1)
+    def adjust_command(self, worker_id: str, delta: int) -> tuple[Any, ...]:
+        """``adjust`` as a command for a ``NoReplyWriter`` on this registry's Redis."""
+        return ("EVAL", _ADJUST, 1, self.keys[2], worker_id, delta)
 
     def adjust_nowait(self, worker_id: str, delta: int) -> None:
         """``adjust`` without waiting for Redis (the per-task path; see nowait.py)."""
@@ -319,7 +319,7 @@ class WorkerRegistry:
         if delta >= 0:  # only a decrement can cross zero
             self._nowait.send("HINCRBY", self.keys[2], worker_id, delta)
         else:
-            self._nowait.send(*self.release_command(worker_id)[:-1], delta)
+            self._nowait.send(*self.adjust_command(worker_id, delta))
 
     # --- holds: tasks a live process keeps while storage is away ------------------------------
 

@@ -502,9 +502,11 @@ def test_a_single_publish_to_a_worker_full_by_the_servers_count_goes_to_the_shar
         shared = queue_name(rt.config.app.name, "echo")
         assert [queue_of(k) for k in found] == [shared], found
         assert sum(len(v) for v in found.values()) == 1
-        assert len(cap.wait_events(1)) == 1
-        time.sleep(0.3)
-        assert not cap.raw_events  # one event: none from the refused script
+        marker = dispatch(None)
+        dispatcher.publish(marker)  # its event follows every event of the publish before it
+        _, events = unpacked(cap.wait_events(2))
+        # One event for the late task (none from the refused script), then the marker's.
+        assert [e["uuid"] for e in events] == [late.task.task_id, marker.task.task_id]
         assert in_flight(rt, worker.id) == 2
     finally:
         cap.close()
