@@ -103,6 +103,7 @@ class WorkerServices:
         except StorageError as exc:
             # Refuse to start: a worker that cannot record outcomes would lose them.
             raise SystemExit(f"celery_ext: cannot start worker: {exc}") from exc
+        log_upkeep(rt)
         level = logging.getLevelName(rt.config.app.log_level.upper())
         tasklog.install(level if isinstance(level, int) else logging.INFO)
         warm_statements(rt)
@@ -158,6 +159,18 @@ class InWorkerScheduler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10.0)
+
+
+def log_upkeep(rt: Runtime) -> None:
+    """Warn once at start about store settings that degrade it as records pile up (autovacuum
+    off); never stops the worker."""
+    try:
+        warnings = rt.storage.upkeep_warnings()
+    except StorageError as exc:
+        logger.debug("could not read the task store's settings: %s", exc)
+        return
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
 def warm_statements(rt: Runtime) -> None:

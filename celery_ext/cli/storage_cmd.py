@@ -45,10 +45,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         before, latest = storage.schema_version()
         applied = storage.migrate() or []
         after, _ = storage.schema_version()
+        warnings = storage.upkeep_warnings()
     finally:
         storage.close()
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
-        print_json({"storage": storage.description, "from": before, "to": after, "applied": applied})
+        print_json(
+            {"storage": storage.description, "from": before, "to": after, "applied": applied, "warnings": warnings}
+        )
     elif before is None:
         print(f"{storage.description}: created schema version {after}")
     elif applied:

@@ -289,6 +289,11 @@ class Storage(abc.ABC):
         """``(version of the store, version this code writes)``; ``None`` if never migrated."""
         return None, 0
 
+    def upkeep_warnings(self) -> list[str]:
+        """What in the store's own settings will degrade it as records accumulate (PostgreSQL:
+        autovacuum off); a worker logs these at start, ``celery-ext storage migrate`` prints them."""
+        return []
+
     def after_fork(self) -> None:  # noqa: B027 - optional hook
         """Drop connections inherited from a parent process."""
 

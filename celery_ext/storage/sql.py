@@ -48,6 +48,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -311,6 +312,37 @@ class SqlStorage(Storage):
         with self.begin() as conn:
             return sql_migrations.current_version(conn), SCHEMA_VERSION
 
+    def upkeep_warnings(self) -> list[str]:
+        """PostgreSQL: autovacuum off, on the server or for a table of records.  Every task leaves
+        dead row versions behind it (its claim and its outcome are updates), which only VACUUM
+        reclaims: without it the tables and their indexes grow with every task, retention or not."""
+        if self.type_name != "postgresql":
+            return []
+        tables = [tasks.name, task_logs.name]
+        with self.begin() as conn:
+            server = conn.exec_driver_sql("SELECT current_setting('autovacuum')").scalar_one()
+            rows = conn.execute(
+                text(
+                    "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(:names) AND relkind = 'r'"
+                    " AND relnamespace = to_regnamespace(current_schema())"
+                ),
+                {"names": tables},
+            )
+            off = [name for name, options in rows if _autovacuum_disabled(options or [])]
+        warnings = []
+        if server != "on":
+            warnings.append(
+                f"{self.description}: the server runs with autovacuum = {server}; each task leaves dead rows "
+                "in the tasks table and its indexes that only VACUUM reclaims. Turn autovacuum on, or run "
+                "VACUUM ANALYZE on the tasks and task_logs tables regularly (docs/storage.md, Vacuum)"
+            )
+        for name in sorted(off):
+            warnings.append(
+                f"{self.description}: table {name} has autovacuum_enabled = false; its dead rows are never "
+                f"reclaimed. ALTER TABLE {name} RESET (autovacuum_enabled), or VACUUM it regularly"
+            )
+        return warnings
+
     def ping(self) -> None:
         with self.begin() as conn:
             conn.exec_driver_sql("SELECT 1")
@@ -324,6 +356,16 @@ class SqlStorage(Storage):
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+
+def _autovacuum_disabled(options: Iterable[str]) -> bool:
+    """Whether a table's ``reloptions`` turn autovacuum off (``autovacuum_enabled=false``, or
+    any other spelling of a false boolean)."""
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.strip().lower() == "autovacuum_enabled" and value.strip().lower() in ("false", "off", "no", "0"):
+            return True
+    return False
 
 
 def _short(exc: BaseException) -> str:
