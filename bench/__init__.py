@@ -66,6 +66,19 @@ def cpu_snapshot(workers: dict[str, int] | None = None) -> dict[str, float]:
     return out
 
 
+def bare_worker(config_path: Path, queue: str, *, concurrency: int = 2) -> Any:
+    """A ``WorkerProcess`` (not started) of bare Celery's app (``bench/bare_app.py``) on ``queue``,
+    events on, with the same options as celery_ext's workers in the benchmarks."""
+    from tests.support.workers import WorkerProcess
+
+    worker = WorkerProcess(config_path, concurrency=concurrency, extra_args=["-E"])
+    worker.args[worker.args.index("celery_ext")] = "bench.bare_app"
+    worker.args += ["-Q", queue]
+    root = str(Path(__file__).resolve().parents[1])
+    worker.env["PYTHONPATH"] = f"{root}{os.pathsep}{worker.env.get('PYTHONPATH', '')}"
+    return worker
+
+
 def wait_healthy(base: str, timeout: float = 60.0) -> None:
     """Wait until the ``celery-ext api`` at ``base`` answers ``/healthz``."""
     import httpx

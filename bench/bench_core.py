@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import REDIS, cpu_snapshot, tree_pss_mb, wait_until  # noqa: E402
+from bench import bare_worker as bare_worker_process  # noqa: E402
 from celery_ext.runtime import runtime_of  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
@@ -166,10 +167,7 @@ def loaded_latencies(
 def start_workers(config_path: Path, name: str) -> tuple[WorkerProcess, WorkerProcess]:
     """The two workers compared, same settings (prefork -c 2, events on): bare Celery's
     (``bench/bare_app.py`` on its own queue) and celery_ext's, both started."""
-    bare_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
-    bare_worker.args[bare_worker.args.index("celery_ext")] = "bench.bare_app"
-    bare_worker.args += ["-Q", f"{name}.bare"]
-    bare_worker.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{bare_worker.env.get('PYTHONPATH', '')}"
+    bare_worker = bare_worker_process(config_path, f"{name}.bare")
     ext_worker = WorkerProcess(config_path, concurrency=2, extra_args=["-E"])
     try:
         bare_worker.start()

@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import cpu_snapshot, wait_until  # noqa: E402
+from bench import bare_worker, cpu_snapshot, wait_until  # noqa: E402
 from tests.support.private import PrivateRedis  # noqa: E402
 from tests.support.services import create_database, drop_database, unique  # noqa: E402
 from tests.support.workers import WorkerProcess, write_config  # noqa: E402
@@ -111,12 +111,9 @@ class Harness:
         drop_database("postgresql", self.db_url)
 
     def worker(self, side: str) -> WorkerProcess:
-        worker = WorkerProcess(self.config, concurrency=2, extra_args=["-E"])
         if side == "bare":
-            worker.args[worker.args.index("celery_ext")] = "bench.bare_app"
-            worker.args += ["-Q", BARE_QUEUE]
-            worker.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{worker.env.get('PYTHONPATH', '')}"
-        return worker
+            return bare_worker(self.config, BARE_QUEUE)
+        return WorkerProcess(self.config, concurrency=2, extra_args=["-E"])
 
     # --- producers ---------------------------------------------------------------------------
 

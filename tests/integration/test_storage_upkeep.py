@@ -6,27 +6,26 @@ On a private server, whose settings the test may change."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from celery_ext.cli import main
 from celery_ext.config import StorageConfig
-from celery_ext.storage import open_storage
+from celery_ext.storage import Storage, open_storage
 from celery_ext.storage.sql import _autovacuum_disabled
 from tests.support.private import PrivatePostgres, private_postgres  # noqa: F401 - a fixture
 from tests.support.workers import WorkerProcess, write_config
 
 
-def admin(server: PrivatePostgres, *statements: str) -> None:
-    engine = create_engine(server.url().replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            for statement in statements:
-                conn.execute(text(statement))
-    finally:
-        engine.dispose()
+def reloaded(storage: Storage, count: int) -> list[str]:
+    """The store's warnings once there are ``count`` of them: ``pg_reload_conf()`` only signals
+    the server, and each backend reads the new configuration when it gets to it."""
+    deadline = time.monotonic() + 10
+    while len(warnings := storage.upkeep_warnings()) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return warnings
 
 
 def test_reloptions_that_turn_autovacuum_off() -> None:
@@ -49,12 +48,12 @@ def test_autovacuum_off_is_named_by_migrate_and_at_a_workers_start(
         storage.migrate()
         assert storage.upkeep_warnings() == []  # initdb's defaults: autovacuum on
 
-        admin(private_postgres, "ALTER TABLE tasks SET (autovacuum_enabled = off)")
+        private_postgres.execute("ALTER TABLE tasks SET (autovacuum_enabled = off)")
         (warning,) = storage.upkeep_warnings()
         assert "table tasks has autovacuum_enabled = false" in warning
 
-        admin(private_postgres, "ALTER SYSTEM SET autovacuum = off", "SELECT pg_reload_conf()")
-        server, table = storage.upkeep_warnings()
+        private_postgres.execute("ALTER SYSTEM SET autovacuum = off", "SELECT pg_reload_conf()")
+        server, table = reloaded(storage, 2)
         assert "the server runs with autovacuum = off" in server and "VACUUM ANALYZE" in server
         assert "table tasks" in table
     finally:
@@ -75,7 +74,12 @@ def test_autovacuum_off_is_named_by_migrate_and_at_a_workers_start(
     finally:
         worker.stop()
 
-    admin(private_postgres, "ALTER SYSTEM RESET autovacuum", "SELECT pg_reload_conf()")
-    admin(private_postgres, "ALTER TABLE tasks RESET (autovacuum_enabled)")
+    private_postgres.execute("ALTER SYSTEM RESET autovacuum", "SELECT pg_reload_conf()")
+    private_postgres.execute("ALTER TABLE tasks RESET (autovacuum_enabled)")
+    storage = open_storage(StorageConfig(**storage_section), tmp_path)
+    try:
+        assert reloaded(storage, 0) == []
+    finally:
+        storage.close()
     assert main(["--config", str(config), "storage", "migrate", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["warnings"] == []

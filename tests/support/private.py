@@ -153,14 +153,21 @@ class PrivatePostgres:
     def running(self) -> bool:
         return port_open("127.0.0.1", self.port)
 
-    def create_database(self, name: str) -> str:
-        """A fresh database; its SQLAlchemy-style URL."""
+    def execute(self, *statements: str, database: str = "postgres") -> None:
+        """Run ``statements`` as the superuser, each in its own transaction (autocommit)."""
         from sqlalchemy import create_engine, text
 
-        engine = create_engine(self.url().replace("postgresql://", "postgresql+psycopg://"))
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        engine.dispose()
+        engine = create_engine(self.url(database).replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                for statement in statements:
+                    conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def create_database(self, name: str) -> str:
+        """A fresh database; its SQLAlchemy-style URL."""
+        self.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def destroy(self) -> None:
