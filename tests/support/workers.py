@@ -69,9 +69,12 @@ class WorkerProcess:
         ]
         self.env = subprocess_env(CELERY_EXT_CONFIG=str(config_path), **(env or {}))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._output = b""
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.log_path.unlink(missing_ok=True)
+        self.close_output()  # a worker started again under the same name: its last run's pipe
+        self._output = b""
         self.proc = subprocess.Popen(
             self.args, env=self.env, cwd=self.config_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -90,9 +93,24 @@ class WorkerProcess:
             return ""
 
     def output(self) -> str:
-        if self.proc is None or self.proc.stdout is None or self.proc.poll() is None:
-            return ""
-        return self.proc.stdout.read().decode(errors="replace")
+        """What the worker wrote to its stdout and stderr, once it has exited ("" before)."""
+        self.close_output()
+        return self._output.decode(errors="replace")
+
+    def close_output(self) -> None:
+        """Keep what an exited worker's pipe holds and close it (left open, the garbage collector
+        closes it with a ResourceWarning, in whichever test runs then).  The read does not block:
+        a pool process that outlived its worker may hold the pipe open."""
+        stdout = None if self.proc is None else self.proc.stdout
+        if stdout is None or stdout.closed or self.proc is None or self.proc.poll() is None:
+            return
+        os.set_blocking(stdout.fileno(), False)
+        try:
+            self._output += stdout.read() or b""
+        except BlockingIOError:
+            pass
+        finally:
+            stdout.close()
 
     def wait_for_log(self, needle: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -108,6 +126,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 20.0) -> None:
         if not self.alive():
+            self.close_output()
             return
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -115,6 +134,7 @@ class WorkerProcess:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+        self.close_output()
 
     def process_ids(self) -> list[int]:
         """The main process and its pool children."""
