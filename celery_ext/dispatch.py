@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -27,6 +27,20 @@ class Reserver(Protocol):
     def pending(self, task_type: str, kwargs: Any, options: Mapping[str, Any]) -> Any: ...
 
     def reserved(self, reservation: Any, reply: int) -> bool: ...
+
+
+class _Once:
+    """``fn()`` at the first call, nothing at the next ones (nothing at all without ``fn``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,19 +151,25 @@ class Dispatcher:
             opts["time_limit"] = t.timeout + self.grace
         return opts
 
-    def publish(self, d: Dispatch) -> None:
+    def publish(self, d: Dispatch, *, meanwhile: Callable[[], None] | None = None) -> None:
         """Publish one message: on Redis through ``_publish_lean`` (its message and task-sent
         event in one round trip, where Celery's ``send_task`` takes two), else, or when that
         fails on the connection, through Celery's ``send_task`` with its publish retry (a message
-        the failed pipeline did deliver arrives twice: its dispatch token runs it once)."""
+        the failed pipeline did deliver arrives twice: its dispatch token runs it once).
+
+        ``meanwhile`` (the caller's other work) is called once: while the message's reply is on
+        its way where a reservation script writes it (``RedisWire.push_reserved``), else before
+        the publish."""
+        once = _Once(meanwhile)
         if self._lean_batches():
             try:
                 with self.app.producer_or_acquire() as producer:
                     if producer.supports_batch_publish:
-                        self._publish_lean(producer, (d,))
+                        self._publish_lean(producer, (d,), once)
                         return
             except self._connection_errors():
                 pass  # the broker failed: Celery's send_task retries, as its publish policy says
+        once()
         self.app.send_task(d.task.task_type, **self.options(d))
 
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -185,7 +205,7 @@ class Dispatcher:
                 for d in batch:
                     self.app.send_task(d.task.task_type, producer=producer, **self.options(d))
 
-    def _publish_lean(self, producer: Any, batch: Sequence[Dispatch]) -> None:
+    def _publish_lean(self, producer: Any, batch: Sequence[Dispatch], meanwhile: _Once | None = None) -> None:
         channel = producer.channel
         lean = self._lean.get(channel)
         if lean is None:
@@ -196,8 +216,10 @@ class Dispatcher:
             lean = self._lean[channel] = _LeanChannel(evd, wire)
         wire = lean.wire
         wire.clear()  # anything a failed batch left
-        if len(batch) == 1 and self._publish_reserved(producer, lean, batch[0]):
+        if len(batch) == 1 and self._publish_reserved(producer, lean, batch[0], meanwhile):
             return
+        if meanwhile is not None:
+            meanwhile()
         for d in batch:
             opts = self.options(d)
             queue, route, message = self._message(producer, lean, d.task.task_type, opts, {})
@@ -218,7 +240,7 @@ class Dispatcher:
             )
         wire.flush()
 
-    def _publish_reserved(self, producer: Any, lean: _LeanChannel, d: Dispatch) -> bool:
+    def _publish_reserved(self, producer: Any, lean: _LeanChannel, d: Dispatch, meanwhile: _Once | None) -> bool:
         """One message whose worker slot is reserved in the same round trip as its publish
         (``TaskRouter.pending``: the registry is the broker); False if the router would not, or
         the script did not take the slot and wrote nothing (the message is then routed again)."""
@@ -233,7 +255,7 @@ class Dispatcher:
         queue, route, message = self._message(producer, lean, name, opts, {"queue": reservation.worker.queue})
         if not lean.wire.accepts_reserved(queue, route):
             return False
-        reply = lean.wire.push_reserved(queue, message, opts["headers"], opts["priority"], reservation)
+        reply = lean.wire.push_reserved(queue, message, opts["headers"], opts["priority"], reservation, meanwhile)
         return router.reserved(reservation, reply)
 
     def _message(

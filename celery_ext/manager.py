@@ -2,10 +2,12 @@
 
 The record is written before the message is published (outbox order), so a published message
 always has its record, and a crash or a broker outage between the two never loses one.  On
-PostgreSQL a single ``submit`` sends the insert before the publish and reads its answer after it
-(``create_sent``: the round trips overlap); a worker whose claim finds no record yet makes it from
-the message, its insert waiting for the submit's (``TaskRunner.start``), and so does one whose
-record the database never wrote (it failed after the send: the submit logs it and returns).
+PostgreSQL a single ``submit`` sends the insert while the publish waits for its reply and reads
+the insert's answer after it (``create_sent``, ``Dispatcher.publish``'s ``meanwhile``: the
+message leaves first, and the round trips overlap); a worker whose claim finds no record yet
+makes it from the message, its insert waiting for the submit's (``TaskRunner.start``), and so
+does one whose record the database never wrote (it failed after the send: the submit logs it
+and returns).  A publish that fails before the insert is sent sends it then, for the outbox.
 On a Redis broker the record is written QUEUED, the time its message will carry as
 ``queued_at`` (``Lifecycle.queued_before_publish``: no second write after the publish); a
 publish that fails puts it back to PENDING, for the scheduler's outbox duty to publish after
@@ -122,12 +124,13 @@ class TaskManager:
                 return task  # waits in storage: the scheduler's leader publishes it when due
             self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
             return self._publish([(task, countdown)])[0]
-        # The insert is sent, and its outcome read after the publish: its round trip overlaps
-        # the publish's.  Not waiting for the disk either: a record that the database lost, or
-        # never got, is made by the worker from its message (``TaskRunner.start``).
+        # The insert is sent while the publish waits for its reply, and its outcome read after
+        # it: the message leaves first, and the round trips overlap.  Not waiting for the disk
+        # either: a record that the database lost, or never got, is made by the worker from its
+        # message (``TaskRunner.start``).
         self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
-        sent = self.storage.tasks.create_sent(task)  # read by _publish, whatever happens
-        return self._publish([(task, countdown)], lambda: [sent()])[0]
+        insert = _SentInsert(self.storage.tasks, task)
+        return self._publish([(task, countdown)], insert.outcome, insert.send)[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
         """Submit several tasks with one insert and one producer; each spec holds ``submit``'s
@@ -301,9 +304,12 @@ class TaskManager:
         self,
         batch: list[tuple[Task, float | None]],
         written: Callable[[], builtins.list[tuple[Task, bool]]] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[Task]:
         """Publish ``batch``, whose records are written, or, with ``written``, whose insert is on
-        the way (``create_sent``, ``create_many_sent``): its outcome is read after the publish."""
+        the way (``create_sent``, ``create_many_sent``), or is sent by ``meanwhile`` during the
+        publish (a single message: ``Dispatcher.publish``): its outcome is read after the
+        publish."""
         # Taken before publishing (or at the build, for a record written QUEUED), so queued_at
         # never comes after a fast worker's started_at; the message carries it, so a worker that
         # claims first records it too.
@@ -315,8 +321,10 @@ class TaskManager:
                 for t, c in batch
             ]
             if len(dispatches) == 1:
-                self.dispatcher.publish(dispatches[0])
+                self.dispatcher.publish(dispatches[0], meanwhile=meanwhile)
             else:
+                if meanwhile is not None:
+                    meanwhile()
                 self.dispatcher.publish_many(dispatches)
         except BaseException as exc:
             mine = tasks if written is None else self._written(tasks, written, published=False)
@@ -500,3 +508,33 @@ class TaskManager:
     def list_schedules(self) -> builtins.list[Schedule]:
         self.ensure_schema()
         return self.storage.schedules.list()
+
+
+class _SentInsert:
+    """A single submit's insert (``create_sent``), sent by ``send`` while the publish waits for
+    its reply, its outcome read by ``outcome`` after the publish.  An error of the send is raised
+    by ``outcome`` (a StorageError: the record was not written, ``_written``).  ``outcome`` sends
+    the insert if the publish failed before it was sent, so that the record is written for the
+    outbox to publish."""
+
+    __slots__ = ("repository", "task", "read", "error")
+
+    def __init__(self, repository: Any, task: Task) -> None:
+        self.repository = repository
+        self.task = task
+        self.read: Callable[[], tuple[Task, bool]] | None = None
+        self.error: Exception | None = None
+
+    def send(self) -> None:
+        if self.read is not None or self.error is not None:
+            return
+        try:
+            self.read = self.repository.create_sent(self.task)
+        except Exception as exc:  # noqa: BLE001 - raised by ``outcome``, after the publish's reply is read
+            self.error = exc
+
+    def outcome(self) -> list[tuple[Task, bool]]:
+        self.send()
+        if self.read is None:
+            raise self.error or StorageError("the record's insert was not sent")
+        return [self.read()]

@@ -26,7 +26,10 @@ a batch's publishing time, profiled in docs/benchmarks.md).  A message for any o
 (``accepts``): the caller sends it through Celery.
 
 ``push_reserved`` writes a single message and its event through the router's reservation script
-instead (``WorkerRegistry.reserve_push``): the worker's slot, then the message, in one call.
+instead (``WorkerRegistry.reserve_push``): the worker's slot, then the message, in one call.  Its
+caller's other work (``meanwhile``: a single submit's insert, ``TaskManager.submit``) runs between
+the script's send and the read of its reply, so the message leaves first and the round trips
+overlap (``run_script``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from kombu import serialization
 from kombu.entity import maybe_delivery_mode
 from kombu.serialization import dumps as serialize
 from kombu.utils import json as kombu_json
+from redis.exceptions import NoScriptError
 
 from celery_ext.model import new_uuid
 
@@ -74,6 +78,35 @@ def serializer(name: str) -> Callable[[Any], tuple[str, str, Any]]:
         return lambda data: serialize(data, serializer=name)
     content_type, encoding = entry.content_type, entry.content_encoding
     return lambda data: (content_type, encoding, envelope_dumps(data))
+
+
+def run_script(client: Any, script: Any, keys: list[Any], args: list[Any], meanwhile: Callable[[], None]) -> Any:
+    """``script(keys, args)`` (a redis-py ``Script``) on ``client``, with ``meanwhile()`` called
+    after the EVALSHA is sent and before its reply is read: that work overlaps the round trip.
+    The reply is read whatever ``meanwhile`` does.  A client that rewrites commands (kombu's
+    ``global_keyprefix`` prefixes the keys in ``execute_command``) runs ``meanwhile`` first and
+    the script as usual, and so does a server that lost the script (NOSCRIPT: loaded again by
+    redis-py's ``Script``)."""
+    if getattr(client, "global_keyprefix", None):
+        meanwhile()
+        return script(keys=keys, args=args, client=client)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            meanwhile()
+        finally:
+            reply = conn.read_response()
+    except NoScriptError:
+        pool.release(conn)
+        return script(keys=keys, args=args, client=client)
+    except BaseException:
+        conn.disconnect()  # the reply may be unread: the connection is out of step
+        pool.release(conn)
+        raise
+    pool.release(conn)
+    return reply
 
 
 def augment(channel: Any, envelope: dict[str, Any], exchange: str, routing_key: str) -> None:
@@ -126,20 +159,29 @@ class RedisWire:
         if self._count >= self.max_messages:
             self.flush()
 
-    def push_reserved(self, queue: Any, message: Any, headers: dict[str, Any], priority: int, reservation: Any) -> int:
+    def push_reserved(
+        self,
+        queue: Any,
+        message: Any,
+        headers: dict[str, Any],
+        priority: int,
+        reservation: Any,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> int:
         """Write one message as ``add`` and ``flush`` would, through the reservation's script
         (``TaskRouter.pending``): only if it takes the worker's slot, in the same round trip.
         Returns the script's reply (the worker's new in-flight count, or -1/-2: nothing was
-        written).  ``queue`` must have no ``x-expires`` (``accepts_reserved``)."""
+        written).  ``queue`` must have no ``x-expires`` (``accepts_reserved``).  ``meanwhile`` is
+        called once the script is sent, before its reply is read (``run_script``)."""
         key, envelope, event = self._prepare(queue, message, headers, priority)
         events = self._events_envelope([event]) if event is not None else b""
         topics = self._topics if event is not None else ()
-        keys = reservation.keys
+        keys = [reservation.keys[0], key, *reservation.keys[1:]]
+        args = [*reservation.args, envelope, events, *topics]
         with self.channel.conn_or_acquire() as client:
-            reply = reservation.script(
-                keys=[keys[0], key, *keys[1:]], args=[*reservation.args, envelope, events, *topics], client=client
-            )
-        return int(reply)
+            if meanwhile is None:
+                return int(reservation.script(keys=keys, args=args, client=client))
+            return int(run_script(client, reservation.script, keys, args, meanwhile))
 
     def accepts_reserved(self, queue: Any, route: dict[str, Any]) -> bool:
         """Whether ``push_reserved`` can write a message for ``queue``: ``accepts``, and no queue

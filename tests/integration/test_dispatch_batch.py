@@ -394,9 +394,9 @@ def test_a_single_publish_the_broker_refuses_is_retried_by_celerys_send_task(
     }
     lean_failed, lean = threading.Event(), d._publish_lean
 
-    def observed(producer: Any, batch: Any) -> None:
+    def observed(producer: Any, batch: Any, meanwhile: Any = None) -> None:
         try:
-            lean(producer, batch)
+            lean(producer, batch, meanwhile)
         except BaseException:
             lean_failed.set()
             raise
@@ -483,6 +483,52 @@ def test_a_single_publish_reserves_its_workers_slot_and_writes_its_message_in_on
     finally:
         cap.close()
         rt.close()
+
+
+def test_a_single_submit_writes_its_message_before_it_sends_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single submit whose worker slot is reserved by the script sends the record's insert
+    while the script's reply is on its way (``Dispatcher.publish``'s ``meanwhile``): the message
+    leaves first.  Seen from inside the insert: the message is in the worker's queue already.
+    The record is still written, QUEUED, and the submit returns it."""
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
+        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
+        "executors": TEST_TASKS,
+    }
+    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
+    cap = Captured()
+    try:
+        worker = free_worker(rt, capacity=5)
+        rt.manager.submit("echo", {"i": 1})  # the script loaded, the queue declared
+        queue = [key for key in cap.client.keys("*") if queue_of(key.decode()) == worker.queue]
+        assert len(queue) == 1
+        tasks, create_sent = rt.storage.tasks, rt.storage.tasks.create_sent
+        seen: list[bool] = []
+
+        def observed(task: Task) -> Any:
+            deadline = time.monotonic() + 2.0
+            while not (there := task.task_id in listed(cap.client, queue[0])) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen.append(there)
+            return create_sent(task)
+
+        monkeypatch.setattr(tasks, "create_sent", observed)
+        task = rt.manager.submit("echo", {"i": 2})
+        assert seen == [True]
+        assert task.status is TaskStatus.QUEUED
+        assert rt.manager.get(task.task_id).status is TaskStatus.QUEUED
+        assert in_flight(rt, worker.id) == 2
+    finally:
+        cap.close()
+        rt.close()
+
+
+def listed(client: redis.Redis, key: bytes) -> list[str]:
+    """The task ids of the messages in a queue's list."""
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1)]
 
 
 def test_a_single_publish_to_a_worker_full_by_the_servers_count_goes_to_the_shared_queue(dispatcher: Any) -> None:
