@@ -130,6 +130,8 @@ class TaskManager:
         # message (``TaskRunner.start``).
         self.lifecycle.completion.expect(task)  # a thread that waits for what it submits
         insert = _SentInsert(self.storage.tasks, task)
+        if not self.storage.tasks.sends_after_publish():
+            insert.send(raising=True)  # first: a store known to be away fails the submit, nothing published
         return self._publish([(task, countdown)], insert.outcome, insert.send)[0]
 
     def submit_many(self, specs: Iterable[Mapping[str, Any]]) -> list[Task]:
@@ -525,13 +527,16 @@ class _SentInsert:
         self.read: Callable[[], tuple[Task, bool]] | None = None
         self.error: Exception | None = None
 
-    def send(self) -> None:
+    def send(self, *, raising: bool = False) -> None:
+        """Send the insert (once); its error is kept for ``outcome``, or raised now (``raising``)."""
         if self.read is not None or self.error is not None:
             return
         try:
             self.read = self.repository.create_sent(self.task)
-        except Exception as exc:  # noqa: BLE001 - raised by ``outcome``, after the publish's reply is read
-            self.error = exc
+        except Exception as exc:
+            if raising:
+                raise
+            self.error = exc  # raised by ``outcome``, after the publish's reply is read
 
     def outcome(self) -> list[tuple[Task, bool]]:
         self.send()

@@ -109,6 +109,13 @@ class TaskRepository(abc.ABC):
         runs would build for themselves beyond the claim and the outcome (``warm_statements``):
         the children then share it instead of each allocating its own."""
 
+    def sends_after_publish(self) -> bool:
+        """Whether a single submit may send a record's insert (``create_sent``) after its message,
+        while the publish's reply is on its way: only a store that splits the write and holds a
+        live connection in this thread.  Elsewhere the insert goes first, so that a store known
+        to be away fails the submit before anything is published."""
+        return False
+
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
         """``create(task, durable=False)`` in two halves, for a record whose message may be
         published while its write is on the way: the write is sent (and commits on its own) before

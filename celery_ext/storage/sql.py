@@ -239,6 +239,12 @@ class SqlStorage(Storage):
                 conn.invalidate()
             raise
 
+    def holds_connection(self) -> bool:
+        """Whether this thread keeps ``single()``'s connection, open, from this process (not
+        dropped by a failed statement)."""
+        held: Connection | None = getattr(self._held, "conn", None)
+        return held is not None and not held.closed and self._pid == os.getpid()
+
     @contextlib.contextmanager
     def single_dbapi(self) -> Iterator[Any]:
         """The DBAPI connection under ``single()``, for the per-task statements run without
@@ -519,6 +525,9 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         """The record that holds the key the insert of ``task`` found taken, if still there."""
         existing = self.get_by_idempotency_key(task.idempotency_key) if task.idempotency_key else None
         return existing if existing is not None else self.get(task.task_id)
+
+    def sends_after_publish(self) -> bool:
+        return self.storage.type_name == "postgresql" and _can_send_alone() and self.storage.holds_connection()
 
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
         """PostgreSQL: ``_insert``'s INSERT (autocommit, committed on its own) is sent (``_send``)

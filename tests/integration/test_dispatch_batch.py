@@ -18,12 +18,13 @@ from celery import signals
 
 from celery_ext.config import parse_config
 from celery_ext.dispatch import PUBLISH_BATCH, Dispatch, Dispatcher, queue_name
+from celery_ext.errors import StorageError
 from celery_ext.factory import create_app
 from celery_ext.model import Task, TaskStatus, new_id, utcnow
 from celery_ext.runtime import runtime_of
 from tests.conftest import TEST_TASKS
 from tests.support.redis_monitor import commands_of
-from tests.support.services import REDIS_HOST, REDIS_PORT, unique
+from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, unique
 
 DB = 11  # a Redis database of its own: the test reads every list and event in it
 
@@ -485,24 +486,29 @@ def test_a_single_publish_reserves_its_workers_slot_and_writes_its_message_in_on
         rt.close()
 
 
-def test_a_single_submit_writes_its_message_before_it_sends_its_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def reserving_runtime(storage_url: str) -> Any:
+    """A runtime on the test's Redis database and ``storage_url`` (PostgreSQL), with a free
+    worker registered for ``echo``: a single submit reserves its slot in the publish's script."""
+    data = {
+        "app": {"name": unique("disp")},
+        "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
+        "storage": {"type": "postgresql", "config": {"url": storage_url, "connect_timeout": 2}},
+        "executors": TEST_TASKS,
+    }
+    return runtime_of(create_app(parse_config(data, source="test")))
+
+
+def test_a_single_submit_writes_its_message_before_it_sends_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
     """A single submit whose worker slot is reserved by the script sends the record's insert
     while the script's reply is on its way (``Dispatcher.publish``'s ``meanwhile``): the message
     leaves first.  Seen from inside the insert: the message is in the worker's queue already.
     The record is still written, QUEUED, and the submit returns it."""
-    data = {
-        "app": {"name": unique("disp")},
-        "broker": {"url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{DB}"},
-        "storage": {"type": "sqlite", "config": {"url": f"sqlite:///{tmp_path / 'tasks.db'}"}},
-        "executors": TEST_TASKS,
-    }
-    rt: Any = runtime_of(create_app(parse_config(data, source="test")))
+    url = create_database("postgresql")
+    rt = reserving_runtime(url)
     cap = Captured()
     try:
         worker = free_worker(rt, capacity=5)
-        rt.manager.submit("echo", {"i": 1})  # the script loaded, the queue declared
+        rt.manager.submit("echo", {"i": 1})  # the script loaded, the queue declared, a connection kept
         queue = [key for key in cap.client.keys("*") if queue_of(key.decode()) == worker.queue]
         assert len(queue) == 1
         tasks, create_sent = rt.storage.tasks, rt.storage.tasks.create_sent
@@ -520,6 +526,32 @@ def test_a_single_submit_writes_its_message_before_it_sends_its_record(
         assert seen == [True]
         assert task.status is TaskStatus.QUEUED
         assert rt.manager.get(task.task_id).status is TaskStatus.QUEUED
+        assert in_flight(rt, worker.id) == 2
+    finally:
+        cap.close()
+        rt.close()
+        drop_database("postgresql", url)
+
+
+def test_a_single_submit_to_a_store_known_to_be_away_publishes_nothing(private_postgres: Any) -> None:
+    """The insert goes after the message only on a live kept connection.  With the server
+    stopped, the first submit still finds its connection open: the message is out, the insert's
+    error comes back after it (logged; the worker will make the record).  That failure dropped
+    the connection, so the next submit sends its insert first, and fails with a clear error,
+    nothing published."""
+    rt = reserving_runtime(private_postgres.url())
+    cap = Captured()
+    try:
+        worker = free_worker(rt, capacity=5)
+        rt.manager.submit("echo", {"i": 1})  # the schema made, a connection kept
+        private_postgres.stop()
+        rt.manager.submit("echo", {"i": 2})  # published; its record could not be written
+        out = sorted(m["headers"]["id"] for m in cap.messages())
+        assert len(out) == 2 and in_flight(rt, worker.id) == 2
+        with pytest.raises(StorageError) as info:
+            rt.manager.submit("echo", {"i": 3})
+        assert f"127.0.0.1:{private_postgres.port}" in str(info.value)
+        assert sorted(m["headers"]["id"] for m in cap.messages()) == out
         assert in_flight(rt, worker.id) == 2
     finally:
         cap.close()
