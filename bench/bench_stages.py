@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STAGES = {
     "ext": [
         ("submit", "submit called"),
-        ("insert sent", "record's INSERT being sent"),
-        ("insert done", "INSERT sent (its result read later)"),
         ("publish sent", "message being published"),
+        ("insert sent", "record's INSERT being sent (script's reply due)"),
+        ("insert done", "INSERT sent (its result read later)"),
         ("publish done", "message written (reservation script)"),
         ("submitted", "submit returned"),
         ("received", "worker main process has the message"),

@@ -16,7 +16,7 @@ own signals, and wrappers of a few methods):
   ``push done`` (the completion's PUBLISH written);
 - celery_ext's producer (``install_producer``, in the process that submits): ``insert sent`` /
   ``insert done`` (the record's INSERT sent, its result read later) and ``publish sent`` /
-  ``publish done`` (the message written);
+  ``publish done`` (the message written, the insert sent while its reply was on its way);
 - bare Celery: ``result sent`` / ``result done`` (the Redis result backend's store: SET and
   PUBLISH, one round trip).
 
@@ -138,7 +138,7 @@ def install_producer() -> None:
     from celery_ext.storage.sql import SqlTaskRepository
 
     around(SqlTaskRepository, "create_sent", lambda _self, task: (task.task_id, "insert"))
-    around(Dispatcher, "publish", lambda _self, d: (d.task.task_id, "publish"))
+    around(Dispatcher, "publish", lambda _self, d, **_: (d.task.task_id, "publish"))
 
 
 def install_bare(app: Any) -> None:
