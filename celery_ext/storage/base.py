@@ -112,8 +112,9 @@ class TaskRepository(abc.ABC):
     def sends_after_publish(self) -> bool:
         """Whether a single submit may send a record's insert (``create_sent``) after its message,
         while the publish's reply is on its way: only a store that splits the write and holds a
-        live connection in this thread.  Elsewhere the insert goes first, so that a store known
-        to be away fails the submit before anything is published."""
+        live connection in this thread (one the server ended is dropped by the check).  Elsewhere
+        the insert goes first, on a fresh connection, so that a store known to be away fails the
+        submit before anything is published."""
         return False
 
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:

@@ -25,6 +25,7 @@ import builtins
 import contextlib
 import functools
 import os
+import select as io_select
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -239,11 +240,25 @@ class SqlStorage(Storage):
                 conn.invalidate()
             raise
 
-    def holds_connection(self) -> bool:
-        """Whether this thread keeps ``single()``'s connection, open, from this process (not
-        dropped by a failed statement)."""
+    def live_connection(self) -> bool:
+        """Whether this thread keeps ``single()``'s connection, open, from this process, and the
+        server has not ended it.  A connection idle between statements is sent nothing, so one
+        with something to read was ended by the server (a shutdown's "terminating connection",
+        or the end of the stream): it is dropped here, and the next statement opens another."""
         held: Connection | None = getattr(self._held, "conn", None)
-        return held is not None and not held.closed and self._pid == os.getpid()
+        if held is None or held.closed or self._pid != os.getpid():
+            return False
+        try:
+            dbapi_conn: Any = held.connection.dbapi_connection
+            readable, _, _ = io_select.select([dbapi_conn.fileno()], [], [], 0)
+        except Exception:  # noqa: BLE001 - an invalidated or closed connection: not one to keep
+            readable = [True]
+        if readable:
+            self._held.conn = None
+            with contextlib.suppress(Exception):
+                held.invalidate()
+            return False
+        return True
 
     @contextlib.contextmanager
     def single_dbapi(self) -> Iterator[Any]:
@@ -527,7 +542,7 @@ class SqlTaskRepository(TaskRepository, TaskMaintenance):
         return existing if existing is not None else self.get(task.task_id)
 
     def sends_after_publish(self) -> bool:
-        return self.storage.type_name == "postgresql" and _can_send_alone() and self.storage.holds_connection()
+        return self.storage.type_name == "postgresql" and _can_send_alone() and self.storage.live_connection()
 
     def create_sent(self, task: Task) -> Callable[[], tuple[Task, bool]]:
         """PostgreSQL: ``_insert``'s INSERT (autocommit, committed on its own) is sent (``_send``)

@@ -534,25 +534,26 @@ def test_a_single_submit_writes_its_message_before_it_sends_its_record(monkeypat
 
 
 def test_a_single_submit_to_a_store_known_to_be_away_publishes_nothing(private_postgres: Any) -> None:
-    """The insert goes after the message only on a live kept connection.  With the server
-    stopped, the first submit still finds its connection open: the message is out, the insert's
-    error comes back after it (logged; the worker will make the record).  That failure dropped
-    the connection, so the next submit sends its insert first, and fails with a clear error,
-    nothing published."""
+    """The insert goes after the message only on a live kept connection.  A server that shut
+    down told its connections so (they have something to read): such a connection is dropped,
+    and the next submit sends its insert first, on a fresh one, and fails with a clear error,
+    nothing published; so does the one after it.  Back up, the submits publish again."""
     rt = reserving_runtime(private_postgres.url())
     cap = Captured()
     try:
         worker = free_worker(rt, capacity=5)
         rt.manager.submit("echo", {"i": 1})  # the schema made, a connection kept
+        assert rt.storage.live_connection()
         private_postgres.stop()
-        rt.manager.submit("echo", {"i": 2})  # published; its record could not be written
-        out = sorted(m["headers"]["id"] for m in cap.messages())
-        assert len(out) == 2 and in_flight(rt, worker.id) == 2
-        with pytest.raises(StorageError) as info:
-            rt.manager.submit("echo", {"i": 3})
-        assert f"127.0.0.1:{private_postgres.port}" in str(info.value)
-        assert sorted(m["headers"]["id"] for m in cap.messages()) == out
-        assert in_flight(rt, worker.id) == 2
+        for i in (2, 3):
+            with pytest.raises(StorageError) as info:
+                rt.manager.submit("echo", {"i": i})
+            assert f"127.0.0.1:{private_postgres.port}" in str(info.value)
+        assert len(cap.messages()) == 1 and in_flight(rt, worker.id) == 1
+        private_postgres.start()
+        task = rt.manager.submit("echo", {"i": 4})
+        assert rt.manager.get(task.task_id).status is TaskStatus.QUEUED
+        assert len(cap.messages()) == 2 and in_flight(rt, worker.id) == 2
     finally:
         cap.close()
         rt.close()
