@@ -131,7 +131,14 @@ def latencies(ways: dict[str, Callable[[], float]], n: int) -> dict[str, list[fl
 
 
 def loaded_latencies(
-    ways: dict[str, Callable[[], float]], config_path: Path, rds: Any, storage: Any, n: int, rate: float, queue: str
+    ways: dict[str, Callable[[], float]],
+    config_path: Path,
+    rds: Any,
+    storage: Any,
+    n: int,
+    rate: float,
+    queue: str,
+    paced: bool = False,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """``latencies`` while a background flow of ``rate`` tasks/s (``bench.flow``, its own process)
     runs through the same worker as the probe: celery_ext's two ways under a celery_ext flow, bare
@@ -152,7 +159,7 @@ def loaded_latencies(
     blocks = 4
     for b in range(blocks):
         for side in ("ext", "bare") if b % 2 == 0 else ("bare", "ext"):
-            flow = Flow(side, config_path if side == "ext" else None, rate).start()
+            flow = Flow(side, config_path if side == "ext" else None, rate, paced=paced).start()
             try:
                 for key, values in latencies(sides[side], max(1, n // blocks)).items():
                     out[key] += values
@@ -245,6 +252,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--load-rate", type=float, default=0, help="also latency under a background flow of this many tasks/s"
+    )
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="the --load-rate flow sends one task at a time, evenly spaced (submit against apply_async), "
+        "instead of a batch every 10 ms (bench/flow.py)",
     )
     args = parser.parse_args()
     if args.n is None:
@@ -344,7 +357,9 @@ def full(args: argparse.Namespace, run: Setup) -> None:
         ways = probes(rt.manager, rt.celery, bare)
         latency = latencies(ways, args.latency_n)
         loaded = (
-            loaded_latencies(ways, config_path, rds, rt.storage, args.latency_n, args.load_rate, f"{name}.bare")
+            loaded_latencies(
+                ways, config_path, rds, rt.storage, args.latency_n, args.load_rate, f"{name}.bare", args.paced
+            )
             if args.load_rate
             else None
         )
@@ -392,7 +407,8 @@ def report_memory(memory: dict[str, list[float]]) -> None:
 
 
 def report_loaded(args: argparse.Namespace, latency: dict[str, list[float]], kept: dict[str, list[float]]) -> None:
-    print(f"\nsubmit-to-result latency under a background flow of {args.load_rate:g} tasks/s:")
+    shape = "one task at a time, evenly spaced" if args.paced else "a batch every 10 ms"
+    print(f"\nsubmit-to-result latency under a background flow of {args.load_rate:g} tasks/s ({shape}):")
     for side in ("ext", "bare"):
         rates, left = kept[f"{side} rate"], kept[f"{side} backlog"]
         print(f"  {side} flow kept {min(rates):.0f}-{max(rates):.0f}/s, backlog at the blocks' ends {left}")
