@@ -66,16 +66,23 @@ def cpu_snapshot(workers: dict[str, int] | None = None) -> dict[str, float]:
     return out
 
 
-def bare_worker(config_path: Path, queue: str, *, concurrency: int = 2) -> Any:
-    """A ``WorkerProcess`` (not started) of bare Celery's app (``bench/bare_app.py``) on ``queue``,
-    events on, with the same options as celery_ext's workers in the benchmarks."""
-    from tests.support.workers import WorkerProcess
-
-    worker = WorkerProcess(config_path, concurrency=concurrency, extra_args=["-E"])
-    worker.args[worker.args.index("celery_ext")] = "bench.bare_app"
-    worker.args += ["-Q", queue]
+def with_app(worker: Any, module: str) -> Any:
+    """``worker`` (a ``WorkerProcess``, not started) made to run the Celery app of ``module``
+    (``-A module``) instead of celery_ext's, with this repository importable."""
+    worker.args[worker.args.index("celery_ext")] = module
     root = str(Path(__file__).resolve().parents[1])
     worker.env["PYTHONPATH"] = f"{root}{os.pathsep}{worker.env.get('PYTHONPATH', '')}"
+    return worker
+
+
+def bare_worker(config_path: Path, queue: str, *, concurrency: int = 2, app: str = "bench.bare_app") -> Any:
+    """A ``WorkerProcess`` (not started) of bare Celery's app (``bench/bare_app.py``, or ``app``
+    built on it) on ``queue``, events on, with the same options as celery_ext's workers in the
+    benchmarks."""
+    from tests.support.workers import WorkerProcess
+
+    worker = with_app(WorkerProcess(config_path, concurrency=concurrency, extra_args=["-E"]), app)
+    worker.args += ["-Q", queue]
     return worker
 
 

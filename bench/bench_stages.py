@@ -89,20 +89,15 @@ def main() -> None:
     args = parse_args()
     marks_path = Path(tempfile.mkdtemp(prefix="bench-stages-")) / "marks.txt"
     os.environ["BENCH_STAGES"] = str(marks_path)  # before bench.stages is imported, here and in the workers
-    from bench import bare_worker, stages, wait_until
+    from bench import bare_worker, stages, wait_until, with_app
     from bench.bench_core import run_bare, run_ext, setup
     from tests.support.services import drop_database
     from tests.support.workers import WorkerProcess
 
     run = setup(argparse.Namespace(storage="postgresql", synchronous_commit="outcomes"))
     stages.install_producer()
-    root = str(Path(__file__).resolve().parents[1])
-    ext_worker = WorkerProcess(run.config_path, concurrency=2, extra_args=["-E"])
-    ext_worker.args[ext_worker.args.index("celery_ext")] = "bench.stages_ext"
-    bare = bare_worker(run.config_path, f"{run.name}.bare")
-    bare.args[bare.args.index("bench.bare_app")] = "bench.stages_bare"
-    for worker in (ext_worker, bare):
-        worker.env["PYTHONPATH"] = f"{root}{os.pathsep}{worker.env.get('PYTHONPATH', '')}"
+    ext_worker = with_app(WorkerProcess(run.config_path, concurrency=2, extra_args=["-E"]), "bench.stages_ext")
+    bare = bare_worker(run.config_path, f"{run.name}.bare", app="bench.stages_bare")
     probed: dict[str, list[str]] = {"ext": [], "bare": []}
     try:
         bare.start()
