@@ -120,6 +120,12 @@ def latencies(ways: dict[str, Callable[[], float]], n: int) -> dict[str, list[fl
     out: dict[str, list[float]] = {key: [] for key in ways}
     order = list(ways.items())
     shuffle = random.Random(n).shuffle
+    # Not measured: each way's first waits set up its subscription, and bare Celery's first
+    # drains what the throughput rounds left on it (apply_async subscribes to every task's
+    # result channel; the rounds never read them): 1.5 s, which was the whole p99 at n=100.
+    for _ in range(3):
+        for _key, probe in order:
+            probe()
     for _ in range(n):
         # A fresh order each time: what one way leaves behind (its worker finishing the task's
         # ack and events on this 2-core machine, a late message) lands on each other way alike.
