@@ -7,21 +7,28 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from celery_ext.cli.common import print_table
 
+# What Celery's CLI does at start: load every ``celery.commands`` entry point of the environment.
 PROBE = """
 import sys
-import celery_ext.cli.scheduler_cmd, celery_ext.cli
+from importlib.metadata import entry_points
+loaded = [ep.load() for ep in entry_points(group="celery.commands") if ep.value.startswith("celery_ext.")]
+assert loaded, "celery_ext's celery.commands plugin is not installed"
+import celery_ext.cli
 print(sorted({m.split('.')[0] for m in sys.modules} & {'rich'}))
 """
 
 
 def test_the_celery_command_plugin_imports_no_table_printer() -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def test_a_table_still_prints(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_table_still_prints(capsys: pytest.CaptureFixture[str]) -> None:
     print_table("workers", ["name", "state"], [["w1@host", "online"], ["w2@host", None]])
     out = capsys.readouterr().out
     assert "workers" in out and "w1@host" in out and "online" in out and "w2@host" in out
