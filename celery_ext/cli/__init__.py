@@ -3,21 +3,24 @@
 Exit codes: 0 success (or task accepted), 1 the task ended failed/dead/cancelled, or an unexpected
 error (one line; ``--debug`` prints its traceback), 2 usage or validation error, 3 a service
 (storage, broker) is unavailable.  Each command module adds its sub-commands through
-``register(subparsers)``.
+``register(subparsers)``; they are imported when the parser is built, because Celery imports
+this package into every ``celery`` process (workers, ``celery call``, Flower) for the
+``celery.commands`` plugin (``scheduler_cmd``), which needs none of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Sequence
 
-from celery_ext.cli import api_cmd, config_cmd, embedded_cmd, schedules_cmd, storage_cmd, tasks_cmd, workers_cmd
 from celery_ext.cli.common import EXIT_TASK_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, close_runtime
 from celery_ext.errors import CeleryExtError, ConfigError, PublishError, ScheduleError, StorageError, TaskError
 
-MODULES = [tasks_cmd, config_cmd, storage_cmd, workers_cmd, schedules_cmd, api_cmd, embedded_cmd]
+#: The command modules, in the order of ``celery-ext --help``.
+MODULES = ("tasks_cmd", "config_cmd", "storage_cmd", "workers_cmd", "schedules_cmd", "api_cmd", "embedded_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="config.yaml (default: $CELERY_EXT_CONFIG, ./config.yaml)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in MODULES:
-        module.register(sub)
+    for name in MODULES:
+        importlib.import_module(f"celery_ext.cli.{name}").register(sub)
     _debug_everywhere(sub)
     return parser
 
