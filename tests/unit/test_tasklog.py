@@ -55,3 +55,7 @@ def test_a_write_that_logs_while_the_task_logs_does_not_deadlock(handler: tasklo
     assert not flusher.is_alive() and not runner.is_alive(), "deadlocked"
     assert [line.message for line in written[0]] == ["tests.tasklog: first line"]
     assert [line.message for line in buffer.lines] == ["tests.tasklog: second line"]
+    # Written here, not by the process's flusher thread after the test (its warning then went to
+    # logging's last-resort handler, after pytest's summary).
+    buffer.flush()
+    assert [line.message for line in written[1]] == ["tests.tasklog: second line"] and not buffer.lines
