@@ -36,11 +36,12 @@ from celery_ext.completion import Completion
 from celery_ext.config import load_config
 from celery_ext.errors import TaskFailed
 from celery_ext.factory import broker_for, completion_for
+from celery_ext.lifecycle import Lifecycle
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
 from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
 from celery_ext.storage.base import Storage
-from celery_ext.task import ExecutorTask
+from celery_ext.task import ExecutorTask, chain_ids
 
 logger = logging.getLogger("celery_ext.backend")
 
@@ -180,6 +181,8 @@ class RecordBackend(BaseBackend):
             # A step that never ran fails because one before it did (chain, chord).
             self._fail_waiting(task_id, result, name, request)
         if not name or self._is_celery_ext_task(name):
+            if state == states.REVOKED and name:
+                self._cancel_discarded(task_id, str(name), result, request)
             return result  # celery_ext's own types are recorded by the worker's state machine
         status = STATUS_OF.get(state)
         if status is None:
@@ -213,6 +216,45 @@ class RecordBackend(BaseBackend):
             completion.notify(task_id)
         except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
             logger.exception("could not record the failure of waiting task %s", task_id)
+
+    def _cancel_discarded(self, task_id: str, name: str, why: Any, request: Any) -> None:
+        """Celery's worker discarded a message of a celery_ext type without running it: revoked
+        (``celery control revoke``, Flower's button, ``AsyncResult.revoke``) or expired.  Celery
+        reports it REVOKED, so its record says CANCELLED too, its waiters are woken, and the chain
+        steps that waited for it fail (``parent_failed``), as when it is cancelled.  A record that
+        runs (a revoke with ``terminate``: the runner records it) or has ended keeps its status.
+        A plain message of the type that was never recorded gets its record now."""
+        runtime = getattr(self.app, "celery_ext", None)
+        if not isinstance(runtime, Runtime):
+            return  # only a worker discards messages
+        try:
+            cancelled = self._cancel_record(runtime.lifecycle, task_id, name, request)
+            if cancelled is None:
+                return
+            if _is_encoded_exception(why) and isinstance(why["exc_message"], list | tuple):
+                why = ", ".join(map(str, why["exc_message"]))  # Celery's TaskRevokedError("revoked")
+            logger.info("task %s[%s] discarded by Celery (%s): its record is cancelled", name, task_id, why)
+            runtime.lifecycle.fail_waiting(chain_ids(getattr(request, "chain", None)), cancelled, "was cancelled")
+        except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
+            logger.exception("could not record that task %s was revoked", task_id)
+
+    @staticmethod
+    def _cancel_record(lifecycle: Lifecycle, task_id: str, name: str, request: Any) -> Task | None:
+        """The record of ``task_id`` as cancelled by this call, or None if it runs or has ended."""
+        for _ in range(5):
+            task = lifecycle.storage.tasks.get(task_id)
+            if task is None:
+                record = _plain_task(task_id, name, TaskStatus.CANCELLED, request, utcnow()).replace(started_at=None)
+                if not lifecycle.storage.tasks.create(record)[1]:
+                    continue  # made meanwhile: cancel that one
+                lifecycle.observer.task_cancelled(record)
+                lifecycle.completion.notify(task_id)
+                return record
+            if task.status.terminal or task.status is TaskStatus.RUNNING:
+                return None
+            if lifecycle.cancel(task):
+                return task.replace(status=TaskStatus.CANCELLED)
+        return None
 
     def _is_celery_ext_task(self, name: str) -> bool:
         return isinstance(self.app.tasks.get(name), ExecutorTask)

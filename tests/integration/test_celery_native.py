@@ -453,6 +453,70 @@ def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, event
     assert isinstance(res.result, TaskFailed)
 
 
+def busy_worker(c: Cluster) -> list[Task]:
+    """Both pool processes of the cluster's worker running a 3 s task: what is sent now waits in
+    the broker (prefetch 1), where a revoke or an expiry finds it before a worker starts it."""
+    m = c.manager
+    busy = [m.submit("talk_then_wait", {"seconds": 3}) for _ in range(2)]
+    poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in busy), 20, "both pool processes busy")
+    return busy
+
+
+def test_celery_revoke_of_a_queued_task_cancels_its_record(native: Cluster, events: EventLog) -> None:
+    """``celery control revoke`` (Flower's Revoke, ``AsyncResult.revoke()``): the worker discards
+    the message and Celery reports REVOKED.  The record says cancelled too, and its waiters wake."""
+    app, m = native.runtime.celery, native.manager
+    busy = busy_worker(native)
+    task = m.submit("echo", {"revoked": True})
+    app.AsyncResult(task.task_id).revoke()
+    done = m.wait(task.task_id, 30)
+    assert done.status is TaskStatus.CANCELLED and done.started_at is None and done.worker_id is None
+    res = app.AsyncResult(task.task_id)
+    assert res.state == "REVOKED"
+    with pytest.raises(TaskFailed, match="^cancelled: "):
+        res.get(timeout=5)
+    poll(lambda: events.of(task.task_id, "task-revoked"), 10, "Celery's task-revoked event")
+    assert not events.of(task.task_id, "task-started")
+    assert all(m.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED for t in busy)  # the rest ran
+    logged = f"task echo[{task.task_id}] discarded by Celery (revoked): its record is cancelled"
+    assert logged in native.workers[0].log()
+
+
+def test_celery_revoke_of_a_chain_step_fails_the_steps_after_it(native: Cluster) -> None:
+    """The steps after a revoked step never run (Celery sends them with it): their records end
+    ``parent_failed``, as when the step is cancelled, instead of waiting for ever."""
+    m = native.manager
+    busy_worker(native)
+    first, second = m.submit_chain([{"task_type": "add", "payload": {"x": 1, "y": 1}}, {"task_type": "echo"}])
+    native.runtime.celery.control.revoke(first.task_id)
+    assert m.wait(first.task_id, 30).status is TaskStatus.CANCELLED
+    after = m.wait(second.task_id, 10)
+    assert after.status is TaskStatus.FAILED and after.error is not None
+    assert after.error.reason == "parent_failed" and "was cancelled" in after.error.message
+
+
+def test_plain_message_revoked_or_expired_unrun_is_recorded_cancelled(native: Cluster, events: EventLog) -> None:
+    """A plain message of a celery_ext type is recorded on receipt; one the worker discards,
+    revoked or expired, has a record too, cancelled, as bare Celery's backend would say REVOKED."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        busy_worker(native)
+        revoked = plain.send_task("echo", kwargs={"kept": 1})
+        expired = plain.send_task("echo", kwargs={"kept": 2}, expires=0.5)
+        plain.control.revoke(revoked.id)
+        m = native.manager
+        for res, kept in ((revoked, 1), (expired, 2)):
+            poll(lambda res=res: res.state == "REVOKED", 30, f"{res.id} revoked")
+            record = m.get(res.id)
+            assert record.status is TaskStatus.CANCELLED and record.task_type == "echo"
+            assert record.payload == {"kept": kept} and record.started_at is None
+            poll(lambda res=res: events.of(res.id, "task-revoked"), 10, "Celery's task-revoked event")
+            assert not events.of(res.id, "task-started")
+        assert events.of(expired.id, "task-revoked")[0]["expired"] is True
+    finally:
+        plain.close()
+
+
 # --- 4. canvas of task types --------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from celery_ext.config import parse_config
+from celery_ext.model import TaskStatus
 from tests.conftest import TEST_TASKS, Cluster, cluster_data, storage_section
 from tests.support.flower import FlowerProcess, chromium, require_chromium, running_flower
 from tests.support.scrape import poll
@@ -262,6 +263,21 @@ def test_cancelled_task_is_revoked(flower_cluster: tuple[Cluster, FlowerProcess]
     task = flower_task(flower, task_id, ("SUCCESS", "FAILURE", "REVOKED"))
     assert task["state"] == "REVOKED", task
     assert task["name"] == "echo"
+
+
+def test_revoke_from_flower_cancels_the_record(flower_cluster: tuple[Cluster, FlowerProcess]) -> None:
+    """Flower's Revoke (its API, as its button posts it) of a task waiting in the broker: Flower
+    shows REVOKED, and so do the record and ``AsyncResult``."""
+    cluster, flower = flower_cluster
+    m = cluster.manager
+    busy = [m.submit("talk_then_wait", {"seconds": 3}) for _ in range(2)]  # both pool processes
+    poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in busy), 20, "both pool processes busy")
+    task_id = m.submit("echo", {"never": "runs"}).task_id
+    response = flower.post(f"/api/task/revoke/{task_id}")
+    assert response.status_code == 200, response.text
+    assert flower_task(flower, task_id, ("SUCCESS", "FAILURE", "REVOKED"))["state"] == "REVOKED"
+    assert m.wait(task_id, 30).status is TaskStatus.CANCELLED
+    assert cluster.runtime.celery.AsyncResult(task_id).state == "REVOKED"
 
 
 # --- Flower's tasks page in a real browser ------------------------------------------------------

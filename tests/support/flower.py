@@ -91,6 +91,9 @@ class FlowerProcess:
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", timeout=30, **kwargs)
 
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", timeout=30, **kwargs)
+
     def tasks(self, **params: Any) -> dict[str, dict[str, Any]]:
         """``/api/tasks``: ``{task id: task}`` as Flower knows them (from the Celery events)."""
         response = self.get("/api/tasks", params=params)
