@@ -37,6 +37,7 @@ from celery_ext.config import load_config
 from celery_ext.errors import TaskFailed
 from celery_ext.factory import broker_for, completion_for
 from celery_ext.lifecycle import Lifecycle
+from celery_ext.message import HEADER, ExtHeader, MalformedMessageError
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
 from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
@@ -227,20 +228,29 @@ class RecordBackend(BaseBackend):
         runtime = getattr(self.app, "celery_ext", None)
         if not isinstance(runtime, Runtime):
             return  # only a worker discards messages
+        if _is_encoded_exception(why) and isinstance(why["exc_message"], list | tuple):
+            why = ", ".join(map(str, why["exc_message"]))  # Celery's TaskRevokedError("revoked")
+        if why not in ("revoked", "expired"):
+            return  # "terminated": a run that was stopped, which the runner or the lease records
         try:
-            cancelled = self._cancel_record(runtime.lifecycle, task_id, name, request)
+            header = ExtHeader.parse({HEADER: getattr(request, HEADER, None)})
+        except MalformedMessageError:
+            return
+        try:
+            cancelled = self._cancel_record(runtime.lifecycle, task_id, name, request, header)
             if cancelled is None:
                 return
-            if _is_encoded_exception(why) and isinstance(why["exc_message"], list | tuple):
-                why = ", ".join(map(str, why["exc_message"]))  # Celery's TaskRevokedError("revoked")
             logger.info("task %s[%s] discarded by Celery (%s): its record is cancelled", name, task_id, why)
             runtime.lifecycle.fail_waiting(chain_ids(getattr(request, "chain", None)), cancelled, "was cancelled")
         except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
             logger.exception("could not record that task %s was revoked", task_id)
 
     @staticmethod
-    def _cancel_record(lifecycle: Lifecycle, task_id: str, name: str, request: Any) -> Task | None:
-        """The record of ``task_id`` as cancelled by this call, or None if it runs or has ended."""
+    def _cancel_record(
+        lifecycle: Lifecycle, task_id: str, name: str, request: Any, header: ExtHeader | None
+    ) -> Task | None:
+        """The record of ``task_id`` as cancelled by this call; None if it runs or has ended, or if
+        the message was of an older dispatch than the record's (its header's token)."""
         for _ in range(5):
             task = lifecycle.storage.tasks.get(task_id)
             if task is None:
@@ -251,6 +261,8 @@ class RecordBackend(BaseBackend):
                 lifecycle.completion.notify(task_id)
                 return record
             if task.status.terminal or task.status is TaskStatus.RUNNING:
+                return None
+            if header is not None and header.token != task.dispatch_token:
                 return None
             if lifecycle.cancel(task):
                 return task.replace(status=TaskStatus.CANCELLED)

@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, chain, chord, group
+from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_ext.errors import TaskFailed
+from celery_ext.message import ExtHeader
 from celery_ext.model import Task, TaskStatus
 from celery_ext.routing.stranded import move_stranded, queue_keys
 from tests.conftest import CALL_FAILED, TEST_TASKS, Cluster, cluster_data, storage_section
@@ -493,6 +495,26 @@ def test_celery_revoke_of_a_chain_step_fails_the_steps_after_it(native: Cluster)
     after = m.wait(second.task_id, 10)
     assert after.status is TaskStatus.FAILED and after.error is not None
     assert after.error.reason == "parent_failed" and "was cancelled" in after.error.message
+
+
+def test_a_discard_cancels_only_the_dispatch_it_was_for(native: Cluster) -> None:
+    """What a worker's Celery tells the backend when it discards a message (``mark_as_revoked``),
+    called here directly: a stopped run ("terminated": the lease stops a superseded run so, after
+    the task was dispatched again) and a message of an older dispatch leave the record alone."""
+    app, m = native.runtime.celery, native.manager
+    task = m.submit("echo", {"held": True}, delay=30)  # waits in storage: no message yet
+    assert task.status is TaskStatus.SCHEDULED and task.dispatch_token
+
+    def discard(reason: str, token: str) -> None:
+        headers = ExtHeader(token, 1).to_header()
+        app.backend.mark_as_revoked(task.task_id, reason, request=Context(id=task.task_id, task="echo", **headers))
+
+    discard("terminated", task.dispatch_token)
+    assert m.get(task.task_id).status is TaskStatus.SCHEDULED
+    discard("revoked", "an-older-dispatch")
+    assert m.get(task.task_id).status is TaskStatus.SCHEDULED
+    discard("expired", task.dispatch_token)
+    assert m.get(task.task_id).status is TaskStatus.CANCELLED
 
 
 def test_plain_message_revoked_or_expired_unrun_is_recorded_cancelled(native: Cluster, events: EventLog) -> None:
