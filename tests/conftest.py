@@ -10,12 +10,14 @@ import pytest
 
 from celery_ext.config import parse_config
 from celery_ext.factory import Runtime, create_app
+from celery_ext.model import Task, TaskStatus
 from celery_ext.runtime import runtime_of
 from tests.support.httpserver import server  # noqa: F401 - fixture (a test HTTP server per module)
 from tests.support.private import (
     private_postgres,  # noqa: F401 - fixture (a PostgreSQL a test may stop)
     private_redis,  # noqa: F401 - fixture (a Redis a test may kill)
 )
+from tests.support.scrape import poll
 from tests.support.services import REDIS_HOST, REDIS_PORT, create_database, drop_database, require, unique
 from tests.support.workers import WorkerProcess, write_config
 
@@ -91,6 +93,16 @@ class Cluster:
             w.stop()
         if self._runtime is not None:
             self._runtime.storage.close()
+
+
+def busy_worker(c: Cluster) -> list[Task]:
+    """Both pool processes of the cluster's one worker (``-c 2``, ``TEST_TASKS``) running a 3 s
+    task: what is sent now waits in the broker (prefetch 1), where a revoke or an expiry finds it
+    before a worker starts it."""
+    m = c.manager
+    busy = [m.submit("talk_then_wait", {"seconds": 3}) for _ in range(2)]
+    poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in busy), 20, "both pool processes busy")
+    return busy
 
 
 def cluster_data(name: str, redis_url: str, storage: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:

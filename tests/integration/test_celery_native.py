@@ -30,7 +30,7 @@ from celery_ext.errors import TaskFailed
 from celery_ext.message import ExtHeader
 from celery_ext.model import Task, TaskStatus
 from celery_ext.routing.stranded import move_stranded, queue_keys
-from tests.conftest import CALL_FAILED, TEST_TASKS, Cluster, cluster_data, storage_section
+from tests.conftest import CALL_FAILED, TEST_TASKS, Cluster, busy_worker, cluster_data, storage_section
 from tests.support.celery_events import EventLog
 from tests.support.httpserver import HttpTestServer
 from tests.support.scrape import poll
@@ -453,15 +453,6 @@ def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, event
         res.get(timeout=5)
     assert str(raised.value) == "cancelled: the task was cancelled"
     assert isinstance(res.result, TaskFailed)
-
-
-def busy_worker(c: Cluster) -> list[Task]:
-    """Both pool processes of the cluster's worker running a 3 s task: what is sent now waits in
-    the broker (prefetch 1), where a revoke or an expiry finds it before a worker starts it."""
-    m = c.manager
-    busy = [m.submit("talk_then_wait", {"seconds": 3}) for _ in range(2)]
-    poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in busy), 20, "both pool processes busy")
-    return busy
 
 
 def test_celery_revoke_of_a_queued_task_cancels_its_record(native: Cluster, events: EventLog) -> None:

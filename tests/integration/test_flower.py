@@ -20,7 +20,7 @@ import pytest
 
 from celery_ext.config import parse_config
 from celery_ext.model import TaskStatus
-from tests.conftest import TEST_TASKS, Cluster, cluster_data, storage_section
+from tests.conftest import TEST_TASKS, Cluster, busy_worker, cluster_data, storage_section
 from tests.support.flower import FlowerProcess, chromium, require_chromium, running_flower
 from tests.support.scrape import poll
 from tests.support.services import REDIS_HOST, REDIS_PORT, require, unique
@@ -270,8 +270,7 @@ def test_revoke_from_flower_cancels_the_record(flower_cluster: tuple[Cluster, Fl
     shows REVOKED, and so do the record and ``AsyncResult``."""
     cluster, flower = flower_cluster
     m = cluster.manager
-    busy = [m.submit("talk_then_wait", {"seconds": 3}) for _ in range(2)]  # both pool processes
-    poll(lambda: all(m.get(t.task_id).status is TaskStatus.RUNNING for t in busy), 20, "both pool processes busy")
+    busy_worker(cluster)
     task_id = m.submit("echo", {"never": "runs"}).task_id
     response = flower.post(f"/api/task/revoke/{task_id}")
     assert response.status_code == 200, response.text
