@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import traceback
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -147,6 +148,23 @@ class TaskRunner:
                 return self.finish(task, result)
         finally:
             buffer.flush()
+
+    def call(self, task_type: str, args: list[Any], kwargs: dict[str, Any]) -> TaskResult:
+        """A direct call, as Celery runs a task's function when it is called (``add(2, 2)``, and
+        each item of canvas ``chunks``, ``starmap`` and ``map`` inside their one task): the
+        executor runs here and now, with no message, no record, no retries and no time limit."""
+        now = utcnow()
+        task = Task(
+            task_id=uuid.uuid4().hex,
+            task_type=task_type,
+            payload=kwargs,
+            args=args or None,
+            status=TaskStatus.RUNNING,
+            attempt=1,
+            created_at=now,
+            started_at=now,
+        )
+        return self._execute(task)
 
     def start(self, d: Delivery, worker_id: str) -> Task | None:
         """Claim the record the message names, or create it for a plain Celery message."""

@@ -22,7 +22,7 @@ from celery.worker.request import Request
 from celery_ext.dispatch import queue_name
 from celery_ext.errors import StorageError, TaskFailed
 from celery_ext.message import HEADER, ExtHeader, MalformedMessageError, check_call, soft_limit
-from celery_ext.model import utcnow
+from celery_ext.model import TaskErrorInfo, utcnow
 from celery_ext.runner import Delivery, Outcome
 from celery_ext.runtime import Runtime, runtime_of
 
@@ -106,6 +106,8 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
     def run(self, *args: Any, **kwargs: Any) -> Any:
         rt = runtime_of(self.app)
         request = self.request
+        if request.called_directly:
+            return self._call_directly(rt, args, kwargs)
         supported = rt.worker.supported_types
         if supported is not None and self.name not in supported:
             self._forward(rt, request, args, kwargs)
@@ -127,6 +129,15 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             wait = max(1.0, rt.config.worker.retry_backoff_max / 10)
             raise self.retry(countdown=wait, exc=exc, headers=headers) from exc
         return self._celery_outcome(rt, delivery, outcome)
+
+    def _call_directly(self, rt: Runtime, args: Any, kwargs: Any) -> Any:
+        """``task(*args, **kwargs)``: Celery runs the function in the caller, and so does this,
+        with the executor (a failure raises ``TaskFailed``).  Nothing is published or recorded."""
+        result = rt.runner.call(self.name, list(args), dict(kwargs))
+        if result.success:
+            return result.data
+        error = result.error or TaskErrorInfo("exception", "failed without an error")
+        raise TaskFailed.of(error.reason, error.message)
 
     def _forward(self, rt: Runtime, request: Any, args: Any, kwargs: Any) -> None:
         """A message from Celery's default queue of a type this worker does not run

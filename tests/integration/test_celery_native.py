@@ -636,6 +636,52 @@ def test_chord_body_of_a_failed_chord_is_failure(native: Cluster) -> None:
     assert body.state == "FAILURE" and "member" in str(body.result)
 
 
+def test_chunks_starmap_and_map(native: Cluster) -> None:
+    """Celery runs each item of ``chunks``, ``starmap`` and ``map`` inside one task
+    (``celery.starmap``, ``celery.map``) by calling the task type directly.  Before, that direct
+    call tried to record a run without an id and failed every such canvas."""
+    app = native.runtime.celery
+    add, tsum = app.tasks["add"], app.tasks["tsum"]
+    before = set(records_of(native, task_type="add"))
+
+    chunks = add.chunks(zip(range(6), range(6)), 2).apply_async()
+    assert chunks.get(timeout=30) == [[0, 2], [4, 6], [8, 10]]
+    starmap = add.starmap([(1, 2), (3, 4)]).apply_async()
+    assert starmap.get(timeout=30) == [3, 7]
+    assert tsum.map([[1, 2], [3, 4, 5]]).apply_async().get(timeout=30) == [3, 12]
+    # The enclosing task is a plain Celery task of the app: it has a record of its own.
+    record = native.manager.get(starmap.id)
+    assert record.task_type == "celery.starmap" and record.status is TaskStatus.SUCCEEDED
+    assert record.result == [3, 7]
+
+    # An item that fails fails the enclosing task with the executor's reason, as Celery does.
+    bad = add.starmap([(1, 2), ("x", 1)]).apply_async()
+    with pytest.raises(TaskFailed) as raised:
+        bad.get(timeout=30)
+    assert str(raised.value).startswith("exception: TypeError: can only concatenate str")
+    assert bad.state == "FAILURE" and native.manager.get(bad.id).status is TaskStatus.FAILED
+    # The items ran inside their tasks: none of them is a run of its own.
+    assert set(records_of(native, task_type="add")) == before
+
+
+def test_a_direct_call_runs_the_executor_in_the_caller(native: Cluster) -> None:
+    """``add(2, 3)`` runs the function where it is called, as with any Celery task: no message,
+    no record.  A failure raises ``TaskFailed`` with the executor's reason."""
+    app = native.runtime.celery
+    before = set(records_of(native))
+    assert app.tasks["add"](2, 3) == 5
+    assert app.tasks["echo"](a=1, b=[2]) == {"a": 1, "b": [2]}
+    with pytest.raises(TaskFailed) as raised:
+        app.tasks["reject"](reason="called directly")
+    assert (raised.value.reason, raised.value.message) == ("rejected", "called directly")
+    assert set(records_of(native)) == before
+    # ``apply()`` also runs in the caller, but as Celery's traced run, with an id: it is recorded.
+    applied = app.tasks["add"].apply((4, 4))
+    assert applied.get() == 8
+    record = native.manager.get(applied.id)
+    assert record.status is TaskStatus.SUCCEEDED and record.result == 8 and record.args == [4, 4]
+
+
 # --- 5. a previous result into an executor that takes a JSON object ------------------------
 
 
