@@ -31,6 +31,7 @@ from celery import states
 from celery.app.task import Context
 from celery.backends.base import BaseBackend
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import result_from_tuple
 
 from celery_ext.completion import Completion
 from celery_ext.config import load_config
@@ -41,7 +42,7 @@ from celery_ext.message import HEADER, ExtHeader, MalformedMessageError
 from celery_ext.model import Task, TaskErrorInfo, TaskStatus, new_id, utcnow
 from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
-from celery_ext.storage.base import Storage
+from celery_ext.storage.base import GroupRepository, Storage
 from celery_ext.task import ExecutorTask, chain_ids
 
 logger = logging.getLogger("celery_ext.backend")
@@ -304,14 +305,32 @@ class RecordBackend(BaseBackend):
     def cleanup(self) -> None:
         """Retention is ``storage.retention``, applied by the scheduler."""
 
-    def _delete_group(self, group_id: str) -> None:
-        """Groups are not stored apart from their members' records."""
+    # --- groups saved by GroupResult.save() ----------------------------------------------
+    # The members' records hold their group id, but not their order, and a member that has not
+    # started has no record yet: the saved group keeps the ordered ids, as Celery's backends do.
+
+    def _groups(self) -> GroupRepository:
+        groups = self.storage.groups
+        if groups is None:
+            raise NotImplementedError(
+                f"the task store {self.storage.description} keeps no saved groups, so "
+                "GroupResult.save() / restore() / delete() cannot be used with it "
+                "(the sqlite, postgresql, mysql and mongodb stores keep them)"
+            )
+        return groups
 
     def _save_group(self, group_id: str, result: Any) -> Any:
+        self._groups().save(group_id, result.as_tuple())
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
-        return None
+        saved = self._groups().get(group_id)
+        if saved is None:
+            return None
+        return {"result": result_from_tuple(saved.result, self.app), "date_done": saved.saved_at}
+
+    def _delete_group(self, group_id: str) -> None:
+        self._groups().delete(group_id)
 
 
 def _plain_task(task_id: str, name: str, status: TaskStatus, request: Any, now: datetime) -> Task:

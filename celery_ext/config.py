@@ -172,13 +172,15 @@ class PluginEntry(Model):
 
 
 class RetentionConfig(Model):
-    """How long finished tasks (per terminal status) and log lines are kept; unset keeps forever."""
+    """How long finished tasks (per terminal status), log lines and saved groups are kept; unset keeps
+    forever."""
 
     succeeded: PositiveDuration | None = None
     failed: PositiveDuration | None = None
     cancelled: PositiveDuration | None = None
     dead: PositiveDuration | None = None
     logs: PositiveDuration | None = None
+    groups: PositiveDuration | None = None  # groups saved by Celery's GroupResult.save(), after saving
     batch_size: int = Field(1000, ge=1)
 
 

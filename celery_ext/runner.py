@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import traceback
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -26,7 +25,7 @@ from celery_ext.executors.base import payload_of
 from celery_ext.executors.pool import ExecutorSet
 from celery_ext.lifecycle import Lifecycle
 from celery_ext.message import ExtHeader, new_incarnation, plain_token
-from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, utcnow
+from celery_ext.model import STARTABLE, Task, TaskErrorInfo, TaskResult, TaskStatus, new_id, utcnow
 from celery_ext.tasklog import TaskLogBuffer, capture
 
 logger = logging.getLogger("celery_ext.runner")
@@ -155,7 +154,7 @@ class TaskRunner:
         executor runs here and now, with no message, no record, no retries and no time limit."""
         now = utcnow()
         task = Task(
-            task_id=uuid.uuid4().hex,
+            task_id=new_id(),
             task_type=task_type,
             payload=kwargs,
             args=args or None,

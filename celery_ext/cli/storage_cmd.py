@@ -114,10 +114,13 @@ def cmd_purge(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     if args.json:
-        print_json(report.to_dict() if report else {"tasks": {}, "logs": 0, "seconds": 0.0})
+        print_json(report.to_dict() if report else {"tasks": {}, "logs": 0, "groups": 0, "seconds": 0.0})
     elif report is None:
         print("storage.retention is not set: nothing to purge")
     else:
         parts = [f"{n} {status}" for status, n in report.tasks.items()]
-        print(f"deleted tasks: {', '.join(parts) or 'none'}; log lines: {report.logs} ({report.seconds:.1f}s)")
+        print(
+            f"deleted tasks: {', '.join(parts) or 'none'}; log lines: {report.logs}; "
+            f"saved groups: {report.groups} ({report.seconds:.1f}s)"
+        )
     return EXIT_OK

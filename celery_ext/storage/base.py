@@ -95,6 +95,36 @@ class ScheduleRepository(abc.ABC):
         """Record the task of the fire at ``fire_at`` (if it is still the last fire; fenced)."""
 
 
+@dataclass(frozen=True, slots=True)
+class SavedGroup:
+    """A group saved by Celery's ``GroupResult.save()``: its members as
+    ``GroupResult.as_tuple()`` gives them (JSON), for ``GroupResult.restore``."""
+
+    group_id: str
+    result: Any
+    saved_at: datetime
+
+
+class GroupRepository(abc.ABC):
+    """Groups saved through the result backend (``_save_group``).  A group's members have their
+    own records; this keeps only the ordered list of their ids, which the records cannot give
+    for members that have not started yet."""
+
+    @abc.abstractmethod
+    def save(self, group_id: str, result: Any) -> None:
+        """Store ``result`` under ``group_id``, replacing a group saved before under that id."""
+
+    @abc.abstractmethod
+    def get(self, group_id: str) -> SavedGroup | None: ...
+
+    @abc.abstractmethod
+    def delete(self, group_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def purge(self, before: datetime, limit: int = 1000) -> int:
+        """Delete up to ``limit`` groups saved before ``before``; returns how many."""
+
+
 class TaskRepository(abc.ABC):
     @abc.abstractmethod
     def create(self, task: Task, *, durable: bool = True) -> tuple[Task, bool]:
@@ -278,6 +308,8 @@ class Storage(abc.ABC):
     logs: TaskLogRepository
     fences: FenceRepository
     schedules: ScheduleRepository
+    # Optional: without it, Celery's GroupResult.save() / restore() say this store cannot.
+    groups: GroupRepository | None = None
 
     @classmethod
     @abc.abstractmethod

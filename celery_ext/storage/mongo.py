@@ -45,12 +45,14 @@ from celery_ext.storage.base import (
 )
 from celery_ext.storage.base import status_values as values_of
 from celery_ext.storage.mongo_doc import dec, enc, from_doc, set_fields, to_doc
+from celery_ext.storage.mongo_groups import MongoGroupRepository
 from celery_ext.storage.mongo_schedules import MongoScheduleRepository
 
 # 1: collections and indexes; 2: indexes on root_id and group_id; 3: the schedules collection's
-# index.  Documents are never rewritten: one lacking a later field (run, args, parent_id, root_id,
+# index; 4: the saved groups collection's index.
+# Documents are never rewritten: one lacking a later field (run, args, parent_id, root_id,
 # group_id) reads as its default.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # portable across MongoDB and wire-compatible servers
 
 
@@ -94,6 +96,7 @@ def _check_uri(uri: str) -> None:
 class MongoStorage(Storage):
     fences: MongoFenceRepository
     schedules: MongoScheduleRepository
+    groups: MongoGroupRepository
 
     def __init__(self, settings: MongoSettings) -> None:
         self.settings = settings
@@ -114,6 +117,7 @@ class MongoStorage(Storage):
         self.logs = MongoTaskLogRepository(self)
         self.fences = MongoFenceRepository(self)
         self.schedules = MongoScheduleRepository(self)
+        self.groups = MongoGroupRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> MongoStorage:
@@ -186,6 +190,7 @@ class MongoStorage(Storage):
             logs.create_index([("task_id", asc), ("seq", asc)], name="ix_task_seq")
             logs.create_index([("time", asc)], name="ix_time")
             self.schedules.create_indexes()  # v3
+            self.groups.create_indexes()  # v4
             self.db["celery_ext_schema"].update_one(
                 {"_id": "schema"},
                 {"$max": {"version": SCHEMA_VERSION}, "$setOnInsert": {"applied_at": utcnow()}},

@@ -2,12 +2,13 @@
 
 ``storage.retention`` keys: ``succeeded``, ``failed``, ``cancelled``, ``dead`` (how long a task of
 that terminal status is kept after it finished), ``logs`` (how long a log line is kept after it
-was written), each a duration such as ``7d``; unset keeps forever.  ``batch_size`` (default 1000)
+was written), ``groups`` (how long a group saved by Celery's ``GroupResult.save()`` is kept after
+it was saved), each a duration such as ``7d``; unset keeps forever.  ``batch_size`` (default 1000)
 bounds each delete so a purge never holds long locks.  Non-terminal tasks are never touched;
 deleting a task deletes its log lines.  Run by ``celery-ext storage purge`` (and periodically by
-the scheduler).  It needs the storage capabilities ``TaskMaintenance`` (for the task keys) and
-``LogMaintenance`` (for ``logs``): a backend without the one a configured key needs is a
-``ConfigError`` saying so, before anything is deleted.
+the scheduler).  It needs the storage capabilities ``TaskMaintenance`` (for the task keys),
+``LogMaintenance`` (for ``logs``) and ``GroupRepository`` (for ``groups``): a backend without the
+one a configured key needs is a ``ConfigError`` saying so, before anything is deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from celery_ext.config import RetentionConfig
 from celery_ext.errors import ConfigError
 from celery_ext.model import TaskStatus, utcnow
-from celery_ext.storage.base import LogMaintenance, Storage, TaskMaintenance, missing_capability
+from celery_ext.storage.base import GroupRepository, LogMaintenance, Storage, TaskMaintenance, missing_capability
 
 logger = logging.getLogger("celery_ext.storage.retention")
 
@@ -34,6 +35,7 @@ TERMINAL_ORDER = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED,
 class PurgeReport:
     tasks: dict[str, int] = field(default_factory=dict)
     logs: int = 0
+    groups: int = 0
     seconds: float = 0.0
 
     @property
@@ -41,14 +43,14 @@ class PurgeReport:
         return sum(self.tasks.values())
 
     def to_dict(self) -> dict[str, object]:
-        return {"tasks": self.tasks, "logs": self.logs, "seconds": round(self.seconds, 3)}
+        return {"tasks": self.tasks, "logs": self.logs, "groups": self.groups, "seconds": round(self.seconds, 3)}
 
 
 def cutoffs(retention: RetentionConfig, now: datetime | None = None) -> dict[str, datetime]:
     """The ``before`` instant for each configured status (and ``logs``)."""
     now = now or utcnow()
     out = {}
-    for key in [s.value for s in TERMINAL_ORDER] + ["logs"]:
+    for key in [s.value for s in TERMINAL_ORDER] + ["logs", "groups"]:
         keep = getattr(retention, key)
         if keep is not None:
             out[key] = now - timedelta(seconds=keep)
@@ -74,15 +76,13 @@ def purge(
                 break
         if key == "logs":
             report.logs = total
+        elif key == "groups":
+            report.groups = total
         else:
             report.tasks[key] = total
         if total:
-            logger.info(
-                "retention: deleted %d %s older than %s",
-                total,
-                "log lines" if key == "logs" else f"{key} tasks",
-                before.isoformat(),
-            )
+            what = {"logs": "log lines", "groups": "saved groups"}.get(key, f"{key} tasks")
+            logger.info("retention: deleted %d %s older than %s", total, what, before.isoformat())
     report.seconds = time.monotonic() - started
     return report
 
@@ -100,6 +100,13 @@ def purgers(storage: Storage, keys: Iterable[str]) -> dict[str, Callable[[dateti
             else:
                 problems[LogMaintenance] = missing_capability(
                     storage, logs, LogMaintenance, "purging log lines (storage.retention.logs)"
+                )
+        elif key == "groups":
+            if storage.groups is not None:
+                out[key] = storage.groups.purge
+            else:
+                problems[GroupRepository] = missing_capability(
+                    storage, storage, GroupRepository, "purging saved groups (storage.retention.groups)"
                 )
         elif isinstance(tasks, TaskMaintenance):
             out[key] = functools.partial(tasks.purge, TaskStatus(key))

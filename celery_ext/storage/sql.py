@@ -76,6 +76,7 @@ from celery_ext.storage.base import (
 )
 from celery_ext.storage.sql_due import take_due_statement
 from celery_ext.storage.sql_fence import fence_holds, fence_params
+from celery_ext.storage.sql_groups import SqlGroupRepository
 from celery_ext.storage.sql_schedules import SqlScheduleRepository
 from celery_ext.storage.sql_schema import SCHEMA_VERSION, fences, task_logs, tasks
 
@@ -173,6 +174,7 @@ class SqlStorage(Storage):
         self.logs = SqlTaskLogRepository(self)
         self.fences = SqlFenceRepository(self)
         self.schedules = SqlScheduleRepository(self)
+        self.groups = SqlGroupRepository(self)
 
     @classmethod
     def from_config(cls, type_name: str, config: dict[str, Any], data_dir: Path) -> SqlStorage:

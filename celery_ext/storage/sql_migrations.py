@@ -25,6 +25,7 @@ from celery_ext.model import utcnow
 from celery_ext.storage.sql_schema import (
     SCHEMA_VERSION,
     fences,
+    groups,
     metadata,
     schedules,
     schema_version,
@@ -86,6 +87,11 @@ def _v6_chart_index(conn: Connection) -> None:
     _create_indexes(conn, tasks, ["ix_tasks_created_status_type"])
 
 
+def _v7_groups(conn: Connection) -> None:
+    groups.create(conn, checkfirst=True)
+    _create_indexes(conn, groups, ["ix_groups_saved"])
+
+
 STEPS: list[Step] = [
     Step(2, "indexes for retention purges: tasks(status, finished_at), task_logs(time)", _v2_retention_indexes),
     Step(
@@ -101,6 +107,7 @@ STEPS: list[Step] = [
         "index tasks(created_at, status, task_type): the dashboard's counts over time read the index only",
         _v6_chart_index,
     ),
+    Step(7, "groups saved by Celery's GroupResult.save(): celery_ext_groups, index (saved_at)", _v7_groups),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 # Bump together with a step in ``sql_migrations.STEPS``; ``metadata`` is always the newest schema.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -165,6 +165,16 @@ schedules = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     Index("ix_schedules_due", "paused", "next_fire_at"),
+)
+
+# v7: groups saved by Celery's ``GroupResult.save()`` (the result backend's ``_save_group``).
+groups = Table(
+    "celery_ext_groups",
+    metadata,
+    Column("group_id", String(255), primary_key=True),
+    Column("result", JsonDoc, nullable=False),
+    Column("saved_at", UtcDateTime, nullable=False),
+    Index("ix_groups_saved", "saved_at"),  # retention purges
 )
 
 schema_version = Table(

@@ -25,6 +25,7 @@ import redis
 from celery import Celery, chain, chord, group
 from celery.app.task import Context
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import GroupResult
 
 from celery_ext.errors import TaskFailed
 from celery_ext.message import ExtHeader
@@ -167,6 +168,24 @@ def only_celery_imports(path: Path) -> set[str]:
     return names
 
 
+def run_plain_producer(c: Cluster, script: Path, *args: str) -> Any:
+    """``script`` run as a process of its own, from its directory, without PYTHONPATH (so it can
+    import nothing of this repository), with ``CELERY_EXT_CONFIG`` and the broker URL as its
+    first argument; what it printed, as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CELERY_EXT_CONFIG"] = str(c.config_path)
+    done = subprocess.run(
+        [sys.executable, str(script), broker_url(c), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=script.parent,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 # --- 1. a producer process that imports only celery ----------------------------------------
 
 
@@ -177,9 +196,7 @@ def plain_run(native: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
     queue and no routing options; each result read with ``AsyncResult.get()``."""
     assert only_celery_imports(PRODUCER) == {"json", "sys", "celery"}
     where = tmp_path_factory.mktemp("producer")
-    script = shutil.copy(PRODUCER, where / "producer.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["CELERY_EXT_CONFIG"] = str(native.config_path)
+    script = Path(shutil.copy(PRODUCER, where / "producer.py"))
     sends = [
         {"name": "echo", "kwargs": {"hello": "plain celery", "n": [1, 2]}},
         {"name": "reject", "kwargs": {"reason": "bad"}},
@@ -187,16 +204,7 @@ def plain_run(native: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
         {"chain": [{"name": "add", "args": [2, 2]}, {"name": "add", "args": [4]}]},
         {"chord": [{"name": "add", "args": [1, 1]}, {"name": "add", "args": [2, 2]}], "body": {"name": "tsum"}},
     ]
-    done = subprocess.run(
-        [sys.executable, script, broker_url(native), json.dumps(sends)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=where,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
+    return run_plain_producer(native, script, json.dumps(sends))
 
 
 def test_plain_producer_send_task_and_async_result(native: Cluster, plain_run: dict[str, Any]) -> None:
@@ -583,6 +591,37 @@ def test_group(native: Cluster) -> None:
     assert set(members) == {r.id for r in res.results}
     assert all(t.status is TaskStatus.SUCCEEDED and t.group_id == res.id for t in members.values())
     assert sorted(t.result for t in members.values()) == [0, 2, 4]
+
+
+def test_group_result_save_restore_delete(native: Cluster, tmp_path: Path) -> None:
+    """``GroupResult.save()`` keeps the group's ordered member ids in the task store, so
+    ``GroupResult.restore`` finds it, here and in a producer that imports only celery, even
+    before any member has started.  Before, restore always gave ``None``."""
+    app, m = native.runtime.celery, native.manager
+    busy = busy_worker(native)  # the members wait in the broker: none has a record yet
+    res = group(app.signature("add", args=(i, i)) for i in range(4)).apply_async()
+    res.save()
+    assert all(native.runtime.storage.tasks.get(r.id) is None for r in res.results)
+    restored = GroupResult.restore(res.id, app=app)
+    assert restored is not None and restored.id == res.id
+    assert [r.id for r in restored.results] == [r.id for r in res.results]
+
+    script = tmp_path / "restore.py"
+    script.write_text(
+        "import json, sys\n"
+        "from celery import Celery\n"
+        "from celery.result import GroupResult\n"
+        "app = Celery(broker=sys.argv[1], backend='celery_ext://')\n"
+        "group = GroupResult.restore(sys.argv[2], app=app)\n"
+        "print(json.dumps({'ids': [r.id for r in group.results], 'values': group.get(timeout=60)}))\n"
+    )
+    restored_there = run_plain_producer(native, script, res.id)
+    assert restored_there == {"ids": [r.id for r in res.results], "values": [0, 2, 4, 6]}
+    assert all(t.status is TaskStatus.SUCCEEDED for t in (m.get(b.task_id) for b in busy))
+
+    restored.delete()
+    assert GroupResult.restore(res.id, app=app) is None
+    assert res.get(timeout=30) == [0, 2, 4, 6]  # the members' records are untouched
 
 
 def test_chord(native: Cluster) -> None:

@@ -405,6 +405,7 @@ def test_workers_starting_together_migrate_once(sql_config: StorageConfig, tmp_p
 
 def test_v5_database_gets_the_chart_index(sql_config: StorageConfig, tmp_path: Path) -> None:
     """Version 6 only adds tasks(created_at, status, task_type); a v5 database keeps its tasks."""
+    from celery_ext.storage.sql_schema import groups as groups_table
     from celery_ext.storage.sql_schema import tasks as tasks_table
 
     storage = open_storage(sql_config, tmp_path)
@@ -415,7 +416,8 @@ def test_v5_database_gets_the_chart_index(sql_config: StorageConfig, tmp_path: P
         storage.tasks.create(task)
     with storage.begin() as conn:  # back to version 5, as that version's code left the database
         next(i for i in tasks_table.indexes if i.name == "ix_tasks_created_status_type").drop(conn)
-        conn.execute(text("DELETE FROM celery_ext_schema WHERE version = 6"))
+        groups_table.drop(conn)
+        conn.execute(text("DELETE FROM celery_ext_schema WHERE version >= 6"))
     assert storage.schema_version() == (5, SCHEMA_VERSION)
     assert "ix_tasks_created_status_type" not in index_names(storage, "tasks")
 
@@ -423,5 +425,33 @@ def test_v5_database_gets_the_chart_index(sql_config: StorageConfig, tmp_path: P
     assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
     assert "ix_tasks_created_status_type" in index_names(storage, "tasks")
     assert [storage.tasks.get(t.task_id) for t in old] == [t.replace(updated_at=t.created_at) for t in old]
+    assert storage.migrate() == []
+    storage.close()
+
+
+def test_v6_database_gets_the_groups_table(sql_config: StorageConfig, tmp_path: Path) -> None:
+    """Version 7 only adds celery_ext_groups (Celery's GroupResult.save()); a v6 database keeps
+    its tasks, and a group saved after the upgrade reads back."""
+    from celery_ext.storage.sql_schema import groups as groups_table
+
+    storage = open_storage(sql_config, tmp_path)
+    assert isinstance(storage, SqlStorage)
+    storage.migrate()
+    old = old_tasks("v6-", 3)
+    for task in old:
+        storage.tasks.create(task)
+    with storage.begin() as conn:  # back to version 6
+        groups_table.drop(conn)
+        conn.execute(text("DELETE FROM celery_ext_schema WHERE version = 7"))
+    assert storage.schema_version() == (6, SCHEMA_VERSION)
+
+    assert storage.migrate() == step_names(6)
+    assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    assert "ix_groups_saved" in index_names(storage, "celery_ext_groups")
+    assert [storage.tasks.get(t.task_id) for t in old] == [t.replace(updated_at=t.created_at) for t in old]
+    assert storage.groups is not None
+    storage.groups.save("g-after-upgrade", [["g-after-upgrade", None], [[["m1", None], None]]])
+    saved = storage.groups.get("g-after-upgrade")
+    assert saved is not None and saved.result == [["g-after-upgrade", None], [[["m1", None], None]]]
     assert storage.migrate() == []
     storage.close()

@@ -41,14 +41,16 @@ class Backend:
             s.collection("logs").delete_many({})
             s.db["celery_ext_schedules"].delete_many({})
             s.db["celery_ext_fences"].delete_many({})
+            s.db["celery_ext_groups"].delete_many({})
             return
-        from celery_ext.storage.sql_schema import fences, schedules, task_logs, tasks
+        from celery_ext.storage.sql_schema import fences, groups, schedules, task_logs, tasks
 
         with s.begin() as conn:
             conn.execute(delete(task_logs))
             conn.execute(delete(tasks))
             conn.execute(delete(schedules))
             conn.execute(delete(fences))
+            conn.execute(delete(groups))
 
 
 def storage_config(kind: str, tmp: Path, request: pytest.FixtureRequest) -> tuple[StorageConfig, list[Any]]:

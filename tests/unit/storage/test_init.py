@@ -52,6 +52,7 @@ class BareStorage(SqlStorage):
         storage = super().from_config("sqlite", config, data_dir)
         storage.tasks = bare(storage.tasks, TaskRepository)
         storage.logs = bare(storage.logs, TaskLogRepository)
+        storage.groups = None
         return storage
 
 
@@ -125,7 +126,7 @@ def test_a_backend_without_the_maintenance_capabilities_is_named_by_the_commands
     path = tmp_path / "config.yaml"
     path.write_text(
         f"app: {{data_dir: {tmp_path}}}\n"
-        f"storage: {{type: '{__name__}:BareStorage', retention: {{succeeded: 1d, logs: 7d}}}}\n"
+        f"storage: {{type: '{__name__}:BareStorage', retention: {{succeeded: 1d, logs: 7d, groups: 1d}}}}\n"
     )
     assert main(["--config", str(path), "storage", "migrate"]) == 0
     capsys.readouterr()
@@ -144,3 +145,17 @@ def test_a_backend_without_the_maintenance_capabilities_is_named_by_the_commands
         "BareTaskRepository does not implement celery_ext.storage.base.TaskMaintenance, needed for purging tasks" in err
     )
     assert "BareTaskLogRepository does not implement celery_ext.storage.base.LogMaintenance" in err
+    assert (
+        "BareStorage does not implement celery_ext.storage.base.GroupRepository, needed for purging saved groups"
+    ) in err
+
+    # Celery's GroupResult.save() through the result backend says the store cannot keep groups.
+    from celery import Celery
+    from celery.result import AsyncResult, GroupResult
+
+    app = Celery("bare", backend=f"celery_ext://{path}")
+    group = GroupResult("g1", [AsyncResult("m1", app=app)], app=app)
+    with pytest.raises(NotImplementedError, match=r"keeps no saved groups, so GroupResult.save\(\)"):
+        group.save()
+    with pytest.raises(NotImplementedError, match="keeps no saved groups"):
+        GroupResult.restore("g1", app=app)
