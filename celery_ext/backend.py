@@ -47,6 +47,8 @@ from celery_ext.task import ExecutorTask, chain_ids
 
 logger = logging.getLogger("celery_ext.backend")
 
+TRACEBACK = "Traceback (most recent call last):"
+
 STATE_OF = {
     TaskStatus.PENDING: states.PENDING,
     TaskStatus.SCHEDULED: states.PENDING,
@@ -136,7 +138,28 @@ class RecordBackend(BaseBackend):
     # --- reading --------------------------------------------------------------------------
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        return celery_meta(self.storage.tasks.get(task_id), task_id, self.exception_to_python)
+        return self._meta(self.storage.tasks.get(task_id), task_id)
+
+    def _meta(self, task: Task | None, task_id: str) -> dict[str, Any]:
+        meta = celery_meta(task, task_id, self.exception_to_python)
+        if task is not None and task.error is not None and task.error.reason == "exception":
+            if meta["status"] in (states.FAILURE, states.RETRY):
+                meta["traceback"] = self._traceback(task)
+        return meta
+
+    def _traceback(self, task: Task) -> str | None:
+        """``AsyncResult.traceback`` of a failed attempt: the executor's exception as the worker
+        logged it in the attempt's log (only an unexpected exception has one)."""
+        try:
+            lines = self.storage.logs.list(task.task_id, run=task.run, attempt=task.attempt)
+        except Exception:  # noqa: BLE001 - a missing traceback must not fail the result's read
+            logger.warning("could not read the log of task %s for its traceback", task.task_id, exc_info=True)
+            return None
+        for line in reversed(lines):
+            start = line.message.find(TRACEBACK)
+            if line.level == "ERROR" and start >= 0:
+                return line.message[start:]
+        return None
 
     def wait_for(
         self,
@@ -158,7 +181,7 @@ class RecordBackend(BaseBackend):
         task = completion.wait(task_id, read, timeout)
         if task is None or not task.status.terminal:
             raise CeleryTimeoutError("The operation timed out.")
-        return celery_meta(task, task_id, self.exception_to_python)
+        return self._meta(task, task_id)
 
     # --- writing --------------------------------------------------------------------------
 

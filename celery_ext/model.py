@@ -119,14 +119,25 @@ class TaskResult:
     data: Any = None
     error: TaskErrorInfo | None = None
     retryable: bool = False
+    # The exception behind a failure, in the process that caught it (never stored): Celery's
+    # traceback of the failure (Flower's task page) shows it as the cause of ``TaskFailed``.
+    cause: BaseException | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def ok(cls, data: Any = None) -> TaskResult:
         return cls(True, data)
 
     @classmethod
-    def fail(cls, reason: str, message: str, *, retryable: bool = False, data: Any = None) -> TaskResult:
-        return cls(False, data, TaskErrorInfo(reason, message), retryable)
+    def fail(
+        cls,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        data: Any = None,
+        cause: BaseException | None = None,
+    ) -> TaskResult:
+        return cls(False, data, TaskErrorInfo(reason, message), retryable, cause)
 
 
 @dataclass(frozen=True, slots=True)

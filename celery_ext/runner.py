@@ -67,6 +67,7 @@ class Outcome:
     delay: float = 0.0
     why: str = ""
     held: bool = False
+    cause: BaseException | None = None  # the exception behind a failure (TaskResult.cause)
 
 
 Verdict = Literal["succeed", "retry", "fail"]
@@ -272,15 +273,15 @@ class TaskRunner:
             if task.args and not executor.accepts_args:
                 task = task.replace(payload=payload_of(task), args=None)
             result = executor.execute(task)
-        except SoftTimeLimitExceeded:
+        except SoftTimeLimitExceeded as exc:
             logger.error("time limit of %ss exceeded", task.timeout)
-            return TaskResult.fail("timeout", f"time limit of {task.timeout or 0:g}s exceeded")
+            return TaskResult.fail("timeout", f"time limit of {task.timeout or 0:g}s exceeded", cause=exc)
         except ExecutorError as exc:
             logger.error("%s: %s", exc.reason, exc)
-            return TaskResult.fail(exc.reason, str(exc), retryable=exc.retryable, data=exc.data)
+            return TaskResult.fail(exc.reason, str(exc), retryable=exc.retryable, data=exc.data, cause=exc)
         except Exception as exc:  # noqa: BLE001 - any executor bug becomes a recorded failure
             logger.error("%s: %s\n%s", exc.__class__.__name__, exc, traceback.format_exc())
-            return TaskResult.fail("exception", f"{exc.__class__.__name__}: {exc}", retryable=True)
+            return TaskResult.fail("exception", f"{exc.__class__.__name__}: {exc}", retryable=True, cause=exc)
         if not isinstance(result, TaskResult):
             return TaskResult.fail("invalid_result", f"executor returned {type(result).__name__}, not TaskResult")
         try:
@@ -312,9 +313,11 @@ class TaskRunner:
             hold = delay > self.max_countdown
             token, spooled = lifecycle.retry_settle(task, error, delay, result.data, hold=hold, spool=True, then=then)
             if token is not None:
-                return Outcome("retry", task, error=error, token=token, delay=delay, held=hold or spooled)
+                return Outcome(
+                    "retry", task, error=error, token=token, delay=delay, held=hold or spooled, cause=result.cause
+                )
         elif lifecycle.fail(task, error, result.data, spool=True, then=then) is not False:
-            return Outcome("failed", task, data=result.data, error=error)
+            return Outcome("failed", task, data=result.data, error=error, cause=result.cause)
         return self.discarded(task)
 
     def discarded(self, task: Task) -> Outcome:

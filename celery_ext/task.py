@@ -137,7 +137,7 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
         if result.success:
             return result.data
         error = result.error or TaskErrorInfo("exception", "failed without an error")
-        raise TaskFailed.of(error.reason, error.message)
+        raise TaskFailed.of(error.reason, error.message) from result.cause
 
     def _forward(self, rt: Runtime, request: Any, args: Any, kwargs: Any) -> None:
         """A message from Celery's default queue of a type this worker does not run
@@ -159,14 +159,14 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
             why = f"failed ({error.reason})" if outcome.kind == "failed" and error else "was cancelled"
             rt.lifecycle.fail_waiting(chain_ids(self.request.chain), outcome.task, why)
         if outcome.kind == "failed" and error is not None:
-            raise TaskFailed.of(error.reason, error.message)
+            raise TaskFailed.of(error.reason, error.message) from outcome.cause
         if outcome.kind == "retry" and error is not None and outcome.task is not None and outcome.held:
             # Celery's RETRY (state, task-retried event, message acked) without the ETA message
             # Task.retry would publish: the next attempt waits in storage (RETRYING with run_at)
             # and the scheduler's leader publishes it when due.
             raise Retry(
                 exc=TaskFailed.of(error.reason, error.message), when=utcnow() + timedelta(seconds=outcome.delay)
-            )
+            ) from outcome.cause
         if outcome.kind == "retry" and error is not None and outcome.task is not None:
             t = outcome.task
             header = ExtHeader(outcome.token or "", t.attempt + 1, t.run, t.max_retries, utcnow(), t.idempotency_key)
@@ -176,7 +176,8 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
                 countdown=outcome.delay,
                 headers=headers,
                 queue=queue_name(rt.config.app.name, self.name),
-            )
+                throw=False,  # raised here, with the executor's exception as its cause
+            ) from outcome.cause
         if outcome.kind == "revoked":
             self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore(outcome.why)

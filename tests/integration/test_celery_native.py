@@ -449,6 +449,35 @@ def test_async_result_retries_exhausted(native: Cluster, events: EventLog) -> No
     assert not events.of(task.task_id, "task-succeeded")
 
 
+def test_the_executors_traceback_in_flower_and_async_result(native: Cluster, events: EventLog) -> None:
+    """Flower's task page shows the traceback of Celery's task-failed and task-retried events, and
+    ``AsyncResult.traceback`` gives one: both show the task's own code, not only celery_ext's."""
+    app, m = native.runtime.celery, native.manager
+    task = m.submit("flaky", {"key": unique("flaky:"), "fail_times": 10}, max_retries=1)
+    res = app.AsyncResult(task.task_id)
+    with pytest.raises(TaskFailed):
+        res.get(timeout=30)
+    poll(lambda: bool(events.of(task.task_id, "task-failed")), 20, "the task-failed event")
+    own_frame = 'tests/support/tasks.py", line 31, in flaky'
+    retried = events.of(task.task_id, "task-retried")[0]["traceback"]
+    assert own_frame in retried and "RuntimeError: planned failure 1" in retried
+    failed = events.of(task.task_id, "task-failed")[0]["traceback"]
+    assert own_frame in failed and "RuntimeError: planned failure 2" in failed
+    assert failed.index("planned failure 2") < failed.index("direct cause") < failed.index("TaskFailed: exception")
+    # AsyncResult.traceback: the last attempt's, as the worker logged it in the task's log.
+    assert res.traceback.startswith("Traceback (most recent call last):")
+    assert own_frame in res.traceback and res.traceback.rstrip().endswith("RuntimeError: planned failure 2")
+
+    # An executor's expected failure (PermanentError) logs no traceback: the event still shows
+    # where it was raised.
+    bad = app.AsyncResult(m.submit("reject", {"reason": "no traceback"}).task_id)
+    with pytest.raises(TaskFailed):
+        bad.get(timeout=30)
+    assert bad.traceback is None
+    poll(lambda: bool(events.of(bad.id, "task-failed")), 20, "the task-failed event")
+    assert "in reject" in events.of(bad.id, "task-failed")[0]["traceback"]
+
+
 def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, events: EventLog) -> None:
     app, m = native.runtime.celery, native.manager
     task = m.submit("echo", {"late": True}, delay=30)

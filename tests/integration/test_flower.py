@@ -252,6 +252,9 @@ def test_retries_are_counted(flower_cluster: tuple[Cluster, FlowerProcess]) -> N
     task = flower_task(flower, exhausted, ("SUCCESS", "FAILURE", "REVOKED"))
     assert task["state"] == "FAILURE" and task["retries"] == 1, task
     assert "TaskFailed('exception: " in task["exception"] and "planned failure 2" in task["exception"], task
+    # The traceback Flower shows is the task's own, with celery_ext's TaskFailed raised from it.
+    assert 'tests/support/tasks.py", line 31, in flaky' in task["traceback"], task
+    assert "RuntimeError: planned failure 2" in task["traceback"], task
 
 
 def test_cancelled_task_is_revoked(flower_cluster: tuple[Cluster, FlowerProcess]) -> None:
@@ -301,6 +304,12 @@ def test_tasks_page_in_headless_chromium(flower_cluster: tuple[Cluster, FlowerPr
     for task_id, name in ids.items():
         assert task_id in dom.stdout, f"{task_id} not on the rendered /tasks page:\n{dom.stdout[-3000:]}"
         assert f">{name}<" in dom.stdout
+
+    failed = m.submit("flaky", {"key": unique("flaky:"), "fail_times": 10}, max_retries=0).task_id
+    flower_task(flower, failed, ("FAILURE",))
+    page = chromium(f"{flower.url}/task/{failed}", "--dump-dom")
+    assert page.returncode == 0, page.stderr[-3000:]
+    assert "line 31, in flaky" in page.stdout and "planned failure 1" in page.stdout, page.stdout[-3000:]
 
     shot = tmp_path / "tasks.png"
     run = chromium(f"{flower.url}/tasks", f"--screenshot={shot}")
