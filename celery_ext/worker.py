@@ -78,6 +78,18 @@ class CeleryExtStep(bootsteps.StartStopStep):
         self.services.stop()
 
 
+def warn_time_limits(pool: Any) -> None:
+    """Celery's threads and solo pools apply no time limit: say so once, at start, since a task's
+    timeout is then recorded but never enforced."""
+    kind = {"celery.concurrency.thread": "threads", "celery.concurrency.solo": "solo"}.get(type(pool).__module__)
+    if kind is not None:
+        logger.warning(
+            "the %s pool applies no time limits: a task runs past its timeout (submit's, the "
+            "executor's or worker.default_timeout) until it returns; the prefork pool enforces them",
+            kind,
+        )
+
+
 class WorkerServices:
     """What a worker's main process runs besides Celery: the lease keeper and, when configured,
     a scheduler thread; and the checks and set-up made once before the pool forks."""
@@ -123,6 +135,7 @@ class WorkerServices:
             flush=True,
         )
         unbind_stale_plain_queues(rt)
+        warn_time_limits(pool)
         self.keeper = LeaseKeeper(rt, pool)
         self.keeper.start()
         if scheduler_in_worker(rt.config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from celery_ext.model import TaskStatus
@@ -84,6 +85,19 @@ def test_hard_timeout_kills_and_records_timeout(make_cluster) -> None:
     # the pool replaced its child and keeps working
     assert m.wait(m.submit("echo", {"after": "hard limit"}).task_id, 30).status is TaskStatus.SUCCEEDED
     assert w.alive()
+    assert "applies no time limits" not in w.log()  # the prefork pool does
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_a_pool_without_time_limits_says_so_at_start(make_cluster, pool: str) -> None:
+    """Celery's threads and solo pools apply no time limit: the worker warns once, and a task runs
+    past its timeout to its end (as in Celery); the prefork worker above enforces it."""
+    c = make_cluster(executors=TEST_TASKS, worker={"pool": pool})
+    w = c.worker(pool=pool, concurrency=2 if pool == "threads" else 1)
+    m = c.manager
+    done = m.wait(m.submit("sleep", {"seconds": 1.0}, timeout=0.3).task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED
+    assert f"the {pool} pool applies no time limits" in w.log()
 
 
 def test_cancel_before_start_never_runs(make_cluster) -> None:
