@@ -597,14 +597,27 @@ def _list_route(tasks: APIRouter, rt: Runtime) -> None:
             Query(default_factory=list, alias="type", description="any of these (repeat)"),
         ],
         worker: Annotated[str, Query(max_length=255, pattern=KEY, description="the worker that ran it")] = "",
+        parent_id: Annotated[
+            str, Query(max_length=255, pattern=KEY, description="tasks sent by this one (Celery's parent_id)")
+        ] = "",
+        root_id: Annotated[
+            str, Query(max_length=255, pattern=KEY, description="the tasks of the workflow this one started")
+        ] = "",
+        group_id: Annotated[str, Query(max_length=255, pattern=KEY, description="the members of this group")] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[
             str, Query(max_length=1024, pattern=KEY, description="next_cursor of the previous page")
         ] = "",
     ) -> dict[str, Any]:
         filters: dict[str, Any] = {"limit": limit, "status": tuple(status), "task_type": tuple(task_type)}
-        if worker:
-            filters["worker_id"] = worker
+        for key, value in (
+            ("worker_id", worker),
+            ("parent_id", parent_id),
+            ("root_id", root_id),
+            ("group_id", group_id),
+        ):
+            if value:
+                filters[key] = value
         if cursor:
             try:
                 decode_cursor(cursor)

@@ -56,6 +56,9 @@ def register(sub: Any) -> None:
     p.add_argument("--status", action="append", choices=[s.value for s in TaskStatus])
     p.add_argument("--type", dest="task_type", action="append")
     p.add_argument("--worker")
+    p.add_argument("--parent", metavar="ID", help="tasks sent by this one (a chain's next step, a subtask)")
+    p.add_argument("--root", metavar="ID", help="the tasks of the workflow (chain, chord) this one started")
+    p.add_argument("--group", metavar="ID", help="the members (and chord body) of this Celery group")
     p.add_argument("--limit", type=bounded(int, 1, 1000), default=50)
     p.add_argument("--cursor", help="next_cursor of the previous page")
     add_json(p)
@@ -176,6 +179,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         status=tuple(args.status or ()),
         task_type=tuple(args.task_type or ()),
         worker_id=args.worker,
+        parent_id=args.parent,
+        root_id=args.root,
+        group_id=args.group,
         limit=args.limit,
         cursor=args.cursor,
     )

@@ -96,6 +96,25 @@ def test_submit_follow_list_and_read_logs(api: tuple[Cluster, httpx.Client]) -> 
     assert len(workers) == 1 and workers[0]["capacity"] >= 1
 
 
+def test_list_by_canvas_ids(api: tuple[Cluster, httpx.Client]) -> None:
+    """``GET /tasks?root_id=&parent_id=&group_id=``: a workflow's records, as Celery links them."""
+    c, client = api
+    first, second, third = c.manager.submit_chain([{"task_type": "echo", "payload": {"step": i}} for i in range(3)])
+    members = c.manager.submit_group([{"task_type": "echo", "payload": {"member": i}} for i in range(2)])
+
+    def ids(**params: str) -> set[str]:
+        r = client.get("/tasks", params=params)
+        assert r.status_code == 200, r.text
+        return {t["task_id"] for t in r.json()["items"]}
+
+    assert ids(root_id=first.task_id) == {first.task_id, second.task_id, third.task_id}
+    assert ids(parent_id=first.task_id) == {second.task_id}
+    assert ids(group_id=members[0].group_id or "") == {t.task_id for t in members}
+    assert ids(root_id="no-such-root") == set()
+    bad = client.get("/tasks", params={"group_id": "x" * 256})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_payload", bad.text
+
+
 def test_cancel_retry_and_conflicts(api: tuple[Cluster, httpx.Client]) -> None:
     _, client = api
     later = client.post("/tasks", json={"task_type": "echo", "delay": 60}).json()

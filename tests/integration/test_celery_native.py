@@ -593,6 +593,11 @@ def test_chain_with_mutable_signatures(native: Cluster) -> None:
     assert [t.parent_id for t in steps] == [None, first.id, second.id]
     assert {t.root_id for t in steps} == {first.id}
     assert set(records_of(native, parent_id=first.id)) == {second.id}
+    # The same through the CLI, as an operator finds a workflow's records.
+    for flag, value, expected in (("--root", first.id, set(ids)), ("--parent", second.id, {third.id})):
+        out = cli(native, "list", flag, value, "--json")
+        assert out.returncode == 0, out.stderr
+        assert {t["task_id"] for t in json.loads(out.stdout)["items"]} == expected, flag
 
 
 def test_chain_stops_at_a_failed_step(native: Cluster) -> None:
@@ -620,6 +625,8 @@ def test_group(native: Cluster) -> None:
     assert set(members) == {r.id for r in res.results}
     assert all(t.status is TaskStatus.SUCCEEDED and t.group_id == res.id for t in members.values())
     assert sorted(t.result for t in members.values()) == [0, 2, 4]
+    out = cli(native, "list", "--group", res.id)
+    assert out.returncode == 0 and all(r.id in out.stdout for r in res.results), out.stdout + out.stderr
 
 
 def test_group_result_save_restore_delete(native: Cluster, tmp_path: Path) -> None:
