@@ -2,10 +2,12 @@
 
 Exit codes: 0 success (or task accepted), 1 the task ended failed/dead/cancelled, or an unexpected
 error (one line; ``--debug`` prints its traceback), 2 usage or validation error, 3 a service
-(storage, broker) is unavailable.  Each command module adds its sub-commands through
-``register(subparsers)``; they are imported when the parser is built, because Celery imports
-this package into every ``celery`` process (workers, ``celery call``, Flower) for the
-``celery.commands`` plugin (``scheduler_cmd``), which needs none of them.
+(storage, broker) is unavailable, 4 a wait ran out before the task ended (it goes on).
+
+Each command module adds its sub-commands through ``register(subparsers)``; they are imported when
+the parser is built, because Celery imports this package into every ``celery`` process (workers,
+``celery call``, Flower) for the ``celery.commands`` plugin (``scheduler_cmd``), which needs none
+of them.
 """
 
 from __future__ import annotations
@@ -16,8 +18,23 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from celery_ext.cli.common import EXIT_TASK_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, close_runtime
-from celery_ext.errors import CeleryExtError, ConfigError, PublishError, ScheduleError, StorageError, TaskError
+from celery_ext.cli.common import (
+    EXIT_TASK_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    EXIT_WAIT_TIMEOUT,
+    CommandError,
+    close_runtime,
+)
+from celery_ext.errors import (
+    CeleryExtError,
+    ConfigError,
+    PublishError,
+    ScheduleError,
+    StorageError,
+    TaskError,
+    TaskWaitTimeoutError,
+)
 
 #: The command modules, in the order of ``celery-ext --help``.
 MODULES = ("tasks_cmd", "config_cmd", "storage_cmd", "workers_cmd", "schedules_cmd", "api_cmd", "embedded_cmd")
@@ -62,6 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(exc, EXIT_USAGE)
     except (StorageError, PublishError) as exc:
         return _fail(exc, EXIT_UNAVAILABLE)
+    except TaskWaitTimeoutError as exc:  # the task goes on: not a service's failure
+        return _fail(exc, EXIT_WAIT_TIMEOUT)
     except CeleryExtError as exc:
         return _fail(exc, EXIT_UNAVAILABLE)
     except KeyboardInterrupt:

@@ -103,6 +103,8 @@ def test_get_list_logs_wait_cancel_retry(running: Path) -> None:
     assert table.returncode == 0 and "status" in table.stdout
 
     delayed = cli(running, "submit", "echo", "{}", "--delay", "60").stdout.strip()
+    ran_out = cli(running, "wait", delayed, "--timeout", "0.3")
+    assert ran_out.returncode == 4 and f"task {delayed} still scheduled after 0.3s" in ran_out.stderr
     cancelled = cli(running, "cancel", delayed, "--json")
     assert json.loads(cancelled.stdout)["status"] == "cancelled"
     assert cli(running, "cancel", delayed).returncode == 2  # already finished
