@@ -48,6 +48,7 @@ from celery_ext.task import ExecutorTask, chain_ids
 logger = logging.getLogger("celery_ext.backend")
 
 TRACEBACK = "Traceback (most recent call last):"
+RUNNER = "celery_ext.runner: "  # how the runner's lines start in a task's log (tasklog's format)
 
 STATE_OF = {
     TaskStatus.PENDING: states.PENDING,
@@ -157,7 +158,7 @@ class RecordBackend(BaseBackend):
             return None
         for line in reversed(lines):
             start = line.message.find(TRACEBACK)
-            if line.level == "ERROR" and start >= 0:
+            if line.message.startswith(RUNNER) and start >= 0:
                 return line.message[start:]
         return None
 

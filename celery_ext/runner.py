@@ -273,14 +273,17 @@ class TaskRunner:
             if task.args and not executor.accepts_args:
                 task = task.replace(payload=payload_of(task), args=None)
             result = executor.execute(task)
+        # An attempt's failure is logged as a WARNING (into the task's log, with the traceback of
+        # an unexpected exception): Celery itself reports the task's failure when it is final,
+        # as bare Celery does, and error trackers (Sentry's Celery integration) take it from there.
         except SoftTimeLimitExceeded as exc:
-            logger.error("time limit of %ss exceeded", task.timeout)
+            logger.warning("time limit of %ss exceeded", task.timeout)
             return TaskResult.fail("timeout", f"time limit of {task.timeout or 0:g}s exceeded", cause=exc)
         except ExecutorError as exc:
-            logger.error("%s: %s", exc.reason, exc)
+            logger.warning("%s: %s", exc.reason, exc)
             return TaskResult.fail(exc.reason, str(exc), retryable=exc.retryable, data=exc.data, cause=exc)
         except Exception as exc:  # noqa: BLE001 - any executor bug becomes a recorded failure
-            logger.error("%s: %s\n%s", exc.__class__.__name__, exc, traceback.format_exc())
+            logger.warning("%s: %s\n%s", exc.__class__.__name__, exc, traceback.format_exc())
             return TaskResult.fail("exception", f"{exc.__class__.__name__}: {exc}", retryable=True, cause=exc)
         if not isinstance(result, TaskResult):
             return TaskResult.fail("invalid_result", f"executor returned {type(result).__name__}, not TaskResult")

@@ -99,9 +99,9 @@ class ExecutorTask(Task):  # type: ignore[type-arg]
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # celery_ext counts attempts against the record's max_retries
-    # An expected outcome, already logged with its cause by the runner: Celery logs one line for
-    # it, without a traceback of celery_ext's own frames.
-    throws = (TaskFailed,)
+    # No ``throws``: a final failure is Celery's unexpected error, logged with its traceback (the
+    # executor's exception is its cause) and reported by error trackers, which skip whatever a
+    # task lists in ``throws`` (Sentry's Celery integration does).
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         rt = runtime_of(self.app)
