@@ -1,6 +1,7 @@
 """Sentry's own Celery integration in a worker, as teams run it, with a transport that writes each
 event to the JSON-lines file ``$SENTRY_EVENTS`` instead of sending it (no network here).  Listed
-among the python executor's modules, so the worker imports it before its pool forks."""
+among the python executor's modules, so the worker imports it before its pool forks; a process
+without ``$SENTRY_EVENTS`` starts no Sentry client."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class FileTransport(Transport):
                     out.write(json.dumps(item.payload.json, default=str) + "\n")
 
 
-sentry_sdk.init(dsn="http://public@127.0.0.1:9/1", transport=FileTransport, integrations=[CeleryIntegration()])
+# Only where the test asks for it (the worker's environment): a producer process imports the same
+# modules, and a client with Celery's integration would patch Celery for the rest of its life.
+if os.environ.get("SENTRY_EVENTS"):
+    sentry_sdk.init(dsn="http://public@127.0.0.1:9/1", transport=FileTransport, integrations=[CeleryIntegration()])
 
 
 @task_type("sentry_probe")
