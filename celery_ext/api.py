@@ -160,6 +160,10 @@ class TaskRecord(BaseModel):
     parent_id: str | None
     root_id: str | None
     group_id: str | None
+    progress: dict[str, Any] | None = Field(
+        description="the last custom state a running attempt reported with Celery's update_state: "
+        "state, meta, attempt, run, at"
+    )
 
 
 class TaskList(BaseModel):

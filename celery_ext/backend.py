@@ -20,6 +20,7 @@ record from what Celery stores for it.  Chords use Celery's ``chord_unlock`` (no
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
 from celery_ext.storage.base import GroupRepository, Storage
 from celery_ext.task import ExecutorTask, chain_ids
+from celery_ext.validation import check_json
 
 logger = logging.getLogger("celery_ext.backend")
 
@@ -86,6 +88,8 @@ def celery_meta(
         result = TaskFailed.of(task.error.reason, task.error.message)
     elif state == states.REVOKED:
         result = TaskFailed.of("cancelled", "the task was cancelled")
+    elif state == states.STARTED and (reported := task.reported) is not None:
+        state, result = reported["state"], reported["meta"]  # update_state's custom state
     elif state == states.STARTED:
         result = {"hostname": task.worker_id}
     return {
@@ -209,6 +213,8 @@ class RecordBackend(BaseBackend):
         if not name or self._is_celery_ext_task(name):
             if state == states.REVOKED and name:
                 self._cancel_discarded(task_id, str(name), result, request)
+            elif state not in states.ALL_STATES and name:
+                self._record_progress(task_id, state, result)
             return result  # celery_ext's own types are recorded by the worker's state machine
         status = STATUS_OF.get(state)
         if status is None:
@@ -218,6 +224,31 @@ class RecordBackend(BaseBackend):
         except Exception:  # noqa: BLE001 - never fail a plain task on its bookkeeping
             logger.exception("could not record the %s of task %s[%s]", state, name, task_id)
         return result
+
+    def _record_progress(self, task_id: str, state: str, meta: Any) -> None:
+        """Celery's ``update_state`` with a custom state (``PROGRESS``, with ``meta``) from a
+        running task: kept on its record, as Celery's state while this attempt runs.  Meta that is
+        not storable JSON within the payload limits raises ``ValueError`` naming what is wrong."""
+        runtime = getattr(self.app, "celery_ext", None)
+        limits = runtime.config.app if isinstance(runtime, Runtime) else None
+        depth = limits.max_payload_depth if limits else 32
+        cap = limits.max_payload_bytes if limits else 256 * 1024
+        what = f"update_state({state!r}) of task {task_id}: meta"
+        try:
+            check_json(meta, "meta", depth)
+            size = len(json.dumps(meta, allow_nan=False).encode())
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{what} is not storable JSON: {exc}") from None
+        if size > cap:
+            raise ValueError(f"{what} has {size} bytes, over app.max_payload_bytes ({cap})")
+        tasks = self.storage.tasks
+        task = tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.RUNNING:
+            logger.info("update_state(%r) of task %s ignored: it is not running", state, task_id)
+            return
+        progress = {"state": state, "meta": meta, "attempt": task.attempt, "run": task.run, "at": utcnow().isoformat()}
+        # Not durable: a report lost with a crash of the database is replaced by the next one.
+        tasks.update(task_id, [TaskStatus.RUNNING], token=task.dispatch_token, durable=False, progress=progress)
 
     def chord_error_from_stack(self, callback: Any, exc: Any = None) -> Any:
         self._local.callback = callback

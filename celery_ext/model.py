@@ -172,6 +172,9 @@ class Task:
     parent_id: str | None = None
     root_id: str | None = None
     group_id: str | None = None
+    # The last custom state a running attempt reported with Celery's ``update_state`` (progress):
+    # ``{"state", "meta", "attempt", "run", "at"}``; Celery's state while that attempt runs.
+    progress: dict[str, Any] | None = None
 
     def replace(self, **changes: Any) -> Task:
         return replace(self, **changes)
@@ -186,10 +189,18 @@ class Task:
         for key, value in out.items():
             if isinstance(value, datetime):
                 out[key] = value.isoformat()
-        for key in ("payload", "args", "result"):
+        for key in ("payload", "args", "result", "progress"):
             if out[key] is not None:
                 out[key] = renderable(out[key])
         return out
+
+    @property
+    def reported(self) -> dict[str, Any] | None:
+        """The custom state its running attempt reported (``progress`` of this run and attempt)."""
+        p = self.progress
+        if self.status is TaskStatus.RUNNING and p and (p.get("run"), p.get("attempt")) == (self.run, self.attempt):
+            return p
+        return None
 
     @property
     def duration(self) -> float | None:

@@ -373,6 +373,7 @@ _RECORD_FIELDS = frozenset(
         "parent_id",
         "root_id",
         "group_id",
+        "progress",
     }
 )
 TIME_FIELDS = ("run_at", "lease_until", "created_at", "queued_at", "started_at", "finished_at", "updated_at")
@@ -408,6 +409,7 @@ def to_record(task: Task) -> dict[str, Any]:
         "parent_id": task.parent_id,
         "root_id": task.root_id,
         "group_id": task.group_id,
+        "progress": task.progress,
     }
 
 
@@ -443,6 +445,7 @@ def from_record(record: Mapping[str, Any], time: Callable[[Any], datetime | None
         parent_id=record.get("parent_id"),
         root_id=record.get("root_id"),
         group_id=record.get("group_id"),
+        progress=record.get("progress"),
     )
 
 

@@ -87,7 +87,8 @@ def _v6_chart_index(conn: Connection) -> None:
     _create_indexes(conn, tasks, ["ix_tasks_created_status_type"])
 
 
-def _v7_groups(conn: Connection) -> None:
+def _v7_groups_and_progress(conn: Connection) -> None:
+    _add_columns(conn, tasks, ["progress"])  # nullable: v6 code keeps inserting
     groups.create(conn, checkfirst=True)
     _create_indexes(conn, groups, ["ix_groups_saved"])
 
@@ -107,7 +108,12 @@ STEPS: list[Step] = [
         "index tasks(created_at, status, task_type): the dashboard's counts over time read the index only",
         _v6_chart_index,
     ),
-    Step(7, "groups saved by Celery's GroupResult.save(): celery_ext_groups, index (saved_at)", _v7_groups),
+    Step(
+        7,
+        "Celery's update_state: tasks(progress); groups saved by GroupResult.save(): celery_ext_groups, "
+        "index (saved_at)",
+        _v7_groups_and_progress,
+    ),
 ]
 assert [s.version for s in STEPS] == list(range(2, SCHEMA_VERSION + 1)), "STEPS must end at SCHEMA_VERSION"
 

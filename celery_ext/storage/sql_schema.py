@@ -106,6 +106,7 @@ tasks = Table(
     Column("parent_id", String(64), nullable=True),
     Column("root_id", String(64), nullable=True),
     Column("group_id", String(64), nullable=True),
+    Column("progress", NullableJsonDoc, nullable=True),  # v7: Celery's update_state of a running task
     Index("ix_tasks_created", "created_at", "task_id"),
     Index("ix_tasks_status_type_created", "status", "task_type", "created_at"),
     Index("ix_tasks_type_created", "task_type", "created_at"),

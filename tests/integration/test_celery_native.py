@@ -478,6 +478,39 @@ def test_the_executors_traceback_in_flower_and_async_result(native: Cluster, eve
     assert "in reject" in events.of(bad.id, "task-failed")[0]["traceback"]
 
 
+def test_update_state_progress_while_running(native: Cluster, tmp_path: Path) -> None:
+    """Celery's ``update_state(state="PROGRESS", meta=...)`` from a running task: ``AsyncResult``
+    says PROGRESS with the meta (here and in a producer that imports only celery), the record
+    and the CLI show it, and the task's end replaces it.  Before, it was dropped: STARTED."""
+    app, m = native.runtime.celery, native.manager
+    key = unique("progress:")
+    res = app.signature("report_progress", kwargs={"key": key, "steps": 3}).apply_async()
+    poll(lambda: app.AsyncResult(res.id).state == "PROGRESS", 30, "the PROGRESS state")
+    assert app.AsyncResult(res.id).info == {"done": 3, "total": 3}
+    record = m.get(res.id)
+    assert record.status is TaskStatus.RUNNING and record.reported is not None
+    assert (record.progress["state"], record.progress["meta"]) == ("PROGRESS", {"done": 3, "total": 3})
+    assert (record.progress["attempt"], record.progress["run"]) == (record.attempt, record.run)
+
+    script = tmp_path / "state.py"
+    script.write_text(
+        "import json, sys\n"
+        "from celery import Celery\n"
+        "app = Celery(broker=sys.argv[1], backend='celery_ext://')\n"
+        "r = app.AsyncResult(sys.argv[2])\n"
+        "print(json.dumps({'state': r.state, 'info': r.info}))\n"
+    )
+    assert run_plain_producer(native, script, res.id) == {"state": "PROGRESS", "info": {"done": 3, "total": 3}}
+    shown = cli(native, "get", res.id, "--json")
+    assert json.loads(shown.stdout)["progress"]["meta"] == {"done": 3, "total": 3}, shown.stderr
+
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT).set(key, 1, ex=60)
+    result = res.get(timeout=30)
+    assert res.state == "SUCCESS" and result["steps"] == 3
+    # Meta that is not JSON is refused where update_state is called, naming what is wrong.
+    assert "meta is not storable JSON: Object of type module is not JSON serializable" in result["refused"]
+
+
 def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, events: EventLog) -> None:
     app, m = native.runtime.celery, native.manager
     task = m.submit("echo", {"late": True}, delay=30)

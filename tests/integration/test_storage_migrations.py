@@ -429,9 +429,9 @@ def test_v5_database_gets_the_chart_index(sql_config: StorageConfig, tmp_path: P
     storage.close()
 
 
-def test_v6_database_gets_the_groups_table(sql_config: StorageConfig, tmp_path: Path) -> None:
-    """Version 7 only adds celery_ext_groups (Celery's GroupResult.save()); a v6 database keeps
-    its tasks, and a group saved after the upgrade reads back."""
+def test_v6_database_gets_progress_and_the_groups_table(sql_config: StorageConfig, tmp_path: Path) -> None:
+    """Version 7 adds tasks.progress (Celery's update_state) and celery_ext_groups (Celery's
+    GroupResult.save()); a v6 database keeps its tasks, and both work after the upgrade."""
     from celery_ext.storage.sql_schema import groups as groups_table
 
     storage = open_storage(sql_config, tmp_path)
@@ -442,13 +442,20 @@ def test_v6_database_gets_the_groups_table(sql_config: StorageConfig, tmp_path: 
         storage.tasks.create(task)
     with storage.begin() as conn:  # back to version 6
         groups_table.drop(conn)
+        conn.execute(text("ALTER TABLE tasks DROP COLUMN progress"))
         conn.execute(text("DELETE FROM celery_ext_schema WHERE version = 7"))
     assert storage.schema_version() == (6, SCHEMA_VERSION)
+    storage.close()  # SQLAlchemy's pool and the reader keep the old column list per connection
+    storage = open_storage(sql_config, tmp_path)
+    assert isinstance(storage, SqlStorage)
 
     assert storage.migrate() == step_names(6)
     assert storage.schema_version() == (SCHEMA_VERSION, SCHEMA_VERSION)
     assert "ix_groups_saved" in index_names(storage, "celery_ext_groups")
     assert [storage.tasks.get(t.task_id) for t in old] == [t.replace(updated_at=t.created_at) for t in old]
+    report = {"state": "PROGRESS", "meta": {"done": 1}, "attempt": 0, "run": 1, "at": "2026-12-04T00:00:00+00:00"}
+    assert storage.tasks.update(old[0].task_id, [old[0].status], progress=report)
+    assert storage.tasks.get(old[0].task_id).progress == report  # type: ignore[union-attr]
     assert storage.groups is not None
     storage.groups.save("g-after-upgrade", [["g-after-upgrade", None], [[["m1", None], None]]])
     saved = storage.groups.get("g-after-upgrade")

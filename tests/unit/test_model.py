@@ -127,3 +127,16 @@ def test_a_finished_task_never_runs_again_in_the_same_run() -> None:
     for status in TERMINAL:
         assert not can_transition(status, R) and not can_transition(status, Q)
     assert STARTABLE == {s for s in TaskStatus if can_transition(s, R)}
+
+
+def test_a_reported_custom_state_belongs_to_the_running_attempt_only() -> None:
+    """``progress`` (Celery's update_state) is Celery's state only while the attempt that reported
+    it runs: not for the next attempt of a retry, a manual retry's new run, or a finished task."""
+    report = {"state": "PROGRESS", "meta": {"done": 1}, "attempt": 2, "run": 1, "at": "2026-12-04T00:00:00+00:00"}
+    running = Task(task_id="t", task_type="echo", payload={}, status=TaskStatus.RUNNING, attempt=2, progress=report)
+    assert running.reported == report
+    assert running.replace(attempt=3).reported is None  # the next attempt has not reported yet
+    assert running.replace(run=2).reported is None
+    assert running.replace(status=TaskStatus.SUCCEEDED).reported is None
+    assert running.replace(progress=None).reported is None
+    assert running.to_dict()["progress"] == report
