@@ -12,10 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import TEST_TASKS, Cluster
 from tests.integration.test_api import ApiProcess, wait_done
 from tests.support.flower import require_chromium
+from tests.support.scrape import poll
+from tests.support.services import REDIS_HOST, REDIS_PORT
 
 pytestmark = pytest.mark.timeout(240)
 TOKEN = "dash-token-7"
@@ -96,6 +99,21 @@ def test_the_session_cookie_opens_the_ui_only(dash: tuple[Cluster, ApiProcess, h
     assert "not_found" not in client.get("/ui/tasks/nope").text and client.get("/ui/tasks/nope").status_code == 404
     assert client.get("/ui/tasks", params={"cursor": "garbage"}).status_code == 200
     assert "/ui" not in str(httpx.get(f"{server.url}/openapi.json").json()["paths"])
+
+
+def test_the_task_page_shows_reported_progress(dash: tuple[Cluster, ApiProcess, httpx.Client]) -> None:
+    """A running task's ``update_state(state="PROGRESS", meta=...)`` is on its page (and the live
+    part the page refreshes), and goes once the task has ended."""
+    _, _, client = dash
+    key = f"progress:{uuid.uuid4().hex}"
+    task = client.post("/tasks", json={"task_type": "report_progress", "payload": {"key": key, "steps": 2}}).json()
+    live = f"/ui/tasks/{task['task_id']}/live"
+    poll(lambda: 'id="progress"' in client.get(live).text, 30, "the progress on the task page")
+    page = client.get(f"/ui/tasks/{task['task_id']}").text
+    assert "PROGRESS" in page and "&#34;done&#34;: 2" in page.replace("&quot;", "&#34;"), page[-2000:]
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT).set(key, 1, ex=60)
+    assert wait_done(client, task["task_id"])["status"] == "succeeded"
+    assert 'id="progress"' not in client.get(f"/ui/tasks/{task['task_id']}").text
 
 
 def test_dashboard_in_a_real_browser(
