@@ -248,7 +248,9 @@ class RecordBackend(BaseBackend):
             return
         progress = {"state": state, "meta": meta, "attempt": task.attempt, "run": task.run, "at": utcnow().isoformat()}
         # Not durable: a report lost with a crash of the database is replaced by the next one.
-        tasks.update(task_id, [TaskStatus.RUNNING], token=task.dispatch_token, durable=False, progress=progress)
+        if tasks.update(task_id, [TaskStatus.RUNNING], token=task.dispatch_token, durable=False, progress=progress):
+            if isinstance(runtime, Runtime):
+                runtime.observer.task_progress(task.replace(progress=progress))
 
     def chord_error_from_stack(self, callback: Any, exc: Any = None) -> Any:
         self._local.callback = callback

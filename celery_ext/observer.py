@@ -28,6 +28,9 @@ class TaskObserver:
     def task_started(self, task: Task) -> None:
         """A worker claimed it and is about to execute it."""
 
+    def task_progress(self, task: Task) -> None:
+        """Its running attempt reported a custom state (Celery's update_state): ``task.progress``."""
+
     def task_retrying(self, task: Task, error: TaskErrorInfo | None, delay: float) -> None:
         """An attempt failed and another one is due in ``delay`` seconds."""
 

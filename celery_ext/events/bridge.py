@@ -21,6 +21,7 @@ from celery_ext.events.model import (
     TASK_COMPLETED,
     TASK_CREATED,
     TASK_FAILED,
+    TASK_PROGRESS,
     TASK_QUEUED,
     TASK_RETRYING,
     TASK_SCHEDULED,
@@ -84,6 +85,11 @@ class EventBridge(TaskObserver):
     @_safe
     def task_started(self, task: Task) -> None:
         self._emit(TASK_STARTED, task)
+
+    @_safe
+    def task_progress(self, task: Task) -> None:
+        progress = task.progress or {}
+        self._emit(TASK_PROGRESS, task, state=progress.get("state"), meta=progress.get("meta"))
 
     @_safe
     def task_retrying(self, task: Task, error: TaskErrorInfo | None, delay: float) -> None:

@@ -22,6 +22,7 @@ TASK_COMPLETED = "task_completed"
 TASK_FAILED = "task_failed"
 TASK_CANCELLED = "task_cancelled"
 TASK_SCHEDULED = "task_scheduled"
+TASK_PROGRESS = "task_progress"
 SCHEDULE_FIRED = "schedule_fired"
 WORKER_ONLINE = "worker_online"
 WORKER_OFFLINE = "worker_offline"
@@ -37,6 +38,7 @@ EVENT_TYPES = frozenset(
         TASK_FAILED,
         TASK_CANCELLED,
         TASK_SCHEDULED,
+        TASK_PROGRESS,
         SCHEDULE_FIRED,
         WORKER_ONLINE,
         WORKER_OFFLINE,

@@ -6,13 +6,14 @@ import threading
 from typing import Any
 
 import pytest
+import redis
 
 from celery_ext.config import parse_config
 from celery_ext.events import ALL, Event, EventBus, build_event_bus
 from celery_ext.model import TaskStatus
 from tests.integration.test_celery_native import cli
 from tests.support.scrape import poll
-from tests.support.services import RABBIT_URL, require, unique
+from tests.support.services import RABBIT_URL, REDIS_HOST, REDIS_PORT, require, unique
 
 TASKS = [{"type": "python", "config": {"modules": ["tests.support.event_tasks"]}}]
 
@@ -145,4 +146,29 @@ def test_a_cli_submit_sends_its_task_created_before_the_process_exits(make_clust
     task_id = done.stdout.strip()
     poll(lambda: seen.types_of(task_id) == ["task_created"], 20, "task_created of the CLI's task")
     assert seen.of_type("task_created")[0].data["task_type"] == "whoami"
+    bus.close()
+
+
+def test_update_state_is_a_task_progress_event(make_cluster) -> None:
+    """A running task's ``update_state(state="PROGRESS", meta=...)`` reaches subscribers as
+    ``task_progress``, in order, with the state and meta."""
+    c = make_cluster(
+        executors=[{"type": "python", "config": {"modules": ["tests.support.tasks"]}}], events={"type": "redis"}
+    )
+    bus = subscriber(c)
+    seen = Collector()
+    bus.subscribe(ALL, seen)
+    c.worker()
+    key = unique("progress:")
+    task = c.manager.submit("report_progress", {"key": key, "steps": 2})
+    poll(lambda: len(seen.of_type("task_progress")) >= 2, 30, "two task_progress events")
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT).set(key, 1, ex=60)
+    assert c.manager.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+    reports = [e for e in sorted(seen.of_type("task_progress"), key=lambda e: e.timestamp) if e.task_id == task.task_id]
+    assert [(e.data["state"], e.data["meta"]) for e in reports] == [
+        ("PROGRESS", {"done": 1, "total": 2}),
+        ("PROGRESS", {"done": 2, "total": 2}),
+    ]
+    assert all(e.data["task_type"] == "report_progress" and e.data["attempt"] == 1 and e.worker_id for e in reports)
+    assert bus.stats.handler_errors == 0
     bus.close()
