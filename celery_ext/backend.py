@@ -20,7 +20,6 @@ record from what Celery stores for it.  Chords use Celery's ``chord_unlock`` (no
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import result_from_tuple
 
 from celery_ext.completion import Completion
-from celery_ext.config import load_config
+from celery_ext.config import AppConfig, load_config
 from celery_ext.errors import TaskFailed
 from celery_ext.factory import broker_for, completion_for
 from celery_ext.lifecycle import Lifecycle
@@ -45,7 +44,7 @@ from celery_ext.runtime import Runtime
 from celery_ext.storage import open_storage
 from celery_ext.storage.base import GroupRepository, Storage
 from celery_ext.task import ExecutorTask, chain_ids
-from celery_ext.validation import check_json
+from celery_ext.validation import ValueProblem, encode_within
 
 logger = logging.getLogger("celery_ext.backend")
 
@@ -230,17 +229,11 @@ class RecordBackend(BaseBackend):
         running task: kept on its record, as Celery's state while this attempt runs.  Meta that is
         not storable JSON within the payload limits raises ``ValueError`` naming what is wrong."""
         runtime = getattr(self.app, "celery_ext", None)
-        limits = runtime.config.app if isinstance(runtime, Runtime) else None
-        depth = limits.max_payload_depth if limits else 32
-        cap = limits.max_payload_bytes if limits else 256 * 1024
-        what = f"update_state({state!r}) of task {task_id}: meta"
+        limits = runtime.config.app if isinstance(runtime, Runtime) else AppConfig()
         try:
-            check_json(meta, "meta", depth)
-            size = len(json.dumps(meta, allow_nan=False).encode())
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise ValueError(f"{what} is not storable JSON: {exc}") from None
-        if size > cap:
-            raise ValueError(f"{what} has {size} bytes, over app.max_payload_bytes ({cap})")
+            encode_within(meta, "meta", limits.max_payload_depth, limits.max_payload_bytes)
+        except ValueProblem as exc:
+            raise ValueError(f"update_state({state!r}) of task {task_id}: {exc}") from None
         tasks = self.storage.tasks
         task = tasks.get(task_id)
         if task is None or task.status is not TaskStatus.RUNNING:

@@ -23,6 +23,7 @@ record written before these checks existed), so listing tasks never fails on one
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from datetime import datetime
@@ -78,6 +79,22 @@ def check_json(value: Any, path: str, max_depth: int) -> None:
     at all are left to ``json.dumps`` (the caller's error names them)."""
     if not _fine(value, max_depth):  # the fast pass; the slow one finds and names the problem
         _walk(value, path, max_depth, (path, max_depth))
+
+
+def encode_within(value: Any, path: str, max_depth: int, max_bytes: int) -> str:
+    """``value`` as compact JSON, if it is storable JSON within ``max_depth`` levels and
+    ``max_bytes`` encoded (``app.max_payload_depth`` / ``app.max_payload_bytes``); otherwise
+    ``ValueProblem`` naming what is wrong, at ``path``."""
+    # Depth first: it also stops a self-referencing object before json recurses into it.
+    check_json(value, path, max_depth)
+    try:
+        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueProblem(path, f"not JSON-serializable: {exc}") from exc
+    size = len(encoded.encode())
+    if size > max_bytes:
+        raise ValueProblem(path, f"{size} bytes exceeds app.max_payload_bytes ({max_bytes})")
+    return encoded
 
 
 def _fine(value: Any, depth_left: int) -> bool:

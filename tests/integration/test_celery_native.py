@@ -508,7 +508,7 @@ def test_update_state_progress_while_running(native: Cluster, tmp_path: Path) ->
     result = res.get(timeout=30)
     assert res.state == "SUCCESS" and result["steps"] == 3
     # Meta that is not JSON is refused where update_state is called, naming what is wrong.
-    assert "meta is not storable JSON: Object of type module is not JSON serializable" in result["refused"]
+    assert "meta: not JSON-serializable: Object of type module is not JSON serializable" in result["refused"]
 
 
 def test_async_result_revoked_when_cancelled_while_queued(native: Cluster, events: EventLog) -> None:
