@@ -338,6 +338,18 @@ class Lifecycle:
         self.observer.task_started(running)
         return running
 
+    def held(self, task: Task) -> Task | None:
+        """A plain message that a worker holds until its eta: create its record QUEUED (``run_at``
+        the eta), without waiting for the disk (a lost one is made by the run, as ``received``
+        makes it).  ``None`` when a record with this id exists already."""
+        now = utcnow()
+        queued = task.replace(status=TaskStatus.QUEUED, created_at=now, queued_at=now)
+        _, created = self.storage.tasks.create(queued, durable=False)
+        if not created:
+            return None
+        self.observer.task_created(queued)
+        return queued
+
     def succeed(self, task: Task, data: object, *, spool: bool = False, then: Then = None) -> bool | None:
         """RUNNING -> SUCCEEDED.  With ``spool``, the run's outcome: see ``settle``."""
         now = utcnow()

@@ -40,6 +40,7 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
     if out:
         # What a dead worker fetched from a shared queue but never claimed waits in kombu's
         # unacked hash, not in its direct queue.
+        live = {w.id for w in registry.online()}
         restore_unclaimed(
             registry.client,
             rt.config.app.name,
@@ -50,14 +51,18 @@ def recover_offline_workers(rt: Runtime) -> list[tuple[WorkerInfo, int]]:
             # interval still leaves be a live worker's message fetched a moment ago; an older
             # one it holds for a free slot comes back as a copy that the first claim wins.
             rt.config.worker.heartbeat_interval,
-            lambda task_id: _unclaimed(rt, task_id),
+            lambda task_id: _unclaimed(rt, task_id, live),
         )
     return out
 
 
-def _unclaimed(rt: Runtime, task_id: str) -> bool:
+def _unclaimed(rt: Runtime, task_id: str, live: set[str]) -> bool:
     record = rt.storage.tasks.get(task_id)
-    return record is not None and record.status in STARTABLE
+    if record is None or record.status not in STARTABLE:
+        return False
+    # A plain message that a live worker holds for its eta (held.py): recorded, never started,
+    # under that worker's name.  Its copy would only be held again elsewhere.
+    return not (record.started_at is None and record.worker_id is not None and record.worker_id in live)
 
 
 def recover_expired_leases(

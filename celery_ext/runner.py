@@ -13,7 +13,7 @@ import logging
 import random
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -206,14 +206,36 @@ class TaskRunner:
             # read found it): claimed now.  A duplicate or stale message fails this claim too.
             return self.lifecycle.claim(task, h.token, worker_id, self.lease(task), h.queued_at)
         # A plain Celery message: record it on receipt, keyed by its Celery task id.
+        task = self.plain_task(d, worker_id)
+        running = self.lifecycle.received(task, self.lease(task))
+        if running is not None:
+            return running
+        # Redelivered, sent again with the same id, or held for its eta and recorded then (``hold``).
+        record = self.storage.tasks.get(d.task_id)
+        if record is None or record.status not in STARTABLE or record.dispatch_token is None:
+            return None
+        # A record that never started (held for its eta, here or by a worker that died or stopped
+        # before it was due) is this attempt; one that ran before is claimed by the next.
+        fresh = record.started_at is None
+        return self.lifecycle.claim(
+            record.replace(attempt=record.attempt if fresh else record.attempt + 1),
+            record.dispatch_token,
+            worker_id,
+            self.lease(record),
+            record.queued_at if fresh else None,
+            new_token=task.dispatch_token,
+        )
+
+    def plain_task(self, d: Delivery, worker_id: str) -> Task:
+        """The record of a plain Celery message (one without the celery_ext header), as this
+        worker process's run of it: its type's retry cap and time limit, and its plain token."""
         executor = self.executors.get(d.task_type)
         settings = executor.settings if executor is not None else None
         max_retries = self.default_max_retries
         if settings is not None and settings.max_retries is not None:
             max_retries = settings.max_retries
         timeout = d.timeout or (settings.timeout if settings else None) or self.default_timeout
-        token = plain_token(self.incarnation, d.task_id)
-        task = Task(
+        return Task(
             task_id=d.task_id,
             task_type=d.task_type,
             payload=d.kwargs,
@@ -227,22 +249,14 @@ class TaskRunner:
             root_id=d.root_id,
             group_id=d.group_id,
             created_at=utcnow(),
-            dispatch_token=token,
+            dispatch_token=plain_token(self.incarnation, d.task_id),
         )
-        running = self.lifecycle.received(task, self.lease(task))
-        if running is not None:
-            return running
-        record = self.storage.tasks.get(d.task_id)  # redelivered, or sent again with the same id
-        if record is None or record.status not in STARTABLE or record.dispatch_token is None:
-            return None
-        return self.lifecycle.claim(
-            record.replace(attempt=record.attempt + 1),
-            record.dispatch_token,
-            worker_id,
-            self.lease(record),
-            None,
-            new_token=token,
-        )
+
+    def hold(self, d: Delivery, worker_id: str, eta: datetime) -> Task | None:
+        """A plain Celery message that the worker's main process holds until its ``eta`` (a
+        ``countdown``): recorded QUEUED now, with ``run_at`` its eta (``Lifecycle.held``).  None
+        when a record with its id exists (a redelivery, or it ran already)."""
+        return self.lifecycle.held(self.plain_task(d, worker_id).replace(run_at=eta))
 
     def _lost_record(self, h: ExtHeader) -> bool:
         """Whether a message with this header whose record is missing may be a submit whose

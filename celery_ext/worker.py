@@ -14,6 +14,7 @@ from celery.signals import task_unknown, worker_process_init, worker_process_shu
 from celery_ext import tasklog
 from celery_ext.dispatch import plain_queues, queue_name
 from celery_ext.errors import StorageError
+from celery_ext.held import HeldRecorder, install_held
 from celery_ext.lease import LeaseKeeper
 from celery_ext.message import new_incarnation
 from celery_ext.model import Task, new_id
@@ -98,6 +99,7 @@ class WorkerServices:
         self.rt = rt
         self.keeper: LeaseKeeper | None = None
         self.scheduler: InWorkerScheduler | None = None
+        self.held: HeldRecorder | None = None
 
     def prepare(self) -> None:
         """Before the pool forks: check that the executors can run their types (the python
@@ -119,6 +121,7 @@ class WorkerServices:
         level = logging.getLevelName(rt.config.app.log_level.upper())
         tasklog.install(level if isinstance(level, int) else logging.INFO)
         warm_statements(rt)
+        self.held = install_held(rt.celery)  # plain messages held for their eta: recorded on receipt
         # Objects made until now move to the collector's permanent generation, so a child's
         # collections do not write to (and copy) the pages it shares with the main process
         # (docs/benchmarks.md, worker memory).
@@ -143,6 +146,8 @@ class WorkerServices:
             self.scheduler.start()
 
     def stop(self) -> None:
+        if self.held is not None:
+            self.held.stop()
         if self.keeper is not None:
             self.keeper.stop()
         if self.scheduler is not None:

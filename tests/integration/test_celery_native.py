@@ -13,10 +13,11 @@ import ast
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -862,5 +863,99 @@ def test_plain_message_sent_twice_runs_once(native: Cluster) -> None:
             assert record.status is TaskStatus.SUCCEEDED and record.attempt == 1 and record.run == 1
             assert plain.AsyncResult(task_id).state == "SUCCESS"
         assert native.manager.get(ids["echo"]).result == {"twice": True}
+    finally:
+        plain.close()
+
+
+# --- 7. a plain message held for its countdown ----------------------------------------------
+
+
+def held_record(c: Cluster, task_id: str) -> Task:
+    """The record a worker made on receipt of a plain message it holds for its eta."""
+    found: list[Task] = []
+
+    def check() -> bool:
+        task = c.runtime.storage.tasks.get(task_id)
+        found[:] = [task] if task is not None else []
+        return task is not None
+
+    poll(check, 20, f"a record of held task {task_id}")
+    return found[0]
+
+
+def worker_id(c: Cluster) -> str:
+    return c.workers[0].hostname.replace("%h", socket.gethostname())
+
+
+def test_plain_message_held_for_its_countdown_is_recorded_queued(native: Cluster, events: EventLog) -> None:
+    """A plain message with a countdown waits in the worker's main process (``celery inspect
+    scheduled``) until due.  It is recorded ``queued`` on receipt, with its eta as ``run_at``
+    and the worker holding it, and that record is the run's when it is due (the same attempt)."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        sent = datetime.now(UTC)
+        res = plain.send_task("echo", kwargs={"held": 1}, countdown=4)
+        record = held_record(native, res.id)
+        assert record.status is TaskStatus.QUEUED and record.task_type == "echo"
+        assert record.payload == {"held": 1} and record.attempt == 1 and record.started_at is None
+        assert record.worker_id == worker_id(native)
+        assert record.run_at is not None
+        assert abs((record.run_at - (sent + timedelta(seconds=4))).total_seconds()) < 1.0
+        assert res.state == "PENDING"  # as Celery says of a task that has not started
+        assert listed(native, res.id)["status"] == "queued"
+        out = cli(native, "get", res.id, "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["run_at"] is not None, out.stderr
+
+        assert res.get(timeout=30) == {"held": 1}
+        done = native.manager.get(res.id)
+        assert done.status is TaskStatus.SUCCEEDED and done.attempt == 1 and done.run == 1
+        assert done.started_at is not None and done.started_at >= record.run_at - timedelta(seconds=0.5)
+        assert done.queued_at == record.queued_at and done.created_at == record.created_at
+        assert len(events.of(res.id, "task-started")) == 1
+    finally:
+        plain.close()
+
+
+def test_plain_message_held_then_cancelled_is_dropped_when_due(native: Cluster, events: EventLog) -> None:
+    """``celery-ext cancel`` reaches a held plain message through its record: when it is due, the
+    worker drops it before the task runs, and Celery reports it REVOKED."""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        key = unique("held-cancel:")
+        res = plain.send_task("record", kwargs={"key": key, "value": "ran"}, countdown=3)
+        assert held_record(native, res.id).status is TaskStatus.QUEUED
+        out = cli(native, "cancel", res.id, "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["status"] == "cancelled", out.stderr
+        poll(lambda: events.of(res.id, "task-revoked"), 30, "Celery's task-revoked event when it was due")
+        assert res.state == "REVOKED"
+        record = native.manager.get(res.id)
+        assert record.status is TaskStatus.CANCELLED and record.started_at is None
+        # Celery's pool took the message (task-started), and the run dropped it before the task.
+        assert not events.of(res.id, "task-succeeded") and not events.of(res.id, "task-failed")
+        assert redis.Redis(host=REDIS_HOST, port=REDIS_PORT).lrange(key, 0, -1) == []
+        native.workers[0].wait_for_log(f"task {res.id} was cancelled; its message is dropped", 10)
+    finally:
+        plain.close()
+
+
+def test_plain_message_held_by_a_worker_restarted_runs_once(native: Cluster) -> None:
+    """The worker holding a plain message for its countdown stops (warm shutdown: Celery puts the
+    message back) and starts again under the same name: the message is held again, and when due it
+    runs once, as the attempt its record was made for.  (Last in this module: it restarts the
+    module's worker.)"""
+    plain = Celery(broker=broker_url(native), backend=f"celery_ext://{native.config_path}")
+    try:
+        key = unique("held-restart:")
+        res = plain.send_task("record", kwargs={"key": key, "value": "ran"}, countdown=8)
+        first = held_record(native, res.id)
+        w = native.workers[0]
+        w.stop()
+        w.start()
+        w.wait_for_log(f"Task record[{res.id}] received", 30)
+        res.get(timeout=40)
+        done = native.manager.get(res.id)
+        assert done.status is TaskStatus.SUCCEEDED and done.attempt == 1 and done.run == 1
+        assert done.created_at == first.created_at and done.queued_at == first.queued_at
+        assert redis.Redis(host=REDIS_HOST, port=REDIS_PORT).lrange(key, 0, -1) == [b"ran"]
     finally:
         plain.close()

@@ -14,6 +14,7 @@ from celery_ext.model import TaskStatus, utcnow
 from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
+from celery_ext.runner import Delivery
 from tests.support.services import unique
 from tests.support.workers import subprocess_env
 
@@ -109,3 +110,43 @@ def test_a_message_a_dead_worker_fetched_but_never_claimed_is_returned(make_clus
     assert sum(r.llen(k) for k in queue_keys(shared, rt.celery.conf.broker_transport_options)) == 1  # ...and it is back
     c.worker()
     assert rt.manager.wait(task.task_id, 30).status is TaskStatus.SUCCEEDED
+
+
+def test_a_message_a_live_worker_holds_for_its_eta_is_left_with_it(make_cluster) -> None:
+    """A plain message with a countdown waits in its worker's memory, fetched (kombu's unacked
+    hash) and recorded ``queued`` under that worker's name, never started (``held.py``).  When
+    another worker is found offline, it is not returned to its queue while its holder is online
+    (a copy would only be held again elsewhere); once its holder is offline too, it is."""
+    c = make_cluster(executors=ROUTING_TASKS, worker={"heartbeat_interval": 0.2, "offline_after": 0.5})
+    rt = c.runtime
+    rt.storage.migrate()
+    router = rt.router
+    shared = f"{router.prefix}.rt_slow"
+    options = rt.celery.conf.broker_transport_options
+    res = rt.celery.send_task("rt_slow", kwargs={"key": unique("held:"), "seconds": 0.01}, queue=shared, countdown=60)
+    fetched = subprocess.run(
+        [sys.executable, "-c", FETCH_AND_DIE, c.data["broker"]["url"], shared, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert fetched.stdout.strip() == "fetched", fetched.stderr
+    holder, ghost = unique("holder"), unique("ghost")
+    delivery = Delivery(task_id=res.id, task_type="rt_slow", args=[], kwargs={"key": "k"}, header=None)
+    held = rt.runner.hold(delivery, holder, utcnow() + timedelta(seconds=60))
+    assert held is not None and held.status is TaskStatus.QUEUED and held.worker_id == holder
+    for wid, ttl in ((holder, 1.5), (ghost, 0.3)):
+        info = WorkerInfo(id=wid, queue=direct_queue_name(router.prefix, wid), supported_types=("rt_slow",))
+        router.registry.heartbeat(info, ttl, 0)
+    r = redis.Redis(host="127.0.0.1", port=6379)
+
+    def queued() -> int:
+        return sum(int(r.llen(k)) for k in queue_keys(shared, options))
+
+    time.sleep(0.8)
+    assert [w.id for w, _ in recover_offline_workers(rt)] == [ghost]
+    assert queued() == 0  # its holder is online: left with it
+    time.sleep(1.2)
+    assert [w.id for w, _ in recover_offline_workers(rt)] == [holder]
+    assert queued() == 1  # its holder is gone: back in its queue

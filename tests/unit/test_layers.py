@@ -67,6 +67,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "task",
             "guard",
             "lease",
+            "held",
             "recovery",
             "scheduler",
             "reload",
