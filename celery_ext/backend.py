@@ -271,27 +271,33 @@ class RecordBackend(BaseBackend):
 
     def _cancel_discarded(self, task_id: str, name: str, why: Any, request: Any) -> None:
         """Celery's worker discarded a message of a celery_ext type without running it: revoked
-        (``celery control revoke``, Flower's button, ``AsyncResult.revoke``) or expired.  Celery
-        reports it REVOKED, so its record says CANCELLED too, its waiters are woken, and the chain
-        steps that waited for it fail (``parent_failed``), as when it is cancelled.  A record that
-        runs (a revoke with ``terminate``: the runner records it) or has ended keeps its status.
-        A plain message of the type that was never recorded gets its record now."""
+        (``celery control revoke``, Flower's button, ``AsyncResult.revoke``) or expired; or it is
+        terminating the pool process that runs it (``terminated``).  Celery reports it REVOKED, so
+        its record says CANCELLED too, its waiters are woken, and the chain steps that waited for
+        it fail (``parent_failed``), as when it is cancelled.  A record that runs keeps its status
+        unless this is its run being terminated, and one that has ended keeps its status.  A plain
+        message of the type that was never recorded gets its record now."""
         runtime = getattr(self.app, "celery_ext", None)
         if not isinstance(runtime, Runtime):
             return  # only a worker discards messages
         if _is_encoded_exception(why) and isinstance(why["exc_message"], list | tuple):
             why = ", ".join(map(str, why["exc_message"]))  # Celery's TaskRevokedError("revoked")
-        if why not in ("revoked", "expired"):
-            return  # "terminated": a run that was stopped, which the runner or the lease records
+        if why not in ("revoked", "expired", "terminated"):
+            return
         try:
             header = ExtHeader.parse({HEADER: getattr(request, HEADER, None)})
         except MalformedMessageError:
             return
         try:
-            cancelled = self._cancel_record(runtime.lifecycle, task_id, name, request, header)
+            if why == "terminated":
+                # A running message whose pool process Celery is stopping.
+                cancelled = runtime.runner.stopping(task_id, header)
+            else:
+                cancelled = self._cancel_record(runtime.lifecycle, task_id, name, request, header)
             if cancelled is None:
                 return
-            logger.info("task %s[%s] discarded by Celery (%s): its record is cancelled", name, task_id, why)
+            done = "terminated by Celery" if why == "terminated" else f"discarded by Celery ({why})"
+            logger.info("task %s[%s] %s: its record is cancelled", name, task_id, done)
             runtime.lifecycle.fail_waiting(chain_ids(getattr(request, "chain", None)), cancelled, "was cancelled")
         except Exception:  # noqa: BLE001 - Celery's own bookkeeping must go on
             logger.exception("could not record that task %s was revoked", task_id)

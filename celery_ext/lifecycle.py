@@ -26,6 +26,7 @@ from celery_ext.model import (
     TERMINAL,
     Task,
     TaskErrorInfo,
+    TaskFilter,
     TaskStatus,
     can_transition,
     new_id,
@@ -122,6 +123,9 @@ class QueuedMarks:
 
 
 class Lifecycle:
+    #: Pages of 500 waiting steps read for one workflow by ``fail_dependents``.
+    DEPENDENT_PAGES = 20
+
     def __init__(
         self,
         storage: Storage,
@@ -496,6 +500,35 @@ class Lifecycle:
 
         self.settle(parent.task_id, write, None)
 
+    def fail_dependents(self, parent: Task, why: str) -> None:
+        """``fail_waiting`` for the chain steps that wait for ``parent``, found through the
+        records rather than a message: SCHEDULED without ``run_at`` in ``parent``'s workflow (its
+        ``root_id``), whose ``parent_id`` is ``parent`` or a step found so.  For an end decided
+        where no message names the steps: a run declared dead because its worker was lost."""
+        root = parent.root_id or parent.task_id
+        waiting: dict[str, list[str]] = {}
+        cursor = None
+        try:
+            for _ in range(self.DEPENDENT_PAGES):
+                page = self.storage.tasks.list(
+                    TaskFilter(status=(TaskStatus.SCHEDULED,), root_id=root, limit=500, cursor=cursor)
+                )
+                for t in page.items:
+                    if t.run_at is None and t.parent_id is not None:
+                        waiting.setdefault(t.parent_id, []).append(t.task_id)
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+        except StorageError as exc:
+            logger.warning("could not find the steps waiting for task %s: %s", parent.task_id, exc)
+            return
+        found: list[str] = []
+        frontier = [parent.task_id]
+        while frontier:
+            frontier = [step for p in frontier for step in waiting.pop(p, [])]
+            found += frontier
+        self.fail_waiting(found, parent, why)
+
     # --- recovery (scheduler) -------------------------------------------------------------
 
     def lost(
@@ -507,7 +540,10 @@ class Lifecycle:
         if task.attempt <= task.max_retries:
             token = self.retry_later(task, error, delay, hold=hold, fence=fence)
             return token is not None, token
-        return bool(self.fail(task, error, dead=True, fence=fence)), None
+        dead = bool(self.fail(task, error, dead=True, fence=fence))
+        if dead:
+            self.fail_dependents(task, f"failed ({error.reason})")
+        return dead, None
 
     def reclaim(
         self, task_id: str, token: str, attempt: int, run: int, worker_id: str, started_at: datetime, lease: datetime

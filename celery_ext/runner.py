@@ -372,6 +372,21 @@ class TaskRunner:
             # Cancelled while it ran: give up the lease, publishing a retry that waited for it.
             self.discarded(task)
 
+    def stopping(self, task_id: str, header: ExtHeader | None) -> Task | None:
+        """Celery is terminating the pool process that runs this message here (``celery control
+        terminate``, ``revoke --terminate``, ``cancel --terminate``) and reports it REVOKED now;
+        the pool reports the process's end (``terminated``) only at its next maintenance, seconds
+        later.  So the record is cancelled now, if this message's run holds it.  Returns it,
+        cancelled (by this call or by the cancel that asked for the termination); ``None`` when
+        the run no longer held it (superseded, ``lease.py``) or it ended first."""
+        token = header.token if header is not None else plain_token(self.incarnation, task_id)
+        record = self.storage.tasks.get(task_id)
+        if record is None or record.dispatch_token != token:
+            return None
+        if record.status is TaskStatus.RUNNING and self.lifecycle.cancel(record):
+            return record.replace(status=TaskStatus.CANCELLED)
+        return record if record.status is TaskStatus.CANCELLED else None
+
     def terminated(self, d: Delivery) -> None:
         """The pool process running ``d`` was terminated on request (cancel with terminate, or
         Celery's ``revoke --terminate``): the task ends cancelled and gives up its lease."""

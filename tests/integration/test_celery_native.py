@@ -867,7 +867,58 @@ def test_plain_message_sent_twice_runs_once(native: Cluster) -> None:
         plain.close()
 
 
-# --- 7. a plain message held for its countdown ----------------------------------------------
+# --- 7. a running chain step stopped from outside --------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["celery control terminate", "celery-ext cancel --terminate"])
+def test_a_terminated_chain_step_is_cancelled_and_the_steps_after_it_fail(
+    native: Cluster, events: EventLog, how: str
+) -> None:
+    """Terminating a running step (Celery's ``terminate`` control command, or celery_ext's cancel
+    with ``terminate``): Celery reports it REVOKED at once, and its record says cancelled then
+    too.  The steps after it, which it would have published, fail (``parent_failed``)."""
+    m = native.manager
+    first, second, third = m.submit_chain(
+        [{"task_type": "talk_then_wait", "payload": {"seconds": 60}}, {"task_type": "echo"}, {"task_type": "echo"}]
+    )
+    poll(lambda: m.get(first.task_id).status is TaskStatus.RUNNING, 20, "the first step to run")
+    if how == "celery control terminate":
+        native.runtime.celery.control.terminate(first.task_id, signal="SIGTERM")
+    else:
+        m.cancel(first.task_id, terminate=True)
+    poll(lambda: events.of(first.task_id, "task-revoked"), 20, "Celery's task-revoked event")
+    record = m.wait(first.task_id, 20)
+    assert record.status is TaskStatus.CANCELLED
+    assert native.runtime.celery.AsyncResult(first.task_id).state == "REVOKED"
+    for step in (second, third):
+        after = m.wait(step.task_id, 20)
+        assert after.status is TaskStatus.FAILED and after.error is not None
+        assert after.error.reason == "parent_failed" and after.started_at is None
+        assert after.error.message == f"previous step talk_then_wait[{first.task_id}] was cancelled"
+    if how == "celery control terminate":
+        logged = f"task talk_then_wait[{first.task_id}] terminated by Celery: its record is cancelled"
+        native.workers[0].wait_for_log(logged, 10)
+
+
+def test_a_chain_step_whose_pool_process_died_for_the_last_time_fails_the_steps_after_it(native: Cluster) -> None:
+    """A step whose pool process dies (OOM kill, segfault) with no attempts left ends ``dead``;
+    the steps after it, which wait in storage for it, fail instead of waiting for ever."""
+    m = native.manager
+    first, second, third = m.submit_chain(
+        [{"task_type": "crash", "max_retries": 0}, {"task_type": "echo"}, {"task_type": "echo"}]
+    )
+    assert m.wait(first.task_id, 30).status is TaskStatus.DEAD
+    for step in (second, third):
+        after = m.wait(step.task_id, 20)
+        assert after.status is TaskStatus.FAILED and after.error is not None
+        assert after.error.reason == "parent_failed"
+        assert after.error.message == f"previous step crash[{first.task_id}] failed (worker_lost)"
+    res = native.runtime.celery.AsyncResult(third.task_id)
+    with pytest.raises(TaskFailed, match="^parent_failed: "):
+        res.get(timeout=10)
+
+
+# --- 8. a plain message held for its countdown ----------------------------------------------
 
 
 def held_record(c: Cluster, task_id: str) -> Task:

@@ -150,3 +150,36 @@ def test_a_message_a_live_worker_holds_for_its_eta_is_left_with_it(make_cluster)
     time.sleep(1.2)
     assert [w.id for w, _ in recover_offline_workers(rt)] == [holder]
     assert queued() == 1  # its holder is gone: back in its queue
+
+
+def test_a_chain_step_declared_dead_fails_the_steps_waiting_for_it(make_cluster) -> None:
+    """A chain's later steps wait in storage until their previous step publishes them.  A step
+    whose worker vanished, declared dead by recovery, never will: the steps after it fail
+    (``parent_failed``), found through their records, while another workflow's are left alone."""
+    rt = make_cluster(executors=ROUTING_TASKS).runtime
+    m = rt.manager
+    steps = m.submit_chain(
+        [{"task_type": "rt_slow", "payload": {"key": "a"}, "max_retries": 0}]
+        + [{"task_type": "rt_slow", "payload": {"key": k}} for k in "bcd"]
+    )
+    other = m.submit_chain([{"task_type": "rt_slow", "payload": {"key": "x"}}, {"task_type": "rt_slow"}])
+    now = utcnow()
+    first = steps[0]
+    for t in (first, other[0]):
+        assert rt.storage.tasks.update(
+            t.task_id,
+            (TaskStatus.PENDING, TaskStatus.QUEUED),
+            status=TaskStatus.RUNNING,
+            attempt=1,
+            worker_id="ghost",
+            started_at=now,
+            lease_until=now + timedelta(seconds=-1 if t is first else 60),
+        )
+    assert recover_expired_leases(rt) == [first.task_id]
+    assert m.get(first.task_id).status is TaskStatus.DEAD
+    for step in steps[1:]:
+        record = m.get(step.task_id)
+        assert record.status is TaskStatus.FAILED and record.error is not None, step.task_id
+        assert record.error.reason == "parent_failed"
+        assert record.error.message == f"previous step rt_slow[{first.task_id}] failed (worker_lost)"
+    assert m.get(other[1].task_id).status is TaskStatus.SCHEDULED
