@@ -199,13 +199,37 @@ class WorkerReloader(Reloader):
         if value > current:
             pool.grow(value - current)
             pool.maintain_pool()  # start the new processes now, not at the pool's next check
-        elif value < current:
-            pool.shrink(current - value)
         consumer = getattr(self.worker, "consumer", None)
         if consumer is not None and value != current:
             consumer._update_prefetch_count(value - current)  # as Celery's autoscaler does
         self.worker.concurrency = value
         self._seat(capacity=value)
+        if value < current:
+            self._shrink_to(value)
+
+    #: How often a pool whose processes were all busy is shrunk again, towards its new size.
+    SHRINK_RETRY = 1.0
+
+    def _shrink_to(self, target: int, *, first: bool = True) -> None:
+        """Stop pool processes until ``target`` remain.  Only idle ones can stop, so a busy pool
+        shrinks as its tasks end: retried every ``SHRINK_RETRY`` seconds on the worker's event
+        loop (as Celery's autoscaler does), while it fetches no more than ``target`` tasks."""
+        if target != self.worker.concurrency:
+            return  # a later change set another size
+        pool = self.worker.pool
+        excess = int(getattr(pool, "num_processes", None) or target) - target
+        if excess <= 0:
+            return
+        try:
+            pool.shrink(excess)  # the idle ones; raises if fewer than ``excess`` were idle
+        except ValueError:
+            hub = getattr(self.worker, "hub", None)
+            if hub is None:
+                logger.warning("config reload: the pool stays larger than %d until its tasks end", target)
+                return
+            if first:
+                logger.info("config reload: pool processes busy; shrinking to %d as their tasks end", target)
+            hub.call_later(self.SHRINK_RETRY, lambda: self._shrink_to(target, first=False))
 
     def _weight(self, new: Config, value: int) -> None:
         self._seat(weight=value)
@@ -365,6 +389,8 @@ class ConfigWatchStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         given = (("worker.capacity", capacity), ("worker.weight", weight), ("worker.supported_types", supported_types))
         self.pinned = {key for key, value in given if value}
+        if getattr(worker, "autoscale", None):
+            self.pinned.add("worker.capacity")  # Celery's autoscaler sizes the pool
         self.stop_watching: Callable[[], None] | None = None
         # Before the pool is made: its processes can then be restarted after a reload (executors,
         # log level).  Celery's pool_restart remote command stays off (worker_pool_restarts).

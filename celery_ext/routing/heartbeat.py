@@ -125,12 +125,14 @@ def take_seat(
     if rt.registry is None:
         logger.info("no worker registry (broker is not Redis, scheduler.registry_url unset): static routing")
         return None
+    # Under Celery's --autoscale the pool may grow to its maximum (and Celery prefetches for it).
+    autoscaled = getattr(c.controller, "max_concurrency", None)
     info = WorkerInfo(
         id=c.hostname,
         queue=direct,
         hostname=c.hostname,
         weight=weight or conf.weight,
-        capacity=capacity or c.controller.concurrency or conf.capacity,
+        capacity=capacity or autoscaled or c.controller.concurrency or conf.capacity,
         supported_types=tuple(sorted(types)),
         config_version=config_version(rt.config),
         app_version=rt.config.app.version or "",

@@ -92,3 +92,41 @@ def test_changed_paths_names_nested_keys_and_whole_lists() -> None:
     )
     assert changed_paths(old, new) == ["executors", "scheduler.load_balance_config.field", "worker.capacity"]
     assert changed_paths(new, new) == []
+
+
+def test_autoscale_maximum_is_the_routing_capacity_and_pins_it(make_cluster) -> None:
+    """Under Celery's ``--autoscale=MAX,MIN`` the pool grows to MAX as work comes (and Celery
+    prefetches for MAX): the registry says MAX, and a config change of ``worker.capacity`` does
+    not fight the autoscaler."""
+    c = make_cluster(executors=TEST_TASKS, worker={**FAST, "capacity": 1})
+    w, worker_id = registered(c, concurrency=1, extra_args=["--autoscale", "3,1"])
+    assert entry(c, worker_id).capacity == 3
+    tasks = [c.manager.submit("sleep", {"seconds": 4}) for _ in range(3)]
+    poll(lambda: all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks), 30, "3 at once")
+    rewrite(c, worker={"capacity": 2, "weight": 2})
+    w.wait_for_log("reloaded: applied worker.weight=2", 30)
+    poll(lambda: entry(c, worker_id).weight == 2, 30, "new weight")
+    assert entry(c, worker_id).capacity == 3
+    for t in tasks:
+        assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
+
+
+def test_capacity_lowered_while_every_pool_process_is_busy_shrinks_as_tasks_end(make_cluster) -> None:
+    """Billiard stops only idle pool processes: a lower ``worker.capacity`` while all of them run
+    tasks is applied at once to the registry and to what the worker fetches, and the pool shrinks
+    as the tasks end (it used to fail: "Can't shrink pool. All processes busy!")."""
+    c = make_cluster(executors=TEST_TASKS, worker={**FAST, "capacity": 3})
+    w, worker_id = registered(c, concurrency=3)
+    assert len(w.process_ids()) == 4
+    tasks = [c.manager.submit("sleep", {"seconds": 3}) for _ in range(3)]
+    poll(lambda: all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks), 30, "3 at once")
+    rewrite(c, worker={"capacity": 1})
+    w.wait_for_log("reloaded: applied worker.capacity=1", 30)
+    poll(lambda: entry(c, worker_id).capacity == 1, 10, "capacity 1 in the registry")
+    assert all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks)  # not yet ended
+    for t in tasks:
+        assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
+    poll(lambda: len(w.process_ids()) == 2, 30, "one pool process left")
+    assert "could not apply worker.capacity" not in w.log()
+    done = c.manager.wait(c.manager.submit("echo", {"after": 1}).task_id, 30)
+    assert done.status is TaskStatus.SUCCEEDED
