@@ -62,7 +62,7 @@ def _unclaimed(rt: Runtime, task_id: str, live: set[str]) -> bool:
         return False
     # A plain message that a live worker holds for its eta (held.py): recorded, never started,
     # under that worker's name.  Its copy would only be held again elsewhere.
-    return not (record.started_at is None and record.worker_id is not None and record.worker_id in live)
+    return record.started_at is not None or record.worker_id not in live
 
 
 def recover_expired_leases(

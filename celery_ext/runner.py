@@ -274,7 +274,10 @@ class TaskRunner:
 
     def token_of(self, d: Delivery) -> str:
         """The dispatch token the run of ``d`` holds on this worker."""
-        return d.header.token if d.header is not None else plain_token(self.incarnation, d.task_id)
+        return self._token(d.task_id, d.header)
+
+    def _token(self, task_id: str, header: ExtHeader | None) -> str:
+        return header.token if header is not None else plain_token(self.incarnation, task_id)
 
     def _execute(self, task: Task) -> TaskResult:
         executor = self.executors.get(task.task_type)
@@ -379,9 +382,8 @@ class TaskRunner:
         later.  So the record is cancelled now, if this message's run holds it.  Returns it,
         cancelled (by this call or by the cancel that asked for the termination); ``None`` when
         the run no longer held it (superseded, ``lease.py``) or it ended first."""
-        token = header.token if header is not None else plain_token(self.incarnation, task_id)
         record = self.storage.tasks.get(task_id)
-        if record is None or record.dispatch_token != token:
+        if record is None or record.dispatch_token != self._token(task_id, header):
             return None
         if record.status is TaskStatus.RUNNING and self.lifecycle.cancel(record):
             return record.replace(status=TaskStatus.CANCELLED)
@@ -389,13 +391,11 @@ class TaskRunner:
 
     def terminated(self, d: Delivery) -> None:
         """The pool process running ``d`` was terminated on request (cancel with terminate, or
-        Celery's ``revoke --terminate``): the task ends cancelled and gives up its lease."""
-        record = self.storage.tasks.get(d.task_id)
-        if record is None or record.dispatch_token != self.token_of(d):
-            return
-        if record.status is TaskStatus.RUNNING:
-            self.lifecycle.cancel(record)
-        self.discarded(record)
+        Celery's ``revoke --terminate``): the task ends cancelled and gives up its lease.  Its
+        record was cancelled when Celery stopped the process (``stopping``), unless that failed."""
+        record = self.stopping(d.task_id, d.header)
+        if record is not None:
+            self.discarded(record)
 
     def publish(self, task: Task, *, attempt: int, countdown: float | None = None) -> None:
         try:

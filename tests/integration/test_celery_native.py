@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -145,17 +145,22 @@ def listed(c: Cluster, task_id: str) -> dict[str, Any]:
     return items[task_id]
 
 
-def ended(c: Cluster, task_id: str, timeout: float = 30.0) -> Task:
-    """The record once it is terminal (a plain message has a record once a worker starts it)."""
+def record_when(c: Cluster, task_id: str, ready: Callable[[Task], bool], what: str, timeout: float = 30.0) -> Task:
+    """The record of ``task_id`` once it exists and is ``ready`` (a plain message has a record
+    once a worker receives it)."""
     found: list[Task] = []
 
     def check() -> bool:
         task = c.runtime.storage.tasks.get(task_id)
         found[:] = [task] if task is not None else []
-        return task is not None and task.status.terminal
+        return task is not None and ready(task)
 
-    poll(check, timeout, f"the record of {task_id} to end")
+    poll(check, timeout, f"the record of {task_id} {what}")
     return found[0]
+
+
+def ended(c: Cluster, task_id: str, timeout: float = 30.0) -> Task:
+    return record_when(c, task_id, lambda t: t.status.terminal, "to end", timeout)
 
 
 def only_celery_imports(path: Path) -> set[str]:
@@ -923,15 +928,7 @@ def test_a_chain_step_whose_pool_process_died_for_the_last_time_fails_the_steps_
 
 def held_record(c: Cluster, task_id: str) -> Task:
     """The record a worker made on receipt of a plain message it holds for its eta."""
-    found: list[Task] = []
-
-    def check() -> bool:
-        task = c.runtime.storage.tasks.get(task_id)
-        found[:] = [task] if task is not None else []
-        return task is not None
-
-    poll(check, 20, f"a record of held task {task_id}")
-    return found[0]
+    return record_when(c, task_id, lambda _: True, "made on receipt", 20)
 
 
 def worker_id(c: Cluster) -> str:

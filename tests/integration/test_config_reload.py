@@ -118,12 +118,13 @@ def test_capacity_lowered_while_every_pool_process_is_busy_shrinks_as_tasks_end(
     c = make_cluster(executors=TEST_TASKS, worker={**FAST, "capacity": 3})
     w, worker_id = registered(c, concurrency=3)
     assert len(w.process_ids()) == 4
-    tasks = [c.manager.submit("sleep", {"seconds": 3}) for _ in range(3)]
+    tasks = [c.manager.submit("sleep", {"seconds": 5}) for _ in range(3)]
     poll(lambda: all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks), 30, "3 at once")
     rewrite(c, worker={"capacity": 1})
     w.wait_for_log("reloaded: applied worker.capacity=1", 30)
+    # Applied while its processes were busy: the shrink waits for their tasks.
+    assert "pool processes busy; shrinking to 1 as their tasks end" in w.log()
     poll(lambda: entry(c, worker_id).capacity == 1, 10, "capacity 1 in the registry")
-    assert all(c.manager.get(t.task_id).status is TaskStatus.RUNNING for t in tasks)  # not yet ended
     for t in tasks:
         assert c.manager.wait(t.task_id, 30).status is TaskStatus.SUCCEEDED
     poll(lambda: len(w.process_ids()) == 2, 30, "one pool process left")

@@ -15,6 +15,7 @@ from celery_ext.recovery import recover_expired_leases, recover_offline_workers
 from celery_ext.routing.stranded import queue_keys
 from celery_ext.routing.workers import WorkerInfo, direct_queue_name
 from celery_ext.runner import Delivery
+from tests.support.scrape import poll
 from tests.support.services import unique
 from tests.support.workers import subprocess_env
 
@@ -144,11 +145,17 @@ def test_a_message_a_live_worker_holds_for_its_eta_is_left_with_it(make_cluster)
     def queued() -> int:
         return sum(int(r.llen(k)) for k in queue_keys(shared, options))
 
-    time.sleep(0.8)
-    assert [w.id for w, _ in recover_offline_workers(rt)] == [ghost]
+    swept: list[str] = []
+
+    def sweep() -> bool:
+        swept[:] = [w.id for w, _ in recover_offline_workers(rt)]
+        return bool(swept)
+
+    poll(sweep, 10, "the ghost swept")
+    assert swept == [ghost]
     assert queued() == 0  # its holder is online: left with it
-    time.sleep(1.2)
-    assert [w.id for w, _ in recover_offline_workers(rt)] == [holder]
+    poll(sweep, 10, "the holder swept")
+    assert swept == [holder]
     assert queued() == 1  # its holder is gone: back in its queue
 
 
